@@ -1,0 +1,461 @@
+"""Public entry points: `optimize`, `inspect`, and the `OptimizedModule` they return.
+
+`optimize` runs the whole data flow for one input signature:
+  run the model eagerly (its own errors surface as they are) → capture (whole model, or
+  attention-bearing submodules) → passes (dead code, detect, classify masks, canonicalize)
+  → verify against the original → install (an fx graph behind the OptimizedModule, or
+  rewritten submodule forwards swapped into the user's model after verification passed).
+
+Without example inputs it does this lazily at the first call, per input signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
+
+from attnopt.capture import (
+    CapturedProgram, candidate_paths, export_module, has_cache_like_input, record_calls,
+)
+from attnopt.errors import AttnoptError, CaptureError, VerificationError
+from attnopt.passes.canonicalize import CanonicalizeAttention
+from attnopt.passes.classify import ClassifyMasks
+from attnopt.passes.cleanup import EliminateDeadCode, eliminate_dead_code
+from attnopt.passes.detect import DetectAttention, find_attention
+from attnopt.passes.evaluate import record_values
+from attnopt.passes.manager import PassContext, PassManager
+from attnopt.policy import Policy, resolve_policy
+from attnopt.report import Report, SiteRecord
+from attnopt.site import AttentionSite
+from attnopt.verify import DEFAULT_DRAWS, ErrorStats, compare_outputs, format_table, input_draws
+
+CAPTURE_STRATEGIES = ("auto", "whole", "submodules")
+#: Backend that runs canonical exact attention until a generated kernel applies.
+EXACT_BACKEND = "sdpa"
+
+
+# --------------------------------------------------------------------------------------------
+# input signatures
+
+
+@dataclass(frozen=True)
+class InputSignature:
+    """What a captured graph accepts: input structure, dtypes, static dims, constants."""
+
+    spec: Any
+    leaves: tuple
+
+    @staticmethod
+    def of(graph_module: GraphModule, args: tuple, kwargs: dict) -> "InputSignature":
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+        shapes = {}
+        for node, leaf in zip(placeholders, flat):
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                shapes[id(leaf)] = tuple(d if isinstance(d, int) else None for d in val.shape)
+        leaves = []
+        for leaf in flat:
+            if isinstance(leaf, torch.Tensor):
+                dims = shapes.get(id(leaf), tuple(leaf.shape))
+                leaves.append(("tensor", leaf.dtype, leaf.device.type, dims))
+            else:
+                leaves.append(("const", _hashable(leaf)))
+        return InputSignature(spec, tuple(leaves))
+
+    def accepts(self, args: tuple, kwargs: dict) -> bool:
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self.spec or len(flat) != len(self.leaves):
+            return False
+        for leaf, expected in zip(flat, self.leaves):
+            if expected[0] == "tensor":
+                if not isinstance(leaf, torch.Tensor) or leaf.dtype != expected[1] or \
+                        leaf.device.type != expected[2] or leaf.dim() != len(expected[3]):
+                    return False
+                if any(d is not None and d != s for d, s in zip(expected[3], leaf.shape)):
+                    return False
+            elif isinstance(leaf, torch.Tensor) or _hashable(leaf) != expected[1]:
+                return False
+        return True
+
+
+def _hashable(value):
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+# --------------------------------------------------------------------------------------------
+# one captured region through the passes and verification
+
+
+@dataclass
+class _Region:
+    captured: CapturedProgram
+    original: GraphModule
+    rewritten: GraphModule
+    context: PassContext
+    passes: list
+    signature: InputSignature
+    errors: dict[str, ErrorStats] = field(default_factory=dict)
+    output_error: Optional[ErrorStats] = None
+    draws: int = 0
+
+
+def _pass_pipeline(policy: Policy) -> list:
+    passes = [EliminateDeadCode(), DetectAttention(), ClassifyMasks()]
+    if policy.rewrites_anything:
+        passes.append(CanonicalizeAttention())
+    return passes
+
+
+def _run_region(captured: CapturedProgram, policy: Policy, verify_each: bool) -> _Region:
+    original = captured.exported.module()
+    eliminate_dead_code(original)
+    original.recompile()
+    rewritten = captured.exported.module()
+    context = PassContext(captured.args, captured.kwargs, policy, name_prefix=captured.path)
+
+    def check(graph_module: GraphModule) -> None:
+        for args, kwargs in input_draws(captured.args, captured.kwargs, draws=0):
+            stats = compare_outputs(graph_module(*args, **kwargs),
+                                    captured.module(*args, **kwargs))
+            if not stats.passed:
+                raise VerificationError("outputs differ", format_table([("output", stats)]))
+
+    manager = PassManager(_pass_pipeline(policy), verify_each=verify_each, check=check)
+    with torch.no_grad():
+        rewritten = manager.run(rewritten, context)
+    signature = InputSignature.of(rewritten, captured.args, captured.kwargs)
+    return _Region(captured, original, rewritten, context, manager.records, signature)
+
+
+@torch.no_grad()
+def _verify_region(region: _Region, draws: int) -> None:
+    names = region.context.site_nodes
+    for args, kwargs in input_draws(region.captured.args, region.captured.kwargs, draws=draws):
+        reference = region.captured.module(*args, **kwargs)
+        candidate = _call_graph(region, args, kwargs)
+        stats = compare_outputs(candidate, reference)
+        region.output_error = stats.worst(region.output_error)
+        if names:
+            old = record_values(region.original, args, kwargs, [o for o, _ in names.values()])
+            new = record_values(region.rewritten, args, kwargs, [n for _, n in names.values()])
+            for site_name, (old_name, new_name) in names.items():
+                site_stats = compare_outputs(new[new_name], old[old_name])
+                region.errors[site_name] = site_stats.worst(region.errors.get(site_name))
+        region.draws += 1
+
+
+def _call_graph(region: _Region, args: tuple, kwargs: dict):
+    _sync_state(region.rewritten, region.captured.module)
+    return region.rewritten(*args, **kwargs)
+
+
+def _sync_state(graph_module: GraphModule, module: nn.Module) -> None:
+    """Point the graph at the module's current parameters and buffers (after `.to()` etc.)."""
+    for name, tensor in list(graph_module.named_parameters()) + list(graph_module.named_buffers()):
+        try:
+            current = module.get_parameter(name)
+        except AttributeError:
+            try:
+                current = module.get_buffer(name)
+            except AttributeError:
+                continue
+        if current is not tensor:
+            owner_path, _, attr = name.rpartition(".")
+            owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
+            if isinstance(current, nn.Parameter):
+                owner._parameters[attr] = current
+            else:
+                owner._buffers[attr] = current
+
+
+# --------------------------------------------------------------------------------------------
+# capture strategies
+
+
+def _capture_submodules(model: nn.Module, args: tuple, kwargs: dict
+                        ) -> tuple[list[CapturedProgram], list[str]]:
+    recording = record_calls(model, args, kwargs)
+    selected: list[CapturedProgram] = []
+    notes: list[str] = []
+
+    def overlaps(path: str) -> bool:
+        return any(path == c.path or path.startswith(c.path + ".") or
+                   c.path.startswith(path + ".") for c in selected)
+
+    for hit in recording.attention_callers:
+        for path in candidate_paths(hit):
+            if overlaps(path):
+                break
+            record = recording.calls.get(path)
+            if record is None:
+                continue
+            cache = has_cache_like_input(record)
+            if cache is not None:
+                notes.append(f"{path}: not captured, input {cache} is a stateful object")
+                continue
+            try:
+                captured = export_module(record.module, record.args, record.kwargs, path)
+            except CaptureError as error:
+                notes.append(f"{path}: {error}")
+                continue
+            probe = captured.exported.module()
+            eliminate_dead_code(probe)
+            matches, rejections = find_attention(probe)
+            if matches:
+                if recording.call_counts.get(path, 1) > 1:
+                    notes.append(f"{path}: called {recording.call_counts[path]} times; "
+                                 "calls with other inputs run the original module")
+                selected.append(captured)
+                break
+            reasons = "; ".join(r.reason for r in rejections) or "no attention inside"
+            notes.append(f"{path}: no complete site ({reasons}); trying its parent")
+    return selected, notes
+
+
+# --------------------------------------------------------------------------------------------
+# the module users get back
+
+
+class OptimizedModule(nn.Module):
+    """The user's model with its attention rewritten; behaves as the model (attributes too).
+
+    `report` describes the last optimization. With the whole-model strategy the rewritten fx
+    graph runs in `forward`; with the submodule strategy the user's attention-bearing modules
+    run their rewritten graphs (swapped in only after verification passed).
+    """
+
+    def __init__(self, model: nn.Module, policy: Policy, *, verify: bool = True,
+                 capture: str = "auto", verify_each: bool = False, draws: int = DEFAULT_DRAWS):
+        super().__init__()
+        if capture not in CAPTURE_STRATEGIES:
+            raise ValueError(f"unknown capture strategy {capture!r}; valid: "
+                             f"{list(CAPTURE_STRATEGIES)}")
+        self._orig_mod = model
+        object.__setattr__(self, "_attnopt_state", _State(policy, verify, capture,
+                                                          verify_each, draws))
+
+    # attribute access falls through to the user's model
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["_orig_mod"], name)
+
+    @property
+    def report(self) -> Report:
+        state = self._attnopt_state
+        return state.report if state.report is not None else Report(
+            policy=state.policy.to_dict(), notes=["not optimized yet: call the module or "
+                                                  "pass example inputs to optimize()"])
+
+    @property
+    def sites(self) -> list[AttentionSite]:
+        return [r.site for r in self.report.sites if r.site is not None]
+
+    def forward(self, *args, **kwargs):
+        state = self._attnopt_state
+        if state.strategy == "submodules":
+            return self._orig_mod(*args, **kwargs)
+        for region in state.whole_regions:
+            if region.signature.accepts(args, kwargs):
+                return _call_graph(region, args, kwargs)
+        if not state.built_for(args, kwargs):
+            self._optimize(args, kwargs)
+            return self.forward(*args, **kwargs)
+        return self._orig_mod(*args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------
+
+    def _optimize(self, args: tuple, kwargs: dict) -> None:
+        state = self._attnopt_state
+        model = self._orig_mod
+        state.seen.append(InputSignature.of(_EMPTY_GRAPH, args, kwargs))
+        with torch.no_grad():
+            model(*args, **kwargs)  # wrong inputs fail here, with the model's own error
+        report = Report(policy=state.policy.to_dict())
+        if model.training:
+            report.notes.append("model is in training mode: dropout makes outputs random; "
+                                "call model.eval() before optimizing for inference")
+        captured, capture_info = self._capture(args, kwargs, report)
+        regions = [_run_region(c, state.policy, state.verify_each) for c in captured]
+        if state.verify:
+            for region in regions:
+                if region.context.site_nodes:  # nothing rewritten, nothing to verify
+                    _verify_region(region, state.draws)
+        self._fill_report(report, regions, capture_info)
+        if state.verify:
+            failed = [r for r in report.sites if r.rewrite != "none" and r.max_abs_err is not None
+                      and not r.passed]
+            output_failed = [r for r in regions if r.output_error and not r.output_error.passed]
+            if failed or output_failed:
+                rows = [(r.name, r.stats) for r in failed] + \
+                    [(r.captured.path or "model output", r.output_error) for r in output_failed]
+                state.report = report
+                raise VerificationError("exact rewrite changed the model's outputs beyond "
+                                        "tolerance; nothing was installed", format_table(rows))
+        self._install(regions, capture_info["strategy"])
+        state.report = report
+
+    def _capture(self, args, kwargs, report) -> tuple[list[CapturedProgram], dict]:
+        state = self._attnopt_state
+        model = self._orig_mod
+        reason = "requested" if state.capture != "auto" else ""
+        if state.capture in ("auto", "whole"):
+            try:
+                captured = export_module(model, args, kwargs)
+                info = {"strategy": "whole", "reason": reason or "whole-model export succeeded",
+                        "dynamic": captured.dynamic, "regions": [""],
+                        "notes": [captured.note] if captured.note else []}
+                return [captured], info
+            except CaptureError as error:
+                if state.capture == "whole":
+                    raise
+                reason = f"whole-model capture failed: {error}"
+        captured, notes = _capture_submodules(model, args, kwargs)
+        info = {"strategy": "submodules", "reason": reason or "requested",
+                "dynamic": all(c.dynamic for c in captured) if captured else False,
+                "regions": [c.path for c in captured], "notes": notes}
+        if not captured and notes and not any("no attention inside" in n for n in notes):
+            report.notes.extend(notes)
+        return captured, info
+
+    def _fill_report(self, report: Report, regions: list[_Region], capture_info: dict) -> None:
+        report.capture = capture_info
+        draws, worst = 0, None
+        for region in regions:
+            context = region.context
+            for site in context.sites:
+                rewrite, why = context.decisions.get(site.name, ("none", "policy 'none': "
+                                                                 "detect and report only"))
+                stats = region.errors.get(site.name)
+                record = _SiteRecord(name=site.name, module_path=site.module_path,
+                                     rewrite=rewrite, reason=why, site=site,
+                                     backend=EXACT_BACKEND if rewrite == "exact" else "")
+                record.attach(stats)
+                report.sites.append(record)
+            for rejection in context.rejections:
+                report.sites.append(_SiteRecord(name=rejection.name,
+                                                module_path=rejection.module_path,
+                                                rewrite="none", reason=rejection.reason))
+            report.passes.extend(
+                {**p.to_dict(), "region": region.captured.path} for p in region.passes)
+            draws = max(draws, region.draws)
+            if region.output_error is not None:
+                worst = region.output_error.worst(worst)
+        report.notes.extend(capture_info.get("notes", []))
+        if worst is not None:
+            report.verification = {"passed": worst.passed, "draws": draws, **worst.to_dict()}
+
+    def _install(self, regions: list[_Region], strategy: str) -> None:
+        state = self._attnopt_state
+        rewritten = [r for r in regions if r.context.site_nodes]
+        if strategy == "whole":
+            state.strategy = "whole"
+            state.whole_regions.extend(rewritten)
+            return
+        state.strategy = "submodules"
+        for region in rewritten:
+            _swap_forward(region)
+            state.swapped.append(region)
+
+
+_EMPTY_GRAPH = GraphModule(nn.Module(), torch.fx.Graph())
+
+
+@dataclass
+class _State:
+    policy: Policy
+    verify: bool
+    capture: str
+    verify_each: bool
+    draws: int
+    report: Optional[Report] = None
+    strategy: str = ""
+    whole_regions: list = field(default_factory=list)
+    swapped: list = field(default_factory=list)
+    seen: list = field(default_factory=list)
+
+    def built_for(self, args, kwargs) -> bool:
+        return any(s.accepts(args, kwargs) for s in self.seen)
+
+
+class _SiteRecord(SiteRecord):
+    stats: Optional[ErrorStats] = None
+
+    def attach(self, stats: Optional[ErrorStats]) -> None:
+        self.stats = stats
+        if stats is not None:
+            self.max_abs_err, self.max_rel_err, self.cosine = (
+                stats.max_abs_err, stats.max_rel_err, stats.cosine)
+
+    @property
+    def passed(self) -> bool:
+        return self.stats is None or self.stats.passed
+
+
+def _swap_forward(region: _Region) -> None:
+    """Make the user's submodule run its rewritten graph for calls its capture accepts."""
+    module = region.captured.module
+    original_forward = type(module).forward
+
+    def forward(*args, **kwargs):
+        if region.signature.accepts(args, kwargs):
+            return _call_graph(region, args, kwargs)
+        return original_forward(module, *args, **kwargs)
+
+    forward.__attnopt_region__ = region
+    module.forward = forward
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _as_args(example_inputs) -> tuple:
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def optimize(model: nn.Module, policy: Union[str, Policy, dict] = "exact", *,
+             example_inputs=None, example_kwargs: Optional[dict] = None, verify: bool = True,
+             capture: str = "auto", verify_each: bool = False,
+             draws: int = DEFAULT_DRAWS) -> OptimizedModule:
+    """Find every attention in `model` and rewrite it as `policy` says; verified.
+
+    With example inputs (a tuple of positional args and/or a dict of keyword args) the work
+    happens now; otherwise at the first call, once per input signature.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize() takes an nn.Module, not {type(model).__name__}")
+    if isinstance(model, OptimizedModule):
+        raise AttnoptError("model is already an OptimizedModule; optimize its `_orig_mod` "
+                           "instead")
+    resolved = resolve_policy(policy)
+    optimized = OptimizedModule(model, resolved, verify=verify, capture=capture,
+                                verify_each=verify_each, draws=draws)
+    if example_inputs is not None or example_kwargs is not None:
+        optimized._optimize(_as_args(example_inputs), dict(example_kwargs or {}))
+    return optimized
+
+
+def inspect(model: nn.Module, example_inputs=None, example_kwargs: Optional[dict] = None, *,
+            capture: str = "auto") -> list[AttentionSite]:
+    """Every attention site of `model` on these inputs; the model is not changed."""
+    if example_inputs is None and example_kwargs is None:
+        raise ValueError("inspect() needs example inputs (example_inputs and/or "
+                         "example_kwargs) to trace the model")
+    optimized = optimize(model, "none", example_inputs=example_inputs,
+                         example_kwargs=example_kwargs, verify=False, capture=capture)
+    return optimized.sites

@@ -1,0 +1,160 @@
+"""Capture: turn a model (or its attention-bearing submodules) into exported fx graphs.
+
+Two strategies:
+  * whole model — `torch.export.export` (non-strict) of the model on its example inputs;
+  * submodules — when whole-model capture fails (Hugging Face decoders return cache objects,
+    `generate()` loops, Python control flow) or when asked: one run of the model with forward
+    hooks records each submodule's inputs and which module called softmax/SDPA; each such
+    module (walking up to its parent while it cannot be captured or holds no complete site)
+    is exported on its own recorded inputs.
+
+Dims are captured dynamic (`Dim.AUTO`) where export allows, static otherwise; the record says
+which and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.export import Dim, ExportedProgram
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from attnopt.errors import CaptureError
+
+#: Names of the torch functions whose callers are attention-bearing modules.
+ATTENTION_FUNCTION_NAMES = frozenset({"softmax", "_softmax", "scaled_dot_product_attention"})
+
+
+@dataclass
+class CapturedProgram:
+    path: str                 # "" for the whole model
+    module: nn.Module
+    exported: ExportedProgram
+    args: tuple
+    kwargs: dict
+    dynamic: bool
+    note: str = ""
+
+
+def _dynamic_spec(args: tuple, kwargs: dict):
+    def spec(leaf):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return {i: Dim.AUTO for i in range(leaf.dim())}
+        return None
+    return pytree.tree_map(spec, args), pytree.tree_map(spec, kwargs)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def export_module(module: nn.Module, args: tuple, kwargs: dict, path: str = "",
+                  dynamic: bool = True) -> CapturedProgram:
+    """Export `module` on (args, kwargs); dynamic dims where export allows, else static."""
+    where = f"submodule `{path}` ({type(module).__name__})" if path else \
+        f"the model ({type(module).__name__})"
+    note = ""
+    if dynamic:
+        try:
+            dyn_args, dyn_kwargs = _dynamic_spec(args, kwargs)
+            exported = torch.export.export(module, args, kwargs, strict=False,
+                                           dynamic_shapes=(dyn_args, dyn_kwargs) if kwargs
+                                           else dyn_args)
+            return CapturedProgram(path, module, exported, args, kwargs, True)
+        except Exception as error:  # noqa: BLE001 - retried statically, reason recorded
+            note = f"dynamic capture failed ({_first_line(error)}); captured static shapes"
+    try:
+        exported = torch.export.export(module, args, kwargs, strict=False)
+    except Exception as error:
+        raise CaptureError(
+            f"could not capture {where} with torch.export: {_first_line(error)}. "
+            "Try capture='submodules', pass example inputs the model accepts, or call the "
+            "model without arguments that return non-tensor objects (e.g. use_cache=False)."
+        ) from error
+    return CapturedProgram(path, module, exported, args, kwargs, False, note)
+
+
+# --------------------------------------------------------------------------------------------
+# recording submodule calls
+
+
+@dataclass
+class CallRecord:
+    path: str
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class Recording:
+    calls: dict[str, CallRecord] = field(default_factory=dict)
+    attention_callers: list[str] = field(default_factory=list)  # innermost module paths
+    call_counts: dict[str, int] = field(default_factory=dict)
+
+
+class _AttentionCallSpy(TorchFunctionMode):
+    def __init__(self, stack: list[str], hits: list[str]):
+        super().__init__()
+        self.stack, self.hits = stack, hits
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ATTENTION_FUNCTION_NAMES and self.stack:
+            if self.stack[-1] not in self.hits:
+                self.hits.append(self.stack[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def record_calls(model: nn.Module, args: tuple, kwargs: dict) -> Recording:
+    """Run the model once; record each submodule's first inputs and attention callers."""
+    recording = Recording()
+    stack: list[str] = []
+    handles = []
+
+    def pre_hook(path):
+        def hook(module, hook_args, hook_kwargs):
+            stack.append(path)
+            recording.call_counts[path] = recording.call_counts.get(path, 0) + 1
+            if path not in recording.calls:
+                recording.calls[path] = CallRecord(path, module, tuple(hook_args),
+                                                   dict(hook_kwargs))
+        return hook
+
+    def post_hook(module, hook_args, hook_kwargs, output):
+        stack.pop()
+
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        handles.append(module.register_forward_pre_hook(pre_hook(path), with_kwargs=True))
+        handles.append(module.register_forward_hook(post_hook, with_kwargs=True,
+                                                    always_call=True))
+    try:
+        with torch.no_grad(), _AttentionCallSpy(stack, recording.attention_callers):
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recording
+
+
+def candidate_paths(path: str) -> list[str]:
+    """`a.b.c` → [`a.b.c`, `a.b`, `a`]: the module and its ancestors below the root."""
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def has_cache_like_input(record: CallRecord) -> Optional[str]:
+    """Name of an input that is a stateful non-tensor object (e.g. a KV cache), if any."""
+    for key, value in list(enumerate(record.args)) + list(record.kwargs.items()):
+        leaves = pytree.tree_leaves(value)
+        for leaf in leaves:
+            if leaf is None or isinstance(leaf, (torch.Tensor, int, float, bool, str)):
+                continue
+            return f"{key}: {type(leaf).__name__}"
+    return None

@@ -1,0 +1,104 @@
+"""Pass: replace each selected site's nodes with one call of `torch.ops.attnopt.attention`.
+
+Inputs are the nodes detection found, viewed through their recipes (transpose of k, a lift of
+(B·H, S, D) operands to 4-d, einsum permutations); the mask is built from its terms by the same
+`build_mask` that classification evaluated. An input-independent mask that is empty is dropped
+and one that is causal (equal q and kv lengths) becomes `is_causal=True`. The old nodes are left
+without users and removed by the pass manager's dead-code elimination.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.fx import GraphModule, Node
+
+from attnopt.ops import ATTENTION_OP
+from attnopt.passes.fx_utils import aten, dtype_of, remove_assertions_on, same_dim
+from attnopt.passes.manager import PassContext, PassResult
+from attnopt.passes.masks import build_mask
+from attnopt.passes.patterns import SiteMatch, Step, TensorRecipe
+
+#: node.meta key under which each canonical op node carries its AttentionSite.
+SITE_META_KEY = "attnopt_site"
+
+
+class CanonicalizeAttention:
+    name = "canonicalize_attention"
+
+    def __call__(self, graph_module: GraphModule, context: PassContext) -> PassResult:
+        changes = []
+        for index, (match, site) in enumerate(zip(context.matches, context.sites)):
+            rewrite, why = context.policy.decide(site)
+            context.decisions[site.name] = (rewrite, why)
+            if rewrite == "none":
+                continue
+            emitter = _Emitter(graph_module.graph, match)
+            with graph_module.graph.inserting_before(match.output):
+                op_node = self._emit_canonical(emitter, match, context.mask_infos[index], site)
+                replacement = op_node
+                for step in match.output_steps:
+                    replacement = emitter.step(replacement, step)
+                want = dtype_of(match.output)
+                if want is not None and want != dtype_of(replacement):
+                    replacement = emitter.emit(aten._to_copy.default, replacement, dtype=want)
+            remove_assertions_on(graph_module.graph, match.internal)
+            match.output.replace_all_uses_with(replacement)
+            op_node.meta[SITE_META_KEY] = site
+            context.site_nodes[site.name] = (match.output.name, replacement.name)
+            changes.append(f"{site.name}: {match.form} → attnopt.attention")
+        return PassResult(graph_module, bool(changes), changes)
+
+    def _emit_canonical(self, emitter: "_Emitter", match: SiteMatch, info, site) -> Node:
+        q, k, v = (emitter.recipe(r) for r in (match.q, match.k, match.v))
+        is_causal, mask = match.is_causal, None
+        equal_lengths = same_dim(match.q.shape[2], match.k.shape[2])
+        if info.droppable:
+            pass
+        elif info.causal_only and (equal_lengths or match.is_causal):
+            is_causal = True
+        else:
+            dtype = dtype_of(match.q.node)
+            mask = build_mask(match.mask_terms, [t.node for t in match.mask_terms], q, dtype,
+                              emitter.emit)
+        site.causal = site.causal or is_causal
+        return emitter.emit(ATTENTION_OP, q, k, v, mask, is_causal, float(match.scale),
+                            bool(match.enable_gqa))
+
+
+class _Emitter:
+    """Creates nodes at the current insertion point, with fake values and module metadata."""
+
+    def __init__(self, graph: torch.fx.Graph, match: SiteMatch):
+        self.graph = graph
+        self.stack = match.anchor.meta.get("nn_module_stack")
+        self.fake_mode = detect_fake_mode(
+            [n.meta.get("val") for n in (match.q.node, match.k.node, match.v.node)])
+
+    def emit(self, target, *args, **kwargs) -> Node:
+        node = self.graph.call_function(target, args, kwargs)
+        if self.stack is not None:
+            node.meta["nn_module_stack"] = dict(self.stack)
+        if self.fake_mode is not None:
+            fake = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta.get("val"))
+            with self.fake_mode:
+                node.meta["val"] = target(*fake[0], **fake[1])
+        return node
+
+    def step(self, node: Node, step: Step) -> Node:
+        kind = step[0]
+        if kind == "transpose":
+            return self.emit(aten.transpose.int, node, step[1], step[2])
+        if kind == "permute":
+            return self.emit(aten.permute.default, node, list(step[1]))
+        if kind == "unsqueeze":
+            return self.emit(aten.unsqueeze.default, node, step[1])
+        if kind == "squeeze":
+            return self.emit(aten.squeeze.dim, node, step[1])
+        raise ValueError(f"unknown view step {step!r}")
+
+    def recipe(self, recipe: TensorRecipe) -> Node:
+        node = recipe.node
+        for step in recipe.steps:
+            node = self.step(node, step)
+        return node

@@ -1,0 +1,105 @@
+"""Pass: evaluate each site's mask on the examples, name its kind, and describe the site.
+
+Runs after detection. One run of the graph on the examples gives every mask term's value;
+`build_mask` combines them as canonicalization will, and `classify_mask` names the result.
+A mask that depends on no graph input and looks causal (or empty) at the example length is
+probed once more at a long length (when the sequence is dynamic), so a sliding window wider
+than the example is not mistaken for plain causal masking.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from attnopt.passes.detect import describe_site
+from attnopt.passes.evaluate import evaluate_subgraph, record_values
+from attnopt.passes.fx_utils import (
+    ancestors, concrete, dtype_of, is_symbolic, module_path, value_sources,
+)
+from attnopt.passes.manager import PassContext, PassResult
+from attnopt.passes.masks import MaskInfo, build_mask, classify_mask, eager_emit
+
+#: Sequence length at which input-independent masks are re-checked when the length is dynamic.
+PROBE_LENGTH = 8200
+
+
+class ClassifyMasks:
+    name = "classify_masks"
+
+    def __call__(self, graph_module: GraphModule, context: PassContext) -> PassResult:
+        term_nodes = {t.node.name for m in context.matches for t in m.mask_terms}
+        values = record_values(graph_module, context.args, context.kwargs, term_nodes)
+        names: dict[str, int] = {}
+        changes = []
+        for index, match in enumerate(context.matches):
+            info = self._classify(graph_module, match, values)
+            context.mask_infos[index] = info
+            path, module_type = module_path(match.anchor)
+            qualified = ".".join(p for p in (context.name_prefix, path) if p) or "<root>"
+            names[qualified] = names.get(qualified, 0) + 1
+            name = qualified if names[qualified] == 1 else f"{qualified}#{names[qualified]}"
+            site = describe_site(match, name=name, module=qualified, module_type=module_type,
+                                 mask_kind=info.kind, window=info.window,
+                                 causal=info.kind in ("causal", "causal+padding", "window"))
+            context.sites.append(site)
+            changes.append(f"{name}: mask {info.kind}"
+                           + (f" (window {info.window})" if info.window else "")
+                           + (" [constant]" if info.constant and match.mask_terms else ""))
+        return PassResult(graph_module, False, changes)
+
+    def _classify(self, graph_module: GraphModule, match, values) -> MaskInfo:
+        q_shape, k_shape = match.q.shape, match.k.shape
+        q_len, kv_len = concrete(q_shape[2]), concrete(k_shape[2])
+        dtype = dtype_of(match.q.node) or torch.float32
+        if not match.mask_terms:
+            return classify_mask(None, is_causal=match.is_causal, q_len=q_len, kv_len=kv_len,
+                                 depends_on_input=False, depends_on_data=False)
+        term_nodes = [t.node for t in match.mask_terms]
+        sources = value_sources(term_nodes)
+        depends_on_data = any(_is_float(n) for n in sources)
+        depends_on_input = any(not _is_float(n) for n in sources)
+        mask = build_mask(match.mask_terms, [values[n.name] for n in term_nodes],
+                          torch.zeros((), dtype=dtype), dtype, eager_emit)
+        info = classify_mask(mask, is_causal=match.is_causal, q_len=q_len, kv_len=kv_len,
+                             depends_on_input=depends_on_input, depends_on_data=depends_on_data)
+        if info.constant and info.kind in ("none", "causal"):
+            symbolic = [d for d in (q_shape[2], k_shape[2]) if is_symbolic(d)]
+            if symbolic and not self._probe_agrees(graph_module, match, symbolic, info, dtype):
+                return MaskInfo(info.kind, info.window, constant=False)
+        return info
+
+    def _probe_agrees(self, graph_module, match, symbolic_dims, info, dtype) -> bool:
+        """Re-evaluate the mask producer at PROBE_LENGTH; True when its kind is unchanged."""
+        exprs = {str(d.node.expr) for d in symbolic_dims}
+        term_nodes = [t.node for t in match.mask_terms]
+        placeholder_values = {}
+        for node in ancestors(term_nodes):
+            if node.op != "placeholder":
+                continue
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                return False
+            shape = [PROBE_LENGTH if is_symbolic(d) and str(d.node.expr) in exprs
+                     else concrete(d) for d in val.shape]
+            placeholder_values[node.name] = torch.zeros(shape, dtype=val.dtype)
+        try:
+            probed = evaluate_subgraph(graph_module, term_nodes, placeholder_values)
+        except Exception:  # noqa: BLE001 - a producer that cannot be probed is not trusted
+            return False
+        def probe_len(dim) -> int:
+            if is_symbolic(dim) and str(dim.node.expr) in exprs:
+                return PROBE_LENGTH
+            return concrete(dim)
+
+        q_len, kv_len = probe_len(match.q.shape[2]), probe_len(match.k.shape[2])
+        mask = build_mask(match.mask_terms, probed, torch.zeros((), dtype=dtype), dtype,
+                          eager_emit)
+        again = classify_mask(mask, is_causal=match.is_causal, q_len=q_len, kv_len=kv_len,
+                              depends_on_input=False, depends_on_data=False)
+        return again.kind == info.kind
+
+
+def _is_float(node: Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.is_floating_point()

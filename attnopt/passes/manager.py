@@ -1,0 +1,95 @@
+"""The pass manager: runs named graph passes, records what each did, checks the graph after each.
+
+A pass is any callable `(graph_module, context) -> PassResult` with a `name`. After every pass
+the manager lints the graph, removes dead code and recompiles; it records wall time and the
+changes the pass reports. With `verify_each=True` it also runs the graph on the examples after
+each pass and names the pass that broke equivalence.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+from torch.fx import GraphModule
+
+from attnopt.errors import PassError, VerificationError
+from attnopt.site import AttentionSite, Rejection
+
+
+@dataclass
+class PassResult:
+    graph_module: GraphModule
+    modified: bool
+    changes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PassContext:
+    """What passes share explicitly: examples, the policy, and the sites found so far."""
+
+    args: tuple
+    kwargs: dict
+    policy: Any
+    name_prefix: str = ""
+    matches: list = field(default_factory=list)           # detect → classify → canonicalize
+    mask_infos: dict = field(default_factory=dict)        # match index → MaskInfo
+    sites: list[AttentionSite] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    decisions: dict[str, tuple[str, str]] = field(default_factory=dict)  # site → (rewrite, why)
+    site_nodes: dict[str, tuple[str, str]] = field(default_factory=dict)  # site → (old, new)
+
+
+class GraphPass(Protocol):
+    name: str
+
+    def __call__(self, graph_module: GraphModule, context: PassContext) -> PassResult: ...
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    modified: bool
+    changes: list[str]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "seconds": round(self.seconds, 6), "modified": self.modified,
+                "changes": list(self.changes)}
+
+
+class PassManager:
+    def __init__(self, passes: list[GraphPass], *, verify_each: bool = False,
+                 check: Optional[Callable[[GraphModule], None]] = None):
+        self.passes = passes
+        self.verify_each = verify_each
+        self.check = check  # raises VerificationError when the graph no longer matches
+        self.records: list[PassRecord] = []
+
+    def run(self, graph_module: GraphModule, context: PassContext) -> GraphModule:
+        for graph_pass in self.passes:
+            start = time.perf_counter()
+            try:
+                result = graph_pass(graph_module, context)
+            except VerificationError:
+                raise
+            except Exception as error:
+                ran = [r.name for r in self.records]
+                raise PassError(f"pass `{graph_pass.name}` failed after {ran or 'no passes'}: "
+                                f"{type(error).__name__}: {error}") from error
+            graph_module = result.graph_module
+            if result.modified:
+                graph_module.graph.eliminate_dead_code()
+                graph_module.graph.lint()
+                graph_module.recompile()
+            self.records.append(PassRecord(graph_pass.name, time.perf_counter() - start,
+                                           result.modified, result.changes))
+            if self.verify_each and result.modified and self.check is not None:
+                try:
+                    self.check(graph_module)
+                except VerificationError as error:
+                    raise VerificationError(
+                        f"pass `{graph_pass.name}` broke equivalence: {error}",
+                        table=error.table) from error
+        return graph_module

@@ -1,0 +1,141 @@
+"""Masks: build a site's canonical mask from its terms, and classify what the mask means.
+
+`build_mask` is written once over an `emit(op, *args)` callback, so the same code both
+evaluates a mask eagerly on example values (for classification) and emits graph nodes (for
+canonicalization).
+
+`classify_mask` looks at an evaluated mask and names its kind — none, causal, padding,
+causal+padding, window, additive or bool. Hugging Face models pass materialized masks and
+never `is_causal`; kernels need to know which structure a mask has. A mask that depends only on
+shapes and constants (no graph input) is a fact of the graph, and `none`/`causal` masks of
+that kind are dropped in favour of `is_causal` at canonicalization. A mask that depends on an
+integer input (an attention_mask) keeps its tensor; its kind adds `padding`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from attnopt.passes.fx_utils import aten
+from attnopt.passes.patterns import MaskTerm
+
+#: Additive mask values at or below this are treated as "masked out" (finfo.min-style fills).
+MASKED_THRESHOLD = -1.0e4
+
+Emit = Callable[..., object]
+
+
+def build_mask(terms: Sequence[MaskTerm], values: Sequence, like, dtype: torch.dtype,
+               emit: Emit):
+    """Combine mask terms into one SDPA-style mask (bool: True = attend, or float: added).
+
+    `values[i]` stands for `terms[i].node` (a tensor or a graph node); `like` stands for q (a
+    tensor of the site's dtype and device). Returns None when there are no terms.
+    """
+    if not terms:
+        return None
+    if len(terms) == 1 and terms[0].kind == "sdpa":
+        return values[0]
+    biases, fills = [], []
+    for term, value in zip(terms, values):
+        if term.kind == "bias":
+            biases.append(value if term.multiplier == 1.0
+                          else emit(aten.mul.Tensor, value, term.multiplier))
+        elif term.kind == "fill":
+            masked = value if not term.inverted else emit(aten.logical_not.default, value)
+            fills.append((masked, term.value))
+        else:
+            raise ValueError(f"mask term {term.kind!r} cannot be combined with others")
+    if not biases and all(v == float("-inf") for _, v in fills):
+        keep = emit(aten.logical_not.default, fills[0][0])
+        for masked, _ in fills[1:]:
+            keep = emit(aten.logical_and.default, keep, emit(aten.logical_not.default, masked))
+        return keep
+    total = biases[0] if biases else emit(aten.new_zeros.default, like, [])
+    for bias in biases[1:]:
+        total = emit(aten.add.Tensor, total, bias)
+    for masked, fill_value in fills:
+        total = emit(aten.where.ScalarSelf, emit(aten._to_copy.default, masked,
+                                                  dtype=torch.bool), fill_value, total)
+    return emit(aten._to_copy.default, total, dtype=dtype)
+
+
+def eager_emit(op, *args, **kwargs):
+    return op(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class MaskInfo:
+    """What a site's mask means."""
+
+    kind: str
+    window: Optional[int] = None
+    constant: bool = False  # depends on no graph input: a fact of the graph
+
+    @property
+    def droppable(self) -> bool:
+        """The mask can be replaced by no mask at all."""
+        return self.constant and self.kind == "none"
+
+    @property
+    def causal_only(self) -> bool:
+        return self.constant and self.kind == "causal"
+
+
+def allowed_positions(mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(bool tensor of attended positions, whether the mask carries a real additive bias)."""
+    if mask.dtype == torch.bool:
+        return mask, False
+    finite_mask = mask.float()
+    allowed = finite_mask > MASKED_THRESHOLD
+    has_bias = bool((finite_mask[allowed] != 0).any()) if allowed.any() else False
+    return allowed, has_bias
+
+
+def classify_mask(mask: Optional[torch.Tensor], *, is_causal: bool, q_len: int, kv_len: int,
+                  depends_on_input: bool, depends_on_data: bool) -> MaskInfo:
+    """Name the kind of an evaluated mask (broadcastable to (B, H, Sq, Sk))."""
+    constant = not (depends_on_input or depends_on_data)
+    if mask is None:
+        return MaskInfo("causal" if is_causal else "none", constant=True)
+    allowed, has_bias = allowed_positions(mask)
+    if has_bias or (depends_on_data and mask.dtype != torch.bool):
+        return MaskInfo("additive", constant=constant)
+    if depends_on_data:
+        return MaskInfo("bool", constant=False)
+    allowed = allowed.expand(*allowed.shape[:-2], q_len, kv_len) if allowed.dim() >= 2 else \
+        allowed.expand(q_len, kv_len)
+    rows = torch.arange(q_len).unsqueeze(-1)
+    cols = torch.arange(kv_len)
+    offset = kv_len - q_len  # bottom-right alignment, as a KV cache implies
+    causal = cols <= rows + offset
+    if is_causal:
+        allowed = allowed & (cols <= rows)
+        causal = cols <= rows
+    structure = _structure(allowed, causal, rows, cols, offset)
+    if depends_on_input and structure[0] in ("none", "causal"):
+        kind = "padding" if structure[0] == "none" else "causal+padding"
+        return MaskInfo(kind, constant=False)
+    return MaskInfo(structure[0], window=structure[1], constant=constant)
+
+
+def _structure(allowed: torch.Tensor, causal: torch.Tensor, rows, cols, offset
+               ) -> tuple[str, Optional[int]]:
+    if bool(allowed.all()):
+        return "none", None
+    if bool((allowed == causal).all()):
+        return "causal", None
+    per_row = allowed.sum(-1)
+    window = int(per_row.max())
+    windowed = causal & (cols > rows + offset - window)
+    if bool((allowed == windowed).all()):
+        return "window", window
+    keys = allowed.any(-2, keepdim=True)  # keys any query may attend
+    if bool((allowed == keys.expand_as(allowed)).all()):
+        return "padding", None
+    if bool((allowed == (causal & keys)).all()):
+        return "causal+padding", None
+    return "bool", None

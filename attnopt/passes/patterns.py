@@ -1,0 +1,117 @@
+"""What an attention site looks like in an aten graph, as data the detector returns.
+
+Shape letters used in names: B batch, H query heads, Hkv key/value heads, S sequence, Sq/Sk
+query/key lengths, D head dim, Dv value head dim.
+
+A `SiteMatch` says how to build the canonical call from nodes that already exist: each input
+is a `TensorRecipe` (a node plus view steps such as a transpose), the mask is a list of
+`MaskTerm`s combined in canonicalization, and `output_steps` turn the canonical
+(B, H, Sq, Dv) result back into the layout the original product produced. The detector never
+edits the graph (no hidden state between matching and rewriting).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch.fx import Node
+
+from attnopt.passes.fx_utils import shape_of
+
+# A view step: ("transpose", d0, d1) | ("permute", perm) | ("unsqueeze", d) | ("squeeze", d)
+Step = tuple
+
+
+def apply_steps(shape: tuple, steps: tuple[Step, ...]) -> tuple:
+    shape = list(shape)
+    for step in steps:
+        kind = step[0]
+        if kind == "transpose":
+            d0, d1 = (d % len(shape) for d in step[1:])
+            shape[d0], shape[d1] = shape[d1], shape[d0]
+        elif kind == "permute":
+            shape = [shape[i] for i in step[1]]
+        elif kind == "unsqueeze":
+            shape.insert(step[1] % (len(shape) + 1), 1)
+        elif kind == "squeeze":
+            del shape[step[1] % len(shape)]
+        else:
+            raise ValueError(f"unknown view step {step!r}")
+    return tuple(shape)
+
+
+@dataclass(frozen=True)
+class TensorRecipe:
+    """`node` viewed through `steps` (all views, no copies)."""
+
+    node: Node
+    steps: tuple[Step, ...] = ()
+
+    def then(self, *steps: Step) -> "TensorRecipe":
+        return TensorRecipe(self.node, self.steps + tuple(steps))
+
+    @property
+    def shape(self) -> tuple:
+        return apply_steps(shape_of(self.node), self.steps)
+
+
+@dataclass(frozen=True)
+class MaskTerm:
+    """One contribution to the scores before softmax.
+
+    kind:
+      - "bias": float `node * multiplier` added to the scores.
+      - "fill": positions where `node` is True (False when `inverted`) become `value`.
+      - "sdpa": the `attn_mask` of a fused SDPA call, bool (True = attend) or float (added).
+    """
+
+    kind: str
+    node: Node
+    multiplier: float = 1.0
+    value: float = 0.0
+    inverted: bool = False
+
+    def scaled(self, factor: float) -> "MaskTerm":
+        if self.kind == "bias":
+            return MaskTerm("bias", self.node, self.multiplier * factor)
+        if self.kind == "fill":
+            return MaskTerm("fill", self.node, value=self.value * factor, inverted=self.inverted)
+        return self
+
+
+@dataclass
+class SiteMatch:
+    """Everything canonicalization needs to replace one site with `attnopt::attention`."""
+
+    form: str
+    anchor: Node
+    output: Node
+    q: TensorRecipe
+    k: TensorRecipe
+    v: TensorRecipe
+    scale: float
+    mask_terms: tuple[MaskTerm, ...] = ()
+    is_causal: bool = False
+    enable_gqa: bool = False
+    gqa_group: int = 1
+    output_steps: tuple[Step, ...] = ()
+    dropout_p: float = 0.0
+    layout: str = "BHSD"
+    notes: tuple[str, ...] = ()
+    internal: list[Node] = field(default_factory=list)
+
+    @property
+    def q_shape(self) -> tuple:
+        return self.q.shape
+
+    @property
+    def k_shape(self) -> tuple:
+        return self.k.shape
+
+    @property
+    def v_shape(self) -> tuple:
+        return self.v.shape
+
+    def mask_node(self) -> Optional[Node]:
+        return self.mask_terms[0].node if len(self.mask_terms) == 1 else None

@@ -1,0 +1,187 @@
+"""Policies: which rewrite each attention site gets, and the error budget that guards it.
+
+A `Policy` is a list of `Rule`s — a `SiteSelector` (module-path glob, layer range, q-len range,
+causal or not) and the rewrite to apply — plus a default rewrite and an `ErrorBudget`. The
+first rule that selects a site decides it. Presets are Policy instances; `resolve_policy`
+accepts a preset name, a Policy, or a dict (as written by `Policy.to_dict`, e.g. from JSON).
+
+Rewrites known today: `exact` (canonical attention, lowered to the fastest exact path) and
+`none` (leave the site as written). Later rewrites register in `REWRITES`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from attnopt.errors import PolicyError
+from attnopt.site import AttentionSite
+
+POLICY_FORMAT_VERSION = 1
+
+#: Rewrite name → one-line description. A rule naming anything else is rejected.
+REWRITES = {
+    "exact": "canonical exact attention (SDPA until a generated kernel applies)",
+    "none": "leave the site as written",
+}
+
+
+def _check_keys(data: dict, allowed: set[str], what: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise PolicyError(f"unknown {what} key(s) {unknown}; valid keys: {sorted(allowed)}")
+
+
+@dataclass
+class SiteSelector:
+    """Which sites a rule applies to; every given criterion must hold."""
+
+    module: str = "*"                       # fnmatch glob over the site's module path
+    layers: Optional[tuple[int, int]] = None  # inclusive range of the path's first index
+    q_len: Optional[tuple[int, Optional[int]]] = None  # inclusive (min, max or None)
+    causal: Optional[bool] = None
+
+    def selects(self, site: AttentionSite) -> bool:
+        if not fnmatch.fnmatchcase(site.module_path, self.module):
+            return False
+        if self.layers is not None:
+            layer = site.layer_index
+            if layer is None or not self.layers[0] <= layer <= self.layers[1]:
+                return False
+        if self.q_len is not None:
+            low, high = self.q_len
+            if site.q_len < low or (high is not None and site.q_len > high):
+                return False
+        if self.causal is not None and site.causal != self.causal:
+            return False
+        return True
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SiteSelector":
+        _check_keys(data, {f.name for f in dataclasses.fields(cls)}, "selector")
+        data = dict(data)
+        for key in ("layers", "q_len"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+@dataclass
+class Rule:
+    rewrite: str
+    select: SiteSelector = field(default_factory=SiteSelector)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.rewrite not in REWRITES:
+            raise PolicyError(f"unknown rewrite {self.rewrite!r}; valid: {sorted(REWRITES)}")
+
+    def to_dict(self) -> dict:
+        return {"rewrite": self.rewrite, "select": self.select.to_dict(),
+                "params": dict(self.params)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Rule":
+        _check_keys(data, {"rewrite", "select", "params"}, "rule")
+        return cls(rewrite=data["rewrite"],
+                   select=SiteSelector.from_dict(data.get("select", {})),
+                   params=dict(data.get("params", {})))
+
+
+@dataclass
+class ErrorBudget:
+    """Largest error an approximate rewrite may add, per site and end to end.
+
+    Relative error is max|rewritten - original| / max|original|. Exact rewrites are held to
+    the per-dtype tolerances in verify.py instead.
+    """
+
+    site_max_rel_err: float = 0.05
+    site_min_cosine: float = 0.995
+    output_max_rel_err: float = 0.05
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ErrorBudget":
+        _check_keys(data, {f.name for f in dataclasses.fields(cls)}, "budget")
+        return cls(**data)
+
+
+@dataclass
+class Policy:
+    name: str
+    rules: list[Rule] = field(default_factory=list)
+    default: str = "exact"
+    budget: ErrorBudget = field(default_factory=ErrorBudget)
+    description: str = ""
+
+    def __post_init__(self):
+        if self.default not in REWRITES:
+            raise PolicyError(f"unknown default rewrite {self.default!r}; valid: "
+                              f"{sorted(REWRITES)}")
+
+    @property
+    def rewrites_anything(self) -> bool:
+        return self.default != "none" or any(r.rewrite != "none" for r in self.rules)
+
+    def decide(self, site: AttentionSite) -> tuple[str, str]:
+        """(rewrite, reason) for a site: the first selecting rule, else the default."""
+        for index, rule in enumerate(self.rules):
+            if rule.select.selects(site):
+                return rule.rewrite, f"policy {self.name!r} rule {index}"
+        return self.default, f"policy {self.name!r} default"
+
+    def to_dict(self) -> dict:
+        return {"version": POLICY_FORMAT_VERSION, "name": self.name,
+                "description": self.description, "default": self.default,
+                "rules": [r.to_dict() for r in self.rules], "budget": self.budget.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Policy":
+        _check_keys(data, {"version", "name", "description", "default", "rules", "budget"},
+                    "policy")
+        version = data.get("version", POLICY_FORMAT_VERSION)
+        if version != POLICY_FORMAT_VERSION:
+            raise PolicyError(f"policy format version {version} is not supported "
+                              f"(this attnopt reads version {POLICY_FORMAT_VERSION})")
+        return cls(name=data.get("name", "custom"), description=data.get("description", ""),
+                   default=data.get("default", "exact"),
+                   rules=[Rule.from_dict(r) for r in data.get("rules", [])],
+                   budget=ErrorBudget.from_dict(data.get("budget", {})))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Policy":
+        return cls.from_dict(json.loads(text))
+
+
+PRESETS: dict[str, Policy] = {
+    "exact": Policy("exact", default="exact",
+                    description="canonicalize every site; fastest exact path; identical outputs"),
+    "none": Policy("none", default="none", description="detect and report only"),
+}
+
+
+def resolve_policy(policy: Union[str, Policy, dict]) -> Policy:
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, dict):
+        return Policy.from_dict(policy)
+    if isinstance(policy, str):
+        if policy not in PRESETS:
+            raise PolicyError(f"unknown policy {policy!r}; valid presets: {sorted(PRESETS)}")
+        return copy.deepcopy(PRESETS[policy])
+    raise PolicyError(f"policy must be a preset name, a Policy or a dict, not "
+                      f"{type(policy).__name__}")

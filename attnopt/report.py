@@ -1,0 +1,93 @@
+"""The report: everything `optimize` did, as a table (`str`) and as JSON (`to_dict`).
+
+It records the capture strategy and why, every site with its decision and measured error,
+sites left alone with the reason, and each pass's time and changes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from attnopt.site import AttentionSite
+
+
+@dataclass
+class SiteRecord:
+    name: str
+    module_path: str
+    rewrite: str                 # "none" when left alone
+    reason: str
+    site: Optional[AttentionSite] = None
+    backend: str = ""
+    max_abs_err: Optional[float] = None
+    max_rel_err: Optional[float] = None
+    cosine: Optional[float] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"name": self.name, "module_path": self.module_path, "rewrite": self.rewrite,
+                "reason": self.reason, "backend": self.backend,
+                "max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err,
+                "cosine": self.cosine}
+        if self.site is not None:
+            data.update({k: v for k, v in self.site.to_dict().items() if k not in data})
+        return data
+
+
+@dataclass
+class Report:
+    policy: dict = field(default_factory=dict)
+    capture: dict = field(default_factory=dict)
+    sites: list[SiteRecord] = field(default_factory=list)
+    passes: list[dict] = field(default_factory=list)
+    verification: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> list[SiteRecord]:
+        return [s for s in self.sites if s.rewrite != "none"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "capture": self.capture,
+                "sites": [s.to_dict() for s in self.sites], "passes": list(self.passes),
+                "verification": self.verification, "notes": list(self.notes)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def __str__(self) -> str:
+        lines = [f"attnopt report — policy {self.policy.get('name', '?')!r}, capture "
+                 f"{self.capture.get('strategy', '?')}"
+                 + (f" ({self.capture['reason']})" if self.capture.get("reason") else "")]
+        found = [s for s in self.sites if s.site is not None]
+        if not self.sites:
+            lines.append("no attention sites found; the model is unchanged")
+        else:
+            lines.append(f"{len(found)} site(s) found, {len(self.rewritten)} rewritten, "
+                         f"{len(self.sites) - len(found)} candidate(s) left alone")
+            header = (f"{'site':<36} {'form':<10} {'B×H/Hkv×Sq×Sk×D':<22} {'mask':<15} "
+                      f"{'rewrite':<8} {'backend':<8} {'max_abs_err':>11}")
+            lines += [header, "-" * len(header)]
+            for record in self.sites:
+                site = record.site
+                shape = (f"{site.batch}×{site.heads}/{site.kv_heads}×{site.q_len}×"
+                         f"{site.kv_len}×{site.head_dim}") if site else "-"
+                mask = (site.mask_kind + (f"({site.window})" if site.window else "")) if site \
+                    else "-"
+                err = f"{record.max_abs_err:.2e}" if record.max_abs_err is not None else "-"
+                lines.append(f"{record.name[-36:]:<36} {(site.form if site else '-'):<10} "
+                             f"{shape:<22} {mask:<15} {record.rewrite:<8} "
+                             f"{record.backend or '-':<8} {err:>11}")
+                if record.rewrite == "none":
+                    lines.append(f"{'':<4}↳ {record.reason}")
+        if self.verification:
+            v = self.verification
+            lines.append(f"verification: {'passed' if v.get('passed') else 'FAILED'} on "
+                         f"{v.get('draws', 0)} input set(s); output max_abs_err "
+                         f"{v.get('max_abs_err', 0):.2e}, cosine {v.get('cosine', 1):.6f}")
+        if self.passes:
+            timing = ", ".join(f"{p['name']} {p['seconds'] * 1e3:.1f} ms" for p in self.passes)
+            lines.append(f"passes: {timing}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)

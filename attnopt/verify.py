@@ -1,0 +1,162 @@
+"""Verification: does the rewritten model compute what the original does?
+
+Both run on the examples and on fresh random draws of the same shapes and dtypes (floats drawn
+with the example's mean and spread; integers within the example's range; bool tensors and float
+masks — values beyond ±1e4 — kept as given). Outputs are compared leaf by leaf, and each
+attention site's output is compared between the original and the rewritten graph.
+
+Exact rewrites must agree within the per-dtype `TOLERANCES`; NaN or Inf never passes unless the
+original produced the same non-finite value at the same place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils import _pytree as pytree
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Elementwise |candidate - reference| <= atol + rtol * |reference|."""
+
+    atol: float
+    rtol: float
+
+
+TOLERANCES = {
+    torch.float64: Tolerance(atol=1e-10, rtol=1e-9),
+    torch.float32: Tolerance(atol=1e-5, rtol=1e-4),
+    torch.float16: Tolerance(atol=2e-3, rtol=1e-2),
+    torch.bfloat16: Tolerance(atol=1.6e-2, rtol=2e-2),
+}
+#: Float example values beyond this magnitude mark a mask, kept as given in random draws.
+MASK_MAGNITUDE = 1.0e4
+#: Random draws besides the examples themselves.
+DEFAULT_DRAWS = 2
+
+
+def tolerance_for(dtype: torch.dtype) -> Tolerance:
+    return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+
+
+@dataclass
+class ErrorStats:
+    max_abs_err: float
+    max_rel_err: float
+    cosine: float
+    within_tolerance: bool
+    finite_ok: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.within_tolerance and self.finite_ok
+
+    def worst(self, other: Optional["ErrorStats"]) -> "ErrorStats":
+        if other is None:
+            return self
+        return ErrorStats(max(self.max_abs_err, other.max_abs_err),
+                          max(self.max_rel_err, other.max_rel_err),
+                          min(self.cosine, other.cosine),
+                          self.within_tolerance and other.within_tolerance,
+                          self.finite_ok and other.finite_ok)
+
+    def to_dict(self) -> dict:
+        return {"max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err,
+                "cosine": self.cosine, "passed": self.passed}
+
+
+@torch.no_grad()
+def compare_tensors(candidate: torch.Tensor, reference: torch.Tensor,
+                    tolerance: Optional[Tolerance] = None) -> ErrorStats:
+    if candidate.shape != reference.shape:
+        return ErrorStats(math.inf, math.inf, -1.0, False, False)
+    tolerance = tolerance or tolerance_for(reference.dtype)
+    cand = candidate.detach().to(torch.float64).cpu()
+    ref = reference.detach().to(torch.float64).cpu()
+    ref_finite, cand_finite = torch.isfinite(ref), torch.isfinite(cand)
+    same_nonfinite = (~ref_finite) & (~cand_finite) & ((cand == ref) | (cand.isnan() & ref.isnan()))
+    finite_ok = bool(((ref_finite & cand_finite) | same_nonfinite).all())
+    both = ref_finite & cand_finite
+    if both.any():
+        diff = (cand[both] - ref[both]).abs()
+        scale = ref[both].abs()
+        max_abs = float(diff.max())
+        max_rel = max_abs / max(float(scale.max()), 1e-30)
+        within = bool((diff <= tolerance.atol + tolerance.rtol * scale).all())
+        c, r = cand[both].flatten(), ref[both].flatten()
+        denominator = float(c.norm() * r.norm())
+        cosine = float(c @ r) / denominator if denominator > 0 else \
+            (1.0 if float(c.norm()) == float(r.norm()) else 0.0)
+    else:
+        max_abs, max_rel, within, cosine = 0.0, 0.0, True, 1.0
+    return ErrorStats(max_abs, max_rel, cosine, within, finite_ok)
+
+
+def compare_outputs(candidate: Any, reference: Any) -> ErrorStats:
+    """Worst error over the tensor leaves of two outputs of the same structure."""
+    cand_leaves, cand_spec = pytree.tree_flatten(candidate)
+    ref_leaves, ref_spec = pytree.tree_flatten(reference)
+    if len(cand_leaves) != len(ref_leaves):
+        return ErrorStats(math.inf, math.inf, -1.0, False, False)
+    worst: Optional[ErrorStats] = None
+    for cand, ref in zip(cand_leaves, ref_leaves):
+        if isinstance(ref, torch.Tensor) and isinstance(cand, torch.Tensor):
+            if ref.is_floating_point() or ref.is_complex():
+                stats = compare_tensors(cand, ref)
+            else:
+                equal = bool(torch.equal(cand.cpu(), ref.cpu()))
+                stats = ErrorStats(0.0 if equal else math.inf, 0.0 if equal else math.inf,
+                                   1.0, equal, True)
+        else:
+            equal = type(cand) is type(ref) and (cand == ref if not isinstance(ref, float)
+                                                  else math.isclose(cand, ref))
+            stats = ErrorStats(0.0, 0.0, 1.0, bool(equal), True)
+        worst = stats.worst(worst)
+    return worst or ErrorStats(0.0, 0.0, 1.0, True, True)
+
+
+def fresh_draw(args: tuple, kwargs: dict, generator: torch.Generator) -> tuple[tuple, dict]:
+    """Random inputs of the examples' shapes and dtypes (see module docstring)."""
+
+    def draw(leaf):
+        if not isinstance(leaf, torch.Tensor) or leaf.numel() == 0:
+            return leaf
+        if leaf.dtype == torch.bool:
+            return leaf.clone()
+        if leaf.is_floating_point():
+            values = leaf.detach().float()
+            if bool((values.abs() > MASK_MAGNITUDE).any()) or not bool(values.isfinite().all()):
+                return leaf.clone()
+            mean, std = float(values.mean()), float(values.std()) if values.numel() > 1 else 1.0
+            std = std if std > 0 else 1.0
+            noise = torch.randn(leaf.shape, generator=generator, dtype=torch.float32)
+            return (noise * std + mean).to(dtype=leaf.dtype, device=leaf.device)
+        if leaf.dtype.is_complex:
+            return leaf.clone()
+        low, high = int(leaf.min()), int(leaf.max())
+        values = torch.randint(low, high + 1, leaf.shape, generator=generator)
+        return values.to(dtype=leaf.dtype, device=leaf.device)
+
+    return pytree.tree_map(draw, args), pytree.tree_map(draw, kwargs)
+
+
+def input_draws(args: tuple, kwargs: dict, draws: int = DEFAULT_DRAWS, seed: int = 0
+                ) -> list[tuple[tuple, dict]]:
+    """The examples followed by `draws` fresh random draws."""
+    generator = torch.Generator().manual_seed(seed)
+    return [(args, kwargs)] + [fresh_draw(args, kwargs, generator) for _ in range(draws)]
+
+
+def format_table(rows: list[tuple[str, ErrorStats]]) -> str:
+    lines = [f"{'where':<48} {'max_abs_err':>12} {'max_rel_err':>12} {'cosine':>10}  ok"]
+    for name, stats in rows:
+        lines.append(f"{name[:48]:<48} {stats.max_abs_err:>12.3e} {stats.max_rel_err:>12.3e} "
+                     f"{stats.cosine:>10.6f}  {'yes' if stats.passed else 'NO'}")
+    return "\n".join(lines)
+
+
+Runner = Callable[[tuple, dict], Any]
