@@ -1,0 +1,87 @@
+"""Every hand-written attention form in the zoo is found, canonicalized and exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnopt
+from attnopt.ops import ATTENTION_OP
+from zoo import MASK_KINDS, NEGATIVES, ZOO, _qkv
+
+#: fp32 outputs of rewritten zoo modules must match the originals this closely.
+FP32_MAX_ABS_ERR = 1e-5
+
+
+def _canonical_calls(optimized) -> int:
+    graphs = [r.rewritten for r in optimized._attnopt_state.whole_regions]
+    return sum(1 for g in graphs for n in g.graph.nodes if n.target is ATTENTION_OP)
+
+
+@pytest.mark.parametrize("case", sorted(ZOO))
+def test_zoo_case_is_found_rewritten_and_exact(case):
+    torch.manual_seed(0)
+    make, inputs, expected_sites = ZOO[case]
+    model = make()
+    examples = inputs()
+    optimized = attnopt.optimize(model, "exact", example_inputs=examples)
+    report = optimized.report
+    rewritten = [s for s in report.sites if s.rewrite == "exact"]
+    assert len(rewritten) == expected_sites, str(report)
+    assert _canonical_calls(optimized) == expected_sites
+    if case in MASK_KINDS:
+        assert {s.site.mask_kind for s in rewritten} == {MASK_KINDS[case]}, str(report)
+    fresh = inputs()  # fresh random draw, not the examples
+    with torch.no_grad():
+        expected, actual = model(*fresh), optimized(*fresh)
+    for e, a in zip(torch.utils._pytree.tree_leaves(expected),
+                    torch.utils._pytree.tree_leaves(actual)):
+        assert (e - a).abs().max().item() <= FP32_MAX_ABS_ERR
+    for record in rewritten:
+        assert record.max_abs_err is not None and record.max_abs_err <= FP32_MAX_ABS_ERR
+
+
+@pytest.mark.parametrize("case", sorted(NEGATIVES))
+def test_negative_case_is_left_alone_with_reason(case):
+    make, reason = NEGATIVES[case]
+    model = make()
+    optimized = attnopt.optimize(model, "exact", example_inputs=_qkv())
+    assert not [s for s in optimized.report.sites if s.rewrite != "none"]
+    assert _canonical_calls(optimized) == 0
+    if reason:
+        assert any(reason in s.reason for s in optimized.report.sites), str(optimized.report)
+    else:
+        assert "no attention sites found" in str(optimized.report)
+
+
+def test_site_description_of_gqa_projected_block():
+    model = ZOO["bshd_layout"].make()
+    (site,) = attnopt.inspect(model, ZOO["bshd_layout"].inputs())
+    assert (site.batch, site.heads, site.kv_heads, site.q_len, site.head_dim) == (2, 4, 4, 8, 8)
+    assert site.layout == "BSHD"
+    assert site.projections["q"].weight == "qkv.weight" and site.projections["q"].packed
+    assert site.projections["out"].weight == "out.weight"
+    assert site.scale == pytest.approx(8 ** -0.5)
+
+    (gqa,) = attnopt.inspect(ZOO["gqa_expand_reshape"].make(), _qkv())
+    assert (gqa.heads, gqa.kv_heads, gqa.gqa_group) == (4, 1, 4)
+
+
+def test_sliding_window_is_classified_with_its_width():
+    (site,) = attnopt.inspect(ZOO["sliding_window"].make(), _qkv())
+    assert site.mask_kind == "window" and site.window == 3
+
+
+def test_constant_causal_mask_becomes_is_causal():
+    optimized = attnopt.optimize(ZOO["materialized_causal"].make(), example_inputs=_qkv())
+    (region,) = optimized._attnopt_state.whole_regions
+    (call,) = [n for n in region.rewritten.graph.nodes if n.target is ATTENTION_OP]
+    q, k, v, mask, is_causal, scale, enable_gqa = call.args
+    assert mask is None and is_causal is True
+
+
+def test_mha_module_paths_name_the_layer():
+    model = ZOO["transformer_encoder"].make()
+    sites = attnopt.inspect(model, ZOO["transformer_encoder"].inputs())
+    assert [s.module_path for s in sites] == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert [s.layer_index for s in sites] == [0, 1]
