@@ -1,0 +1,297 @@
+"""The public API: policies, reports, lazy optimization, capture strategies, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attnopt
+from attnopt.errors import CaptureError, PassError, PolicyError, VerificationError
+from attnopt.passes.manager import PassContext, PassManager, PassResult
+from zoo import ZOO, _qkv
+
+B, S, E, H = 2, 8, 32, 4
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(E, 3 * E)
+        self.out = nn.Linear(E, E)
+        self.label = "a custom attribute"
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, H, E // H).permute(2, 0, 3, 1, 4)
+        probs = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(E // H), -1)
+        return self.out((probs @ v).transpose(1, 2).reshape(x.shape))
+
+    def describe(self):
+        return f"Block({self.label})"
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_report_dict_is_json_with_required_keys():
+    optimized = attnopt.optimize(Tiny(), example_inputs=(torch.randn(B, S, E),))
+    data = json.loads(json.dumps(optimized.report.to_dict()))
+    assert {"sites", "passes", "policy", "capture"} <= set(data)
+    assert data["policy"]["name"] == "exact"
+    assert data["capture"]["strategy"] == "whole"
+    for site in data["sites"]:
+        assert {"name", "rewrite", "reason", "max_abs_err"} <= set(site)
+        assert site["rewrite"] == "exact" and site["max_abs_err"] < 1e-5
+    assert [p["name"] for p in data["passes"]] == [
+        "eliminate_dead_code", "detect_attention", "classify_masks", "canonicalize_attention"]
+    text = str(optimized.report)
+    assert "blocks.0" in text and "blocks.1" in text and "verification: passed" in text
+
+
+def test_optimized_module_forwards_attributes_and_keeps_state_dict():
+    model = Tiny()
+    optimized = attnopt.optimize(model, example_inputs=(torch.randn(B, S, E),))
+    assert optimized.blocks[0].describe() == "Block(a custom attribute)"
+    assert set(optimized._orig_mod.state_dict()) == set(model.state_dict())
+    assert optimized.blocks is model.blocks
+
+
+def test_lazy_optimization_at_first_call_caches_per_signature():
+    model = Tiny()
+    optimized = attnopt.optimize(model)
+    assert "not optimized yet" in str(optimized.report)
+    x = torch.randn(B, S, E)
+    torch.testing.assert_close(optimized(x), model(x), atol=1e-5, rtol=1e-5)
+    regions = optimized._attnopt_state.whole_regions
+    assert len(regions) == 1 and len(optimized.sites) == 2
+    longer = torch.randn(3, 2 * S, E)  # dynamic batch and sequence: same graph
+    torch.testing.assert_close(optimized(longer), model(longer), atol=1e-5, rtol=1e-5)
+    assert len(optimized._attnopt_state.whole_regions) == 1
+
+
+def test_policy_none_detects_and_changes_nothing():
+    model = Tiny()
+    optimized = attnopt.optimize(model, "none", example_inputs=(torch.randn(B, S, E),))
+    assert len(optimized.sites) == 2
+    assert all(r.rewrite == "none" for r in optimized.report.sites)
+    assert not optimized._attnopt_state.whole_regions
+
+
+def test_policy_rules_select_sites_by_module_glob():
+    policy = attnopt.Policy("first-only", default="none", rules=[
+        attnopt.Rule("exact", attnopt.SiteSelector(module="blocks.0*"))])
+    optimized = attnopt.optimize(Tiny(), policy, example_inputs=(torch.randn(B, S, E),))
+    decisions = {r.name: r.rewrite for r in optimized.report.sites}
+    assert decisions == {"blocks.0": "exact", "blocks.1": "none"}
+
+
+def test_policy_round_trips_through_json():
+    policy = attnopt.Policy("custom", default="exact", rules=[
+        attnopt.Rule("none", attnopt.SiteSelector(layers=(0, 3), q_len=(1, 512), causal=True))],
+        budget=attnopt.ErrorBudget(site_max_rel_err=0.01))
+    assert attnopt.Policy.from_json(policy.to_json()) == policy
+    assert attnopt.resolve_policy(policy.to_dict()) == policy
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("fastest", "valid presets"),
+    ({"name": "x", "rulez": []}, "valid keys"),
+    ({"name": "x", "rules": [{"rewrite": "magic"}]}, "unknown rewrite"),
+    ({"name": "x", "version": 99}, "version"),
+])
+def test_bad_policy_raises_value_error_listing_valid(bad, message):
+    with pytest.raises(ValueError, match=message):
+        attnopt.resolve_policy(bad)
+    assert issubclass(PolicyError, ValueError)
+
+
+def test_model_without_attention_is_returned_unchanged():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    x = torch.randn(2, 4)
+    optimized = attnopt.optimize(model, example_inputs=(x,))
+    assert "no attention sites found" in str(optimized.report)
+    torch.testing.assert_close(optimized(x), model(x))
+    assert not optimized._attnopt_state.whole_regions
+
+
+def test_wrong_example_inputs_raise_the_models_own_error():
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        attnopt.optimize(Tiny(), example_inputs=(torch.randn(B, S, E + 1),))
+
+
+class DataDependent(nn.Module):
+    """Python control flow on a tensor value: whole-model export cannot capture it."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.block(x)
+        return self.block(-x)
+
+
+def test_capture_failure_falls_back_to_submodules_in_place():
+    model = DataDependent()
+    forward_before = model.block.forward
+    x = torch.randn(B, S, E).abs()
+    expected = model(x)
+    optimized = attnopt.optimize(model, example_inputs=(x,))
+    report = optimized.report
+    assert report.capture["strategy"] == "submodules"
+    assert "whole-model capture failed" in report.capture["reason"]
+    assert report.capture["regions"] == ["block"]
+    assert type(model.block) is Block and model.block.forward is not forward_before
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(optimized(-x), model.block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_whole_capture_failure_names_the_model_and_what_to_try():
+    with pytest.raises(CaptureError, match="DataDependent.*Try capture='submodules'"):
+        attnopt.optimize(DataDependent(), capture="whole",
+                         example_inputs=(torch.randn(B, S, E),))
+
+
+def test_unknown_capture_strategy_is_rejected():
+    with pytest.raises(ValueError, match="valid"):
+        attnopt.optimize(Tiny(), capture="magic")
+
+
+def test_inspect_does_not_change_the_model():
+    model = DataDependent()
+    forward_before = model.block.forward
+    sites = attnopt.inspect(model, (torch.randn(B, S, E).abs(),))
+    assert [s.module_path for s in sites] == ["block"]
+    assert model.block.forward == forward_before
+
+
+class _BreakScale:
+    """A deliberately wrong pass: doubles the scale of every canonical attention call."""
+
+    name = "break_scale"
+
+    def __call__(self, graph_module, context):
+        from attnopt.ops import ATTENTION_OP
+        for node in graph_module.graph.nodes:
+            if node.target is ATTENTION_OP:
+                args = list(node.args)
+                args[5] = args[5] * 2
+                node.args = tuple(args)
+        return PassResult(graph_module, True, ["scale doubled"])
+
+
+def test_verify_each_names_the_pass_that_broke_equivalence():
+    from attnopt.passes.canonicalize import CanonicalizeAttention
+    from attnopt.passes.classify import ClassifyMasks
+    from attnopt.passes.detect import DetectAttention
+    model = ZOO["einsum"].make()
+    args = _qkv()
+    exported = torch.export.export(model, args, strict=False)
+
+    def check(graph_module):
+        error = (graph_module(*args) - model(*args)).abs().max().item()
+        if error > 1e-5:
+            raise VerificationError(f"max_abs_err {error:.3g}")
+
+    manager = PassManager([DetectAttention(), ClassifyMasks(), CanonicalizeAttention(),
+                           _BreakScale()], verify_each=True, check=check)
+    context = PassContext(args, {}, attnopt.resolve_policy("exact"))
+    with pytest.raises(VerificationError, match="pass `break_scale` broke equivalence"):
+        manager.run(exported.module(), context)
+    assert [r.name for r in manager.records][-1] == "break_scale"
+
+
+def test_failing_pass_error_names_passes_that_ran_before():
+    class Explodes:
+        name = "explodes"
+
+        def __call__(self, graph_module, context):
+            raise KeyError("boom")
+
+    from attnopt.passes.detect import DetectAttention
+    model = ZOO["einsum"].make()
+    exported = torch.export.export(model, _qkv(), strict=False)
+    manager = PassManager([DetectAttention(), Explodes()])
+    with pytest.raises(PassError, match=r"`explodes` failed after \['detect_attention'\]"):
+        manager.run(exported.module(), PassContext(_qkv(), {}, attnopt.resolve_policy("exact")))
+
+
+def test_verification_failure_installs_nothing(monkeypatch):
+    import attnopt.api as api
+    from attnopt.passes.canonicalize import CanonicalizeAttention
+
+    monkeypatch.setattr(api, "_pass_pipeline",
+                        lambda policy: [api.EliminateDeadCode(), api.DetectAttention(),
+                                        api.ClassifyMasks(), CanonicalizeAttention(),
+                                        _BreakScale()])
+    model = DataDependent()
+    forward_before = model.block.forward
+    with pytest.raises(VerificationError, match="nothing was installed"):
+        attnopt.optimize(model, example_inputs=(torch.randn(B, S, E).abs(),))
+    assert model.block.forward == forward_before
+
+
+def test_optimized_graph_reexports_and_round_trips_pt2(tmp_path):
+    model = Tiny()
+    x = torch.randn(B, S, E)
+    optimized = attnopt.optimize(model, example_inputs=(x,))
+    (region,) = optimized._attnopt_state.whole_regions
+    exported = torch.export.export(region.rewritten, (x,), strict=False)
+    targets = {str(n.target) for n in exported.graph.nodes}
+    assert "attnopt.attention.default" in targets
+    path = tmp_path / "tiny.pt2"
+    torch.export.save(exported, path)
+    loaded = torch.export.load(path)
+    torch.testing.assert_close(loaded.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_canonical_op_matches_float64_reference_and_has_gradients():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    bias = torch.randn(1, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = torch.ops.attnopt.attention(q, k, v, bias, False, 0.3, False)
+    reference = torch.softmax(q @ k.transpose(-2, -1) * 0.3 + bias, -1) @ v
+    torch.testing.assert_close(out, reference, atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, b: torch.ops.attnopt.attention(q, k, v, b, False, 0.3, False),
+        (q, k, v, bias))
+    kv = torch.randn(2, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: torch.ops.attnopt.attention(q, k, v, None, True, None, True),
+        (q, kv, kv.detach().clone().requires_grad_()))
+
+
+def test_fine_tuning_through_the_rewritten_graph():
+    model = Tiny()
+    x = torch.randn(B, S, E)
+    optimized = attnopt.optimize(model, example_inputs=(x,))
+    optimized(x).sum().backward()
+    grad_optimized = model.blocks[0].qkv.weight.grad.clone()
+    model.zero_grad()
+    model(x).sum().backward()
+    torch.testing.assert_close(grad_optimized, model.blocks[0].qkv.weight.grad,
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_fused_dropout_in_training_mode_is_left_alone():
+    class Train(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+
+    optimized = attnopt.optimize(Train(), example_inputs=_qkv(), verify=False)
+    (record,) = optimized.report.sites
+    assert record.rewrite == "none" and "model.eval()" in record.reason
