@@ -139,18 +139,27 @@ def _run_region(captured: CapturedProgram, policy: Policy, verify_each: bool) ->
 
 @torch.no_grad()
 def _verify_region(region: _Region, draws: int) -> None:
+    """Original vs rewritten graph on the examples and fresh draws: outputs and every site.
+
+    On the examples the rewritten graph is also compared with the user's eager module, so a
+    capture that does not reproduce the module is caught too.
+    """
     names = region.context.site_nodes
-    for args, kwargs in input_draws(region.captured.args, region.captured.kwargs, draws=draws):
-        reference = region.captured.module(*args, **kwargs)
-        candidate = _call_graph(region, args, kwargs)
+    _sync_state(region.rewritten, region.captured.module)
+    draws_list = input_draws(region.captured.args, region.captured.kwargs, draws=draws)
+    for index, (args, kwargs) in enumerate(draws_list):
+        old, reference = record_values(region.original, args, kwargs,
+                                       [o for o, _ in names.values()])
+        new, candidate = record_values(region.rewritten, args, kwargs,
+                                       [n for _, n in names.values()])
         stats = compare_outputs(candidate, reference)
+        if index == 0:
+            stats = stats.worst(compare_outputs(candidate,
+                                                region.captured.module(*args, **kwargs)))
         region.output_error = stats.worst(region.output_error)
-        if names:
-            old = record_values(region.original, args, kwargs, [o for o, _ in names.values()])
-            new = record_values(region.rewritten, args, kwargs, [n for _, n in names.values()])
-            for site_name, (old_name, new_name) in names.items():
-                site_stats = compare_outputs(new[new_name], old[old_name])
-                region.errors[site_name] = site_stats.worst(region.errors.get(site_name))
+        for site_name, (old_name, new_name) in names.items():
+            site_stats = compare_outputs(new[new_name], old[old_name])
+            region.errors[site_name] = site_stats.worst(region.errors.get(site_name))
         region.draws += 1
 
 
@@ -187,6 +196,7 @@ def _capture_submodules(model: nn.Module, args: tuple, kwargs: dict
     recording = record_calls(model, args, kwargs)
     selected: list[CapturedProgram] = []
     notes: list[str] = []
+    failed: set[str] = set()
 
     def overlaps(path: str) -> bool:
         return any(path == c.path or path.startswith(c.path + ".") or
@@ -197,8 +207,9 @@ def _capture_submodules(model: nn.Module, args: tuple, kwargs: dict
             if overlaps(path):
                 break
             record = recording.calls.get(path)
-            if record is None:
+            if record is None or path in failed:
                 continue
+            failed.add(path)  # tried once; a success leaves the loop below
             cache = has_cache_like_input(record)
             if cache is not None:
                 notes.append(f"{path}: not captured, input {cache} is a stateful object")
@@ -280,8 +291,6 @@ class OptimizedModule(nn.Module):
         state = self._attnopt_state
         model = self._orig_mod
         state.seen.append(InputSignature.of(_EMPTY_GRAPH, args, kwargs))
-        with torch.no_grad():
-            model(*args, **kwargs)  # wrong inputs fail here, with the model's own error
         report = Report(policy=state.policy.to_dict())
         if model.training:
             report.notes.append("model is in training mode: dropout makes outputs random; "
@@ -319,14 +328,14 @@ class OptimizedModule(nn.Module):
                 return [captured], info
             except CaptureError as error:
                 if state.capture == "whole":
+                    with torch.no_grad():
+                        model(*args, **kwargs)  # wrong inputs: the model's own error
                     raise
                 reason = f"whole-model capture failed: {error}"
         captured, notes = _capture_submodules(model, args, kwargs)
         info = {"strategy": "submodules", "reason": reason or "requested",
                 "dynamic": all(c.dynamic for c in captured) if captured else False,
                 "regions": [c.path for c in captured], "notes": notes}
-        if not captured and notes and not any("no attention inside" in n for n in notes):
-            report.notes.extend(notes)
         return captured, info
 
     def _fill_report(self, report: Report, regions: list[_Region], capture_info: dict) -> None:

@@ -14,6 +14,7 @@ which and why.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,12 +41,23 @@ class CapturedProgram:
     note: str = ""
 
 
-def _dynamic_spec(args: tuple, kwargs: dict):
+def _dynamic_spec(module: nn.Module, args: tuple, kwargs: dict):
+    """`Dim.AUTO` on every dim of every tensor input, keyed as torch.export expects."""
     def spec(leaf):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return {i: Dim.AUTO for i in range(leaf.dim())}
         return None
-    return pytree.tree_map(spec, args), pytree.tree_map(spec, kwargs)
+    if not kwargs:
+        return tuple(pytree.tree_map(spec, a) for a in args)
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    specs = {}
+    for name, value in bound.arguments.items():
+        kind = inspect.signature(module.forward).parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            specs[name] = {k: pytree.tree_map(spec, v) for k, v in value.items()}
+        else:
+            specs[name] = pytree.tree_map(spec, value)
+    return specs
 
 
 def _first_line(error: BaseException) -> str:
@@ -61,10 +73,8 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict, path: str = "",
     note = ""
     if dynamic:
         try:
-            dyn_args, dyn_kwargs = _dynamic_spec(args, kwargs)
             exported = torch.export.export(module, args, kwargs, strict=False,
-                                           dynamic_shapes=(dyn_args, dyn_kwargs) if kwargs
-                                           else dyn_args)
+                                           dynamic_shapes=_dynamic_spec(module, args, kwargs))
             return CapturedProgram(path, module, exported, args, kwargs, True)
         except Exception as error:  # noqa: BLE001 - retried statically, reason recorded
             note = f"dynamic capture failed ({_first_line(error)}); captured static shapes"

@@ -78,6 +78,8 @@ def compare_tensors(candidate: torch.Tensor, reference: torch.Tensor,
     cand = candidate.detach().to(torch.float64).cpu()
     ref = reference.detach().to(torch.float64).cpu()
     ref_finite, cand_finite = torch.isfinite(ref), torch.isfinite(cand)
+    if bool(ref_finite.all()) and bool(cand_finite.all()):
+        return _finite_stats(cand, ref, tolerance)
     same_nonfinite = (~ref_finite) & (~cand_finite) & ((cand == ref) | (cand.isnan() & ref.isnan()))
     finite_ok = bool(((ref_finite & cand_finite) | same_nonfinite).all())
     both = ref_finite & cand_finite
@@ -94,6 +96,20 @@ def compare_tensors(candidate: torch.Tensor, reference: torch.Tensor,
     else:
         max_abs, max_rel, within, cosine = 0.0, 0.0, True, 1.0
     return ErrorStats(max_abs, max_rel, cosine, within, finite_ok)
+
+
+def _finite_stats(cand: torch.Tensor, ref: torch.Tensor, tolerance: Tolerance) -> ErrorStats:
+    if cand.numel() == 0:
+        return ErrorStats(0.0, 0.0, 1.0, True, True)
+    diff = (cand - ref).abs()
+    scale = ref.abs()
+    max_abs = float(diff.max())
+    max_rel = max_abs / max(float(scale.max()), 1e-30)
+    within = bool((diff <= tolerance.atol + tolerance.rtol * scale).all())
+    denominator = float(cand.norm() * ref.norm())
+    cosine = float((cand * ref).sum()) / denominator if denominator > 0 else \
+        (1.0 if float(cand.norm()) == float(ref.norm()) else 0.0)
+    return ErrorStats(max_abs, max_rel, cosine, within, True)
 
 
 def compare_outputs(candidate: Any, reference: Any) -> ErrorStats:

@@ -13,7 +13,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from attnopt.passes.detect import describe_site
-from attnopt.passes.evaluate import evaluate_subgraph, record_values
+from attnopt.passes.evaluate import evaluate_nodes, evaluate_subgraph
 from attnopt.passes.fx_utils import (
     ancestors, concrete, dtype_of, is_symbolic, module_path, value_sources,
 )
@@ -28,8 +28,8 @@ class ClassifyMasks:
     name = "classify_masks"
 
     def __call__(self, graph_module: GraphModule, context: PassContext) -> PassResult:
-        term_nodes = {t.node.name for m in context.matches for t in m.mask_terms}
-        values = record_values(graph_module, context.args, context.kwargs, term_nodes)
+        term_nodes = list({t.node: None for m in context.matches for t in m.mask_terms})
+        values = evaluate_nodes(graph_module, context.args, context.kwargs, term_nodes)
         names: dict[str, int] = {}
         changes = []
         for index, match in enumerate(context.matches):

@@ -32,8 +32,8 @@ class _Recorder(torch.fx.Interpreter):
         self.values: dict[str, Any] = {}
 
     def run_node(self, node):
-        if self.only is not None and node.name not in self.only:
-            return None
+        if self.only is not None and node.name not in self.only and node.op != "placeholder":
+            return None  # (placeholders always run: each consumes its positional input)
         result = super().run_node(node)
         if node.name in self.watch:
             self.values[node.name] = result
@@ -42,14 +42,26 @@ class _Recorder(torch.fx.Interpreter):
 
 @torch.no_grad()
 def record_values(graph_module: GraphModule, args: tuple, kwargs: dict,
-                  node_names: Iterable[str]) -> dict[str, Any]:
-    """Run `graph_module` on (args, kwargs); return {node name: value} for `node_names`."""
-    watch = set(node_names)
-    if not watch:
+                  node_names: Iterable[str]) -> tuple[dict[str, Any], list[Any]]:
+    """Run `graph_module` on (args, kwargs): ({node name: value} for `node_names`, outputs).
+
+    Outputs are the graph's flat output list (the leaves of what the module returns).
+    """
+    recorder = _Recorder(graph_module, set(node_names))
+    outputs = recorder.run(*flat_inputs(graph_module, args, kwargs), enable_io_processing=False)
+    return recorder.values, list(outputs)
+
+
+@torch.no_grad()
+def evaluate_nodes(graph_module: GraphModule, args: tuple, kwargs: dict,
+                   nodes: list[torch.fx.Node]) -> dict[str, Any]:
+    """Values of `nodes` on (args, kwargs), computing only what they depend on."""
+    if not nodes:
         return {}
-    recorder = _Recorder(graph_module, watch)
-    recorder.run(*flat_inputs(graph_module, args, kwargs), enable_io_processing=False)
-    return recorder.values
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    values = dict(zip((n.name for n in placeholders), flat_inputs(graph_module, args, kwargs)))
+    results = evaluate_subgraph(graph_module, nodes, values)
+    return {node.name: value for node, value in zip(nodes, results)}
 
 
 @torch.no_grad()
