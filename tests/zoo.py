@@ -170,7 +170,7 @@ class ALiBi(nn.Module):
         self.register_buffer("slopes", slopes)
 
     def forward(self, q, k, v):
-        positions = torch.arange(S)
+        positions = torch.arange(S, device=q.device)
         distance = (positions[None, :] - positions[:, None]).abs().float()
         bias = -self.slopes[:, None, None] * distance
         scores = q @ k.transpose(-2, -1) / math.sqrt(D) + bias
@@ -185,7 +185,7 @@ class RelativeBias(nn.Module):
         self.bias = nn.Embedding(buckets, H)
 
     def forward(self, q, k, v):
-        positions = torch.arange(S)
+        positions = torch.arange(S, device=q.device)
         relative = positions[None, :] - positions[:, None] + S - 1
         bias = self.bias(relative).permute(2, 0, 1).unsqueeze(0)
         return torch.softmax(q @ k.transpose(-2, -1) + bias, dim=-1) @ v
@@ -203,15 +203,15 @@ class MaterializedCausal(nn.Module):
 
     def forward(self, q, k, v):
         s = q.shape[-2]
-        mask = torch.full((s, s), torch.finfo(q.dtype).min).triu(1)
+        mask = torch.full((s, s), torch.finfo(q.dtype).min, device=q.device).triu(1)
         scores = q @ k.transpose(-2, -1) / math.sqrt(D) + mask[None, None]
         return scores.softmax(-1) @ v
 
 
 class SlidingWindow(nn.Module):
     def forward(self, q, k, v):
-        i = torch.arange(S)[:, None]
-        j = torch.arange(S)[None, :]
+        i = torch.arange(S, device=q.device)[:, None]
+        j = torch.arange(S, device=q.device)[None, :]
         allowed = (j <= i) & (j > i - 3)
         scores = (q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~allowed, float("-inf"))
         return scores.softmax(-1) @ v

@@ -29,7 +29,9 @@ class ClassifyMasks:
 
     def __call__(self, graph_module: GraphModule, context: PassContext) -> PassResult:
         term_nodes = list({t.node: None for m in context.matches for t in m.mask_terms})
-        values = evaluate_nodes(graph_module, context.args, context.kwargs, term_nodes)
+        values = {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value
+                  in evaluate_nodes(graph_module, context.args, context.kwargs,
+                                    term_nodes).items()}  # classified on the CPU
         names: dict[str, int] = {}
         changes = []
         for index, match in enumerate(context.matches):
@@ -82,9 +84,11 @@ class ClassifyMasks:
                 return False
             shape = [PROBE_LENGTH if is_symbolic(d) and str(d.node.expr) in exprs
                      else concrete(d) for d in val.shape]
-            placeholder_values[node.name] = torch.zeros(shape, dtype=val.dtype)
+            placeholder_values[node.name] = torch.zeros(shape, dtype=val.dtype,
+                                                        device=val.device)
         try:
-            probed = evaluate_subgraph(graph_module, term_nodes, placeholder_values)
+            probed = [p.cpu() for p in
+                      evaluate_subgraph(graph_module, term_nodes, placeholder_values)]
         except Exception:  # noqa: BLE001 - a producer that cannot be probed is not trusted
             return False
         def probe_len(dim) -> int:
