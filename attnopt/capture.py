@@ -42,10 +42,10 @@ class CapturedProgram:
 
 
 def _dynamic_spec(module: nn.Module, args: tuple, kwargs: dict):
-    """`Dim.AUTO` on every dim of every tensor input, keyed as torch.export expects."""
-    def spec(leaf):
+    """`Dim.AUTO` on every dim (of size > 1) of every tensor input, keyed as export expects."""
+    def spec(leaf):  # sizes 0 and 1 are specialized by export anyway
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            return {i: Dim.AUTO for i in range(leaf.dim())}
+            return {i: Dim.AUTO for i, size in enumerate(leaf.shape) if size > 1}
         return None
     if not kwargs:
         return tuple(pytree.tree_map(spec, a) for a in args)
