@@ -23,6 +23,7 @@ from attnopt.capture import (
     CapturedProgram, candidate_paths, export_module, has_cache_like_input, record_calls,
 )
 from attnopt.errors import AttnoptError, CaptureError, VerificationError
+from attnopt.integrations import huggingface
 from attnopt.passes.canonicalize import CanonicalizeAttention
 from attnopt.passes.classify import ClassifyMasks
 from attnopt.passes.cleanup import EliminateDeadCode, eliminate_dead_code
@@ -77,8 +78,9 @@ class InputSignature:
                 if not isinstance(leaf, torch.Tensor) or leaf.dtype != expected[1] or \
                         leaf.device.type != expected[2] or leaf.dim() != len(expected[3]):
                     return False
-                if any(d is not None and d != s for d, s in zip(expected[3], leaf.shape)):
-                    return False
+                for dim, size in zip(expected[3], leaf.shape):
+                    if (dim is not None and dim != size) or (dim is None and size < 2):
+                        return False  # (export specializes sizes 0 and 1)
             elif isinstance(leaf, torch.Tensor) or _hashable(leaf) != expected[1]:
                 return False
         return True
@@ -107,6 +109,15 @@ class _Region:
     errors: dict[str, ErrorStats] = field(default_factory=dict)
     output_error: Optional[ErrorStats] = None
     draws: int = 0
+    skipped_draws: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return (self.output_error is None or self.output_error.passed) and \
+            all(stats.passed for stats in self.errors.values())
+
+    def run(self, args: tuple, kwargs: Optional[dict] = None):
+        return _call_graph(self, args, kwargs or {})
 
 
 def _pass_pipeline(policy: Policy) -> list:
@@ -148,8 +159,14 @@ def _verify_region(region: _Region, draws: int) -> None:
     _sync_state(region.rewritten, region.captured.module)
     draws_list = input_draws(region.captured.args, region.captured.kwargs, draws=draws)
     for index, (args, kwargs) in enumerate(draws_list):
-        old, reference = record_values(region.original, args, kwargs,
-                                       [o for o, _ in names.values()])
+        try:
+            old, reference = record_values(region.original, args, kwargs,
+                                           [o for o, _ in names.values()])
+        except Exception:  # noqa: BLE001 - a draw outside what the capture accepts
+            if index == 0:
+                raise
+            region.skipped_draws += 1  # (e.g. values a data-dependent branch specialized on)
+            continue
         new, candidate = record_values(region.rewritten, args, kwargs,
                                        [n for _, n in names.values()])
         stats = compare_outputs(candidate, reference)
@@ -297,6 +314,15 @@ class OptimizedModule(nn.Module):
                                 "call model.eval() before optimizing for inference")
         captured, capture_info = self._capture(args, kwargs, report)
         regions = [_run_region(c, state.policy, state.verify_each) for c in captured]
+        if not regions and capture_info["strategy"] == "submodules" and \
+                huggingface.is_transformers_model(model) and \
+                any("stateful object" in note for note in capture_info["notes"]):
+            regions, calls = self._capture_attention_functions(args, kwargs)
+            capture_info = {**capture_info, "strategy": "attention-functions",
+                            "reason": capture_info["reason"] + "; attention modules receive a "
+                            "KV cache: captured their attention-function calls instead",
+                            "regions": [r.captured.path for r in regions]}
+            state.function_calls = calls
         if state.verify:
             for region in regions:
                 if region.context.site_nodes:  # nothing rewritten, nothing to verify
@@ -338,6 +364,36 @@ class OptimizedModule(nn.Module):
                 "regions": [c.path for c in captured], "notes": notes}
         return captured, info
 
+    def _capture_attention_functions(self, args, kwargs) -> tuple[list[_Region], dict]:
+        state = self._attnopt_state
+        model = self._orig_mod
+        calls = huggingface.record_function_calls(model, args, kwargs)
+        paths = {id(m): p for p, m in model.named_modules()}
+        regions, by_region = [], {}
+        for module, call in calls.items():
+            wrapper = huggingface.AttentionCall(call.function, module, call.constants)
+            captured = export_module(wrapper, call.args, {}, paths.get(id(module), ""),
+                                     dynamic_shapes=huggingface.dynamic_spec(call.args))
+            region = _run_region(captured, state.policy, state.verify_each)
+            regions.append(region)
+            by_region[id(region)] = (module, call)
+        return regions, by_region
+
+    def _build_function_region(self, wrapper, args: tuple, path: str) -> Optional[_Region]:
+        """Capture, rewrite and verify one more signature of an attention function."""
+        state = self._attnopt_state
+        captured = export_module(wrapper, args, {}, path,
+                                 dynamic_shapes=huggingface.dynamic_spec(args))
+        region = _run_region(captured, state.policy, state.verify_each)
+        if not region.context.site_nodes:
+            return None
+        if state.verify:
+            _verify_region(region, state.draws)
+            if not region.passed:
+                return None
+        state.lazy_captures += 1
+        return region
+
     def _fill_report(self, report: Report, regions: list[_Region], capture_info: dict) -> None:
         report.capture = capture_info
         draws, worst = 0, None
@@ -362,12 +418,25 @@ class OptimizedModule(nn.Module):
             if region.output_error is not None:
                 worst = region.output_error.worst(worst)
         report.notes.extend(capture_info.get("notes", []))
+        skipped = sum(r.skipped_draws for r in regions)
+        if skipped:
+            report.notes.append(f"{skipped} random draw(s) skipped: the captured original graph "
+                                "rejects them (its guards specialized on input values)")
         if worst is not None:
             report.verification = {"passed": worst.passed, "draws": draws, **worst.to_dict()}
 
     def _install(self, regions: list[_Region], strategy: str) -> None:
         state = self._attnopt_state
         rewritten = [r for r in regions if r.context.site_nodes]
+        if strategy == "attention-functions":
+            state.strategy = "submodules"  # the user's model runs; its functions dispatch
+            for region in rewritten:
+                module, call = state.function_calls[id(region)]
+                huggingface.register(module, huggingface.ModuleAttention(
+                    region.captured.path, self._build_function_region,
+                    regions=[(region, call.constants)]))
+                state.swapped.append(region)
+            return
         if strategy == "whole":
             state.strategy = "whole"
             state.whole_regions.extend(rewritten)
@@ -393,6 +462,8 @@ class _State:
     whole_regions: list = field(default_factory=list)
     swapped: list = field(default_factory=list)
     seen: list = field(default_factory=list)
+    function_calls: dict = field(default_factory=dict)
+    lazy_captures: int = 0
 
     def built_for(self, args, kwargs) -> bool:
         return any(s.accepts(args, kwargs) for s in self.seen)

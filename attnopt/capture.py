@@ -42,11 +42,15 @@ class CapturedProgram:
 
 
 def _dynamic_spec(module: nn.Module, args: tuple, kwargs: dict):
-    """`Dim.AUTO` on every dim (of size > 1) of every tensor input, keyed as export expects."""
-    def spec(leaf):  # sizes 0 and 1 are specialized by export anyway
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            return {i: Dim.AUTO for i, size in enumerate(leaf.shape) if size > 1}
-        return None
+    """`Dim.AUTO` on the leading dims of every tensor input, keyed as torch.export expects."""
+    def spec(leaf):
+        # The last dim of float tensors of 3+ dims (features, head dim) stays static: weights
+        # fix it in real models, and a symbolic head dim would turn the attention scale into a
+        # graph expression. Sizes 0 and 1 are specialized by export anyway.
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
+            return None
+        sizes = leaf.shape[:-1] if leaf.is_floating_point() and leaf.dim() >= 3 else leaf.shape
+        return {i: Dim.AUTO for i, size in enumerate(sizes) if size > 1}
     if not kwargs:
         return tuple(pytree.tree_map(spec, a) for a in args)
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
@@ -60,21 +64,26 @@ def _dynamic_spec(module: nn.Module, args: tuple, kwargs: dict):
     return specs
 
 
-def _first_line(error: BaseException) -> str:
+def _first_line(error: BaseException, limit: int = 160) -> str:
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
+    line = text[0] if text else ""
+    return f"{type(error).__name__}: {line[:limit] + ('…' if len(line) > limit else '')}"
 
 
 def export_module(module: nn.Module, args: tuple, kwargs: dict, path: str = "",
-                  dynamic: bool = True) -> CapturedProgram:
-    """Export `module` on (args, kwargs); dynamic dims where export allows, else static."""
+                  dynamic: bool = True, dynamic_shapes=None) -> CapturedProgram:
+    """Export `module` on (args, kwargs); dynamic dims where export allows, else static.
+
+    `dynamic_shapes` overrides the default spec (see `_dynamic_spec`).
+    """
     where = f"submodule `{path}` ({type(module).__name__})" if path else \
         f"the model ({type(module).__name__})"
     note = ""
     if dynamic:
         try:
             exported = torch.export.export(module, args, kwargs, strict=False,
-                                           dynamic_shapes=_dynamic_spec(module, args, kwargs))
+                                           dynamic_shapes=dynamic_shapes if dynamic_shapes
+                                           is not None else _dynamic_spec(module, args, kwargs))
             return CapturedProgram(path, module, exported, args, kwargs, True)
         except Exception as error:  # noqa: BLE001 - retried statically, reason recorded
             note = f"dynamic capture failed ({_first_line(error)}); captured static shapes"

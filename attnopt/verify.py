@@ -1,8 +1,9 @@
 """Verification: does the rewritten model compute what the original does?
 
 Both run on the examples and on fresh random draws of the same shapes and dtypes (floats drawn
-with the example's mean and spread; integers within the example's range; bool tensors and float
-masks — values beyond ±1e4 — kept as given). Outputs are compared leaf by leaf, and each
+with the example's mean and spread; integers within the example's range; bool tensors, float
+masks — values beyond ±1e4 — and position-like integers (consecutive along the last axis) kept
+as given). Outputs are compared leaf by leaf, and each
 attention site's output is compared between the original and the rewritten graph.
 
 Exact rewrites must agree within the per-dtype `TOLERANCES`; NaN or Inf never passes unless the
@@ -153,6 +154,8 @@ def fresh_draw(args: tuple, kwargs: dict, generator: torch.Generator) -> tuple[t
             return (noise * std + mean).to(dtype=leaf.dtype, device=leaf.device)
         if leaf.dtype.is_complex:
             return leaf.clone()
+        if leaf.dim() >= 1 and leaf.shape[-1] > 1 and bool((leaf.diff(dim=-1) == 1).all()):
+            return leaf.clone()  # positions (arange-like): their order is their meaning
         low, high = int(leaf.min()), int(leaf.max())
         values = torch.randint(low, high + 1, leaf.shape, generator=generator)
         return values.to(dtype=leaf.dtype, device=leaf.device)

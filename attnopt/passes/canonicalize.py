@@ -44,6 +44,7 @@ class CanonicalizeAttention:
                     replacement = emitter.emit(aten._to_copy.default, replacement, dtype=want)
             remove_assertions_on(graph_module.graph, match.internal)
             match.output.replace_all_uses_with(replacement)
+            _erase_unused(graph_module.graph, match.internal)
             op_node.meta[SITE_META_KEY] = site
             context.site_nodes[site.name] = (match.output.name, replacement.name)
             changes.append(f"{site.name}: {match.form} → attnopt.attention")
@@ -64,6 +65,19 @@ class CanonicalizeAttention:
         site.causal = site.causal or is_causal
         return emitter.emit(ATTENTION_OP, q, k, v, mask, is_causal, float(match.scale),
                             bool(match.enable_gqa))
+
+
+def _erase_unused(graph: torch.fx.Graph, nodes: list[Node]) -> None:
+    """Erase the site's old nodes now: dead-code elimination keeps nodes it deems impure, and
+    SDPA and dropout carry the `nondeterministic_seeded` tag."""
+    for node in sorted(set(nodes), key=_position(graph), reverse=True):
+        if not node.users and node.graph is graph:
+            graph.erase_node(node)
+
+
+def _position(graph: torch.fx.Graph):
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    return lambda node: order.get(node, -1)
 
 
 class _Emitter:

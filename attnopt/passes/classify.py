@@ -18,7 +18,9 @@ from attnopt.passes.fx_utils import (
     ancestors, concrete, dtype_of, is_symbolic, module_path, value_sources,
 )
 from attnopt.passes.manager import PassContext, PassResult
-from attnopt.passes.masks import MaskInfo, build_mask, classify_mask, eager_emit
+from attnopt.passes.masks import (
+    MASKED_THRESHOLD, MaskInfo, build_mask, classify_mask, eager_emit,
+)
 
 #: Sequence length at which input-independent masks are re-checked when the length is dynamic.
 PROBE_LENGTH = 8200
@@ -35,7 +37,7 @@ class ClassifyMasks:
         names: dict[str, int] = {}
         changes = []
         for index, match in enumerate(context.matches):
-            info = self._classify(graph_module, match, values)
+            info = self._classify(graph_module, match, values, context)
             context.mask_infos[index] = info
             path, module_type = module_path(match.anchor)
             qualified = ".".join(p for p in (context.name_prefix, path) if p) or "<root>"
@@ -50,7 +52,7 @@ class ClassifyMasks:
                            + (" [constant]" if info.constant and match.mask_terms else ""))
         return PassResult(graph_module, False, changes)
 
-    def _classify(self, graph_module: GraphModule, match, values) -> MaskInfo:
+    def _classify(self, graph_module: GraphModule, match, values, context) -> MaskInfo:
         q_shape, k_shape = match.q.shape, match.k.shape
         q_len, kv_len = concrete(q_shape[2]), concrete(k_shape[2])
         dtype = dtype_of(match.q.node) or torch.float32
@@ -59,8 +61,10 @@ class ClassifyMasks:
                                  depends_on_input=False, depends_on_data=False)
         term_nodes = [t.node for t in match.mask_terms]
         sources = value_sources(term_nodes)
-        depends_on_data = any(_is_float(n) for n in sources)
-        depends_on_input = any(not _is_float(n) for n in sources)
+        float_sources = [n for n in sources if _is_float(n)]
+        # a float input that is itself a mask (0 / very negative) is an input mask, not data
+        depends_on_data = any(not _is_mask_input(n, context) for n in float_sources)
+        depends_on_input = len(sources) > 0
         mask = build_mask(match.mask_terms, [values[n.name] for n in term_nodes],
                           torch.zeros((), dtype=dtype), dtype, eager_emit)
         info = classify_mask(mask, is_causal=match.is_causal, q_len=q_len, kv_len=kv_len,
@@ -102,6 +106,19 @@ class ClassifyMasks:
         again = classify_mask(mask, is_causal=match.is_causal, q_len=q_len, kv_len=kv_len,
                               depends_on_input=False, depends_on_data=False)
         return again.kind == info.kind
+
+
+def _is_mask_input(node: Node, context: PassContext) -> bool:
+    """A float placeholder whose example value holds only 0 and masked-out values."""
+    placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
+    from attnopt.passes.evaluate import flat_inputs
+    values = dict(zip(placeholders, flat_inputs(node.graph.owning_module, context.args,
+                                                 context.kwargs)))
+    value = values.get(node)
+    if not isinstance(value, torch.Tensor):
+        return False
+    value = value.float()
+    return bool(((value == 0) | (value <= MASKED_THRESHOLD)).all())
 
 
 def _is_float(node: Node) -> bool:

@@ -27,7 +27,7 @@ from torch.fx import GraphModule, Node
 
 from attnopt.passes.fx_utils import (
     CAST_TARGETS, IDENTITY_TARGETS, VIEW_TARGETS, aten, concrete, constant_fill_value,
-    dtype_of, is_call, is_symbolic, module_path, normalize_dim, only_user, real_users,
+    dtype_of, fake_value, is_call, is_symbolic, module_path, normalize_dim, only_user, real_users,
     scalar_arg, shape_of,
 )
 from attnopt.passes.patterns import MaskTerm, SiteMatch, TensorRecipe
@@ -206,6 +206,8 @@ def _peel_head_repeat(recipe: TensorRecipe) -> tuple[TensorRecipe, int]:
     if is_call(node, aten.repeat_interleave.self_int):
         repeats = node.args[1]
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        if isinstance(repeats, Node) and isinstance(fake_value(repeats), torch.SymInt):
+            repeats = concrete(fake_value(repeats))  # group from shapes: q heads // kv heads
         if isinstance(repeats, int) and dim is not None and normalize_dim(dim, 4) == 1:
             return TensorRecipe(node.args[0]), repeats
         return recipe, 1
@@ -309,9 +311,13 @@ def _match_softmax(softmax: Node) -> SiteMatch:
         if sorted(batch + query_letter + d) != sorted(q_letters) or \
                 sorted(batch + key_letter + d) != sorted(k_letters):
             raise NoMatch("score einsum operands do not share their batch axes")
+        q_node, q_factor = _peel_scalar_scale(q_node)
+        k_node, k_factor = _peel_scalar_scale(k_node)
+        scale *= q_factor * k_factor
         q = _recipe(q_node, _permutation(q_letters, batch + query_letter + d))
         k = _recipe(k_node, _permutation(k_letters, batch + key_letter + d))
-        batch_letters, score_letters = batch, out_letters
+        if q_node.target in TRANSPOSE_TARGETS:
+            layout_notes.append("BSHD")
     else:
         if product.target is aten.baddbmm.default:
             bias, q_node, k_t = product.args[:3]
@@ -326,7 +332,6 @@ def _match_softmax(softmax: Node) -> SiteMatch:
         k, k_factor = _key_from_transposed(k_t)
         q = TensorRecipe(q_node)
         scale *= q_factor * k_factor
-        batch_letters = None
         if q_node.target in TRANSPOSE_TARGETS:
             layout_notes.append("BSHD")
 

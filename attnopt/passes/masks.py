@@ -130,6 +130,8 @@ def _structure(allowed: torch.Tensor, causal: torch.Tensor, rows, cols, offset
         return "causal", None
     per_row = allowed.sum(-1)
     window = int(per_row.max())
+    if window == 0:  # nothing attended at all
+        return "bool", None
     windowed = causal & (cols > rows + offset - window)
     if bool((allowed == windowed).all()):
         return "window", window

@@ -1,0 +1,1 @@
+"""Integrations with model libraries whose models need more than generic capture."""
