@@ -12,7 +12,7 @@ Without example inputs it does this lazily at the first call, per input signatur
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -208,7 +208,7 @@ def _sync_state(graph_module: GraphModule, module: nn.Module) -> None:
 # capture strategies
 
 
-def _capture_submodules(model: nn.Module, args: tuple, kwargs: dict
+def _capture_submodules(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool
                         ) -> tuple[list[CapturedProgram], list[str]]:
     recording = record_calls(model, args, kwargs)
     selected: list[CapturedProgram] = []
@@ -232,7 +232,8 @@ def _capture_submodules(model: nn.Module, args: tuple, kwargs: dict
                 notes.append(f"{path}: not captured, input {cache} is a stateful object")
                 continue
             try:
-                captured = export_module(record.module, record.args, record.kwargs, path)
+                captured = export_module(record.module, record.args, record.kwargs, path,
+                                         dynamic=dynamic)
             except CaptureError as error:
                 notes.append(f"{path}: {error}")
                 continue
@@ -263,14 +264,15 @@ class OptimizedModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, policy: Policy, *, verify: bool = True,
-                 capture: str = "auto", verify_each: bool = False, draws: int = DEFAULT_DRAWS):
+                 capture: str = "auto", verify_each: bool = False, draws: int = DEFAULT_DRAWS,
+                 dynamic: Optional[bool] = None):
         super().__init__()
         if capture not in CAPTURE_STRATEGIES:
             raise ValueError(f"unknown capture strategy {capture!r}; valid: "
                              f"{list(CAPTURE_STRATEGIES)}")
         self._orig_mod = model
         object.__setattr__(self, "_attnopt_state", _State(policy, verify, capture,
-                                                          verify_each, draws))
+                                                          verify_each, draws, dynamic=dynamic))
 
     # attribute access falls through to the user's model
     def __getattr__(self, name: str):
@@ -347,7 +349,7 @@ class OptimizedModule(nn.Module):
         reason = "requested" if state.capture != "auto" else ""
         if state.capture in ("auto", "whole"):
             try:
-                captured = export_module(model, args, kwargs)
+                captured = export_module(model, args, kwargs, dynamic=state.dynamic_now)
                 info = {"strategy": "whole", "reason": reason or "whole-model export succeeded",
                         "dynamic": captured.dynamic, "regions": [""],
                         "notes": [captured.note] if captured.note else []}
@@ -358,7 +360,7 @@ class OptimizedModule(nn.Module):
                         model(*args, **kwargs)  # wrong inputs: the model's own error
                     raise
                 reason = f"whole-model capture failed: {error}"
-        captured, notes = _capture_submodules(model, args, kwargs)
+        captured, notes = _capture_submodules(model, args, kwargs, state.dynamic_now)
         info = {"strategy": "submodules", "reason": reason or "requested",
                 "dynamic": all(c.dynamic for c in captured) if captured else False,
                 "regions": [c.path for c in captured], "notes": notes}
@@ -373,6 +375,7 @@ class OptimizedModule(nn.Module):
         for module, call in calls.items():
             wrapper = huggingface.AttentionCall(call.function, module, call.constants)
             captured = export_module(wrapper, call.args, {}, paths.get(id(module), ""),
+                                     dynamic=state.dynamic_now,
                                      dynamic_shapes=huggingface.dynamic_spec(call.args))
             region = _run_region(captured, state.policy, state.verify_each)
             regions.append(region)
@@ -382,8 +385,25 @@ class OptimizedModule(nn.Module):
     def _build_function_region(self, wrapper, args: tuple, path: str) -> Optional[_Region]:
         """Capture, rewrite and verify one more signature of an attention function."""
         state = self._attnopt_state
-        captured = export_module(wrapper, args, {}, path,
+        captured = export_module(wrapper, args, {}, path, dynamic=state.dynamic is not False,
                                  dynamic_shapes=huggingface.dynamic_spec(args))
+        return self._finish_lazy_region(captured)
+
+    def _build_submodule_region(self, module: nn.Module, args: tuple, kwargs: dict,
+                                path: str) -> Optional[_Region]:
+        """Capture, rewrite and verify a swapped submodule for one more input signature."""
+        state = self._attnopt_state
+        swapped = module.__dict__.pop("forward", None)  # export the module's own forward
+        try:
+            captured = export_module(module, args, kwargs, path,
+                                     dynamic=state.dynamic is not False)
+        finally:
+            if swapped is not None:
+                module.forward = swapped
+        return self._finish_lazy_region(captured)
+
+    def _finish_lazy_region(self, captured: CapturedProgram) -> Optional[_Region]:
+        state = self._attnopt_state
         region = _run_region(captured, state.policy, state.verify_each)
         if not region.context.site_nodes:
             return None
@@ -443,7 +463,7 @@ class OptimizedModule(nn.Module):
             return
         state.strategy = "submodules"
         for region in rewritten:
-            _swap_forward(region)
+            _swap_forward(region, self._build_submodule_region)
             state.swapped.append(region)
 
 
@@ -464,6 +484,12 @@ class _State:
     seen: list = field(default_factory=list)
     function_calls: dict = field(default_factory=dict)
     lazy_captures: int = 0
+    dynamic: Optional[bool] = None
+
+    @property
+    def dynamic_now(self) -> bool:
+        """None ("automatic", as torch.compile): static first, dynamic once shapes change."""
+        return self.dynamic if self.dynamic is not None else bool(self.seen[:-1])
 
     def built_for(self, args, kwargs) -> bool:
         return any(s.accepts(args, kwargs) for s in self.seen)
@@ -483,18 +509,41 @@ class _SiteRecord(SiteRecord):
         return self.stats is None or self.stats.passed
 
 
-def _swap_forward(region: _Region) -> None:
-    """Make the user's submodule run its rewritten graph for calls its capture accepts."""
+def _swap_forward(region: _Region, rebuild: Callable) -> None:
+    """Make the user's submodule run its rewritten graph for calls its capture accepts.
+
+    A call no captured graph accepts is captured, rewritten and verified once (`rebuild`);
+    if that fails, calls of that signature run the original forward.
+    """
     module = region.captured.module
     original_forward = type(module).forward
+    regions, refused = [region], set()
 
     def forward(*args, **kwargs):
-        if region.signature.accepts(args, kwargs):
-            return _call_graph(region, args, kwargs)
+        for candidate in regions:
+            if candidate.signature.accepts(args, kwargs):
+                return _call_graph(candidate, args, kwargs)
+        key = signature_key(args, kwargs)
+        if key not in refused:
+            refused.add(key)
+            try:
+                built = rebuild(module, args, kwargs, region.captured.path)
+            except AttnoptError:
+                built = None
+            if built is not None:
+                regions.append(built)
+                return _call_graph(built, args, kwargs)
         return original_forward(module, *args, **kwargs)
 
-    forward.__attnopt_region__ = region
+    forward.__attnopt_regions__ = regions
     module.forward = forward
+
+
+def signature_key(args: tuple, kwargs: dict) -> tuple:
+    """A hashable description of a call's inputs: shapes and dtypes, constants by repr."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    return (str(spec),) + tuple((tuple(t.shape), t.dtype, t.device.type)
+                                if isinstance(t, torch.Tensor) else repr(t) for t in leaves)
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,11 +560,15 @@ def _as_args(example_inputs) -> tuple:
 def optimize(model: nn.Module, policy: Union[str, Policy, dict] = "exact", *,
              example_inputs=None, example_kwargs: Optional[dict] = None, verify: bool = True,
              capture: str = "auto", verify_each: bool = False,
-             draws: int = DEFAULT_DRAWS) -> OptimizedModule:
+             draws: int = DEFAULT_DRAWS, dynamic: Optional[bool] = None) -> OptimizedModule:
     """Find every attention in `model` and rewrite it as `policy` says; verified.
 
     With example inputs (a tuple of positional args and/or a dict of keyword args) the work
     happens now; otherwise at the first call, once per input signature.
+
+    `dynamic`: None (default, as torch.compile) captures static shapes first and batch /
+    sequence dims dynamic as soon as a call with other shapes arrives; True captures dynamic
+    dims from the start; False captures each new shape statically.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes an nn.Module, not {type(model).__name__}")
@@ -524,7 +577,7 @@ def optimize(model: nn.Module, policy: Union[str, Policy, dict] = "exact", *,
                            "instead")
     resolved = resolve_policy(policy)
     optimized = OptimizedModule(model, resolved, verify=verify, capture=capture,
-                                verify_each=verify_each, draws=draws)
+                                verify_each=verify_each, draws=draws, dynamic=dynamic)
     if example_inputs is not None or example_kwargs is not None:
         optimized._optimize(_as_args(example_inputs), dict(example_kwargs or {}))
     return optimized

@@ -76,9 +76,35 @@ def test_lazy_optimization_at_first_call_caches_per_signature():
     torch.testing.assert_close(optimized(x), model(x), atol=1e-5, rtol=1e-5)
     regions = optimized._attnopt_state.whole_regions
     assert len(regions) == 1 and len(optimized.sites) == 2
-    longer = torch.randn(3, 2 * S, E)  # dynamic batch and sequence: same graph
+    assert optimized.report.capture["dynamic"] is False  # static first, as torch.compile
+    longer = torch.randn(3, 2 * S, E)  # new shapes: captured again, now with dynamic dims
+    torch.testing.assert_close(optimized(longer), model(longer), atol=1e-5, rtol=1e-5)
+    assert len(regions) == 2 and optimized.report.capture["dynamic"] is True
+    other = torch.randn(4, 3 * S, E)  # served by the dynamic graph: no third capture
+    torch.testing.assert_close(optimized(other), model(other), atol=1e-5, rtol=1e-5)
+    assert len(regions) == 2
+
+
+def test_dynamic_true_captures_batch_and_sequence_dynamic_at_once():
+    model = Tiny()
+    optimized = attnopt.optimize(model, example_inputs=(torch.randn(B, S, E),), dynamic=True)
+    assert optimized.report.capture["dynamic"] is True
+    (site,) = optimized.sites[:1]
+    assert {"batch", "q_len", "kv_len"} <= set(site.dynamic_dims)
+    longer = torch.randn(3, 2 * S, E)
     torch.testing.assert_close(optimized(longer), model(longer), atol=1e-5, rtol=1e-5)
     assert len(optimized._attnopt_state.whole_regions) == 1
+
+
+def test_swapped_submodule_captures_new_shapes_lazily():
+    model = DataDependent()
+    x = torch.randn(B, S, E).abs()
+    attnopt.optimize(model, example_inputs=(x,))
+    regions = model.block.forward.__attnopt_regions__
+    longer = torch.randn(3, 2 * S, E).abs()
+    expected = Block.forward(model.block, longer)
+    torch.testing.assert_close(model(longer), expected, atol=1e-5, rtol=1e-5)
+    assert len(regions) == 2 and regions[1].captured.dynamic
 
 
 def test_policy_none_detects_and_changes_nothing():
