@@ -24,184 +24,19 @@ from attnopt.capture import (
 )
 from attnopt.errors import AttnoptError, CaptureError, VerificationError
 from attnopt.integrations import huggingface
-from attnopt.passes.canonicalize import CanonicalizeAttention
-from attnopt.passes.classify import ClassifyMasks
-from attnopt.passes.cleanup import EliminateDeadCode, eliminate_dead_code
-from attnopt.passes.detect import DetectAttention, find_attention
-from attnopt.passes.evaluate import record_values
-from attnopt.passes.manager import PassContext, PassManager
+from attnopt.passes.cleanup import eliminate_dead_code
+from attnopt.passes.detect import find_attention
 from attnopt.policy import Policy, resolve_policy
 from attnopt.report import Report, SiteRecord
 from attnopt.site import AttentionSite
-from attnopt.verify import DEFAULT_DRAWS, ErrorStats, compare_outputs, format_table, input_draws
+from attnopt.region import (
+    InputSignature, Region, build_region, call_graph, signature_key, verify_region,
+)
+from attnopt.verify import DEFAULT_DRAWS, ErrorStats, format_table
 
 CAPTURE_STRATEGIES = ("auto", "whole", "submodules")
 #: Backend that runs canonical exact attention until a generated kernel applies.
 EXACT_BACKEND = "sdpa"
-
-
-# --------------------------------------------------------------------------------------------
-# input signatures
-
-
-@dataclass(frozen=True)
-class InputSignature:
-    """What a captured graph accepts: input structure, dtypes, static dims, constants."""
-
-    spec: Any
-    leaves: tuple
-
-    @staticmethod
-    def of(graph_module: GraphModule, args: tuple, kwargs: dict) -> "InputSignature":
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
-        shapes = {}
-        for node, leaf in zip(placeholders, flat):
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                shapes[id(leaf)] = tuple(d if isinstance(d, int) else None for d in val.shape)
-        leaves = []
-        for leaf in flat:
-            if isinstance(leaf, torch.Tensor):
-                dims = shapes.get(id(leaf), tuple(leaf.shape))
-                leaves.append(("tensor", leaf.dtype, leaf.device.type, dims))
-            else:
-                leaves.append(("const", _hashable(leaf)))
-        return InputSignature(spec, tuple(leaves))
-
-    def accepts(self, args: tuple, kwargs: dict) -> bool:
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        if spec != self.spec or len(flat) != len(self.leaves):
-            return False
-        for leaf, expected in zip(flat, self.leaves):
-            if expected[0] == "tensor":
-                if not isinstance(leaf, torch.Tensor) or leaf.dtype != expected[1] or \
-                        leaf.device.type != expected[2] or leaf.dim() != len(expected[3]):
-                    return False
-                for dim, size in zip(expected[3], leaf.shape):
-                    if (dim is not None and dim != size) or (dim is None and size < 2):
-                        return False  # (export specializes sizes 0 and 1)
-            elif isinstance(leaf, torch.Tensor) or _hashable(leaf) != expected[1]:
-                return False
-        return True
-
-
-def _hashable(value):
-    try:
-        hash(value)
-        return value
-    except TypeError:
-        return repr(value)
-
-
-# --------------------------------------------------------------------------------------------
-# one captured region through the passes and verification
-
-
-@dataclass
-class _Region:
-    captured: CapturedProgram
-    original: GraphModule
-    rewritten: GraphModule
-    context: PassContext
-    passes: list
-    signature: InputSignature
-    errors: dict[str, ErrorStats] = field(default_factory=dict)
-    output_error: Optional[ErrorStats] = None
-    draws: int = 0
-    skipped_draws: int = 0
-
-    @property
-    def passed(self) -> bool:
-        return (self.output_error is None or self.output_error.passed) and \
-            all(stats.passed for stats in self.errors.values())
-
-    def run(self, args: tuple, kwargs: Optional[dict] = None):
-        return _call_graph(self, args, kwargs or {})
-
-
-def _pass_pipeline(policy: Policy) -> list:
-    passes = [EliminateDeadCode(), DetectAttention(), ClassifyMasks()]
-    if policy.rewrites_anything:
-        passes.append(CanonicalizeAttention())
-    return passes
-
-
-def _run_region(captured: CapturedProgram, policy: Policy, verify_each: bool) -> _Region:
-    original = captured.exported.module()
-    eliminate_dead_code(original)
-    original.recompile()
-    rewritten = captured.exported.module()
-    context = PassContext(captured.args, captured.kwargs, policy, name_prefix=captured.path)
-
-    def check(graph_module: GraphModule) -> None:
-        for args, kwargs in input_draws(captured.args, captured.kwargs, draws=0):
-            stats = compare_outputs(graph_module(*args, **kwargs),
-                                    captured.module(*args, **kwargs))
-            if not stats.passed:
-                raise VerificationError("outputs differ", format_table([("output", stats)]))
-
-    manager = PassManager(_pass_pipeline(policy), verify_each=verify_each, check=check)
-    with torch.no_grad():
-        rewritten = manager.run(rewritten, context)
-    signature = InputSignature.of(rewritten, captured.args, captured.kwargs)
-    return _Region(captured, original, rewritten, context, manager.records, signature)
-
-
-@torch.no_grad()
-def _verify_region(region: _Region, draws: int) -> None:
-    """Original vs rewritten graph on the examples and fresh draws: outputs and every site.
-
-    On the examples the rewritten graph is also compared with the user's eager module, so a
-    capture that does not reproduce the module is caught too.
-    """
-    names = region.context.site_nodes
-    _sync_state(region.rewritten, region.captured.module)
-    draws_list = input_draws(region.captured.args, region.captured.kwargs, draws=draws)
-    for index, (args, kwargs) in enumerate(draws_list):
-        try:
-            old, reference = record_values(region.original, args, kwargs,
-                                           [o for o, _ in names.values()])
-        except Exception:  # noqa: BLE001 - a draw outside what the capture accepts
-            if index == 0:
-                raise
-            region.skipped_draws += 1  # (e.g. values a data-dependent branch specialized on)
-            continue
-        new, candidate = record_values(region.rewritten, args, kwargs,
-                                       [n for _, n in names.values()])
-        stats = compare_outputs(candidate, reference)
-        if index == 0:
-            stats = stats.worst(compare_outputs(candidate,
-                                                region.captured.module(*args, **kwargs)))
-        region.output_error = stats.worst(region.output_error)
-        for site_name, (old_name, new_name) in names.items():
-            site_stats = compare_outputs(new[new_name], old[old_name])
-            region.errors[site_name] = site_stats.worst(region.errors.get(site_name))
-        region.draws += 1
-
-
-def _call_graph(region: _Region, args: tuple, kwargs: dict):
-    _sync_state(region.rewritten, region.captured.module)
-    return region.rewritten(*args, **kwargs)
-
-
-def _sync_state(graph_module: GraphModule, module: nn.Module) -> None:
-    """Point the graph at the module's current parameters and buffers (after `.to()` etc.)."""
-    for name, tensor in list(graph_module.named_parameters()) + list(graph_module.named_buffers()):
-        try:
-            current = module.get_parameter(name)
-        except AttributeError:
-            try:
-                current = module.get_buffer(name)
-            except AttributeError:
-                continue
-        if current is not tensor:
-            owner_path, _, attr = name.rpartition(".")
-            owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
-            if isinstance(current, nn.Parameter):
-                owner._parameters[attr] = current
-            else:
-                owner._buffers[attr] = current
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +133,7 @@ class OptimizedModule(nn.Module):
             return self._orig_mod(*args, **kwargs)
         for region in state.whole_regions:
             if region.signature.accepts(args, kwargs):
-                return _call_graph(region, args, kwargs)
+                return call_graph(region, args, kwargs)
         if not state.built_for(args, kwargs):
             self._optimize(args, kwargs)
             return self.forward(*args, **kwargs)
@@ -315,7 +150,7 @@ class OptimizedModule(nn.Module):
             report.notes.append("model is in training mode: dropout makes outputs random; "
                                 "call model.eval() before optimizing for inference")
         captured, capture_info = self._capture(args, kwargs, report)
-        regions = [_run_region(c, state.policy, state.verify_each) for c in captured]
+        regions = [build_region(c, state.policy, state.verify_each) for c in captured]
         if not regions and capture_info["strategy"] == "submodules" and \
                 huggingface.is_transformers_model(model) and \
                 any("stateful object" in note for note in capture_info["notes"]):
@@ -328,7 +163,7 @@ class OptimizedModule(nn.Module):
         if state.verify:
             for region in regions:
                 if region.context.site_nodes:  # nothing rewritten, nothing to verify
-                    _verify_region(region, state.draws)
+                    verify_region(region, state.draws)
         self._fill_report(report, regions, capture_info)
         if state.verify:
             failed = [r for r in report.sites if r.rewrite != "none" and r.max_abs_err is not None
@@ -366,7 +201,7 @@ class OptimizedModule(nn.Module):
                 "regions": [c.path for c in captured], "notes": notes}
         return captured, info
 
-    def _capture_attention_functions(self, args, kwargs) -> tuple[list[_Region], dict]:
+    def _capture_attention_functions(self, args, kwargs) -> tuple[list[Region], dict]:
         state = self._attnopt_state
         model = self._orig_mod
         calls = huggingface.record_function_calls(model, args, kwargs)
@@ -377,12 +212,12 @@ class OptimizedModule(nn.Module):
             captured = export_module(wrapper, call.args, {}, paths.get(id(module), ""),
                                      dynamic=state.dynamic_now,
                                      dynamic_shapes=huggingface.dynamic_spec(call.args))
-            region = _run_region(captured, state.policy, state.verify_each)
+            region = build_region(captured, state.policy, state.verify_each)
             regions.append(region)
             by_region[id(region)] = (module, call)
         return regions, by_region
 
-    def _build_function_region(self, wrapper, args: tuple, path: str) -> Optional[_Region]:
+    def _build_function_region(self, wrapper, args: tuple, path: str) -> Optional[Region]:
         """Capture, rewrite and verify one more signature of an attention function."""
         state = self._attnopt_state
         captured = export_module(wrapper, args, {}, path, dynamic=state.dynamic is not False,
@@ -390,7 +225,7 @@ class OptimizedModule(nn.Module):
         return self._finish_lazy_region(captured)
 
     def _build_submodule_region(self, module: nn.Module, args: tuple, kwargs: dict,
-                                path: str) -> Optional[_Region]:
+                                path: str) -> Optional[Region]:
         """Capture, rewrite and verify a swapped submodule for one more input signature."""
         state = self._attnopt_state
         swapped = module.__dict__.pop("forward", None)  # export the module's own forward
@@ -402,19 +237,19 @@ class OptimizedModule(nn.Module):
                 module.forward = swapped
         return self._finish_lazy_region(captured)
 
-    def _finish_lazy_region(self, captured: CapturedProgram) -> Optional[_Region]:
+    def _finish_lazy_region(self, captured: CapturedProgram) -> Optional[Region]:
         state = self._attnopt_state
-        region = _run_region(captured, state.policy, state.verify_each)
+        region = build_region(captured, state.policy, state.verify_each)
         if not region.context.site_nodes:
             return None
         if state.verify:
-            _verify_region(region, state.draws)
+            verify_region(region, state.draws)
             if not region.passed:
                 return None
         state.lazy_captures += 1
         return region
 
-    def _fill_report(self, report: Report, regions: list[_Region], capture_info: dict) -> None:
+    def _fill_report(self, report: Report, regions: list[Region], capture_info: dict) -> None:
         report.capture = capture_info
         draws, worst = 0, None
         for region in regions:
@@ -445,7 +280,7 @@ class OptimizedModule(nn.Module):
         if worst is not None:
             report.verification = {"passed": worst.passed, "draws": draws, **worst.to_dict()}
 
-    def _install(self, regions: list[_Region], strategy: str) -> None:
+    def _install(self, regions: list[Region], strategy: str) -> None:
         state = self._attnopt_state
         rewritten = [r for r in regions if r.context.site_nodes]
         if strategy == "attention-functions":
@@ -509,7 +344,7 @@ class _SiteRecord(SiteRecord):
         return self.stats is None or self.stats.passed
 
 
-def _swap_forward(region: _Region, rebuild: Callable) -> None:
+def _swap_forward(region: Region, rebuild: Callable) -> None:
     """Make the user's submodule run its rewritten graph for calls its capture accepts.
 
     A call no captured graph accepts is captured, rewritten and verified once (`rebuild`);
@@ -522,7 +357,7 @@ def _swap_forward(region: _Region, rebuild: Callable) -> None:
     def forward(*args, **kwargs):
         for candidate in regions:
             if candidate.signature.accepts(args, kwargs):
-                return _call_graph(candidate, args, kwargs)
+                return call_graph(candidate, args, kwargs)
         key = signature_key(args, kwargs)
         if key not in refused:
             refused.add(key)
@@ -532,18 +367,11 @@ def _swap_forward(region: _Region, rebuild: Callable) -> None:
                 built = None
             if built is not None:
                 regions.append(built)
-                return _call_graph(built, args, kwargs)
+                return call_graph(built, args, kwargs)
         return original_forward(module, *args, **kwargs)
 
     forward.__attnopt_regions__ = regions
     module.forward = forward
-
-
-def signature_key(args: tuple, kwargs: dict) -> tuple:
-    """A hashable description of a call's inputs: shapes and dtypes, constants by repr."""
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    return (str(spec),) + tuple((tuple(t.shape), t.dtype, t.device.type)
-                                if isinstance(t, torch.Tensor) else repr(t) for t in leaves)
 
 
 # --------------------------------------------------------------------------------------------

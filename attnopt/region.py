@@ -1,0 +1,198 @@
+"""A captured region: its original and rewritten graphs, the passes that ran, and verification.
+
+`build_region` runs the pass pipeline on one `CapturedProgram`; `verify_region` compares the
+original and the rewritten graph on the examples and fresh draws (outputs and every site);
+`InputSignature` says which calls a region's graph accepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
+
+from attnopt.capture import CapturedProgram
+from attnopt.errors import VerificationError
+from attnopt.passes.canonicalize import CanonicalizeAttention
+from attnopt.passes.classify import ClassifyMasks
+from attnopt.passes.cleanup import EliminateDeadCode, eliminate_dead_code
+from attnopt.passes.detect import DetectAttention
+from attnopt.passes.evaluate import record_values
+from attnopt.passes.manager import PassContext, PassManager
+from attnopt.policy import Policy
+from attnopt.verify import ErrorStats, compare_outputs, format_table, input_draws
+
+
+# --------------------------------------------------------------------------------------------
+# input signatures
+
+
+@dataclass(frozen=True)
+class InputSignature:
+    """What a captured graph accepts: input structure, dtypes, static dims, constants."""
+
+    spec: Any
+    leaves: tuple
+
+    @staticmethod
+    def of(graph_module: GraphModule, args: tuple, kwargs: dict) -> "InputSignature":
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+        shapes = {}
+        for node, leaf in zip(placeholders, flat):
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                shapes[id(leaf)] = tuple(d if isinstance(d, int) else None for d in val.shape)
+        leaves = []
+        for leaf in flat:
+            if isinstance(leaf, torch.Tensor):
+                dims = shapes.get(id(leaf), tuple(leaf.shape))
+                leaves.append(("tensor", leaf.dtype, leaf.device.type, dims))
+            else:
+                leaves.append(("const", _hashable(leaf)))
+        return InputSignature(spec, tuple(leaves))
+
+    def accepts(self, args: tuple, kwargs: dict) -> bool:
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self.spec or len(flat) != len(self.leaves):
+            return False
+        for leaf, expected in zip(flat, self.leaves):
+            if expected[0] == "tensor":
+                if not isinstance(leaf, torch.Tensor) or leaf.dtype != expected[1] or \
+                        leaf.device.type != expected[2] or leaf.dim() != len(expected[3]):
+                    return False
+                for dim, size in zip(expected[3], leaf.shape):
+                    if (dim is not None and dim != size) or (dim is None and size < 2):
+                        return False  # (export specializes sizes 0 and 1)
+            elif isinstance(leaf, torch.Tensor) or _hashable(leaf) != expected[1]:
+                return False
+        return True
+
+
+def _hashable(value):
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+# --------------------------------------------------------------------------------------------
+# one captured region through the passes and verification
+
+
+@dataclass
+class Region:
+    captured: CapturedProgram
+    original: GraphModule
+    rewritten: GraphModule
+    context: PassContext
+    passes: list
+    signature: InputSignature
+    errors: dict[str, ErrorStats] = field(default_factory=dict)
+    output_error: Optional[ErrorStats] = None
+    draws: int = 0
+    skipped_draws: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return (self.output_error is None or self.output_error.passed) and \
+            all(stats.passed for stats in self.errors.values())
+
+    def run(self, args: tuple, kwargs: Optional[dict] = None):
+        return call_graph(self, args, kwargs or {})
+
+
+def pass_pipeline(policy: Policy) -> list:
+    passes = [EliminateDeadCode(), DetectAttention(), ClassifyMasks()]
+    if policy.rewrites_anything:
+        passes.append(CanonicalizeAttention())
+    return passes
+
+
+def build_region(captured: CapturedProgram, policy: Policy, verify_each: bool) -> Region:
+    original = captured.exported.module()
+    eliminate_dead_code(original)
+    original.recompile()
+    rewritten = captured.exported.module()
+    context = PassContext(captured.args, captured.kwargs, policy, name_prefix=captured.path)
+
+    def check(graph_module: GraphModule) -> None:
+        for args, kwargs in input_draws(captured.args, captured.kwargs, draws=0):
+            stats = compare_outputs(graph_module(*args, **kwargs),
+                                    captured.module(*args, **kwargs))
+            if not stats.passed:
+                raise VerificationError("outputs differ", format_table([("output", stats)]))
+
+    manager = PassManager(pass_pipeline(policy), verify_each=verify_each, check=check)
+    with torch.no_grad():
+        rewritten = manager.run(rewritten, context)
+    signature = InputSignature.of(rewritten, captured.args, captured.kwargs)
+    return Region(captured, original, rewritten, context, manager.records, signature)
+
+
+@torch.no_grad()
+def verify_region(region: Region, draws: int) -> None:
+    """Original vs rewritten graph on the examples and fresh draws: outputs and every site.
+
+    On the examples the rewritten graph is also compared with the user's eager module, so a
+    capture that does not reproduce the module is caught too.
+    """
+    names = region.context.site_nodes
+    sync_state(region.rewritten, region.captured.module)
+    draws_list = input_draws(region.captured.args, region.captured.kwargs, draws=draws)
+    for index, (args, kwargs) in enumerate(draws_list):
+        try:
+            old, reference = record_values(region.original, args, kwargs,
+                                           [o for o, _ in names.values()])
+        except Exception:  # noqa: BLE001 - a draw outside what the capture accepts
+            if index == 0:
+                raise
+            region.skipped_draws += 1  # (e.g. values a data-dependent branch specialized on)
+            continue
+        new, candidate = record_values(region.rewritten, args, kwargs,
+                                       [n for _, n in names.values()])
+        stats = compare_outputs(candidate, reference)
+        if index == 0:
+            stats = stats.worst(compare_outputs(candidate,
+                                                region.captured.module(*args, **kwargs)))
+        region.output_error = stats.worst(region.output_error)
+        for site_name, (old_name, new_name) in names.items():
+            site_stats = compare_outputs(new[new_name], old[old_name])
+            region.errors[site_name] = site_stats.worst(region.errors.get(site_name))
+        region.draws += 1
+
+
+def call_graph(region: Region, args: tuple, kwargs: dict):
+    sync_state(region.rewritten, region.captured.module)
+    return region.rewritten(*args, **kwargs)
+
+
+def sync_state(graph_module: GraphModule, module: nn.Module) -> None:
+    """Point the graph at the module's current parameters and buffers (after `.to()` etc.)."""
+    for name, tensor in list(graph_module.named_parameters()) + list(graph_module.named_buffers()):
+        try:
+            current = module.get_parameter(name)
+        except AttributeError:
+            try:
+                current = module.get_buffer(name)
+            except AttributeError:
+                continue
+        if current is not tensor:
+            owner_path, _, attr = name.rpartition(".")
+            owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
+            if isinstance(current, nn.Parameter):
+                owner._parameters[attr] = current
+            else:
+                owner._buffers[attr] = current
+
+
+def signature_key(args: tuple, kwargs: dict) -> tuple:
+    """A hashable description of a call's inputs: shapes and dtypes, constants by repr."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    return (str(spec),) + tuple((tuple(t.shape), t.dtype, t.device.type)
+                                if isinstance(t, torch.Tensor) else repr(t) for t in leaves)
