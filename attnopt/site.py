@@ -57,6 +57,7 @@ class AttentionSite:
     gqa_group: int = 1
     dtype: str = "float32"
     causal: bool = False
+    softcap: Optional[float] = None
     dynamic_dims: tuple[str, ...] = ()
     projections: dict[str, Projection] = field(default_factory=dict)
     node: str = ""

@@ -353,3 +353,23 @@ def test_generate_runs_swapped_submodules(case):
         got = _generate(case.model, case.kwargs)
     assert torch.equal(got, expected)
     assert counter.count >= 3 * case.spec.sites, _describe(optimized.report)
+
+
+def test_gemma2_softcap_and_sliding_window_are_described_and_exact():
+    """Gemma 2 (eager): logit soft-capping and a sliding window on alternate layers."""
+    config = transformers.Gemma2Config(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        attn_logit_softcapping=5.0, sliding_window=4, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    input_ids = torch.randint(0, 100, (2, 8))
+    optimized = attnopt.optimize(model, example_kwargs={"input_ids": input_ids,
+                                                        "use_cache": False})
+    sites = [r.site for r in optimized.report.sites if r.rewrite == "exact"]
+    assert [(s.softcap, s.mask_kind, s.window) for s in sites] == [
+        (5.0, "window", 4), (5.0, "causal", None)]
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, use_cache=False).logits
+        actual = optimized(input_ids=input_ids, use_cache=False).logits
+    assert (expected - actual).abs().max().item() <= 1e-5

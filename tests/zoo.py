@@ -336,3 +336,17 @@ NEGATIVES: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "sigmoid_attention": (SigmoidAttention, ""),
     "softmax_over_queries": (SoftmaxOverQueries, "not the key axis"),
 }
+
+
+class SoftCapped(nn.Module):
+    """Gemma 2 style: scale, tanh soft-cap (2 here, 50 in Gemma 2), then the causal mask."""
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(-2, -1) * D ** -0.5
+        scores = torch.tanh(scores / 2.0) * 2.0
+        causal = torch.full((S, S), float("-inf"), device=q.device).triu(1)
+        return torch.softmax(scores + causal, dim=-1) @ v
+
+
+ZOO["softcap"] = Case(SoftCapped, _qkv, 1)
+MASK_KINDS["softcap"] = "causal"

@@ -12,6 +12,8 @@ Semantics are those of `F.scaled_dot_product_attention` without dropout:
 - `attn_mask` broadcastable to (B, H, Sq, Sk): bool (True = attend) or float (added to scores).
 - `is_causal`: query i attends keys j <= i (top-left aligned, as SDPA).
 - `scale`: defaults to 1/sqrt(D).
+- `softcap`: when given, scores are soft-capped before the mask: `softcap * tanh(s / softcap)`
+  (Gemma 2 style).
 
 The op owns its reference implementation (SDPA, runs on every device), its fake implementation
 for tracing, and its autograd (gradients of q, k, v and of a float mask, by recomputation).
@@ -28,29 +30,56 @@ from torch import Tensor
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
                         is_causal: bool = False, scale: Optional[float] = None,
-                        enable_gqa: bool = False) -> Tensor:
+                        enable_gqa: bool = False, softcap: Optional[float] = None) -> Tensor:
     """Plain-torch semantics of the canonical op (used by every backend without a kernel)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0,
-                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0,
+                                              is_causal=is_causal, scale=scale,
+                                              enable_gqa=enable_gqa)
+    return _softcapped_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
+
+
+def _softcapped_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask, is_causal, scale, enable_gqa,
+                          softcap):
+    if enable_gqa and k_BHSD.shape[-3] != q_BHSD.shape[-3]:
+        group = q_BHSD.shape[-3] // k_BHSD.shape[-3]
+        k_BHSD = k_BHSD.repeat_interleave(group, dim=-3)
+        v_BHSD = v_BHSD.repeat_interleave(group, dim=-3)
+    scale = scale if scale is not None else q_BHSD.shape[-1] ** -0.5
+    compute_dtype = torch.promote_types(q_BHSD.dtype, torch.float32)  # half types upcast
+    scores_BHSS = (q_BHSD @ k_BHSD.transpose(-2, -1)).to(compute_dtype) * scale
+    scores_BHSS = softcap * torch.tanh(scores_BHSS / softcap)
+    if is_causal:
+        q_len, kv_len = scores_BHSS.shape[-2:]
+        keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=q_BHSD.device).tril()
+        scores_BHSS = scores_BHSS.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores_BHSS = scores_BHSS.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores_BHSS = scores_BHSS + attn_mask.to(compute_dtype)
+    probs_BHSS = torch.softmax(scores_BHSS, dim=-1).to(v_BHSD.dtype)
+    return probs_BHSS @ v_BHSD
 
 
 @torch.library.custom_op("attnopt::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
               is_causal: bool = False, scale: Optional[float] = None,
-              enable_gqa: bool = False) -> Tensor:
-    return attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa)
+              enable_gqa: bool = False, softcap: Optional[float] = None) -> Tensor:
+    return attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+                    softcap=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, is_causal, scale, enable_gqa = inputs
+    q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap = inputs
     ctx.save_for_backward(q, k, v, attn_mask)
     ctx.has_mask = attn_mask is not None
-    ctx.is_causal, ctx.scale, ctx.enable_gqa = is_causal, scale, enable_gqa
+    ctx.is_causal, ctx.scale, ctx.enable_gqa, ctx.softcap = is_causal, scale, enable_gqa, softcap
 
 
 def _backward(ctx, grad_out):
@@ -62,11 +91,12 @@ def _backward(ctx, grad_out):
         mask_ = attn_mask
         if mask_needs_grad:
             mask_ = attn_mask.detach().requires_grad_(True)
-        out = attention_reference(q_, k_, v_, mask_, ctx.is_causal, ctx.scale, ctx.enable_gqa)
+        out = attention_reference(q_, k_, v_, mask_, ctx.is_causal, ctx.scale, ctx.enable_gqa,
+                                  ctx.softcap)
         wrt = [q_, k_, v_] + ([mask_] if mask_needs_grad else [])
         grads = torch.autograd.grad(out, wrt, grad_out)
     grad_mask = grads[3] if mask_needs_grad else None
-    return grads[0], grads[1], grads[2], grad_mask, None, None, None
+    return grads[0], grads[1], grads[2], grad_mask, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -63,8 +63,9 @@ class CanonicalizeAttention:
             mask = build_mask(match.mask_terms, [t.node for t in match.mask_terms], q, dtype,
                               emitter.emit)
         site.causal = site.causal or is_causal
+        extra = (float(match.softcap),) if match.softcap is not None else ()
         return emitter.emit(ATTENTION_OP, q, k, v, mask, is_causal, float(match.scale),
-                            bool(match.enable_gqa))
+                            bool(match.enable_gqa), *extra)
 
 
 def _erase_unused(graph: torch.fx.Graph, nodes: list[Node]) -> None:

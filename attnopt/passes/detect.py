@@ -61,7 +61,12 @@ class _Term:
     term: MaskTerm
 
 
-_ChainStep = Union[_Scale, _Term, str]  # str: a step that does not change values ("cast")
+@dataclass(frozen=True)
+class _Softcap:
+    cap: float
+
+
+_ChainStep = Union[_Scale, _Term, _Softcap, str]  # str: a step that does not change values ("cast")
 
 
 def _trace_scores(node: Node, depth: int = 0) -> tuple[Node, list[_ChainStep]]:
@@ -83,6 +88,9 @@ def _trace_scores(node: Node, depth: int = 0) -> tuple[Node, list[_ChainStep]]:
     if target in CAST_TARGETS or target in IDENTITY_TARGETS:
         return chain(args[0], "cast")
     if target in (aten.mul.Tensor, aten.mul.Scalar):
+        capped = _softcap_input(node)
+        if capped is not None:  # cap * tanh(x / cap)
+            return chain(capped[0], _Softcap(capped[1]))
         for this, other in ((args[0], args[1]), (args[1], args[0])):
             factor = scalar_arg(other)
             if factor is not None and isinstance(this, Node):
@@ -112,7 +120,7 @@ def _trace_scores(node: Node, depth: int = 0) -> tuple[Node, list[_ChainStep]]:
                 return chain(scores, _Term(term))
         raise NoMatch(f"where() between two computed tensors (`{node.name}`)")
     if target is aten.tanh.default:
-        raise NoMatch("tanh soft-capping of scores is not supported by the canonical op yet")
+        raise NoMatch("tanh of scores that is not a soft-cap (cap * tanh(x / cap))")
     if target in VIEW_TARGETS:
         raise NoMatch("scores are reshaped between the product and softmax")
     raise NoMatch(f"`{target}` between the score product and softmax is not supported")
@@ -139,6 +147,25 @@ def _trace_add(node: Node, depth: int) -> tuple[Node, list[_ChainStep]]:
             continue
         return product, steps + [_Term(MaskTerm("bias", bias, multiplier=float(multiplier)))]
     raise NoMatch(failures[0] if failures else f"unsupported add `{node.name}`")
+
+
+def _softcap_input(node: Node) -> Optional[tuple[Node, float]]:
+    """`cap * tanh(x / cap)` (or `x * (1 / cap)` inside) → (x, cap); None otherwise."""
+    a, b = node.args[:2]
+    tanh, cap = (a, scalar_arg(b)) if scalar_arg(b) is not None else (b, scalar_arg(a))
+    if cap is None or cap <= 0 or not is_call(tanh, aten.tanh.default) or \
+            len(real_users(tanh)) != 1:
+        return None
+    inner = tanh.args[0]
+    if is_call(inner, aten.div.Tensor, aten.div.Scalar) and \
+            scalar_arg(inner.args[1]) is not None and \
+            math.isclose(scalar_arg(inner.args[1]), cap, rel_tol=1e-6):
+        return inner.args[0], cap
+    if is_call(inner, aten.mul.Tensor, aten.mul.Scalar) and \
+            scalar_arg(inner.args[1]) is not None and \
+            math.isclose(scalar_arg(inner.args[1]) * cap, 1.0, rel_tol=1e-6):
+        return inner.args[0], cap
+    return None
 
 
 def _is_row_max_of(candidate, scores) -> bool:
@@ -335,12 +362,19 @@ def _match_softmax(softmax: Node) -> SiteMatch:
         if q_node.target in TRANSPOSE_TARGETS:
             layout_notes.append("BSHD")
 
+    softcap = None
     for step in steps:
         if isinstance(step, _Scale):
+            if softcap is not None:
+                raise NoMatch("scores scaled after soft-capping")
             scale *= step.factor
             terms = [t.scaled(step.factor) for t in terms]
         elif isinstance(step, _Term):
             terms.append(step.term)
+        elif isinstance(step, _Softcap):
+            if terms or softcap is not None:
+                raise NoMatch("mask or bias applied before soft-capping")
+            softcap = step.cap
 
     # forward: softmax → (cast, dropout, clone) → value product
     probs, dropout_p, internal = softmax, 0.0, [softmax]
@@ -413,7 +447,7 @@ def _match_softmax(softmax: Node) -> SiteMatch:
                    scale=scale, terms=terms, is_causal=False, enable_gqa=False,
                    output_steps=output_steps, dropout_p=dropout_p,
                    layout=layout_notes[-1] if layout_notes else "BHSD",
-                   internal=internal + [product, value_product])
+                   internal=internal + [product, value_product], softcap=softcap)
 
 
 def _match_sdpa(node: Node) -> SiteMatch:
@@ -447,7 +481,7 @@ def _bind(node: Node) -> dict:
 
 
 def _finish(*, form, anchor, output, q, k, v, scale, terms, is_causal, enable_gqa,
-            output_steps, dropout_p, layout, internal) -> SiteMatch:
+            output_steps, dropout_p, layout, internal, softcap=None) -> SiteMatch:
     group = 1
     k_src, k_group = _peel_head_repeat(k)
     v_src, v_group = _peel_head_repeat(v)
@@ -472,7 +506,7 @@ def _finish(*, form, anchor, output, q, k, v, scale, terms, is_causal, enable_gq
     return SiteMatch(form=form, anchor=anchor, output=output, q=q, k=k, v=v, scale=scale,
                      mask_terms=tuple(terms), is_causal=is_causal, enable_gqa=enable_gqa,
                      gqa_group=group, output_steps=output_steps, dropout_p=dropout_p,
-                     layout=layout, internal=internal)
+                     layout=layout, internal=internal, softcap=softcap)
 
 
 def _form(product: Node) -> str:
@@ -587,6 +621,7 @@ def describe_site(match: SiteMatch, *, name: str, module: str, module_type: str,
         v_head_dim=concrete(v_shape[3]), scale=float(match.scale), mask_kind=mask_kind,
         window=window, dropout_p=match.dropout_p, layout=match.layout,
         gqa_group=match.gqa_group, dtype=str(dtype).replace("torch.", ""), causal=causal,
+        softcap=match.softcap,
         dynamic_dims=tuple(dynamic), projections=projections, node=match.output.name,
         notes=match.notes)
 

@@ -100,6 +100,7 @@ class SiteMatch:
     layout: str = "BHSD"
     notes: tuple[str, ...] = ()
     internal: list[Node] = field(default_factory=list)
+    softcap: Optional[float] = None
 
     @property
     def q_shape(self) -> tuple:
