@@ -85,3 +85,33 @@ def test_mha_module_paths_name_the_layer():
     sites = attnopt.inspect(model, ZOO["transformer_encoder"].inputs())
     assert [s.module_path for s in sites] == ["layers.0.self_attn", "layers.1.self_attn"]
     assert [s.layer_index for s in sites] == [0, 1]
+
+
+HALF_CASES = ["matmul_divide_padding", "upcast_softmax", "gqa_expand_reshape", "bmm_merged_heads",
+              "where_finfo_min", "transformer_encoder"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", HALF_CASES)
+def test_zoo_case_in_half_precision(case, dtype):
+    """Rewritten half-precision attention agrees with the original within the dtype's named
+    tolerance (attnopt.verify.TOLERANCES), relative to a float64 run of the same module."""
+    from attnopt.verify import tolerance_for
+    torch.manual_seed(0)
+    make, inputs, expected_sites = ZOO[case]
+    model = make().to(dtype)
+    examples = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs())
+    optimized = attnopt.optimize(model, example_inputs=examples)
+    assert len(optimized.report.rewritten) == expected_sites
+    fresh = inputs()
+    with torch.no_grad():
+        reference = model.double()(*fresh_as(fresh, torch.float64))
+        model.to(dtype)
+        actual = optimized(*fresh_as(fresh, dtype))
+    tolerance = tolerance_for(dtype)
+    torch.testing.assert_close(actual.double(), reference, atol=4 * tolerance.atol,
+                               rtol=4 * tolerance.rtol)
+
+
+def fresh_as(tensors, dtype):
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)

@@ -350,3 +350,39 @@ class SoftCapped(nn.Module):
 
 ZOO["softcap"] = Case(SoftCapped, _qkv, 1)
 MASK_KINDS["softcap"] = "causal"
+
+
+class DiffusersBaddbmm(nn.Module):
+    """diffusers' AttnProcessor: baddbmm into an uninitialized tensor with beta=0, alpha=scale."""
+
+    def forward(self, q, k, v):
+        q, k, v = (t.reshape(B * H, S, D) for t in (q, k, v))
+        empty = torch.empty(B * H, S, S, dtype=q.dtype, device=q.device)
+        scores = torch.baddbmm(empty, q, k.transpose(-1, -2), beta=0, alpha=D ** -0.5)
+        return torch.bmm(scores.softmax(dim=-1), v)
+
+
+class NanoGPTCausal(nn.Module):
+    """nanoGPT: a registered tril buffer sliced to the sequence, masked_fill where it is 0."""
+
+    def __init__(self, block_size: int = 16):
+        super().__init__()
+        self.c_attn = nn.Linear(E, 3 * E)
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size))
+                             .view(1, 1, block_size, block_size))
+
+    def forward(self, x):
+        b, t, c = x.size()
+        q, k, v = self.c_attn(x).split(E, dim=2)
+        k = k.view(b, t, H, c // H).transpose(1, 2)
+        q = q.view(b, t, H, c // H).transpose(1, 2)
+        v = v.view(b, t, H, c // H).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+        y = F.softmax(att, dim=-1) @ v
+        return y.transpose(1, 2).contiguous().view(b, t, c)
+
+
+ZOO["diffusers_baddbmm"] = Case(DiffusersBaddbmm, _qkv, 1)
+ZOO["nanogpt_causal"] = Case(NanoGPTCausal, _x, 1)
+MASK_KINDS["nanogpt_causal"] = "causal"

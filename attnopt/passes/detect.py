@@ -350,7 +350,8 @@ def _match_softmax(softmax: Node) -> SiteMatch:
             bias, q_node, k_t = product.args[:3]
             beta = product.kwargs.get("beta", 1)
             scale *= product.kwargs.get("alpha", 1)
-            terms.append(MaskTerm("bias", bias, multiplier=float(beta)))
+            if beta != 0:  # beta=0 ignores the input entirely (diffusers passes torch.empty)
+                terms.append(MaskTerm("bias", bias, multiplier=float(beta)))
         else:
             q_node, k_t = product.args[:2]
         if len(shape_of(q_node)) < 3 or len(shape_of(k_t)) < 3:
