@@ -15,6 +15,8 @@ which and why.
 from __future__ import annotations
 
 import inspect
+import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -81,14 +83,18 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict, path: str = "",
     note = ""
     if dynamic:
         try:
-            exported = torch.export.export(module, args, kwargs, strict=False,
-                                           dynamic_shapes=dynamic_shapes if dynamic_shapes
-                                           is not None else _dynamic_spec(module, args, kwargs))
+            exported = _export(module, args, kwargs, where,
+                               dynamic_shapes if dynamic_shapes is not None
+                               else _dynamic_spec(module, args, kwargs))
             return CapturedProgram(path, module, exported, args, kwargs, True)
+        except CaptureError:
+            raise
         except Exception as error:  # noqa: BLE001 - retried statically, reason recorded
             note = f"dynamic capture failed ({_first_line(error)}); captured static shapes"
     try:
-        exported = torch.export.export(module, args, kwargs, strict=False)
+        exported = _export(module, args, kwargs, where, None)
+    except CaptureError:
+        raise
     except Exception as error:
         raise CaptureError(
             f"could not capture {where} with torch.export: {_first_line(error)}. "
@@ -96,6 +102,26 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict, path: str = "",
             "model without arguments that return non-tensor objects (e.g. use_cache=False)."
         ) from error
     return CapturedProgram(path, module, exported, args, kwargs, False, note)
+
+
+#: torch.export's warning when forward assigns a tensor attribute: the graph drops that store.
+_ASSIGNED_ATTRIBUTE = re.compile(r"tensor attribute (\S+) was assigned during export")
+
+
+def _export(module, args, kwargs, where: str, dynamic_shapes) -> ExportedProgram:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exported = torch.export.export(module, args, kwargs, strict=False,
+                                       dynamic_shapes=dynamic_shapes)
+    stored = sorted({m.group(1) for w in caught
+                     for m in [_ASSIGNED_ATTRIBUTE.search(str(w.message))] if m})
+    if stored:
+        raise CaptureError(f"{where} assigns tensor attribute(s) {', '.join(stored)} during "
+                           "forward (e.g. stored attention weights); a captured graph would "
+                           "drop that side effect, so it is left as written")
+    for w in caught:  # everything else export had to say, as it would have said it
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return exported
 
 
 # --------------------------------------------------------------------------------------------

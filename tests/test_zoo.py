@@ -115,3 +115,20 @@ def test_zoo_case_in_half_precision(case, dtype):
 
 def fresh_as(tensors, dtype):
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
+class ProbabilitiesStoredOnModule(torch.nn.Module):
+    def forward(self, q, k, v):
+        probs = torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5, -1)
+        self.last_probs = probs  # stored: a captured graph would drop this
+        return probs @ v
+
+
+def test_probabilities_stored_on_the_module_are_left_alone():
+    model = ProbabilitiesStoredOnModule()
+    optimized = attnopt.optimize(model, example_inputs=_qkv())
+    assert not optimized.report.rewritten
+    assert "assigns tensor attribute(s) self.last_probs" in optimized.report.capture["reason"]
+    q, k, v = _qkv()
+    optimized(q, k, v)
+    assert model.last_probs.shape == (2, 4, 8, 8)  # the side effect still happens
