@@ -1,10 +1,12 @@
 """Public entry points: `optimize`, `inspect`, and the `OptimizedModule` they return.
 
 `optimize` runs the whole data flow for one input signature:
-  run the model eagerly (its own errors surface as they are) → capture (whole model, or
-  attention-bearing submodules) → passes (dead code, detect, classify masks, canonicalize)
-  → verify against the original → install (an fx graph behind the OptimizedModule, or
-  rewritten submodule forwards swapped into the user's model after verification passed).
+  capture (whole model; else attention-bearing submodules; else, for Hugging Face decoders
+  with a KV cache, their attention-function calls) → passes (dead code, detect, classify
+  masks, canonicalize; region.py) → verify against the original → install (an fx graph
+  behind the OptimizedModule, or rewritten graphs swapped into the user's modules or
+  dispatched from their attention functions, only after verification passed).
+A capture failure caused by wrong inputs surfaces as the model's own error.
 
 Without example inputs it does this lazily at the first call, per input signature.
 """
@@ -12,12 +14,11 @@ Without example inputs it does this lazily at the first call, per input signatur
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
-from torch.utils import _pytree as pytree
 
 from attnopt.capture import (
     CapturedProgram, candidate_paths, export_module, has_cache_like_input, record_calls,
@@ -32,7 +33,7 @@ from attnopt.site import AttentionSite
 from attnopt.region import (
     InputSignature, Region, build_region, call_graph, signature_key, verify_region,
 )
-from attnopt.verify import DEFAULT_DRAWS, ErrorStats, format_table
+from attnopt.verify import DEFAULT_DRAWS, format_table
 
 CAPTURE_STRATEGIES = ("auto", "whole", "submodules")
 #: Backend that runs canonical exact attention until a generated kernel applies.
@@ -166,11 +167,11 @@ class OptimizedModule(nn.Module):
                     verify_region(region, state.draws)
         self._fill_report(report, regions, capture_info)
         if state.verify:
-            failed = [r for r in report.sites if r.rewrite != "none" and r.max_abs_err is not None
-                      and not r.passed]
+            regions_errors = {name: stats for r in regions for name, stats in r.errors.items()}
+            failed = [r for r in report.sites if r.passed is False]
             output_failed = [r for r in regions if r.output_error and not r.output_error.passed]
             if failed or output_failed:
-                rows = [(r.name, r.stats) for r in failed] + \
+                rows = [(r.name, regions_errors[r.name]) for r in failed] + \
                     [(r.captured.path or "model output", r.output_error) for r in output_failed]
                 state.report = report
                 raise VerificationError("exact rewrite changed the model's outputs beyond "
@@ -258,13 +259,15 @@ class OptimizedModule(nn.Module):
                 rewrite, why = context.decisions.get(site.name, ("none", "policy 'none': "
                                                                  "detect and report only"))
                 stats = region.errors.get(site.name)
-                record = _SiteRecord(name=site.name, module_path=site.module_path,
+                record = SiteRecord(name=site.name, module_path=site.module_path,
                                      rewrite=rewrite, reason=why, site=site,
                                      backend=EXACT_BACKEND if rewrite == "exact" else "")
-                record.attach(stats)
+                if stats is not None:
+                    record.record_errors(stats.max_abs_err, stats.max_rel_err, stats.cosine,
+                                         stats.passed)
                 report.sites.append(record)
             for rejection in context.rejections:
-                report.sites.append(_SiteRecord(name=rejection.name,
+                report.sites.append(SiteRecord(name=rejection.name,
                                                 module_path=rejection.module_path,
                                                 rewrite="none", reason=rejection.reason))
             report.passes.extend(
@@ -328,20 +331,6 @@ class _State:
 
     def built_for(self, args, kwargs) -> bool:
         return any(s.accepts(args, kwargs) for s in self.seen)
-
-
-class _SiteRecord(SiteRecord):
-    stats: Optional[ErrorStats] = None
-
-    def attach(self, stats: Optional[ErrorStats]) -> None:
-        self.stats = stats
-        if stats is not None:
-            self.max_abs_err, self.max_rel_err, self.cosine = (
-                stats.max_abs_err, stats.max_rel_err, stats.cosine)
-
-    @property
-    def passed(self) -> bool:
-        return self.stats is None or self.stats.passed
 
 
 def _swap_forward(region: Region, rebuild: Callable) -> None:

@@ -24,12 +24,18 @@ class SiteRecord:
     max_abs_err: Optional[float] = None
     max_rel_err: Optional[float] = None
     cosine: Optional[float] = None
+    passed: Optional[bool] = None  # None: not verified
+
+    def record_errors(self, max_abs_err: float, max_rel_err: float, cosine: float,
+                      passed: bool) -> None:
+        self.max_abs_err, self.max_rel_err = max_abs_err, max_rel_err
+        self.cosine, self.passed = cosine, passed
 
     def to_dict(self) -> dict[str, Any]:
         data = {"name": self.name, "module_path": self.module_path, "rewrite": self.rewrite,
                 "reason": self.reason, "backend": self.backend,
                 "max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err,
-                "cosine": self.cosine}
+                "cosine": self.cosine, "passed": self.passed}
         if self.site is not None:
             data.update({k: v for k, v in self.site.to_dict().items() if k not in data})
         return data

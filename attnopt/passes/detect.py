@@ -632,8 +632,8 @@ class DetectAttention:
 
     name = "detect_attention"
 
-    def __call__(self, graph_module: GraphModule, context) -> "PassResult":
-        from attnopt.passes.manager import PassResult
+    def __call__(self, graph_module: GraphModule, context):
+        from attnopt.passes.manager import PassResult  # (manager imports the site types)
         matches, rejections = find_attention(graph_module, context.name_prefix)
         context.matches.extend(matches)
         context.rejections.extend(rejections)
