@@ -137,34 +137,75 @@ def build_region(captured: CapturedProgram, policy: Policy, verify_each: bool) -
 
 @torch.no_grad()
 def verify_region(region: Region, draws: int) -> None:
-    """Original vs rewritten graph on the examples and fresh draws: outputs and every site.
+    """Original vs rewritten on the examples and fresh draws: outputs, and every site alone.
 
-    On the examples the rewritten graph is also compared with the user's eager module, so a
-    capture that does not reproduce the module is caught too.
+    Per input set the original graph runs once (through an Interpreter that keeps each site's
+    output and the inputs of its replacement) and the rewritten graph runs as users call it.
+    Each site's error is measured in isolation: its replacement is replayed on the original
+    run's values, so an upstream site's error never counts against a downstream one.
     """
     names = region.context.site_nodes
     sync_state(region.rewritten, region.captured.module)
+    boundaries = {site: replacement_boundary(region, new) for site, (_, new) in names.items()}
+    watch = {old for old, _ in names.values()} | {n for b in boundaries.values() for n in b}
     draws_list = input_draws(region.captured.args, region.captured.kwargs, draws=draws)
     for index, (args, kwargs) in enumerate(draws_list):
         try:
-            old, reference = record_values(region.original, args, kwargs,
-                                           [o for o, _ in names.values()])
+            old, reference = record_values(region.original, args, kwargs, watch)
         except Exception:  # noqa: BLE001 - a draw outside what the capture accepts
             if index == 0:
                 raise
             region.skipped_draws += 1  # (e.g. values a data-dependent branch specialized on)
             continue
-        new, candidate = record_values(region.rewritten, args, kwargs,
-                                       [n for _, n in names.values()])
-        stats = compare_outputs(candidate, reference)
-        if index == 0:
-            stats = stats.worst(compare_outputs(candidate,
-                                                region.captured.module(*args, **kwargs)))
-        region.output_error = stats.worst(region.output_error)
+        candidate = call_graph(region, args, kwargs)
+        region.output_error = compare_outputs(candidate, reference).worst(region.output_error)
         for site_name, (old_name, new_name) in names.items():
-            site_stats = compare_outputs(new[new_name], old[old_name])
+            replayed = replay(region.rewritten, new_name, boundaries[site_name], old)
+            site_stats = compare_outputs(replayed, old[old_name])
             region.errors[site_name] = site_stats.worst(region.errors.get(site_name))
         region.draws += 1
+
+
+def replacement_boundary(region: Region, new_name: str) -> set[str]:
+    """Names of the nodes, present in both graphs, that a site's replacement reads."""
+    original_names = {n.name for n in region.original.graph.nodes}
+    nodes = {n.name: n for n in region.rewritten.graph.nodes}
+    boundary, stack, seen = set(), [nodes[new_name]], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for source in node.all_input_nodes:
+            if source.name in original_names and source.op != "get_attr":
+                boundary.add(source.name)
+            else:
+                stack.append(source)
+    return boundary
+
+
+@torch.no_grad()
+def replay(graph_module: GraphModule, node_name: str, boundary: set[str],
+           values: dict[str, Any]):
+    """Evaluate one node of `graph_module` from given values of the nodes it reads."""
+    nodes = {n.name: n for n in graph_module.graph.nodes}
+    env = {nodes[name]: values[name] for name in boundary}
+    target = nodes[node_name]
+    interpreter = torch.fx.Interpreter(graph_module)
+    interpreter.env = dict(env)
+    order = []
+    stack, seen = [target], set(env)
+    while stack:  # the nodes between the boundary and the target, then in graph order
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        order.append(node)
+        stack.extend(node.all_input_nodes)
+    position = {n: i for i, n in enumerate(graph_module.graph.nodes)}
+    for node in sorted(order, key=position.__getitem__):
+        interpreter.env[node] = interpreter.run_node(node)
+    return interpreter.env[target]
 
 
 def call_graph(region: Region, args: tuple, kwargs: dict):

@@ -319,3 +319,32 @@ def test_fused_dropout_in_training_mode_is_left_alone():
     optimized = attnopt.optimize(Train(), example_inputs=_qkv(), verify=False)
     (record,) = optimized.report.sites
     assert record.rewrite == "none" and "model.eval()" in record.reason
+
+
+class _BreakFirstSite(_BreakScale):
+    """Breaks only the first canonical call."""
+
+    name = "break_first_site"
+
+    def __call__(self, graph_module, context):
+        from attnopt.ops import ATTENTION_OP
+        first = next(n for n in graph_module.graph.nodes if n.target is ATTENTION_OP)
+        args = list(first.args)
+        args[5] = args[5] * 2
+        first.args = tuple(args)
+        return PassResult(graph_module, True, ["first scale doubled"])
+
+
+def test_site_errors_are_measured_in_isolation(monkeypatch):
+    """A broken first site fails; the second, fed the first one's wrong output downstream,
+    still verifies, because each site is replayed on the original run's values."""
+    import attnopt.region as region
+
+    original = region.pass_pipeline
+    monkeypatch.setattr(region, "pass_pipeline",
+                        lambda policy: original(policy) + [_BreakFirstSite()])
+    with pytest.raises(VerificationError) as failure:
+        attnopt.optimize(Tiny(), example_inputs=(torch.randn(B, S, E),))
+    table = str(failure.value)
+    assert "blocks.0" in table and "blocks.1" not in table
+    assert "model output" in table
