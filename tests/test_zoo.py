@@ -132,3 +132,29 @@ def test_probabilities_stored_on_the_module_are_left_alone():
     q, k, v = _qkv()
     optimized(q, k, v)
     assert model.last_probs.shape == (2, 4, 8, 8)  # the side effect still happens
+
+
+class WideSlidingWindow(torch.nn.Module):
+    """A causal window of 16 keys: at the example length 8 it looks exactly causal."""
+
+    def forward(self, q, k, v):
+        s = q.shape[-2]
+        i = torch.arange(s, device=q.device)[:, None]
+        j = torch.arange(s, device=q.device)[None, :]
+        allowed = (j <= i) & (j > i - 16)
+        scores = (q @ k.transpose(-2, -1) / 8 ** 0.5).masked_fill(~allowed, float("-inf"))
+        return scores.softmax(-1) @ v
+
+
+def test_window_wider_than_the_example_is_not_mistaken_for_causal():
+    model = WideSlidingWindow()
+    optimized = attnopt.optimize(model, example_inputs=_qkv(), dynamic=True)
+    (record,) = optimized.report.rewritten
+    assert (record.site.mask_kind, record.site.window) == ("window", 16)
+    (region,) = optimized._attnopt_state.whole_regions
+    (call,) = [n for n in region.rewritten.graph.nodes if n.target is ATTENTION_OP]
+    assert call.args[3] is not None and call.args[4] is False  # the mask stays
+    long_inputs = tuple(torch.randn(2, 4, 40, 8) for _ in range(3))
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(*long_inputs), model(*long_inputs),
+                                   atol=1e-5, rtol=1e-5)

@@ -9,6 +9,8 @@ than the example is not mistaken for plain causal masking.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -22,8 +24,10 @@ from attnopt.passes.masks import (
     MASKED_THRESHOLD, MaskInfo, build_mask, classify_mask, eager_emit,
 )
 
-#: Sequence length at which input-independent masks are re-checked when the length is dynamic.
-PROBE_LENGTH = 8200
+#: Sequence length at which input-independent masks are re-checked when the length is dynamic:
+#: just above the widest common sliding window (4096: Mistral, Gemma 2). A wider window that
+#: looks causal at this length would be missed; the probe costs O(PROBE_LENGTH²) mask elements.
+PROBE_LENGTH = 4100
 
 
 class ClassifyMasks:
@@ -36,6 +40,7 @@ class ClassifyMasks:
                                     term_nodes).items()}  # classified on the CPU
         names: dict[str, int] = {}
         changes = []
+        self._probes: dict = {}  # mask producers are shared across layers: probe each once
         for index, match in enumerate(context.matches):
             info = self._classify(graph_module, match, values, context)
             context.mask_infos[index] = info
@@ -71,12 +76,19 @@ class ClassifyMasks:
                              depends_on_input=depends_on_input, depends_on_data=depends_on_data)
         if info.constant and info.kind in ("none", "causal"):
             symbolic = [d for d in (q_shape[2], k_shape[2]) if is_symbolic(d)]
-            if symbolic and not self._probe_agrees(graph_module, match, symbolic, info, dtype):
-                return MaskInfo(info.kind, info.window, constant=False)
+            if symbolic:
+                key = (tuple(n.name for n in term_nodes), info.kind, match.is_causal)
+                if key not in self._probes:
+                    self._probes[key] = self._probe(graph_module, match, symbolic, dtype)
+                probed = self._probes[key]
+                if probed is None:  # could not probe: keep the mask tensor
+                    return MaskInfo(info.kind, info.window, constant=False)
+                if probed.kind != info.kind:  # e.g. a window wider than the example
+                    return MaskInfo(probed.kind, probed.window, constant=False)
         return info
 
-    def _probe_agrees(self, graph_module, match, symbolic_dims, info, dtype) -> bool:
-        """Re-evaluate the mask producer at PROBE_LENGTH; True when its kind is unchanged."""
+    def _probe(self, graph_module, match, symbolic_dims, dtype) -> Optional[MaskInfo]:
+        """The mask producer re-evaluated and classified at PROBE_LENGTH (None: cannot)."""
         exprs = {str(d.node.expr) for d in symbolic_dims}
         term_nodes = [t.node for t in match.mask_terms]
         placeholder_values = {}
@@ -85,16 +97,16 @@ class ClassifyMasks:
                 continue
             val = node.meta.get("val")
             if not isinstance(val, torch.Tensor):
-                return False
-            shape = [PROBE_LENGTH if is_symbolic(d) and str(d.node.expr) in exprs
-                     else concrete(d) for d in val.shape]
+                return None
+            shape = [(PROBE_LENGTH if str(d.node.expr) in exprs else 1) if is_symbolic(d)
+                     else concrete(d) for d in val.shape]  # other dynamic dims (batch): 1
             placeholder_values[node.name] = torch.zeros(shape, dtype=val.dtype,
                                                         device=val.device)
         try:
             probed = [p.cpu() for p in
                       evaluate_subgraph(graph_module, term_nodes, placeholder_values)]
         except Exception:  # noqa: BLE001 - a producer that cannot be probed is not trusted
-            return False
+            return None
         def probe_len(dim) -> int:
             if is_symbolic(dim) and str(dim.node.expr) in exprs:
                 return PROBE_LENGTH
@@ -103,9 +115,8 @@ class ClassifyMasks:
         q_len, kv_len = probe_len(match.q.shape[2]), probe_len(match.k.shape[2])
         mask = build_mask(match.mask_terms, probed, torch.zeros((), dtype=dtype), dtype,
                           eager_emit)
-        again = classify_mask(mask, is_causal=match.is_causal, q_len=q_len, kv_len=kv_len,
-                              depends_on_input=False, depends_on_data=False)
-        return again.kind == info.kind
+        return classify_mask(mask, is_causal=match.is_causal, q_len=q_len, kv_len=kv_len,
+                             depends_on_input=False, depends_on_data=False)
 
 
 def _is_mask_input(node: Node, context: PassContext) -> bool:
