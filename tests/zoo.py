@@ -386,3 +386,15 @@ class NanoGPTCausal(nn.Module):
 ZOO["diffusers_baddbmm"] = Case(DiffusersBaddbmm, _qkv, 1)
 ZOO["nanogpt_causal"] = Case(NanoGPTCausal, _x, 1)
 MASK_KINDS["nanogpt_causal"] = "causal"
+
+
+class EinsumBSHD(nn.Module):
+    """Operands kept in (B, S, H, D); the einsums name the layout."""
+
+    def forward(self, q, k, v):
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
+        return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+
+
+ZOO["einsum_bshd"] = Case(EinsumBSHD, _qkv, 1)
