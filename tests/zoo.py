@@ -398,3 +398,23 @@ class EinsumBSHD(nn.Module):
 
 
 ZOO["einsum_bshd"] = Case(EinsumBSHD, _qkv, 1)
+
+
+class FairseqViews(nn.Module):
+    """fairseq / transformers<4.48 BART: bmm on (B·H, S, D), the scores viewed to (B, H, S, S)
+    to add the padding mask, viewed back, softmax, bmm."""
+
+    def forward(self, q, k, v, attention_mask):
+        bsz, heads, tgt_len, head_dim = q.shape
+        q, k, v = (t.reshape(bsz * heads, -1, head_dim) for t in (q, k, v))
+        weights = torch.bmm(q * head_dim ** -0.5, k.transpose(1, 2))
+        src_len = weights.size(-1)
+        mask = (1.0 - attention_mask[:, None, None, :].to(q.dtype)) * torch.finfo(q.dtype).min
+        weights = weights.view(bsz, heads, tgt_len, src_len) + mask
+        weights = weights.view(bsz * heads, tgt_len, src_len)
+        out = torch.bmm(F.softmax(weights, dim=-1), v)
+        return out.view(bsz, heads, tgt_len, head_dim)
+
+
+ZOO["fairseq_views"] = Case(FairseqViews, lambda: _qkv() + (_padding(),), 1)
+MASK_KINDS["fairseq_views"] = "padding"

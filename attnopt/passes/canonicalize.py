@@ -110,6 +110,10 @@ class _Emitter:
             return self.emit(aten.unsqueeze.default, node, step[1])
         if kind == "squeeze":
             return self.emit(aten.squeeze.dim, node, step[1])
+        if kind == "unflatten":
+            return self.emit(aten.unflatten.int, node, step[1], list(step[2]))
+        if kind == "flatten":
+            return self.emit(aten.flatten.using_ints, node, step[1], step[2])
         raise ValueError(f"unknown view step {step!r}")
 
     def recipe(self, recipe: TensorRecipe) -> Node:

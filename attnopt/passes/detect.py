@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Node
 from attnopt.passes.fx_utils import (
     CAST_TARGETS, IDENTITY_TARGETS, VIEW_TARGETS, aten, concrete, constant_fill_value,
     dtype_of, fake_value, is_call, is_symbolic, module_path, normalize_dim, only_user, real_users,
-    scalar_arg, shape_of,
+    same_dim, scalar_arg, shape_of,
 )
 from attnopt.passes.patterns import MaskTerm, SiteMatch, TensorRecipe
 from attnopt.site import AttentionSite, Projection, Rejection
@@ -66,7 +66,14 @@ class _Softcap:
     cap: float
 
 
-_ChainStep = Union[_Scale, _Term, _Softcap, str]  # str: a step that does not change values ("cast")
+@dataclass(frozen=True)
+class _View:
+    """A reshape of the scores that keeps the (query, key) axes: (B·H, Sq, Sk) ↔ (B, H, …)."""
+
+    node: Node
+
+
+_ChainStep = Union[_Scale, _Term, _Softcap, _View, str]  # str: a step that does not change values ("cast")
 
 
 def _trace_scores(node: Node, depth: int = 0) -> tuple[Node, list[_ChainStep]]:
@@ -122,7 +129,11 @@ def _trace_scores(node: Node, depth: int = 0) -> tuple[Node, list[_ChainStep]]:
     if target is aten.tanh.default:
         raise NoMatch("tanh of scores that is not a soft-cap (cap * tanh(x / cap))")
     if target in VIEW_TARGETS:
-        raise NoMatch("scores are reshaped between the product and softmax")
+        before, after = shape_of(args[0]), shape_of(node)
+        if before is None or after is None or len(before) < 2 or len(after) < 2 or \
+                not (same_dim(before[-1], after[-1]) and same_dim(before[-2], after[-2])):
+            raise NoMatch("scores are reshaped across the (query, key) axes before softmax")
+        return chain(args[0], _View(node))
     raise NoMatch(f"`{target}` between the score product and softmax is not supported")
 
 
@@ -363,8 +374,14 @@ def _match_softmax(softmax: Node) -> SiteMatch:
         if q_node.target in TRANSPOSE_TARGETS:
             layout_notes.append("BSHD")
 
-    softcap = None
+    softcap, views, terms_per_space = None, [], [0]
     for step in steps:
+        if isinstance(step, _View):
+            views.append(step.node)
+            terms_per_space.append(0)
+            continue
+        if isinstance(step, _Term):
+            terms_per_space[-1] += 1
         if isinstance(step, _Scale):
             if softcap is not None:
                 raise NoMatch("scores scaled after soft-capping")
@@ -436,6 +453,14 @@ def _match_softmax(softmax: Node) -> SiteMatch:
         v = TensorRecipe(value_product.args[1])
 
     batch_dims = len(q.shape) - 2
+    if views:
+        # fairseq / older transformers: (B·H, Sq, Sk) viewed as (B, H, Sq, Sk) to add a mask,
+        # then viewed back. Canonical attention runs in the 4-d space, with the view's (B, H).
+        split = _merged_heads_split(views, terms_per_space, batch_dims)
+        q, k, v = (r.then(("unflatten", 0, split)) for r in (q, k, v))
+        output_steps = (("flatten", 0, 1),) + output_steps
+        layout_notes.append("merged batch·heads")
+        batch_dims = 2
     if batch_dims > 2:
         raise NoMatch(f"attention with {batch_dims} batch axes (at most 2 supported)")
     if batch_dims < 2:  # (B·H, S, D) → (1, B·H, S, D)
@@ -470,6 +495,20 @@ def _match_sdpa(node: Node) -> SiteMatch:
                    terms=terms, is_causal=bool(bound.get("is_causal", False)),
                    enable_gqa=bool(bound.get("enable_gqa", False)), output_steps=(),
                    dropout_p=dropout_p, layout=layout, internal=[node])
+
+
+def _merged_heads_split(views: list[Node], terms_per_space: list[int], batch_dims: int
+                        ) -> tuple:
+    """(B, H) sizes of a 3-d → 4-d → 3-d view round trip of the scores; NoMatch otherwise."""
+    if batch_dims != 1 or len(views) != 2:
+        raise NoMatch("scores are reshaped before softmax in a way other than a (B·H) → (B, H) "
+                      "round trip")
+    to_4d, to_3d = views
+    if len(shape_of(to_4d)) != 4 or len(shape_of(to_3d)) != 3:
+        raise NoMatch("scores reshaped to other than (B, H, Sq, Sk) and back")
+    if terms_per_space[0] or terms_per_space[2]:
+        raise NoMatch("masks added to the scores on both sides of a reshape")
+    return tuple(to_4d.args[1][:2])
 
 
 def _bind(node: Node) -> dict:

@@ -20,7 +20,12 @@ from torch.fx import Node
 from attnopt.passes.fx_utils import shape_of
 
 # A view step: ("transpose", d0, d1) | ("permute", perm) | ("unsqueeze", d) | ("squeeze", d)
+#   | ("unflatten", d, sizes) | ("flatten", d0, d1); sizes may hold nodes (symbolic sizes)
 Step = tuple
+
+
+def _size(value):
+    return value.meta.get("val") if isinstance(value, Node) else value
 
 
 def apply_steps(shape: tuple, steps: tuple[Step, ...]) -> tuple:
@@ -36,6 +41,15 @@ def apply_steps(shape: tuple, steps: tuple[Step, ...]) -> tuple:
             shape.insert(step[1] % (len(shape) + 1), 1)
         elif kind == "squeeze":
             del shape[step[1] % len(shape)]
+        elif kind == "unflatten":
+            dim = step[1] % len(shape)
+            shape[dim:dim + 1] = [_size(size) for size in step[2]]
+        elif kind == "flatten":
+            d0, d1 = step[1] % len(shape), step[2] % len(shape)
+            merged = 1
+            for size in shape[d0:d1 + 1]:
+                merged = merged * size
+            shape[d0:d1 + 1] = [merged]
         else:
             raise ValueError(f"unknown view step {step!r}")
     return tuple(shape)
