@@ -6,7 +6,8 @@ masks — values beyond ±1e4 — and position-like integers (consecutive along 
 as given). Outputs are compared leaf by leaf, and each
 attention site's output is compared between the original and the rewritten graph.
 
-Exact rewrites must agree within the per-dtype `TOLERANCES`; NaN or Inf never passes unless the
+Exact rewrites must agree within the per-dtype `TOLERANCES` (elementwise in fp32/fp64,
+normwise in fp16/bf16); NaN or Inf never passes unless the
 original produced the same non-finite value at the same place.
 """
 
@@ -22,17 +23,29 @@ from torch.utils import _pytree as pytree
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Elementwise |candidate - reference| <= atol + rtol * |reference|."""
+    """|candidate - reference| <= atol + rtol * |reference|, elementwise — or, when
+    `normwise`, max |candidate - reference| <= atol + rtol * max |reference|.
+
+    Half-precision outputs are judged normwise: a rewrite that sums in another order moves an
+    output by a few units in the last place of the largest values around it, which an
+    elementwise test reads as a huge relative error wherever the true value is near zero.
+    """
 
     atol: float
     rtol: float
+    normwise: bool = False
+
+    def holds(self, diff: torch.Tensor, scale: torch.Tensor) -> bool:
+        if self.normwise:
+            return float(diff.max()) <= self.atol + self.rtol * float(scale.max())
+        return bool((diff <= self.atol + self.rtol * scale).all())
 
 
 TOLERANCES = {
     torch.float64: Tolerance(atol=1e-10, rtol=1e-9),
     torch.float32: Tolerance(atol=1e-5, rtol=1e-4),
-    torch.float16: Tolerance(atol=2e-3, rtol=1e-2),
-    torch.bfloat16: Tolerance(atol=1.6e-2, rtol=2e-2),
+    torch.float16: Tolerance(atol=2e-3, rtol=1e-2, normwise=True),
+    torch.bfloat16: Tolerance(atol=1.6e-2, rtol=3e-2, normwise=True),
 }
 #: Float example values beyond this magnitude mark a mask, kept as given in random draws.
 MASK_MAGNITUDE = 1.0e4
@@ -89,7 +102,7 @@ def compare_tensors(candidate: torch.Tensor, reference: torch.Tensor,
         scale = ref[both].abs()
         max_abs = float(diff.max())
         max_rel = max_abs / max(float(scale.max()), 1e-30)
-        within = bool((diff <= tolerance.atol + tolerance.rtol * scale).all())
+        within = tolerance.holds(diff, scale)
         c, r = cand[both].flatten(), ref[both].flatten()
         denominator = float(c.norm() * r.norm())
         cosine = float(c @ r) / denominator if denominator > 0 else \
@@ -106,7 +119,7 @@ def _finite_stats(cand: torch.Tensor, ref: torch.Tensor, tolerance: Tolerance) -
     scale = ref.abs()
     max_abs = float(diff.max())
     max_rel = max_abs / max(float(scale.max()), 1e-30)
-    within = bool((diff <= tolerance.atol + tolerance.rtol * scale).all())
+    within = tolerance.holds(diff, scale)
     denominator = float(cand.norm() * ref.norm())
     cosine = float((cand * ref).sum()) / denominator if denominator > 0 else \
         (1.0 if float(cand.norm()) == float(ref.norm()) else 0.0)
