@@ -214,22 +214,28 @@ def call_graph(region: Region, args: tuple, kwargs: dict):
 
 
 def sync_state(graph_module: GraphModule, module: nn.Module) -> None:
-    """Point the graph at the module's current parameters and buffers (after `.to()` etc.)."""
-    for name, tensor in list(graph_module.named_parameters()) + list(graph_module.named_buffers()):
-        try:
-            current = module.get_parameter(name)
-        except AttributeError:
-            try:
-                current = module.get_buffer(name)
-            except AttributeError:
+    """Point the graph at the module's current parameters and buffers (after `.to()` etc.).
+
+    The graph shares the module's tensors; `.to()` replaces buffers (and, with
+    `torch.__future__.set_overwrite_module_params_on_conversion`, parameters) by new objects.
+    The (owner, name) pairs are resolved once; each call compares identities only.
+    """
+    pairs = graph_module.__dict__.get("_attnopt_state_pairs")
+    if pairs is None:
+        pairs = []
+        user_modules = dict(module.named_modules())
+        for owner_path, owner in graph_module.named_modules():
+            user_owner = user_modules.get(owner_path)
+            if user_owner is None:
                 continue
-        if current is not tensor:
-            owner_path, _, attr = name.rpartition(".")
-            owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
-            if isinstance(current, nn.Parameter):
-                owner._parameters[attr] = current
-            else:
-                owner._buffers[attr] = current
+            for table in ("_parameters", "_buffers"):
+                for attr in getattr(owner, table):
+                    if attr in getattr(user_owner, table):
+                        pairs.append((getattr(owner, table), getattr(user_owner, table), attr))
+        graph_module.__dict__["_attnopt_state_pairs"] = pairs
+    for ours, theirs, attr in pairs:
+        if ours[attr] is not theirs[attr]:
+            ours[attr] = theirs[attr]
 
 
 def signature_key(args: tuple, kwargs: dict) -> tuple:

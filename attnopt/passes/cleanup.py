@@ -1,5 +1,11 @@
 """Pass: dead-code elimination, so unused attention weights (e.g. the averaged weights of
-`nn.MultiheadAttention(need_weights=True)` that the caller drops) do not count as uses."""
+`nn.MultiheadAttention(need_weights=True)` that the caller drops) do not count as uses.
+
+fx's own `eliminate_dead_code` keeps `_assert_tensor_metadata` nodes (they are impure), and they
+keep their subjects alive: after canonicalization a Hugging Face mask producer, no longer read
+by anything, would still run (and allocate an Sq×Sk mask) on every call. Metadata assertions are
+dropped here; what they assert (dtype, device of an intermediate) no rewrite changes.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +18,13 @@ METADATA_ASSERTION = aten._assert_tensor_metadata.default
 
 
 def eliminate_dead_code(graph_module: GraphModule) -> int:
-    """Remove unused pure nodes, and assertions whose subject is otherwise unused."""
+    """Remove metadata assertions and every unused pure node; return how many went."""
     graph = graph_module.graph
     before = len(graph.nodes)
-    changed = True
-    while changed:
-        changed = graph.eliminate_dead_code()
-        for node in reversed(list(graph.nodes)):
-            subject = node.args[0] if node.target is METADATA_ASSERTION and node.args else None
-            if subject is not None and all(u.target is METADATA_ASSERTION
-                                           for u in subject.users):
-                graph.erase_node(node)
-                changed = True
+    for node in list(graph.nodes):
+        if node.target is METADATA_ASSERTION:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
     return before - len(graph.nodes)
 
 

@@ -80,7 +80,8 @@ class PassManager:
                                 f"{type(error).__name__}: {error}") from error
             graph_module = result.graph_module
             if result.modified:
-                graph_module.graph.eliminate_dead_code()
+                from attnopt.passes.cleanup import eliminate_dead_code
+                eliminate_dead_code(graph_module)
                 graph_module.graph.lint()
                 graph_module.recompile()
             self.records.append(PassRecord(graph_pass.name, time.perf_counter() - start,
