@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from attnopt.passes.detect import describe_site
+from attnopt.passes.describe import describe_site
 from attnopt.passes.evaluate import evaluate_nodes, evaluate_subgraph
 from attnopt.passes.fx_utils import (
     ancestors, concrete, dtype_of, is_symbolic, module_path, value_sources,

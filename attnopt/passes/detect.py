@@ -3,13 +3,13 @@
 Two anchors start a match:
   * a fused `aten.scaled_dot_product_attention` call;
   * a softmax over the last axis, from which the detector walks back to the score product
-    (matmul, bmm, baddbmm or einsum of q and kᵀ, through scales, casts, additive biases,
-    masked_fill and where) and forward to the value product (through casts, dropout, clones).
+    (scores.py: through scales, casts, additive biases, masked_fill, where, soft-caps and
+    (B·H) ↔ (B, H) views) and forward to the value product (through casts, dropout, clones).
 
-Along the way it peels what canonical attention absorbs: a transpose of k, scalar scales on
-q and k, and GQA head repetition (expand + reshape, or repeat_interleave) of k and v.
-A softmax that is not attention — probabilities used elsewhere, a softmax over the query axis,
-an unsupported op between product and softmax — yields a `Rejection` naming the reason.
+Operands are peeled of what canonical attention absorbs (operands.py): a transpose of k,
+scalar scales on q and k, GQA head repetition of k and v, einsum layouts. A softmax that is not
+attention — probabilities used elsewhere, a softmax over the query axis, an unsupported op
+between product and softmax — yields a `Rejection` naming the reason.
 
 The result is a list of `SiteMatch` (see patterns.py); the graph is not modified here.
 """
@@ -17,303 +17,27 @@ The result is a list of `SiteMatch` (see patterns.py); the graph is not modified
 from __future__ import annotations
 
 import math
-import operator
-import string
-from dataclasses import dataclass
-from typing import Optional, Union
 
-import torch
 from torch.fx import GraphModule, Node
 
 from attnopt.passes.fx_utils import (
-    CAST_TARGETS, IDENTITY_TARGETS, VIEW_TARGETS, aten, concrete, constant_fill_value,
-    dtype_of, fake_value, is_call, is_symbolic, module_path, normalize_dim, only_user, real_users,
-    same_dim, scalar_arg, shape_of,
+    CAST_TARGETS, IDENTITY_TARGETS, TRANSPOSE_TARGETS, aten, concrete, module_path,
+    normalize_dim, real_users, shape_of,
+)
+from attnopt.passes.operands import (
+    key_from_transposed, parse_einsum, peel_head_repeat, peel_scalar_scale, permutation,
+    permuted_recipe,
 )
 from attnopt.passes.patterns import MaskTerm, SiteMatch, TensorRecipe
-from attnopt.site import AttentionSite, Projection, Rejection
+from attnopt.passes.scores import (
+    PRODUCT_TARGETS, NoMatch, Scale, Softcap, Term, View, trace_scores,
+)
+from attnopt.site import Rejection
 
 SOFTMAX_TARGETS = frozenset({aten.softmax.int, aten._softmax.default, aten._safe_softmax.default})
 SDPA_TARGET = aten.scaled_dot_product_attention.default
-PRODUCT_TARGETS = frozenset({aten.matmul.default, aten.bmm.default, aten.baddbmm.default,
-                             aten.einsum.default})
 DROPOUT_TARGETS = frozenset({aten.dropout.default, aten.native_dropout.default,
                              aten.feature_dropout.default})
-TRANSPOSE_TARGETS = frozenset({aten.transpose.int, aten.permute.default, aten.t.default})
-MAX_CHAIN = 32
-
-
-class NoMatch(Exception):
-    """Raised inside the matcher with the reason a candidate is not (supported) attention."""
-
-
-# --------------------------------------------------------------------------------------------
-# score chain: product -> ... -> softmax input
-
-
-@dataclass(frozen=True)
-class _Scale:
-    factor: float
-
-
-@dataclass(frozen=True)
-class _Term:
-    term: MaskTerm
-
-
-@dataclass(frozen=True)
-class _Softcap:
-    cap: float
-
-
-@dataclass(frozen=True)
-class _View:
-    """A reshape of the scores that keeps the (query, key) axes: (B·H, Sq, Sk) ↔ (B, H, …)."""
-
-    node: Node
-
-
-_ChainStep = Union[_Scale, _Term, _Softcap, _View, str]  # str: a step that does not change values ("cast")
-
-
-def _trace_scores(node: Node, depth: int = 0) -> tuple[Node, list[_ChainStep]]:
-    """Walk from the softmax input back to the score product; steps listed product-first."""
-    if depth > MAX_CHAIN:
-        raise NoMatch("no score product (matmul/bmm/einsum of q and kᵀ) found before softmax")
-    if not isinstance(node, Node):
-        raise NoMatch("softmax input is not a tensor computed in the graph")
-    if node.op == "call_function" and node.target in PRODUCT_TARGETS:
-        return node, []
-    if node.op != "call_function":
-        raise NoMatch(f"softmax input comes from {node.op} `{node.name}`, not a score product")
-    target, args = node.target, node.args
-
-    def chain(inner: Node, step: Optional[_ChainStep] = None):
-        product, steps = _trace_scores(inner, depth + 1)
-        return product, steps + ([step] if step is not None else [])
-
-    if target in CAST_TARGETS or target in IDENTITY_TARGETS:
-        return chain(args[0], "cast")
-    if target in (aten.mul.Tensor, aten.mul.Scalar):
-        capped = _softcap_input(node)
-        if capped is not None:  # cap * tanh(x / cap)
-            return chain(capped[0], _Softcap(capped[1]))
-        for this, other in ((args[0], args[1]), (args[1], args[0])):
-            factor = scalar_arg(other)
-            if factor is not None and isinstance(this, Node):
-                if factor <= 0:
-                    raise NoMatch(f"scores multiplied by non-positive {factor}")
-                return chain(this, _Scale(factor))
-        raise NoMatch(f"scores multiplied by a tensor (`{node.format_node()}`)")
-    if target in (aten.div.Tensor, aten.div.Scalar):
-        divisor = scalar_arg(args[1])
-        if divisor is None or divisor <= 0:
-            raise NoMatch(f"scores divided by a tensor or non-positive value (`{node.name}`)")
-        return chain(args[0], _Scale(1.0 / divisor))
-    if target in (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar):
-        return _trace_add(node, depth)
-    if target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-        value = constant_fill_value(args[2])
-        if value is None:
-            raise NoMatch(f"masked_fill with a non-constant value (`{node.name}`)")
-        return chain(args[0], _Term(MaskTerm("fill", args[1], value=value)))
-    if target in (aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf):
-        condition, when_true, when_false = args[0], args[1], args[2]
-        for scores, other, inverted in ((when_true, when_false, True),
-                                        (when_false, when_true, False)):
-            value = constant_fill_value(other)
-            if value is not None and isinstance(scores, Node):
-                term = MaskTerm("fill", condition, value=value, inverted=inverted)
-                return chain(scores, _Term(term))
-        raise NoMatch(f"where() between two computed tensors (`{node.name}`)")
-    if target is aten.tanh.default:
-        raise NoMatch("tanh of scores that is not a soft-cap (cap * tanh(x / cap))")
-    if target in VIEW_TARGETS:
-        before, after = shape_of(args[0]), shape_of(node)
-        if before is None or after is None or len(before) < 2 or len(after) < 2 or \
-                not (same_dim(before[-1], after[-1]) and same_dim(before[-2], after[-2])):
-            raise NoMatch("scores are reshaped across the (query, key) axes before softmax")
-        return chain(args[0], _View(node))
-    raise NoMatch(f"`{target}` between the score product and softmax is not supported")
-
-
-def _trace_add(node: Node, depth: int) -> tuple[Node, list[_ChainStep]]:
-    target, (a, b) = node.target, node.args[:2]
-    alpha = node.kwargs.get("alpha", 1)
-    sign = -1.0 if target in (aten.sub.Tensor, aten.sub.Scalar) else 1.0
-    if scalar_arg(b) is not None:  # a constant shift: softmax ignores it
-        product, steps = _trace_scores(a, depth + 1)
-        return product, steps + ["cast"]
-    if sign < 0 and _is_row_max_of(b, a):  # x - x.amax(-1, keepdim=True): softmax ignores it
-        product, steps = _trace_scores(a, depth + 1)
-        return product, steps + ["cast"]
-    failures = []
-    for scores, bias, multiplier in ((a, b, sign * alpha), (b, a, sign)):
-        if scores is b and (sign < 0 or alpha != 1):
-            continue  # bias - scores flips the sign of the scores: not attention
-        try:
-            product, steps = _trace_scores(scores, depth + 1)
-        except NoMatch as failure:
-            failures.append(str(failure))
-            continue
-        return product, steps + [_Term(MaskTerm("bias", bias, multiplier=float(multiplier)))]
-    raise NoMatch(failures[0] if failures else f"unsupported add `{node.name}`")
-
-
-def _softcap_input(node: Node) -> Optional[tuple[Node, float]]:
-    """`cap * tanh(x / cap)` (or `x * (1 / cap)` inside) → (x, cap); None otherwise."""
-    a, b = node.args[:2]
-    tanh, cap = (a, scalar_arg(b)) if scalar_arg(b) is not None else (b, scalar_arg(a))
-    if cap is None or cap <= 0 or not is_call(tanh, aten.tanh.default) or \
-            len(real_users(tanh)) != 1:
-        return None
-    inner = tanh.args[0]
-    if is_call(inner, aten.div.Tensor, aten.div.Scalar) and \
-            scalar_arg(inner.args[1]) is not None and \
-            math.isclose(scalar_arg(inner.args[1]), cap, rel_tol=1e-6):
-        return inner.args[0], cap
-    if is_call(inner, aten.mul.Tensor, aten.mul.Scalar) and \
-            scalar_arg(inner.args[1]) is not None and \
-            math.isclose(scalar_arg(inner.args[1]) * cap, 1.0, rel_tol=1e-6):
-        return inner.args[0], cap
-    return None
-
-
-def _is_row_max_of(candidate, scores) -> bool:
-    if is_call(candidate, aten.amax.default) and candidate.args[0] is scores:
-        return True
-    if is_call(candidate, aten.detach.default):
-        return _is_row_max_of(candidate.args[0], scores)
-    if is_call(candidate, operator.getitem):
-        source = candidate.args[0]
-        return is_call(source, aten.max.dim) and source.args[0] is scores
-    return False
-
-
-# --------------------------------------------------------------------------------------------
-# operands: q, kᵀ → k, v; scalar scales and GQA repetition peeled
-
-
-def _peel_scalar_scale(node: Node) -> tuple[Node, float]:
-    """`x * c` or `x / c` with a single user → (x, c)."""
-    factor = 1.0
-    while isinstance(node, Node) and len(real_users(node)) == 1:
-        if is_call(node, aten.mul.Tensor, aten.mul.Scalar):
-            c = scalar_arg(node.args[1])
-            if c is None or c <= 0:
-                break
-            factor *= c
-            node = node.args[0]
-        elif is_call(node, aten.div.Tensor, aten.div.Scalar):
-            c = scalar_arg(node.args[1])
-            if c is None or c <= 0:
-                break
-            factor /= c
-            node = node.args[0]
-        else:
-            break
-    return node, factor
-
-
-def _key_from_transposed(k_t: Node) -> tuple[TensorRecipe, float]:
-    """From kᵀ (…, D, Sk) find k (…, Sk, D) and any scalar scale applied to it."""
-    k_t, factor = _peel_scalar_scale(k_t)
-    ndim = len(shape_of(k_t))
-    if is_call(k_t, aten.transpose.int) and len(real_users(k_t)) == 1:
-        dims = {normalize_dim(d, ndim) for d in k_t.args[1:3]}
-        if dims == {ndim - 2, ndim - 1}:
-            k, inner = _peel_scalar_scale(k_t.args[0])
-            return TensorRecipe(k), factor * inner
-    if is_call(k_t, aten.permute.default) and len(real_users(k_t)) == 1:
-        perm = [normalize_dim(d, ndim) for d in k_t.args[1]]
-        swapped = perm[:-2] + [perm[-1], perm[-2]]
-        if swapped == list(range(ndim)):
-            return TensorRecipe(k_t.args[0]), factor
-        return TensorRecipe(k_t.args[0], (("permute", tuple(swapped)),)), factor
-    return TensorRecipe(k_t, (("transpose", -2, -1),)), factor
-
-
-def _peel_head_repeat(recipe: TensorRecipe) -> tuple[TensorRecipe, int]:
-    """k/v repeated over heads for GQA (expand+reshape, or repeat_interleave) → (source, group).
-
-    Only applies to a plain (B, H, S, D) node; returns (recipe, 1) when nothing is repeated.
-    """
-    node = recipe.node
-    if recipe.steps or len(shape_of(node) or ()) != 4:
-        return recipe, 1
-    if is_call(node, aten.repeat_interleave.self_int):
-        repeats = node.args[1]
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-        if isinstance(repeats, Node) and isinstance(fake_value(repeats), torch.SymInt):
-            repeats = concrete(fake_value(repeats))  # group from shapes: q heads // kv heads
-        if isinstance(repeats, int) and dim is not None and normalize_dim(dim, 4) == 1:
-            return TensorRecipe(node.args[0]), repeats
-        return recipe, 1
-    if not is_call(node, *VIEW_TARGETS):
-        return recipe, 1
-    expanded = node.args[0]
-    while is_call(expanded, aten.clone.default, aten.contiguous.default):
-        expanded = expanded.args[0]
-    if not is_call(expanded, aten.expand.default):
-        return recipe, 1
-    unsqueezed = expanded.args[0]
-    while is_call(unsqueezed, aten.slice.Tensor) and _is_full_slice(unsqueezed):
-        unsqueezed = unsqueezed.args[0]
-    if not (is_call(unsqueezed, aten.unsqueeze.default) and
-            normalize_dim(unsqueezed.args[1], 5) == 2):
-        return recipe, 1
-    source = unsqueezed.args[0]
-    while is_call(source, aten.slice.Tensor) and _is_full_slice(source):
-        source = source.args[0]
-    expanded_shape = shape_of(expanded)
-    if expanded_shape is None or len(expanded_shape) != 5:
-        return recipe, 1
-    group = concrete(expanded_shape[2])
-    return TensorRecipe(source), group
-
-
-def _is_full_slice(node: Node) -> bool:
-    args = list(node.args) + [None] * (4 - len(node.args))
-    start, end = args[2], args[3]
-    step = node.args[4] if len(node.args) > 4 else 1
-    return (start in (None, 0)) and (end is None or (isinstance(end, int) and end >= 2**62)) \
-        and step == 1
-
-
-# --------------------------------------------------------------------------------------------
-# einsum equations
-
-
-def _expand_ellipsis(subscripts: str, ndim: int, fill: str) -> str:
-    if "..." not in subscripts:
-        return subscripts
-    explicit = len(subscripts) - 3
-    return subscripts.replace("...", fill[: ndim - explicit])
-
-
-def _parse_einsum(node: Node) -> tuple[list[str], str, list[Node]]:
-    equation = node.args[0].replace(" ", "")
-    operands = list(node.args[1])
-    if "->" not in equation:
-        raise NoMatch("einsum without an explicit output (`->`)")
-    inputs, output = equation.split("->")
-    inputs = inputs.split(",")
-    if len(inputs) != 2:
-        raise NoMatch("einsum with more than two operands")
-    fill = "".join(c for c in string.ascii_uppercase if c not in equation)
-    ndims = [len(shape_of(op)) for op in operands]
-    inputs = [_expand_ellipsis(s, n, fill) for s, n in zip(inputs, ndims)]
-    output = _expand_ellipsis(output, max(ndims), fill)
-    return inputs, output, operands
-
-
-def _permutation(source: str, target: str) -> Optional[tuple[int, ...]]:
-    perm = tuple(source.index(c) for c in target)
-    return None if perm == tuple(range(len(source))) else perm
-
-
-def _recipe(node: Node, perm: Optional[tuple[int, ...]]) -> TensorRecipe:
-    return TensorRecipe(node, (("permute", perm),) if perm else ())
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,13 +53,13 @@ def _match_softmax(softmax: Node) -> SiteMatch:
     if ndim < 3:
         raise NoMatch("softmax over a tensor of fewer than 3 dims")
 
-    product, steps = _trace_scores(scores_in)
+    product, steps = trace_scores(scores_in)
     scale, terms = 1.0, []
     layout_notes: list[str] = []
 
     # score product → q, k recipes with batch dims first, then (S, D)
     if product.target is aten.einsum.default:
-        (q_letters, k_letters), out_letters, (q_node, k_node) = _parse_einsum(product)
+        (q_letters, k_letters), out_letters, (q_node, k_node) = parse_einsum(product)
         contracted = [c for c in q_letters if c in k_letters and c not in out_letters]
         if len(contracted) != 1:
             raise NoMatch("score einsum does not contract exactly one (head-dim) axis")
@@ -349,11 +73,11 @@ def _match_softmax(softmax: Node) -> SiteMatch:
         if sorted(batch + query_letter + d) != sorted(q_letters) or \
                 sorted(batch + key_letter + d) != sorted(k_letters):
             raise NoMatch("score einsum operands do not share their batch axes")
-        q_node, q_factor = _peel_scalar_scale(q_node)
-        k_node, k_factor = _peel_scalar_scale(k_node)
+        q_node, q_factor = peel_scalar_scale(q_node)
+        k_node, k_factor = peel_scalar_scale(k_node)
         scale *= q_factor * k_factor
-        q = _recipe(q_node, _permutation(q_letters, batch + query_letter + d))
-        k = _recipe(k_node, _permutation(k_letters, batch + key_letter + d))
+        q = permuted_recipe(q_node, permutation(q_letters, batch + query_letter + d))
+        k = permuted_recipe(k_node, permutation(k_letters, batch + key_letter + d))
         if q_node.target in TRANSPOSE_TARGETS:
             layout_notes.append("BSHD")
     else:
@@ -367,8 +91,8 @@ def _match_softmax(softmax: Node) -> SiteMatch:
             q_node, k_t = product.args[:2]
         if len(shape_of(q_node)) < 3 or len(shape_of(k_t)) < 3:
             raise NoMatch("score product of tensors with fewer than 3 dims")
-        q_node, q_factor = _peel_scalar_scale(q_node)
-        k, k_factor = _key_from_transposed(k_t)
+        q_node, q_factor = peel_scalar_scale(q_node)
+        k, k_factor = key_from_transposed(k_t)
         q = TensorRecipe(q_node)
         scale *= q_factor * k_factor
         if q_node.target in TRANSPOSE_TARGETS:
@@ -376,20 +100,20 @@ def _match_softmax(softmax: Node) -> SiteMatch:
 
     softcap, views, terms_per_space = None, [], [0]
     for step in steps:
-        if isinstance(step, _View):
+        if isinstance(step, View):
             views.append(step.node)
             terms_per_space.append(0)
             continue
-        if isinstance(step, _Term):
+        if isinstance(step, Term):
             terms_per_space[-1] += 1
-        if isinstance(step, _Scale):
+        if isinstance(step, Scale):
             if softcap is not None:
                 raise NoMatch("scores scaled after soft-capping")
             scale *= step.factor
             terms = [t.scaled(step.factor) for t in terms]
-        elif isinstance(step, _Term):
+        elif isinstance(step, Term):
             terms.append(step.term)
-        elif isinstance(step, _Softcap):
+        elif isinstance(step, Softcap):
             if terms or softcap is not None:
                 raise NoMatch("mask or bias applied before soft-capping")
             softcap = step.cap
@@ -428,7 +152,7 @@ def _match_softmax(softmax: Node) -> SiteMatch:
     output_steps: tuple = ()
 
     if value_product.target is aten.einsum.default:
-        (p_letters, v_letters), out_letters, (p_node, v_node) = _parse_einsum(value_product)
+        (p_letters, v_letters), out_letters, (p_node, v_node) = parse_einsum(value_product)
         if p_node is not probs:
             (v_letters, p_letters), (v_node, p_node) = (p_letters, v_letters), (p_node, v_node)
         if p_node is not probs:
@@ -441,11 +165,11 @@ def _match_softmax(softmax: Node) -> SiteMatch:
         dv = value_dims[0]
         if sorted(v_letters) != sorted(batch + key_letter + dv):
             raise NoMatch("value einsum operands do not share their batch axes")
-        v = _recipe(v_node, _permutation(v_letters, batch + key_letter + dv))
+        v = permuted_recipe(v_node, permutation(v_letters, batch + key_letter + dv))
         canonical_out = batch + query_letter + dv
         if sorted(canonical_out) != sorted(out_letters):
             raise NoMatch("value einsum output is not (batch…, query, value-dim)")
-        perm = _permutation(canonical_out, out_letters)
+        perm = permutation(canonical_out, out_letters)
         output_steps = (("permute", perm),) if perm else ()
     else:
         if value_product.target is aten.baddbmm.default or value_product.args[0] is not probs:
@@ -523,8 +247,8 @@ def _bind(node: Node) -> dict:
 def _finish(*, form, anchor, output, q, k, v, scale, terms, is_causal, enable_gqa,
             output_steps, dropout_p, layout, internal, softcap=None) -> SiteMatch:
     group = 1
-    k_src, k_group = _peel_head_repeat(k)
-    v_src, v_group = _peel_head_repeat(v)
+    k_src, k_group = peel_head_repeat(k)
+    v_src, v_group = peel_head_repeat(v)
     if k_group > 1 and k_group == v_group:
         k, v, group, enable_gqa = k_src, v_src, k_group, True
     q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
@@ -583,87 +307,6 @@ def find_attention(graph_module: GraphModule, name_prefix: str = ""
 
 def _qualify(prefix: str, path: str) -> str:
     return ".".join(p for p in (prefix, path) if p) or "<root>"
-
-
-def site_dtype(match: SiteMatch) -> Optional[torch.dtype]:
-    return dtype_of(match.q.node)
-
-
-def output_projection(match: SiteMatch) -> Optional[Node]:
-    """The linear that reads the site's output through views, if any."""
-    node = match.output
-    for _ in range(8):
-        user = only_user(node)
-        if user is None:
-            return None
-        if is_call(user, aten.linear.default) and user.args[0] is node:
-            return user
-        if user.target in VIEW_TARGETS or user.target in TRANSPOSE_TARGETS or \
-                user.target in IDENTITY_TARGETS:
-            node = user
-            continue
-        return None
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# describing a match as an AttentionSite
-
-
-def input_projection(node: Node) -> Optional[Projection]:
-    """The plain linear a q/k/v tensor was projected by (through views, RoPE, packing)."""
-    packed, index = False, None
-    for _ in range(16):
-        if not isinstance(node, Node) or node.op != "call_function":
-            return None
-        if node.target is aten.linear.default:
-            weight, bias = node.args[1], node.args[2] if len(node.args) > 2 else None
-            if not (isinstance(weight, Node) and weight.op == "get_attr"):
-                return None
-            bias_name = bias.target if isinstance(bias, Node) and bias.op == "get_attr" else None
-            return Projection(weight.target, bias_name, packed, index)
-        if node.target is operator.getitem and isinstance(node.args[1], int):
-            packed, index = True, node.args[1] if index is None else index
-        elif node.target in (aten.unbind.int, aten.split.Tensor, aten.chunk.default,
-                             aten.split_with_sizes.default):
-            packed = True
-        elif node.target in (aten.select.int, aten.slice.Tensor) and index is None:
-            if node.target is aten.select.int:
-                packed, index = True, node.args[2]
-        node = next((a for a in node.all_input_nodes if a.op != "get_attr"), None)
-    return None
-
-
-def describe_site(match: SiteMatch, *, name: str, module: str, module_type: str,
-                  mask_kind: str, window: Optional[int], causal: bool) -> AttentionSite:
-    q_shape, k_shape, v_shape = match.q.shape, match.k.shape, match.v.shape
-    labels = ("batch", "heads", "q_len", "head_dim")
-    dynamic = [label for label, dim in zip(labels, q_shape) if is_symbolic(dim)]
-    if is_symbolic(k_shape[2]):
-        dynamic.append("kv_len")
-    projections = {}
-    for role, recipe in (("q", match.q), ("k", match.k), ("v", match.v)):
-        projection = input_projection(recipe.node)
-        if projection is not None:
-            projections[role] = projection
-    out_linear = output_projection(match)
-    if out_linear is not None:
-        weight, bias = out_linear.args[1], out_linear.args[2] if len(out_linear.args) > 2 \
-            else None
-        if isinstance(weight, Node) and weight.op == "get_attr":
-            projections["out"] = Projection(
-                weight.target, bias.target if isinstance(bias, Node) else None)
-    dtype = dtype_of(match.q.node)
-    return AttentionSite(
-        name=name, module_path=module, module_type=module_type, form=match.form,
-        batch=concrete(q_shape[0]), heads=concrete(q_shape[1]), kv_heads=concrete(k_shape[1]),
-        q_len=concrete(q_shape[2]), kv_len=concrete(k_shape[2]), head_dim=concrete(q_shape[3]),
-        v_head_dim=concrete(v_shape[3]), scale=float(match.scale), mask_kind=mask_kind,
-        window=window, dropout_p=match.dropout_p, layout=match.layout,
-        gqa_group=match.gqa_group, dtype=str(dtype).replace("torch.", ""), causal=causal,
-        softcap=match.softcap,
-        dynamic_dims=tuple(dynamic), projections=projections, node=match.output.name,
-        notes=match.notes)
 
 
 class DetectAttention:

@@ -22,6 +22,7 @@ IDENTITY_TARGETS = frozenset({
     aten.clone.default, aten.contiguous.default, aten.alias.default,
 })
 VIEW_TARGETS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
+TRANSPOSE_TARGETS = frozenset({aten.transpose.int, aten.permute.default, aten.t.default})
 
 
 def is_call(node: Any, *targets) -> bool:
