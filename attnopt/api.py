@@ -218,6 +218,25 @@ class OptimizedModule(nn.Module):
             by_region[id(region)] = (module, call)
         return regions, by_region
 
+    def _dispatch_attention_functions(self, regions: list[Region]) -> None:
+        """Hugging Face models: calls that bypass the whole graph — `generate()` with its KV
+        cache — reach the attention functions; their sites are captured and verified there on
+        first sight of each signature."""
+        model = self._orig_mod
+        if not huggingface.is_transformers_model(model):
+            return
+        modules = dict(model.named_modules())
+        registered = False
+        for region in regions:
+            for site in region.context.sites:
+                module = modules.get(site.module_path)
+                if module is not None and site.name in region.context.site_nodes:
+                    huggingface.register(module, huggingface.ModuleAttention(
+                        site.module_path, self._build_function_region))
+                    registered = True
+        if registered:
+            huggingface.install_dispatchers(model)
+
     def _build_function_region(self, wrapper, args: tuple, path: str) -> Optional[Region]:
         """Capture, rewrite and verify one more signature of an attention function."""
         state = self._attnopt_state
@@ -298,6 +317,7 @@ class OptimizedModule(nn.Module):
         if strategy == "whole":
             state.strategy = "whole"
             state.whole_regions.extend(rewritten)
+            self._dispatch_attention_functions(rewritten)
             return
         state.strategy = "submodules"
         for region in rewritten:

@@ -373,3 +373,18 @@ def test_gemma2_softcap_and_sliding_window_are_described_and_exact():
         expected = model(input_ids=input_ids, use_cache=False).logits
         actual = optimized(input_ids=input_ids, use_cache=False).logits
     assert (expected - actual).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("case", cases("generate_nocache",
+                                       [c for c in DECODER_CASES if "nocache" in c]),
+                         indirect=True)
+def test_generate_after_whole_capture_runs_rewritten_attention(case):
+    """Whole-model capture serves forward; `generate()` (KV cache, not the captured graph)
+    reaches the attention functions, which run verified rewritten graphs too."""
+    optimized = case.require()
+    assert optimized.report.capture["strategy"] == "whole"
+    expected = _reference_tokens(case)
+    with torch.no_grad(), _CountOp(ATTENTION_OP) as counter:
+        got = _generate(optimized, case.kwargs)
+    assert torch.equal(got, expected)
+    assert counter.count >= 3 * case.spec.sites, _describe(optimized.report)
