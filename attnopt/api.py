@@ -120,9 +120,14 @@ class OptimizedModule(nn.Module):
     @property
     def report(self) -> Report:
         state = self._attnopt_state
-        return state.report if state.report is not None else Report(
-            policy=state.policy.to_dict(), notes=["not optimized yet: call the module or "
-                                                  "pass example inputs to optimize()"])
+        if state.report is None:
+            return Report(policy=state.policy.to_dict(), notes=[
+                "not optimized yet: call the module or pass example inputs to optimize()"])
+        # live counters: captures for input signatures first seen after optimize(), and calls
+        # whose inputs a captured graph's guards refused (they ran the original function)
+        state.report.capture["later_captures"] = state.lazy_captures
+        state.report.capture["guard_fallbacks"] = huggingface.guard_fallbacks(self._orig_mod)
+        return state.report
 
     @property
     def sites(self) -> list[AttentionSite]:

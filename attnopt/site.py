@@ -15,9 +15,6 @@ from typing import Any, Optional
 #: or an arbitrary float mask); `bool` is a boolean pattern that is none of the named ones.
 MASK_KINDS = ("none", "causal", "padding", "causal+padding", "window", "additive", "bool")
 
-#: How the site was written in the source model.
-FORMS = ("fused_sdpa", "matmul", "bmm", "baddbmm", "einsum")
-
 
 @dataclass(frozen=True)
 class Projection:
@@ -41,7 +38,7 @@ class AttentionSite:
     name: str
     module_path: str
     module_type: str
-    form: str
+    form: str  # how it was written: fused_sdpa, matmul, bmm, baddbmm or einsum
     batch: int
     heads: int
     kv_heads: int

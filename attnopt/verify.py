@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch.utils import _pytree as pytree
@@ -128,8 +128,8 @@ def _finite_stats(cand: torch.Tensor, ref: torch.Tensor, tolerance: Tolerance) -
 
 def compare_outputs(candidate: Any, reference: Any) -> ErrorStats:
     """Worst error over the tensor leaves of two outputs of the same structure."""
-    cand_leaves, cand_spec = pytree.tree_flatten(candidate)
-    ref_leaves, ref_spec = pytree.tree_flatten(reference)
+    cand_leaves = pytree.tree_leaves(candidate)
+    ref_leaves = pytree.tree_leaves(reference)
     if len(cand_leaves) != len(ref_leaves):
         return ErrorStats(math.inf, math.inf, -1.0, False, False)
     worst: Optional[ErrorStats] = None
@@ -190,5 +190,3 @@ def format_table(rows: list[tuple[str, ErrorStats]]) -> str:
                      f"{stats.cosine:>10.6f}  {'yes' if stats.passed else 'NO'}")
     return "\n".join(lines)
 
-
-Runner = Callable[[tuple, dict], Any]

@@ -200,5 +200,7 @@ def register(module: nn.Module, state: ModuleAttention) -> None:
     _MODULES[module] = state
 
 
-def unregister(module: nn.Module) -> None:
-    _MODULES.pop(module, None)
+def guard_fallbacks(model: nn.Module) -> int:
+    """Calls in `model` that ran the original function because a graph's guards refused them."""
+    return sum(_MODULES[m].guard_fallbacks for m in model.modules() if m in _MODULES)
+

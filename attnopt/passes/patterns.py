@@ -127,6 +127,3 @@ class SiteMatch:
     @property
     def v_shape(self) -> tuple:
         return self.v.shape
-
-    def mask_node(self) -> Optional[Node]:
-        return self.mask_terms[0].node if len(self.mask_terms) == 1 else None
