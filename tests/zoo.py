@@ -418,3 +418,19 @@ class FairseqViews(nn.Module):
 
 ZOO["fairseq_views"] = Case(FairseqViews, lambda: _qkv() + (_padding(),), 1)
 MASK_KINDS["fairseq_views"] = "padding"
+
+
+class GroupedHeadsBroadcast(nn.Module):
+    """GQA as a broadcast, no repetition: queries (B, Hkv, G, S, D), keys (B, Hkv, 1, S, D)."""
+
+    def forward(self, q, k, v):
+        kv_heads = 2
+        q5 = q.view(B, kv_heads, H // kv_heads, S, D)
+        k5, v5 = k[:, :kv_heads].unsqueeze(2), v[:, :kv_heads].unsqueeze(2)
+        causal = torch.full((S, S), float("-inf"), device=q.device).triu(1)
+        scores = q5 @ k5.transpose(-2, -1) / math.sqrt(D) + causal
+        return (scores.softmax(-1) @ v5).reshape(B, H, S, D)
+
+
+ZOO["gqa_grouped_broadcast"] = Case(GroupedHeadsBroadcast, _qkv, 1)
+MASK_KINDS["gqa_grouped_broadcast"] = "causal"

@@ -185,8 +185,12 @@ def _match_softmax(softmax: Node) -> SiteMatch:
         output_steps = (("flatten", 0, 1),) + output_steps
         layout_notes.append("merged batch·heads")
         batch_dims = 2
+    if batch_dims == 3:  # grouped heads without repetition: (B, Hkv, G, S, D) · (B, Hkv, 1, …)
+        q, k, v, output_steps = _grouped_heads(q, k, v, terms, output_steps)
+        layout_notes.append("grouped heads (B, Hkv, G, S, D)")
+        batch_dims = 2
     if batch_dims > 2:
-        raise NoMatch(f"attention with {batch_dims} batch axes (at most 2 supported)")
+        raise NoMatch(f"attention with {batch_dims} batch axes (at most 3 supported)")
     if batch_dims < 2:  # (B·H, S, D) → (1, B·H, S, D)
         lift = tuple(("unsqueeze", 0) for _ in range(2 - batch_dims))
         q, k, v = q.then(*lift), k.then(*lift), v.then(*lift)
@@ -219,6 +223,21 @@ def _match_sdpa(node: Node) -> SiteMatch:
                    terms=terms, is_causal=bool(bound.get("is_causal", False)),
                    enable_gqa=bool(bound.get("enable_gqa", False)), output_steps=(),
                    dropout_p=dropout_p, layout=layout, internal=[node])
+
+
+def _grouped_heads(q, k, v, terms, output_steps):
+    """(B, Hkv, G, S, D) queries against (B, Hkv, 1, S, D) keys and values — GQA written as a
+    broadcast — become (B, Hkv·G, S, D) against (B, Hkv, S, D): query head h reads kv head
+    h // G, exactly `enable_gqa`'s order."""
+    kv_heads, group = q.shape[1], q.shape[2]
+    if not (isinstance(kv_heads, int) and isinstance(group, int)):
+        raise NoMatch("grouped-head attention with symbolic head counts")
+    if concrete(k.shape[2]) != 1 or concrete(v.shape[2]) != 1:
+        raise NoMatch("5-d attention whose keys are not broadcast over a head group")
+    if any(len(shape_of(t.node) or ()) >= 4 for t in terms):
+        raise NoMatch("5-d grouped-head attention with a per-head mask")
+    return (q.then(("flatten", 1, 2)), k.then(("squeeze", 2)), v.then(("squeeze", 2)),
+            (("unflatten", 1, (kv_heads, group)),) + output_steps)
 
 
 def _merged_heads_split(views: list[Node], terms_per_space: list[int], batch_dims: int
