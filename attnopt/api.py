@@ -13,6 +13,8 @@ Without example inputs it does this lazily at the first call, per input signatur
 
 from __future__ import annotations
 
+import functools
+import inspect as inspect_module
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -110,12 +112,16 @@ class OptimizedModule(nn.Module):
         object.__setattr__(self, "_attnopt_state", _State(policy, verify, capture,
                                                           verify_each, draws, dynamic=dynamic))
 
-    # attribute access falls through to the user's model
+    # attribute access falls through to the user's model; its methods (generate(), …) run with
+    # rewritten attention functions dispatched (Hugging Face models, see integrations/)
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["_orig_mod"], name)
+            value = getattr(self._modules["_orig_mod"], name)
+            if inspect_module.ismethod(value) and value.__self__ is self._modules["_orig_mod"]:
+                return _dispatching_method(value)
+            return value
 
     @property
     def report(self) -> Report:
@@ -228,7 +234,8 @@ class OptimizedModule(nn.Module):
         cache — reach the attention functions; their sites are captured and verified there on
         first sight of each signature."""
         model = self._orig_mod
-        if not huggingface.is_transformers_model(model):
+        if not huggingface.is_transformers_model(model) or \
+                not getattr(model, "can_generate", lambda: False)():
             return
         modules = dict(model.named_modules())
         registered = False
@@ -237,7 +244,7 @@ class OptimizedModule(nn.Module):
                 module = modules.get(site.module_path)
                 if module is not None and site.name in region.context.site_nodes:
                     huggingface.register(module, huggingface.ModuleAttention(
-                        site.module_path, self._build_function_region))
+                        site.module_path, self._build_function_region, always=False))
                     registered = True
         if registered:
             huggingface.install_dispatchers(model)
@@ -356,6 +363,14 @@ class _State:
 
     def built_for(self, args, kwargs) -> bool:
         return any(s.accepts(args, kwargs) for s in self.seen)
+
+
+def _dispatching_method(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        with huggingface.dispatching():
+            return method(*args, **kwargs)
+    return call
 
 
 def _swap_forward(region: Region, rebuild: Callable) -> None:

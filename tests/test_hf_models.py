@@ -388,3 +388,16 @@ def test_generate_after_whole_capture_runs_rewritten_attention(case):
         got = _generate(optimized, case.kwargs)
     assert torch.equal(got, expected)
     assert counter.count >= 3 * case.spec.sites, _describe(optimized.report)
+
+
+@pytest.mark.parametrize("case", cases("untouched", ["llama-gqa-nocache-eager"]), indirect=True)
+def test_users_model_called_directly_is_unchanged_after_whole_capture(case):
+    """Only the OptimizedModule (and its methods) runs rewritten attention; the user's own model,
+    called or exported directly, runs its original code."""
+    case.require()
+    with torch.no_grad(), _CountOp(ATTENTION_OP) as counter:
+        case.model(**case.kwargs)
+        _generate(case.model, case.kwargs)
+    assert counter.count == 0
+    exported = torch.export.export(case.model, (), case.kwargs, strict=False)
+    assert not any("attnopt" in str(n.target) for n in exported.graph.nodes)

@@ -19,6 +19,8 @@ rewritten calls (returned as None, as transformers' SDPA path does).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -91,6 +93,10 @@ class ModuleAttention:
     regions: list = field(default_factory=list)
     refused: set = field(default_factory=set)
     guard_fallbacks: int = 0
+    #: True: the module's calls always dispatch (the attention-functions strategy, installed in
+    #: place after verification). False: only inside `dispatching()` (an OptimizedModule's
+    #: methods such as generate()), so the user's model called directly is unchanged.
+    always: bool = True
 
     def run(self, function, module, query, key, value, attention_mask, kwargs):
         args, constants = split_call(query, key, value, attention_mask, kwargs)
@@ -128,10 +134,35 @@ _MODULES: "weakref.WeakKeyDictionary[nn.Module, ModuleAttention]" = weakref.Weak
 _recording: Optional[dict] = None
 
 
+_dispatching: contextvars.ContextVar[bool] = contextvars.ContextVar("attnopt_dispatching",
+                                                                     default=False)
+
+
+@contextlib.contextmanager
+def dispatching():
+    """Within this context, modules registered with `always=False` dispatch too."""
+    token = _dispatching.set(True)
+    try:
+        yield
+    finally:
+        _dispatching.reset(token)
+
+
+def _tracing(tensor) -> bool:
+    """True while torch.export / torch.compile traces: run the original, never a capture."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    return isinstance(tensor, (FakeTensor, FunctionalTensor)) or \
+        any(isinstance(size, torch.SymInt) for size in tensor.shape)
+
+
 def _dispatcher(original: Callable) -> Callable:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         state = _MODULES.get(module)
-        if state is not None and not args:
+        if state is not None and not args and (state.always or _dispatching.get()) and \
+                not _tracing(query):
             output = state.run(original, module, query, key, value, attention_mask, kwargs)
             if output is not None:
                 return output, None
