@@ -167,10 +167,13 @@ class OptimizedModule(nn.Module):
                 huggingface.is_transformers_model(model) and \
                 any("stateful object" in note for note in capture_info["notes"]):
             regions, calls = self._capture_attention_functions(args, kwargs)
+            stateful = [n for n in capture_info["notes"] if "stateful object" in n]
             capture_info = {**capture_info, "strategy": "attention-functions",
-                            "reason": capture_info["reason"] + "; attention modules receive a "
-                            "KV cache: captured their attention-function calls instead",
-                            "regions": [r.captured.path for r in regions]}
+                            "reason": "the model and its attention modules pass a KV cache "
+                            "(not exportable): captured their attention-function calls",
+                            "regions": [r.captured.path for r in regions],
+                            "notes": [f"{len(stateful)} module(s) not captured: they receive a "
+                                      f"stateful object ({stateful[0].rsplit('input ', 1)[-1]})"]}
             state.function_calls = calls
         if state.verify:
             for region in regions:
