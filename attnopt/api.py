@@ -188,9 +188,13 @@ class OptimizedModule(nn.Module):
                 rows = [(r.name, regions_errors[r.name]) for r in failed] + \
                     [(r.captured.path or "model output", r.output_error) for r in output_failed]
                 state.report = report
+                if huggingface.is_transformers_model(model):
+                    huggingface.remove_dispatchers_if_unused(model)
                 raise VerificationError("exact rewrite changed the model's outputs beyond "
                                         "tolerance; nothing was installed", format_table(rows))
         self._install(regions, capture_info["strategy"])
+        if huggingface.is_transformers_model(model):
+            huggingface.remove_dispatchers_if_unused(model)
         state.report = report
 
     def _capture(self, args, kwargs, report) -> tuple[list[CapturedProgram], dict]:

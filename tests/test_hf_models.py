@@ -401,3 +401,19 @@ def test_users_model_called_directly_is_unchanged_after_whole_capture(case):
     assert counter.count == 0
     exported = torch.export.export(case.model, (), case.kwargs, strict=False)
     assert not any("attnopt" in str(n.target) for n in exported.graph.nodes)
+
+
+def test_inspect_leaves_transformers_attention_functions_as_they_were():
+    """inspect() records calls through a dispatcher; afterwards every function slot no live
+    optimized module uses holds the original function again (Mistral: no other test uses it)."""
+    from attnopt.integrations import huggingface
+    config = transformers.MistralConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    model = transformers.MistralForCausalLM(config).eval()
+    namespace = __import__("sys").modules[type(model.model.layers[0].self_attn).__module__]
+    before = namespace.eager_attention_forward
+    sites = attnopt.inspect(model, (torch.randint(3, 100, (2, 8)),))
+    assert len(sites) == 1
+    assert namespace.eager_attention_forward is before
+    assert not hasattr(namespace.eager_attention_forward, "__attnopt_original__")

@@ -214,6 +214,23 @@ def install_dispatchers(model: nn.Module) -> None:
             _set(slot, _dispatcher(current))
 
 
+def remove_dispatchers_if_unused(model: nn.Module) -> None:
+    """Restore the original function in each of `model`'s slots that no registered module
+    (of any live model) reaches — after `inspect()`, say, or when nothing verified."""
+    in_use = set()
+    for module in list(_MODULES.keys()):
+        namespace = sys.modules.get(type(module).__module__)
+        in_use.add((id(namespace), EAGER_FUNCTION))
+        implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if implementation:
+            from transformers.modeling_utils import AttentionInterface
+            in_use.add((id(AttentionInterface._global_mapping), implementation))
+    for slot in _function_slots(model):
+        original = getattr(_get(slot), "__attnopt_original__", None)
+        if original is not None and (id(slot[0]), slot[1]) not in in_use:
+            _set(slot, original)
+
+
 def record_function_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     """Run the model once; the first attention-function call of each attention module."""
     global _recording
