@@ -406,7 +406,6 @@ def test_users_model_called_directly_is_unchanged_after_whole_capture(case):
 def test_inspect_leaves_transformers_attention_functions_as_they_were():
     """inspect() records calls through a dispatcher; afterwards every function slot no live
     optimized module uses holds the original function again (Mistral: no other test uses it)."""
-    from attnopt.integrations import huggingface
     config = transformers.MistralConfig(
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
