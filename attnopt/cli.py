@@ -1,26 +1,65 @@
-"""The `attnopt` command line."""
+"""The `attnopt` command line.
+
+    attnopt demo                      optimize a small transformer with each policy
+    attnopt inspect DIR [--json]      the attention sites of a local Hugging Face model
+
+Exit codes: 0 ok, 1 verification failed, 2 bad input. Errors are one line; `--debug` shows the
+traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from attnopt import __version__
+
+EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnopt", description="Find, rewrite and verify "
                                      "the attention in PyTorch models.")
     parser.add_argument("--version", action="version", version=f"attnopt {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="optimize a small transformer with each policy")
     demo.add_argument("--seq-len", type=int, default=64)
     demo.add_argument("--batch", type=int, default=2)
+    inspect = commands.add_parser("inspect", help="list the attention sites of a model")
+    inspect.add_argument("source", help="a local Hugging Face model directory")
+    inspect.add_argument("--seq-len", type=int, default=16)
+    inspect.add_argument("--batch", type=int, default=1)
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except Exception as error:  # noqa: BLE001 - one readable line unless --debug
+        from attnopt.errors import AttnoptError, VerificationError
+        if args.debug:
+            raise
+        line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        hint = "" if isinstance(error, AttnoptError) else " (--debug shows the traceback)"
+        print(f"attnopt: error: {line}{hint}", file=sys.stderr)
+        return EXIT_VERIFICATION_FAILED if isinstance(error, VerificationError) \
+            else EXIT_BAD_INPUT
+
+
+def _run(args) -> int:
     if args.command == "demo":
         from attnopt.demo import run_demo
         run_demo(seq_len=args.seq_len, batch=args.batch)
-    return 0
+        return EXIT_OK
+    if args.command == "inspect":
+        from attnopt.api import optimize
+        from attnopt.checkpoints import example_inputs, load_hf_model
+        model = load_hf_model(args.source)
+        inputs = example_inputs(model, batch=args.batch, seq_len=args.seq_len)
+        report = optimize(model, "none", example_kwargs=inputs, verify=False).report
+        print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report)
+        return EXIT_OK
+    raise ValueError(f"unknown command {args.command!r}")
 
 
 if __name__ == "__main__":
