@@ -20,20 +20,19 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
 
 from attnopt.capture import (
     CapturedProgram, candidate_paths, export_module, has_cache_like_input, record_calls,
 )
 from attnopt.errors import AttnoptError, CaptureError, VerificationError
 from attnopt.integrations import huggingface
-from attnopt.passes.cleanup import eliminate_dead_code
+from attnopt.passes.fx_utils import eliminate_dead_code
 from attnopt.passes.detect import find_attention
 from attnopt.policy import Policy, resolve_policy
 from attnopt.report import Report, SiteRecord
 from attnopt.site import AttentionSite
 from attnopt.region import (
-    InputSignature, Region, build_region, call_graph, signature_key, verify_region,
+    Region, RegionCache, build_region, call_graph, signature_key, verify_region,
 )
 from attnopt.verify import DEFAULT_DRAWS, format_table
 
@@ -156,48 +155,48 @@ class OptimizedModule(nn.Module):
     def _optimize(self, args: tuple, kwargs: dict) -> None:
         state = self._attnopt_state
         model = self._orig_mod
-        state.seen.append(InputSignature.of(_EMPTY_GRAPH, args, kwargs))
+        state.seen.append(signature_key(args, kwargs))
+        try:
+            self._optimize_and_install(args, kwargs)
+        finally:  # dispatchers installed to record calls go again where nothing uses them
+            huggingface.remove_dispatchers_if_unused(model)
+
+    def _optimize_and_install(self, args: tuple, kwargs: dict) -> None:
+        state = self._attnopt_state
+        model = self._orig_mod
         report = Report(policy=state.policy.to_dict())
         if model.training:
             report.notes.append("model is in training mode: dropout makes outputs random; "
                                 "call model.eval() before optimizing for inference")
-        captured, capture_info = self._capture(args, kwargs, report)
+        captured, capture_info = self._capture(args, kwargs)
         regions = [build_region(c, state.policy, state.verify_each) for c in captured]
-        if not regions and capture_info["strategy"] == "submodules" and \
-                huggingface.is_transformers_model(model) and \
-                any("stateful object" in note for note in capture_info["notes"]):
-            regions, calls = self._capture_attention_functions(args, kwargs)
-            stateful = [n for n in capture_info["notes"] if "stateful object" in n]
+        stateful = [n for n in capture_info["notes"] if "stateful object" in n]
+        if not regions and capture_info["strategy"] == "submodules" and stateful and \
+                huggingface.is_transformers_model(model):
+            regions = self._capture_attention_functions(args, kwargs)
             capture_info = {**capture_info, "strategy": "attention-functions",
                             "reason": "the model and its attention modules pass a KV cache "
                             "(not exportable): captured their attention-function calls",
                             "regions": [r.captured.path for r in regions],
                             "notes": [f"{len(stateful)} module(s) not captured: they receive a "
                                       f"stateful object ({stateful[0].rsplit('input ', 1)[-1]})"]}
-            state.function_calls = calls
         if state.verify:
             for region in regions:
                 if region.context.site_nodes:  # nothing rewritten, nothing to verify
                     verify_region(region, state.draws)
         self._fill_report(report, regions, capture_info)
+        state.report = report
         if state.verify:
-            regions_errors = {name: stats for r in regions for name, stats in r.errors.items()}
-            failed = [r for r in report.sites if r.passed is False]
-            output_failed = [r for r in regions if r.output_error and not r.output_error.passed]
-            if failed or output_failed:
-                rows = [(r.name, regions_errors[r.name]) for r in failed] + \
-                    [(r.captured.path or "model output", r.output_error) for r in output_failed]
-                state.report = report
-                if huggingface.is_transformers_model(model):
-                    huggingface.remove_dispatchers_if_unused(model)
+            rows = [(name, stats) for r in regions for name, stats in r.errors.items()
+                    if not stats.passed]
+            rows += [(r.captured.path or "model output", r.output_error) for r in regions
+                     if r.output_error and not r.output_error.passed]
+            if rows:
                 raise VerificationError("exact rewrite changed the model's outputs beyond "
                                         "tolerance; nothing was installed", format_table(rows))
         self._install(regions, capture_info["strategy"])
-        if huggingface.is_transformers_model(model):
-            huggingface.remove_dispatchers_if_unused(model)
-        state.report = report
 
-    def _capture(self, args, kwargs, report) -> tuple[list[CapturedProgram], dict]:
+    def _capture(self, args, kwargs) -> tuple[list[CapturedProgram], dict]:
         state = self._attnopt_state
         model = self._orig_mod
         reason = "requested" if state.capture != "auto" else ""
@@ -220,21 +219,19 @@ class OptimizedModule(nn.Module):
                 "regions": [c.path for c in captured], "notes": notes}
         return captured, info
 
-    def _capture_attention_functions(self, args, kwargs) -> tuple[list[Region], dict]:
+    def _capture_attention_functions(self, args, kwargs) -> list[Region]:
         state = self._attnopt_state
         model = self._orig_mod
         calls = huggingface.record_function_calls(model, args, kwargs)
         paths = {id(m): p for p, m in model.named_modules()}
-        regions, by_region = [], {}
+        regions = []
         for module, call in calls.items():
             wrapper = huggingface.AttentionCall(call.function, module, call.constants)
             captured = export_module(wrapper, call.args, {}, paths.get(id(module), ""),
                                      dynamic=state.dynamic_now,
                                      dynamic_shapes=huggingface.dynamic_spec(call.args))
-            region = build_region(captured, state.policy, state.verify_each)
-            regions.append(region)
-            by_region[id(region)] = (module, call)
-        return regions, by_region
+            regions.append(build_region(captured, state.policy, state.verify_each))
+        return regions
 
     def _dispatch_attention_functions(self, regions: list[Region]) -> None:
         """Hugging Face models: calls that bypass the whole graph — `generate()` with its KV
@@ -327,11 +324,10 @@ class OptimizedModule(nn.Module):
         if strategy == "attention-functions":
             state.strategy = "submodules"  # the user's model runs; its functions dispatch
             for region in rewritten:
-                module, call = state.function_calls[id(region)]
-                huggingface.register(module, huggingface.ModuleAttention(
+                call = region.captured.module  # the AttentionCall that was exported
+                huggingface.register(call.target, huggingface.ModuleAttention(
                     region.captured.path, self._build_function_region,
-                    regions=[(region, call.constants)]))
-                state.swapped.append(region)
+                    RegionCache([region], [call.constants])))
             return
         if strategy == "whole":
             state.strategy = "whole"
@@ -341,10 +337,6 @@ class OptimizedModule(nn.Module):
         state.strategy = "submodules"
         for region in rewritten:
             _swap_forward(region, self._build_submodule_region)
-            state.swapped.append(region)
-
-
-_EMPTY_GRAPH = GraphModule(nn.Module(), torch.fx.Graph())
 
 
 @dataclass
@@ -357,9 +349,7 @@ class _State:
     report: Optional[Report] = None
     strategy: str = ""
     whole_regions: list = field(default_factory=list)
-    swapped: list = field(default_factory=list)
-    seen: list = field(default_factory=list)
-    function_calls: dict = field(default_factory=dict)
+    seen: list = field(default_factory=list)  # signature keys optimize() ran for
     lazy_captures: int = 0
     dynamic: Optional[bool] = None
 
@@ -369,7 +359,7 @@ class _State:
         return self.dynamic if self.dynamic is not None else bool(self.seen[:-1])
 
     def built_for(self, args, kwargs) -> bool:
-        return any(s.accepts(args, kwargs) for s in self.seen)
+        return signature_key(args, kwargs) in self.seen
 
 
 def _dispatching_method(method: Callable) -> Callable:
@@ -388,25 +378,18 @@ def _swap_forward(region: Region, rebuild: Callable) -> None:
     """
     module = region.captured.module
     original_forward = type(module).forward
-    regions, refused = [region], set()
+    cache = RegionCache([region], tolerated=(AttnoptError,))
+
+    def build(args, kwargs, _tag):
+        return rebuild(module, args, kwargs, region.captured.path)
 
     def forward(*args, **kwargs):
-        for candidate in regions:
-            if candidate.signature.accepts(args, kwargs):
-                return call_graph(candidate, args, kwargs)
-        key = signature_key(args, kwargs)
-        if key not in refused:
-            refused.add(key)
-            try:
-                built = rebuild(module, args, kwargs, region.captured.path)
-            except AttnoptError:
-                built = None
-            if built is not None:
-                regions.append(built)
-                return call_graph(built, args, kwargs)
+        found = cache.find(args, kwargs, build)
+        if found is not None:
+            return call_graph(found, args, kwargs)
         return original_forward(module, *args, **kwargs)
 
-    forward.__attnopt_regions__ = regions
+    forward.__attnopt_regions__ = cache.regions
     module.forward = forward
 
 

@@ -8,7 +8,7 @@ original and the rewritten graph on the examples and fresh draws (outputs and ev
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -19,9 +19,12 @@ from attnopt.capture import CapturedProgram
 from attnopt.errors import VerificationError
 from attnopt.passes.canonicalize import CanonicalizeAttention
 from attnopt.passes.classify import ClassifyMasks
-from attnopt.passes.cleanup import EliminateDeadCode, eliminate_dead_code
+from attnopt.passes.cleanup import EliminateDeadCode
+from attnopt.passes.fx_utils import eliminate_dead_code
 from attnopt.passes.detect import DetectAttention
-from attnopt.passes.evaluate import record_values
+from attnopt.passes.evaluate import (
+    EvaluationPlan, plan_evaluation, record_values, run_plan,
+)
 from attnopt.passes.manager import PassContext, PassManager
 from attnopt.policy import Policy
 from attnopt.verify import ErrorStats, compare_outputs, format_table, input_draws
@@ -121,12 +124,11 @@ def build_region(captured: CapturedProgram, policy: Policy, verify_each: bool) -
     rewritten = captured.exported.module()
     context = PassContext(captured.args, captured.kwargs, policy, name_prefix=captured.path)
 
-    def check(graph_module: GraphModule) -> None:
-        for args, kwargs in input_draws(captured.args, captured.kwargs, draws=0):
-            stats = compare_outputs(graph_module(*args, **kwargs),
-                                    captured.module(*args, **kwargs))
-            if not stats.passed:
-                raise VerificationError("outputs differ", format_table([("output", stats)]))
+    def check(graph_module: GraphModule) -> None:  # verify_each: the examples only
+        stats = compare_outputs(graph_module(*captured.args, **captured.kwargs),
+                                captured.module(*captured.args, **captured.kwargs))
+        if not stats.passed:
+            raise VerificationError("outputs differ", format_table([("output", stats)]))
 
     manager = PassManager(pass_pipeline(policy), verify_each=verify_each, check=check)
     with torch.no_grad():
@@ -146,8 +148,9 @@ def verify_region(region: Region, draws: int) -> None:
     """
     names = region.context.site_nodes
     sync_state(region.rewritten, region.captured.module)
-    boundaries = {site: replacement_boundary(region, new) for site, (_, new) in names.items()}
-    watch = {old for old, _ in names.values()} | {n for b in boundaries.values() for n in b}
+    replays = {site: replay_plan(region, new) for site, (_, new) in names.items()}
+    watch = {old for old, _ in names.values()} | \
+        {name for plan in replays.values() for name in plan.input_names}
     draws_list = input_draws(region.captured.args, region.captured.kwargs, draws=draws)
     for index, (args, kwargs) in enumerate(draws_list):
         try:
@@ -159,53 +162,20 @@ def verify_region(region: Region, draws: int) -> None:
             continue
         candidate = call_graph(region, args, kwargs)
         region.output_error = compare_outputs(candidate, reference).worst(region.output_error)
-        for site_name, (old_name, new_name) in names.items():
-            replayed = replay(region.rewritten, new_name, boundaries[site_name], old)
+        for site_name, (old_name, _) in names.items():
+            (replayed,) = run_plan(replays[site_name], old)
             site_stats = compare_outputs(replayed, old[old_name])
             region.errors[site_name] = site_stats.worst(region.errors.get(site_name))
         region.draws += 1
 
 
-def replacement_boundary(region: Region, new_name: str) -> set[str]:
-    """Names of the nodes, present in both graphs, that a site's replacement reads."""
+def replay_plan(region: Region, new_name: str) -> EvaluationPlan:
+    """How to compute a site's replacement in the rewritten graph from the values of the
+    nodes it reads that the original graph also has (parameters are read from the graph)."""
     original_names = {n.name for n in region.original.graph.nodes}
-    nodes = {n.name: n for n in region.rewritten.graph.nodes}
-    boundary, stack, seen = set(), [nodes[new_name]], set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for source in node.all_input_nodes:
-            if source.name in original_names and source.op != "get_attr":
-                boundary.add(source.name)
-            else:
-                stack.append(source)
-    return boundary
-
-
-@torch.no_grad()
-def replay(graph_module: GraphModule, node_name: str, boundary: set[str],
-           values: dict[str, Any]):
-    """Evaluate one node of `graph_module` from given values of the nodes it reads."""
-    nodes = {n.name: n for n in graph_module.graph.nodes}
-    env = {nodes[name]: values[name] for name in boundary}
-    target = nodes[node_name]
-    interpreter = torch.fx.Interpreter(graph_module)
-    interpreter.env = dict(env)
-    order = []
-    stack, seen = [target], set(env)
-    while stack:  # the nodes between the boundary and the target, then in graph order
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        order.append(node)
-        stack.extend(node.all_input_nodes)
-    position = {n: i for i, n in enumerate(graph_module.graph.nodes)}
-    for node in sorted(order, key=position.__getitem__):
-        interpreter.env[node] = interpreter.run_node(node)
-    return interpreter.env[target]
+    (target,) = [n for n in region.rewritten.graph.nodes if n.name == new_name]
+    return plan_evaluation(region.rewritten, [target], lambda node: node is not target and
+                           node.name in original_names and node.op != "get_attr")
 
 
 def call_graph(region: Region, args: tuple, kwargs: dict):
@@ -243,3 +213,36 @@ def signature_key(args: tuple, kwargs: dict) -> tuple:
     leaves, spec = pytree.tree_flatten((args, kwargs))
     return (str(spec),) + tuple((tuple(t.shape), t.dtype, t.device.type)
                                 if isinstance(t, torch.Tensor) else repr(t) for t in leaves)
+
+
+class RegionCache:
+    """The rewritten graphs of one module or function, by input signature.
+
+    `find` returns the region whose graph accepts a call; for a signature none accepts it
+    builds one (capture, rewrite, verify) once. A signature whose build fails — with one of
+    the `tolerated` errors — or yields nothing is remembered, and its calls run the original.
+    Regions may carry a `tag` that must match too (an attention function's constants).
+    """
+
+    def __init__(self, regions=(), tags=(), tolerated: tuple = (Exception,)):
+        self.regions: list[Region] = list(regions)
+        self.tags: list = list(tags) or [None] * len(self.regions)
+        self.tolerated = tolerated
+        self.refused: set = set()
+
+    def find(self, args: tuple, kwargs: dict, build: Callable, tag=None) -> Optional[Region]:
+        for region, region_tag in zip(self.regions, self.tags):
+            if region_tag == tag and region.signature.accepts(args, kwargs):
+                return region
+        key = (repr(tag), signature_key(args, kwargs))
+        if key in self.refused:
+            return None
+        self.refused.add(key)  # one attempt per signature, whatever happens
+        try:
+            region = build(args, kwargs, tag)
+        except self.tolerated:
+            return None
+        if region is not None:
+            self.regions.append(region)
+            self.tags.append(tag)
+        return region

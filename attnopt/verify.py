@@ -95,21 +95,10 @@ def compare_tensors(candidate: torch.Tensor, reference: torch.Tensor,
     if bool(ref_finite.all()) and bool(cand_finite.all()):
         return _finite_stats(cand, ref, tolerance)
     same_nonfinite = (~ref_finite) & (~cand_finite) & ((cand == ref) | (cand.isnan() & ref.isnan()))
-    finite_ok = bool(((ref_finite & cand_finite) | same_nonfinite).all())
     both = ref_finite & cand_finite
-    if both.any():
-        diff = (cand[both] - ref[both]).abs()
-        scale = ref[both].abs()
-        max_abs = float(diff.max())
-        max_rel = max_abs / max(float(scale.max()), 1e-30)
-        within = tolerance.holds(diff, scale)
-        c, r = cand[both].flatten(), ref[both].flatten()
-        denominator = float(c.norm() * r.norm())
-        cosine = float(c @ r) / denominator if denominator > 0 else \
-            (1.0 if float(c.norm()) == float(r.norm()) else 0.0)
-    else:
-        max_abs, max_rel, within, cosine = 0.0, 0.0, True, 1.0
-    return ErrorStats(max_abs, max_rel, cosine, within, finite_ok)
+    stats = _finite_stats(cand[both], ref[both], tolerance)
+    stats.finite_ok = bool((both | same_nonfinite).all())
+    return stats
 
 
 def _finite_stats(cand: torch.Tensor, ref: torch.Tensor, tolerance: Tolerance) -> ErrorStats:

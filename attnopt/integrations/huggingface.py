@@ -29,6 +29,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from attnopt.region import RegionCache
+
 #: Name of the attention function each transformers modeling file defines for "eager".
 EAGER_FUNCTION = "eager_attention_forward"
 
@@ -90,8 +92,7 @@ class ModuleAttention:
 
     path: str
     build: Callable  # (AttentionCall, args, path) -> region or None
-    regions: list = field(default_factory=list)
-    refused: set = field(default_factory=set)
+    cache: RegionCache = field(default_factory=RegionCache)  # tagged by the call's constants
     guard_fallbacks: int = 0
     #: True: the module's calls always dispatch (the attention-functions strategy, installed in
     #: place after verification). False: only inside `dispatching()` (an OptimizedModule's
@@ -100,31 +101,18 @@ class ModuleAttention:
 
     def run(self, function, module, query, key, value, attention_mask, kwargs):
         args, constants = split_call(query, key, value, attention_mask, kwargs)
-        for region, region_constants in self.regions:
-            if region_constants == constants and region.signature.accepts(args, {}):
-                try:
-                    return region.run(args)
-                except Exception:  # noqa: BLE001 - export's guards refused these inputs
-                    self.guard_fallbacks += 1  # (e.g. q, k, v aliasing differs from capture)
-                    return None
-        key_ = _signature_key(args, constants)
-        if key_ in self.refused:
-            return None
-        self.refused.add(key_)  # one attempt per signature, whatever happens
-        try:
-            region = self.build(AttentionCall(function, module, constants), args, self.path)
-        except Exception:  # noqa: BLE001 - an uncapturable signature runs the original
-            return None
+
+        def build(args, _kwargs, constants):
+            return self.build(AttentionCall(function, module, constants), args, self.path)
+
+        region = self.cache.find(args, {}, build, tag=constants)
         if region is None:
             return None
-        self.regions.append((region, constants))
-        return region.run(args)
-
-
-def _signature_key(args, constants) -> tuple:
-    leaves = torch.utils._pytree.tree_leaves(args)
-    return tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t)
-                 for t in leaves) + (repr(sorted(constants.items())),)
+        try:
+            return region.run(args)
+        except Exception:  # noqa: BLE001 - export's guards refused these inputs
+            self.guard_fallbacks += 1  # (e.g. q, k, v aliasing differs from capture)
+            return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +205,8 @@ def install_dispatchers(model: nn.Module) -> None:
 def remove_dispatchers_if_unused(model: nn.Module) -> None:
     """Restore the original function in each of `model`'s slots that no registered module
     (of any live model) reaches — after `inspect()`, say, or when nothing verified."""
+    if not is_transformers_model(model):
+        return
     in_use = set()
     for module in list(_MODULES.keys()):
         namespace = sys.modules.get(type(module).__module__)

@@ -71,14 +71,14 @@ class CanonicalizeAttention:
 def _erase_unused(graph: torch.fx.Graph, nodes: list[Node]) -> None:
     """Erase the site's old nodes now: dead-code elimination keeps nodes it deems impure, and
     SDPA and dropout carry the `nondeterministic_seeded` tag."""
-    for node in sorted(set(nodes), key=_position(graph), reverse=True):
-        if not node.users and node.graph is graph:
+    pending = set(nodes)
+    while True:
+        unused = [node for node in pending if not node.users]
+        if not unused:
+            return
+        for node in unused:
             graph.erase_node(node)
-
-
-def _position(graph: torch.fx.Graph):
-    order = {node: index for index, node in enumerate(graph.nodes)}
-    return lambda node: order.get(node, -1)
+        pending.difference_update(unused)
 
 
 class _Emitter:

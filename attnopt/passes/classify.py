@@ -15,7 +15,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from attnopt.passes.describe import describe_site
-from attnopt.passes.evaluate import evaluate_nodes, evaluate_subgraph
+from attnopt.passes.evaluate import evaluate_subgraph, placeholder_values
 from attnopt.passes.fx_utils import (
     ancestors, concrete, dtype_of, is_symbolic, module_path, value_sources,
 )
@@ -35,14 +35,15 @@ class ClassifyMasks:
 
     def __call__(self, graph_module: GraphModule, context: PassContext) -> PassResult:
         term_nodes = list({t.node: None for m in context.matches for t in m.mask_terms})
-        values = {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value
-                  in evaluate_nodes(graph_module, context.args, context.kwargs,
-                                    term_nodes).items()}  # classified on the CPU
+        inputs = placeholder_values(graph_module, context.args, context.kwargs)
+        values = {node.name: value.cpu() if isinstance(value, torch.Tensor) else value
+                  for node, value in zip(term_nodes, evaluate_subgraph(
+                      graph_module, term_nodes, inputs))}  # classified on the CPU
         names: dict[str, int] = {}
         changes = []
         self._probes: dict = {}  # mask producers are shared across layers: probe each once
         for index, match in enumerate(context.matches):
-            info = self._classify(graph_module, match, values, context)
+            info = self._classify(graph_module, match, values, inputs)
             context.mask_infos[index] = info
             path, module_type = module_path(match.anchor)
             qualified = ".".join(p for p in (context.name_prefix, path) if p) or "<root>"
@@ -57,7 +58,7 @@ class ClassifyMasks:
                            + (" [constant]" if info.constant and match.mask_terms else ""))
         return PassResult(graph_module, False, changes)
 
-    def _classify(self, graph_module: GraphModule, match, values, context) -> MaskInfo:
+    def _classify(self, graph_module: GraphModule, match, values, inputs) -> MaskInfo:
         q_shape, k_shape = match.q.shape, match.k.shape
         q_len, kv_len = concrete(q_shape[2]), concrete(k_shape[2])
         dtype = dtype_of(match.q.node) or torch.float32
@@ -68,7 +69,7 @@ class ClassifyMasks:
         sources = value_sources(term_nodes)
         float_sources = [n for n in sources if _is_float(n)]
         # a float input that is itself a mask (0 / very negative) is an input mask, not data
-        depends_on_data = any(not _is_mask_input(n, context) for n in float_sources)
+        depends_on_data = any(not _is_mask_input(inputs.get(n.name)) for n in float_sources)
         depends_on_input = len(sources) > 0
         mask = build_mask(match.mask_terms, [values[n.name] for n in term_nodes],
                           torch.zeros((), dtype=dtype), dtype, eager_emit)
@@ -91,7 +92,7 @@ class ClassifyMasks:
         """The mask producer re-evaluated and classified at PROBE_LENGTH (None: cannot)."""
         exprs = {str(d.node.expr) for d in symbolic_dims}
         term_nodes = [t.node for t in match.mask_terms]
-        placeholder_values = {}
+        probe_inputs = {}
         for node in ancestors(term_nodes):
             if node.op != "placeholder":
                 continue
@@ -100,13 +101,14 @@ class ClassifyMasks:
                 return None
             shape = [(PROBE_LENGTH if str(d.node.expr) in exprs else 1) if is_symbolic(d)
                      else concrete(d) for d in val.shape]  # other dynamic dims (batch): 1
-            placeholder_values[node.name] = torch.zeros(shape, dtype=val.dtype,
+            probe_inputs[node.name] = torch.zeros(shape, dtype=val.dtype,
                                                         device=val.device)
         try:
             probed = [p.cpu() for p in
-                      evaluate_subgraph(graph_module, term_nodes, placeholder_values)]
+                      evaluate_subgraph(graph_module, term_nodes, probe_inputs)]
         except Exception:  # noqa: BLE001 - a producer that cannot be probed is not trusted
             return None
+
         def probe_len(dim) -> int:
             if is_symbolic(dim) and str(dim.node.expr) in exprs:
                 return PROBE_LENGTH
@@ -119,13 +121,8 @@ class ClassifyMasks:
                              depends_on_input=False, depends_on_data=False)
 
 
-def _is_mask_input(node: Node, context: PassContext) -> bool:
-    """A float placeholder whose example value holds only 0 and masked-out values."""
-    placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
-    from attnopt.passes.evaluate import flat_inputs
-    values = dict(zip(placeholders, flat_inputs(node.graph.owning_module, context.args,
-                                                 context.kwargs)))
-    value = values.get(node)
+def _is_mask_input(value) -> bool:
+    """A float input whose example value holds only 0 and masked-out values."""
     if not isinstance(value, torch.Tensor):
         return False
     value = value.float()

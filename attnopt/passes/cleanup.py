@@ -11,21 +11,8 @@ from __future__ import annotations
 
 from torch.fx import GraphModule
 
-from attnopt.passes.fx_utils import aten
+from attnopt.passes.fx_utils import eliminate_dead_code
 from attnopt.passes.manager import PassContext, PassResult
-
-METADATA_ASSERTION = aten._assert_tensor_metadata.default
-
-
-def eliminate_dead_code(graph_module: GraphModule) -> int:
-    """Remove metadata assertions and every unused pure node; return how many went."""
-    graph = graph_module.graph
-    before = len(graph.nodes)
-    for node in list(graph.nodes):
-        if node.target is METADATA_ASSERTION:
-            graph.erase_node(node)
-    graph.eliminate_dead_code()
-    return before - len(graph.nodes)
 
 
 class EliminateDeadCode:

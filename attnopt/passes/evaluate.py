@@ -1,17 +1,27 @@
 """Run a captured graph on concrete inputs and keep the values of chosen nodes.
 
 Used by mask classification (the value of a mask's producer subgraph) and by verification
-(each site's output, in the original and in the rewritten graph).
+(each site's output in the original graph, and its replacement replayed on those values).
+`record_values` runs a whole graph; an `EvaluationPlan` runs only what some nodes need, from
+given values of the nodes they read.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
+
+
+def placeholder_values(graph_module: GraphModule, args: tuple, kwargs: dict
+                       ) -> dict[str, Any]:
+    """{placeholder name: value} for (args, kwargs)."""
+    placeholders = [n.name for n in graph_module.graph.nodes if n.op == "placeholder"]
+    return dict(zip(placeholders, flat_inputs(graph_module, args, kwargs)))
 
 
 def flat_inputs(graph_module: GraphModule, args: tuple, kwargs: dict) -> list[Any]:
@@ -24,16 +34,12 @@ def flat_inputs(graph_module: GraphModule, args: tuple, kwargs: dict) -> list[An
 
 
 class _Recorder(torch.fx.Interpreter):
-    def __init__(self, graph_module: GraphModule, watch: set[str],
-                 only: Optional[set[str]] = None):
+    def __init__(self, graph_module: GraphModule, watch: set[str]):
         super().__init__(graph_module)
         self.watch = watch
-        self.only = only
         self.values: dict[str, Any] = {}
 
     def run_node(self, node):
-        if self.only is not None and node.name not in self.only and node.op != "placeholder":
-            return None  # (placeholders always run: each consumes its positional input)
         result = super().run_node(node)
         if node.name in self.watch:
             self.values[node.name] = result
@@ -52,34 +58,57 @@ def record_values(graph_module: GraphModule, args: tuple, kwargs: dict,
     return recorder.values, list(outputs)
 
 
-@torch.no_grad()
-def evaluate_nodes(graph_module: GraphModule, args: tuple, kwargs: dict,
-                   nodes: list[torch.fx.Node]) -> dict[str, Any]:
-    """Values of `nodes` on (args, kwargs), computing only what they depend on."""
-    if not nodes:
-        return {}
-    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
-    values = dict(zip((n.name for n in placeholders), flat_inputs(graph_module, args, kwargs)))
-    results = evaluate_subgraph(graph_module, nodes, values)
-    return {node.name: value for node, value in zip(nodes, results)}
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """The nodes to run, in graph order, to compute `targets` from the values of `inputs`."""
+
+    graph_module: GraphModule
+    inputs: tuple[Node, ...]
+    order: tuple[Node, ...]
+    targets: tuple[Node, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [node.name for node in self.inputs]
+
+
+def plan_evaluation(graph_module: GraphModule, targets: list[Node],
+                    is_input: Callable[[Node], bool]) -> EvaluationPlan:
+    """What computing `targets` takes, when nodes for which `is_input` holds are given."""
+    inputs, needed, stack = {}, set(), list(targets)
+    while stack:
+        node = stack.pop()
+        if node in needed or node in inputs:
+            continue
+        if is_input(node):
+            inputs[node] = None
+            continue
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    order = tuple(n for n in graph_module.graph.nodes if n in needed)
+    return EvaluationPlan(graph_module, tuple(inputs), order, tuple(targets))
 
 
 @torch.no_grad()
-def evaluate_subgraph(graph_module: GraphModule, outputs: list[torch.fx.Node],
+def run_plan(plan: EvaluationPlan, values: dict[str, Any]) -> list[Any]:
+    """The targets' values, from `values` of the plan's inputs (by node name)."""
+    missing = [name for name in plan.input_names if name not in values]
+    if missing:
+        raise ValueError(f"no value for {missing}")
+    interpreter = torch.fx.Interpreter(plan.graph_module)
+    interpreter.env = {node: values[node.name] for node in plan.inputs}
+    for node in plan.order:
+        interpreter.env[node] = interpreter.run_node(node)
+    return [interpreter.env[target] for target in plan.targets]
+
+
+@torch.no_grad()
+def evaluate_subgraph(graph_module: GraphModule, outputs: list[Node],
                       placeholder_values: dict[str, Any]) -> list[Any]:
     """Evaluate only what `outputs` depend on, with the given placeholder values.
 
     Placeholders outside that dependency cone need no value. Used to probe mask producers at
     other sequence lengths without running the model.
     """
-    from attnopt.passes.fx_utils import ancestors
-    needed = {node.name for node in ancestors(outputs)}
-    missing = [n.name for n in graph_module.graph.nodes
-               if n.op == "placeholder" and n.name in needed and n.name not in placeholder_values]
-    if missing:
-        raise ValueError(f"no value for placeholders {missing}")
-    recorder = _Recorder(graph_module, {node.name for node in outputs}, only=needed)
-    placeholders = [placeholder_values.get(n.name) for n in graph_module.graph.nodes
-                    if n.op == "placeholder"]
-    recorder.run(*placeholders, enable_io_processing=False)
-    return [recorder.values[node.name] for node in outputs]
+    plan = plan_evaluation(graph_module, outputs, lambda node: node.op == "placeholder")
+    return run_plan(plan, placeholder_values)

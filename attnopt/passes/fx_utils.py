@@ -165,3 +165,19 @@ def remove_assertions_on(graph: torch.fx.Graph, nodes: Iterable[Node]) -> None:
         for user in list(node.users):
             if user.target in ASSERTION_TARGETS:
                 graph.erase_node(user)
+
+
+def eliminate_dead_code(graph_module) -> int:
+    """Remove metadata assertions and every unused pure node; return how many went.
+
+    fx's own `eliminate_dead_code` keeps `_assert_tensor_metadata` nodes (they are impure),
+    and they keep their subjects alive; what they assert (dtype, device of an intermediate) no
+    rewrite changes, so they go.
+    """
+    graph = graph_module.graph
+    before = len(graph.nodes)
+    for node in list(graph.nodes):
+        if node.target is aten._assert_tensor_metadata.default:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    return before - len(graph.nodes)

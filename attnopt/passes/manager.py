@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Protocol
 from torch.fx import GraphModule
 
 from attnopt.errors import PassError, VerificationError
+from attnopt.passes.fx_utils import eliminate_dead_code
 from attnopt.site import AttentionSite, Rejection
 
 
@@ -80,7 +81,6 @@ class PassManager:
                                 f"{type(error).__name__}: {error}") from error
             graph_module = result.graph_module
             if result.modified:
-                from attnopt.passes.cleanup import eliminate_dead_code
                 eliminate_dead_code(graph_module)
                 graph_module.graph.lint()
                 graph_module.recompile()
