@@ -23,7 +23,7 @@ from attnopt.passes.cleanup import EliminateDeadCode
 from attnopt.passes.fx_utils import eliminate_dead_code
 from attnopt.passes.detect import DetectAttention
 from attnopt.passes.evaluate import (
-    EvaluationPlan, plan_evaluation, record_values, run_plan,
+    EvaluationPlan, flat_inputs, plan_evaluation, record_values, run_plan,
 )
 from attnopt.passes.manager import PassContext, PassManager
 from attnopt.policy import Policy
@@ -45,8 +45,8 @@ class InputSignature:
     def of(graph_module: GraphModule, args: tuple, kwargs: dict) -> "InputSignature":
         flat, spec = pytree.tree_flatten((args, kwargs))
         placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
-        shapes = {}
-        for node, leaf in zip(placeholders, flat):
+        shapes = {}  # placeholders pair with the graph's own flattening (None inputs included)
+        for node, leaf in zip(placeholders, flat_inputs(graph_module, args, kwargs)):
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):
                 shapes[id(leaf)] = tuple(d if isinstance(d, int) else None for d in val.shape)
