@@ -38,7 +38,6 @@ from attnopt.verify import DEFAULT_DRAWS, format_table
 
 CAPTURE_STRATEGIES = ("auto", "whole", "submodules")
 #: Backend that runs canonical exact attention until a generated kernel applies.
-EXACT_BACKEND = "sdpa"
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,9 +293,11 @@ class OptimizedModule(nn.Module):
                 rewrite, why = context.decisions.get(site.name, ("none", "policy 'none': "
                                                                  "detect and report only"))
                 stats = region.errors.get(site.name)
+                backend, backend_reason = context.backends.get(site.name, ("", ""))
                 record = SiteRecord(name=site.name, module_path=site.module_path,
                                      rewrite=rewrite, reason=why, site=site,
-                                     backend=EXACT_BACKEND if rewrite == "exact" else "")
+                                     backend=backend if rewrite == "exact" else "",
+                                     backend_reason=backend_reason if rewrite == "exact" else "")
                 if stats is not None:
                     record.record_errors(stats.max_abs_err, stats.max_rel_err, stats.cosine,
                                          stats.passed)

@@ -22,6 +22,7 @@ from attnopt.passes.classify import ClassifyMasks
 from attnopt.passes.cleanup import EliminateDeadCode
 from attnopt.passes.fx_utils import eliminate_dead_code
 from attnopt.passes.detect import DetectAttention
+from attnopt.passes.lower import SelectBackends
 from attnopt.passes.evaluate import (
     EvaluationPlan, flat_inputs, plan_evaluation, record_values, run_plan,
 )
@@ -113,7 +114,7 @@ class Region:
 def pass_pipeline(policy: Policy) -> list:
     passes = [EliminateDeadCode(), DetectAttention(), ClassifyMasks()]
     if policy.rewrites_anything:
-        passes.append(CanonicalizeAttention())
+        passes += [CanonicalizeAttention(), SelectBackends()]
     return passes
 
 

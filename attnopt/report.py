@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from attnopt.ops.attention import FALLBACK_BACKEND
 from attnopt.site import AttentionSite
 
 
@@ -20,7 +21,8 @@ class SiteRecord:
     rewrite: str                 # "none" when left alone
     reason: str
     site: Optional[AttentionSite] = None
-    backend: str = ""
+    backend: str = ""            # what the rewritten site runs on: "triton" or "sdpa"
+    backend_reason: str = ""
     max_abs_err: Optional[float] = None
     max_rel_err: Optional[float] = None
     cosine: Optional[float] = None
@@ -34,6 +36,7 @@ class SiteRecord:
     def to_dict(self) -> dict[str, Any]:
         data = {"name": self.name, "module_path": self.module_path, "rewrite": self.rewrite,
                 "reason": self.reason, "backend": self.backend,
+                "backend_reason": self.backend_reason,
                 "max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err,
                 "cosine": self.cosine, "passed": self.passed}
         if self.site is not None:
@@ -87,6 +90,9 @@ class Report:
                              f"{record.backend or '-':<8} {err:>11}")
                 if record.rewrite == "none":
                     lines.append(f"{'':<4}↳ {record.reason}")
+                elif record.backend == FALLBACK_BACKEND and site is not None \
+                        and site.device == "cuda":
+                    lines.append(f"{'':<4}↳ runs SDPA: {record.backend_reason}")
         if self.verification:
             v = self.verification
             lines.append(f"verification: {'passed' if v.get('passed') else 'FAILED'} on "

@@ -53,6 +53,7 @@ class AttentionSite:
     layout: str = "BHSD"
     gqa_group: int = 1
     dtype: str = "float32"
+    device: str = "cpu"  # device type of the traced operands
     causal: bool = False
     softcap: Optional[float] = None
     dynamic_dims: tuple[str, ...] = ()

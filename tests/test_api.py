@@ -54,8 +54,10 @@ def test_report_dict_is_json_with_required_keys():
     for site in data["sites"]:
         assert {"name", "rewrite", "reason", "max_abs_err"} <= set(site)
         assert site["rewrite"] == "exact" and site["max_abs_err"] < 1e-5
+        assert site["backend"] == "sdpa" and "cpu" in site["backend_reason"]
     assert [p["name"] for p in data["passes"]] == [
-        "eliminate_dead_code", "detect_attention", "classify_masks", "canonicalize_attention"]
+        "eliminate_dead_code", "detect_attention", "classify_masks", "canonicalize_attention",
+        "select_backends"]
     text = str(optimized.report)
     assert "blocks.0" in text and "blocks.1" in text and "verification: passed" in text
 

@@ -20,6 +20,9 @@ import triton.language as tl
 
 LOG2E: tl.constexpr = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 NEG_INF: tl.constexpr = float("-inf")
+# Finite bias values are clamped here before the base-2 scaling, so that masks written with
+# torch.finfo(float32).min stay finite (rows masked that way average uniformly, as in PyTorch)
+MIN_FINITE_BIAS: tl.constexpr = -2.0e38
 
 BIAS_NONE: tl.constexpr = 0
 BIAS_ADDITIVE: tl.constexpr = 1
@@ -54,6 +57,15 @@ def key_band(m0, kv_end, offset, window_left, window_right,
 
 
 @triton.jit
+def stable_tanh(x):
+    """tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}), stable for every x (soft-cap; the
+    backward recomputes it for the cap's derivative 1 - tanh^2)."""
+    decay = tl.exp2(-2.0 * LOG2E * tl.abs(x))
+    tanh = (1.0 - decay) / (1.0 + decay)
+    return tl.where(x < 0, -tanh, tanh)
+
+
+@triton.jit
 def score_tile(qk, offs_m, offs_n, seq_q, seq_k, kv_end, offset, window_left, window_right,
                scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -61,12 +73,7 @@ def score_tile(qk, offs_m, offs_n, seq_q, seq_k, kv_end, offset, window_left, wi
     """Base-2 scores of one tile: `qk` (BLOCK_M, BLOCK_N) float32 raw products in, -inf where
     a key is invisible. `slope` is the head's ALiBi slope (ignored without HAS_ALIBI)."""
     if HAS_SOFTCAP:
-        capped = qk * (scale / softcap)
-        # tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}), stable for every x
-        decay = tl.exp2(-2.0 * LOG2E * tl.abs(capped))
-        tanh = (1.0 - decay) / (1.0 + decay)
-        tanh = tl.where(capped < 0, -tanh, tanh)
-        s = tanh * (softcap * LOG2E)
+        s = stable_tanh(qk * (scale / softcap)) * (softcap * LOG2E)
     else:
         s = qk * (scale * LOG2E)
     if BIAS_KIND != BIAS_NONE:
@@ -74,6 +81,7 @@ def score_tile(qk, offs_m, offs_n, seq_q, seq_k, kv_end, offset, window_left, wi
         in_bounds = (offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k)
         if BIAS_KIND == BIAS_ADDITIVE:
             bias = tl.load(bias_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+            bias = tl.where(bias == NEG_INF, NEG_INF, tl.maximum(bias, MIN_FINITE_BIAS))
             s = s + bias * LOG2E
         else:
             allowed = tl.load(bias_ptrs, mask=in_bounds, other=0)

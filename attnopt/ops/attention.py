@@ -15,17 +15,52 @@ Semantics are those of `F.scaled_dot_product_attention` without dropout:
 - `softcap`: when given, scores are soft-capped before the mask: `softcap * tanh(s / softcap)`
   (Gemma 2 style).
 
-The op owns its reference implementation (SDPA, runs on every device), its fake implementation
-for tracing, and its autograd (gradients of q, k, v and of a float mask, by recomputation).
+The op owns its reference implementation (SDPA, runs on every device), its CUDA implementation
+(the generated Triton flash kernel from `attnopt.kernels` where `kernel_unsupported_reason` finds
+nothing against it, else SDPA), its fake implementation for tracing, and its autograd (gradients
+of q, k, v and of a float mask; on CUDA through the Triton backward kernels).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+#: Set to "0" to keep every site on SDPA even where a Triton kernel applies (for comparisons).
+KERNELS_ENV = "ATTNOPT_KERNELS"
+KERNEL_BACKEND, FALLBACK_BACKEND = "triton", "sdpa"
+
+
+def kernel_unsupported_reason(q: Tensor, k: Tensor, v: Tensor,
+                              attn_mask: Optional[Tensor] = None) -> Optional[str]:
+    """Why a call cannot run on the Triton flash kernel (None when it can).
+
+    Reads only metadata, so it answers for fake tensors at optimize time exactly as it does for
+    real ones at run time.
+    """
+    if os.environ.get(KERNELS_ENV, "1") == "0":
+        return f"kernels disabled by {KERNELS_ENV}=0"
+    if q.device.type != "cuda":
+        return f"{q.device.type} tensors run SDPA; the Triton kernels are for CUDA"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"{q.dim()}-d operands (the kernel takes (B, H, S, D))"
+    if q.shape[0] != k.shape[0]:
+        return "k/v batch is broadcast over q's"
+    if attn_mask is not None and attn_mask.dim() > 4:
+        return f"{attn_mask.dim()}-d mask"
+    if attn_mask is not None and attn_mask.requires_grad:
+        return "the mask needs a gradient (the kernels do not produce one)"
+    from attnopt.kernels.params import unsupported_reason
+    return unsupported_reason(q, k, v)
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
@@ -69,6 +104,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     return attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
 
 
+@attention.register_kernel("cuda")
+def _attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+                    softcap=None):
+    if kernel_unsupported_reason(q, k, v, attn_mask) is not None:
+        return attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
+    from attnopt.kernels import flash_attention
+    return flash_attention(q, k, v, causal=is_causal, scale=scale, attn_bias=attn_mask,
+                           softcap=softcap)
+
+
 @attention.register_fake
 def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
                     softcap=None):
@@ -91,8 +136,13 @@ def _backward(ctx, grad_out):
         mask_ = attn_mask
         if mask_needs_grad:
             mask_ = attn_mask.detach().requires_grad_(True)
-        out = attention_reference(q_, k_, v_, mask_, ctx.is_causal, ctx.scale, ctx.enable_gqa,
-                                  ctx.softcap)
+        if not mask_needs_grad and kernel_unsupported_reason(q, k, v, attn_mask) is None:
+            from attnopt.kernels import flash_attention
+            out = flash_attention(q_, k_, v_, causal=ctx.is_causal, scale=ctx.scale,
+                                  attn_bias=attn_mask, softcap=ctx.softcap)
+        else:
+            out = attention_reference(q_, k_, v_, mask_, ctx.is_causal, ctx.scale,
+                                      ctx.enable_gqa, ctx.softcap)
         wrt = [q_, k_, v_] + ([mask_] if mask_needs_grad else [])
         grads = torch.autograd.grad(out, wrt, grad_out)
     grad_mask = grads[3] if mask_needs_grad else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 from typing import Optional
 
+import torch
 from torch.fx import Node
 
 from attnopt.passes.fx_utils import (
@@ -76,13 +77,16 @@ def describe_site(match: SiteMatch, *, name: str, module: str, module_type: str,
             projections["out"] = Projection(
                 weight.target, bias.target if isinstance(bias, Node) else None)
     dtype = dtype_of(match.q.node)
+    value = match.q.node.meta.get("val")
+    device = value.device.type if isinstance(value, torch.Tensor) else "cpu"
     return AttentionSite(
         name=name, module_path=module, module_type=module_type, form=match.form,
         batch=concrete(q_shape[0]), heads=concrete(q_shape[1]), kv_heads=concrete(k_shape[1]),
         q_len=concrete(q_shape[2]), kv_len=concrete(k_shape[2]), head_dim=concrete(q_shape[3]),
         v_head_dim=concrete(v_shape[3]), scale=float(match.scale), mask_kind=mask_kind,
         window=window, dropout_p=match.dropout_p, layout=match.layout,
-        gqa_group=match.gqa_group, dtype=str(dtype).replace("torch.", ""), causal=causal,
+        gqa_group=match.gqa_group, dtype=str(dtype).replace("torch.", ""), device=device,
+        causal=causal,
         softcap=match.softcap,
         dynamic_dims=tuple(dynamic), projections=projections, node=match.output.name,
         notes=match.notes)

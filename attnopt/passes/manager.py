@@ -40,6 +40,7 @@ class PassContext:
     rejections: list[Rejection] = field(default_factory=list)
     decisions: dict[str, tuple[str, str]] = field(default_factory=dict)  # site → (rewrite, why)
     site_nodes: dict[str, tuple[str, str]] = field(default_factory=dict)  # site → (old, new)
+    backends: dict[str, tuple[str, str]] = field(default_factory=dict)    # site → (backend, why)
 
 
 class GraphPass(Protocol):

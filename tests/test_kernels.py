@@ -1,0 +1,149 @@
+"""The generated flash-attention forward kernel against the float64 dense reference.
+
+Without a GPU these run under Triton's interpreter (conftest sets TRITON_INTERPRET=1), so sizes
+stay small: at most 128 positions, interpreter tiles of 32. Every case draws fresh random inputs
+and the kernel writes into freshly allocated (uninitialized) outputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnopt.kernels import BlockSparseLayout, flash_attention, flash_attention_reference
+from attnopt.kernels.params import unsupported_reason
+
+#: max |kernel - float64 reference| allowed, per input dtype (values are O(1): unit normal v)
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(seed, batch=2, heads=4, kv_heads=2, q_len=70, kv_len=90, head_dim=40,
+            dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator).to(DEVICE, dtype)
+    return (draw(batch, heads, q_len, head_dim), draw(batch, kv_heads, kv_len, head_dim),
+            draw(batch, kv_heads, kv_len, head_dim))
+
+
+def _check(q, k, v, **options):
+    out = flash_attention(q, k, v, **options)
+    reference = flash_attention_reference(q.double(), k.double(), v.double(), **options)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out).all()
+    error = (out.double() - reference).abs().max().item()
+    assert error <= TOLERANCE[q.dtype], f"{options}: max error {error:.2e}"
+
+
+def _layout(seed, shape, density=0.5):
+    generator = torch.Generator().manual_seed(seed)
+    return BlockSparseLayout(torch.rand(*shape, generator=generator) < density, 32)
+
+
+CASES = {
+    "plain": {},
+    "causal_top_left": dict(causal=True),
+    "causal_bottom_right": dict(causal=True, causal_alignment="bottom_right"),
+    "window": dict(window=(10, 5)),
+    "causal_window_bottom_right": dict(causal=True, window=(17, 0),
+                                       causal_alignment="bottom_right"),
+    "kv_lengths": dict(kv_lengths=torch.tensor([50, 90], dtype=torch.int32)),
+    "additive_bias_over_heads": dict(attn_bias=torch.randn(2, 1, 70, 90)),
+    "boolean_bias": dict(attn_bias=torch.rand(70, 90) > 0.3),
+    "softcap_and_scale": dict(softcap=5.0, scale=0.3),
+    "alibi": dict(alibi_slopes=torch.rand(4)),
+    "alibi_per_batch_causal": dict(alibi_slopes=torch.rand(2, 4), causal=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_matches_reference(name):
+    options = {key: value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+               for key, value in CASES[name].items()}
+    _check(*_inputs(sum(map(ord, name))), **options)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (4, 1, 32), (2, 2, 96)])
+def test_forward_head_layouts(heads, kv_heads, head_dim):
+    q, k, v = _inputs(heads * 100 + head_dim, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                      q_len=64, kv_len=64)
+    _check(q, k, v, causal=True)
+
+
+def test_forward_fp16():
+    _check(*_inputs(7, dtype=torch.float16), causal=True, attn_bias=torch.randn(70, 90,
+                                                                                device=DEVICE))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_block_layout(causal):
+    q, k, v = _inputs(11, q_len=64, kv_len=128, head_dim=64)
+    layout = _layout(3, (2, 1, 2, 4))
+    _check(q, k, v, block_mask=layout, causal=causal, causal_alignment="bottom_right")
+
+
+def test_forward_rows_without_keys_are_zero():
+    q, k, v = _inputs(5, q_len=32, kv_len=64)
+    lengths = torch.tensor([0, 64], dtype=torch.int32, device=DEVICE)
+    out = flash_attention(q, k, v, kv_lengths=lengths)
+    assert (out[0] == 0).all()
+    _check(q, k, v, kv_lengths=lengths)
+
+
+def test_forward_float_min_mask_matches_pytorch():
+    """A row masked with finfo.min everywhere averages uniformly (as SDPA does), not NaN."""
+    q, k, v = _inputs(9, heads=2, kv_heads=2, q_len=32, kv_len=32)
+    bias = torch.zeros(32, 32, device=DEVICE)
+    bias[0] = torch.finfo(torch.float32).min
+    out = flash_attention(q, k, v, attn_bias=bias)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert (out - expected).abs().max().item() <= TOLERANCE[torch.float32]
+
+
+def test_forward_reads_strided_inputs():
+    """BSHD tensors viewed as BHSD (a transpose, as models produce) need no copy to be right."""
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2)
+               for t in _inputs(13, q_len=64, kv_len=64, kv_heads=4))
+    assert not q.is_contiguous()
+    _check(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(window=(-1, 3)), "window bounds"),
+    (dict(window=3), "window must be"),
+    (dict(kv_lengths=torch.tensor([1.0, 2.0])), "kv_lengths"),
+    (dict(alibi_slopes=torch.ones(3)), "alibi_slopes"),
+    (dict(attn_bias=torch.zeros(5, 7)), "does not broadcast"),
+    (dict(causal=True, causal_alignment="middle"), "causal_alignment"),
+    (dict(softcap=0.0), "softcap"),
+    (dict(block_mask=torch.ones(1, 1, 3, 3, dtype=torch.bool)), "BlockSparseLayout"),
+])
+def test_bad_arguments_raise(bad, message):
+    q, k, v = _inputs(1, q_len=8, kv_len=8)
+    bad = {key: value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+           for key, value in bad.items()}
+    with pytest.raises((ValueError, TypeError), match=message):
+        flash_attention(q, k, v, **bad)
+
+
+def test_layout_shape_is_checked():
+    q, k, v = _inputs(1, q_len=64, kv_len=64)
+    with pytest.raises(ValueError, match="does not fit"):
+        flash_attention(q, k, v, block_mask=BlockSparseLayout(
+            torch.ones(1, 1, 3, 2, dtype=torch.bool), 32))
+
+
+def test_layout_from_mask_covers_the_mask():
+    mask = torch.rand(1, 2, 70, 90) < 0.02
+    layout = BlockSparseLayout.from_mask(mask, 32)
+    assert layout.blocks_BHMN.shape == (1, 2, 3, 3)
+    assert (layout.dense_mask(70, 90) | ~mask).all()
+
+
+def test_unsupported_reasons_are_named():
+    q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    assert "dtype" in unsupported_reason(q, q, q)
+    q = torch.randn(1, 1, 4, 512)
+    assert "head dim" in unsupported_reason(q, q, q)
