@@ -18,15 +18,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
-NEG_INF: tl.constexpr = float("-inf")
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
+NEG_INF = tl.constexpr(float("-inf"))
 # Finite bias values are clamped here before the base-2 scaling, so that masks written with
 # torch.finfo(float32).min stay finite (rows masked that way average uniformly, as in PyTorch)
-MIN_FINITE_BIAS: tl.constexpr = -2.0e38
+MIN_FINITE_BIAS = tl.constexpr(-2.0e38)
 
-BIAS_NONE: tl.constexpr = 0
-BIAS_ADDITIVE: tl.constexpr = 1
-BIAS_BOOLEAN: tl.constexpr = 2
+BIAS_NONE = tl.constexpr(0)
+BIAS_ADDITIVE = tl.constexpr(1)
+BIAS_BOOLEAN = tl.constexpr(2)
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def key_band(m0, kv_end, offset, window_left, window_right,
 def stable_tanh(x):
     """tanh(x) = sign(x) (1 - e^{-2|x|}) / (1 + e^{-2|x|}), stable for every x (soft-cap; the
     backward recomputes it for the cap's derivative 1 - tanh^2)."""
-    decay = tl.exp2(-2.0 * LOG2E * tl.abs(x))
+    decay = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
     tanh = (1.0 - decay) / (1.0 + decay)
     return tl.where(x < 0, -tanh, tanh)
 

@@ -1,0 +1,173 @@
+"""attnopt's generated Triton flash kernels against PyTorch's attention backends, on CUDA.
+
+Anchors, all in the same run: `F.scaled_dot_product_attention` pinned to each backend (flash,
+cuDNN, efficient) and FlexAttention compiled with `torch.compile` (a causal BlockMask where
+causal). Shapes follow the issue: bf16, hidden 2048 (heads = 2048 / head dim), 16K total tokens
+(batch = 16K / n), n in {1K, 4K, 16K}, causal and not; decode shapes (one query over a 32K–128K
+KV cache, GQA 32/8 heads, head dim 128); forward and forward+backward.
+
+Correctness first: every implementation's output against a float32 reference on fresh random
+inputs (max abs error printed in the table). Times are medians of `triton.testing.do_bench`;
+TFLOP/s counts 4·B·H·Sq·Sk·D for the forward (half where causal) and 2.5× that for the backward.
+
+    PYTHONPATH=. python benchmarks/bench_attention.py [--parts fwd bwd decode] [--dims 64 128]
+        [--seqs 1024 4096 16384] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from attnopt.kernels import flash_attention
+
+HIDDEN = 2048
+TOTAL_TOKENS = 16384
+SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION,
+                 "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def median_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def flops(batch, heads, q_len, kv_len, head_dim, causal) -> float:
+    total = 4 * batch * heads * q_len * kv_len * head_dim
+    return total / 2 if causal and q_len == kv_len else total
+
+
+def implementations(causal: bool, q_len: int, kv_len: int, enable_gqa: bool):
+    """name -> fn(q, k, v) for the kernel and every anchor that runs this shape."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    compiled_flex = torch.compile(flex_attention, dynamic=False)
+    block_mask = None
+    if causal:
+        offset = kv_len - q_len  # bottom-right: the query block sits at the end of the keys
+        block_mask = create_block_mask(lambda b, h, qi, kj: kj <= qi + offset, None, None,
+                                       q_len, kv_len, device="cuda")
+    alignment = "bottom_right" if q_len != kv_len else "top_left"
+    impls = {"attnopt": lambda q, k, v: flash_attention(q, k, v, causal=causal,
+                                                        causal_alignment=alignment)}
+    for name, backend in SDPA_BACKENDS.items():
+        if causal and q_len != kv_len:
+            continue  # SDPA's is_causal is top-left aligned: a different computation
+        def run(q, k, v, backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                      enable_gqa=enable_gqa)
+        impls[name] = run
+    impls["flex"] = lambda q, k, v: compiled_flex(q, k, v, block_mask=block_mask,
+                                                  enable_gqa=enable_gqa)
+    return impls
+
+
+def reference(q, k, v, causal):
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.float().repeat_interleave(group, 1) for t in (k, v))
+    scores = (q.float() @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def measure(shape, causal, backward, rows):
+    batch, heads, kv_heads, q_len, kv_len, head_dim = shape
+    torch.manual_seed(q_len + kv_len + head_dim)
+    q = torch.randn(batch, heads, q_len, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, kv_heads, kv_len, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    expected = reference(q[:1], k[:1], v[:1], causal) if q_len * kv_len <= 4096 * 16384 else None
+    work = flops(batch, heads, q_len, kv_len, head_dim, causal) * (3.5 if backward else 1.0)
+    results = {}
+    for name, fn in implementations(causal, q_len, kv_len, kv_heads != heads).items():
+        try:
+            if backward:
+                qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+                grad = torch.randn_like(q)
+                out = fn(qg, kg, vg)
+                out.backward(grad)
+
+                def step(fn=fn, qg=qg, kg=kg, vg=vg, grad=grad):
+                    qg.grad = kg.grad = vg.grad = None
+                    fn(qg, kg, vg).backward(grad)
+            else:
+                with torch.no_grad():
+                    out = fn(q, k, v)
+
+                def step(fn=fn):
+                    with torch.no_grad():
+                        fn(q, k, v)
+            error = (out[:1].float() - expected).abs().max().item() if expected is not None \
+                else float("nan")
+            ms = median_ms(step)
+            results[name] = {"ms": ms, "tflops": work / ms / 1e9, "max_abs_err": error}
+        except Exception as exc:  # an anchor that does not run this shape is reported, not fatal
+            if name == "attnopt":
+                raise
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"}
+    rows.append({"shape": shape, "causal": causal, "backward": backward, "results": results})
+    _print_row(rows[-1])
+
+
+def _print_row(row):
+    batch, heads, kv_heads, q_len, kv_len, head_dim = row["shape"]
+    mine = row["results"].get("attnopt", {})
+    cells = []
+    for name, r in row["results"].items():
+        if "error" in r:
+            cells.append(f"{name}: n/a")
+        else:
+            ratio = (r["ms"] / mine["ms"]) if "ms" in mine else float("nan")
+            cells.append(f"{name} {r['ms']:.3f} ms {r['tflops']:.0f} TF/s "
+                         f"(×{ratio:.2f}, err {r['max_abs_err']:.1e})")
+    kind = "fwd+bwd" if row["backward"] else "fwd"
+    print(f"| {kind} | B{batch} H{heads}/{kv_heads} Sq{q_len} Sk{kv_len} D{head_dim} | "
+          f"{'causal' if row['causal'] else 'full'} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main() -> None:
+    torch._dynamo.config.cache_size_limit = 64  # FlexAttention compiles once per shape
+    torch._dynamo.config.recompile_limit = 64
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--parts", nargs="+", default=["fwd", "bwd", "decode"])
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--decode-kv", type=int, nargs="+", default=[32768, 65536, 131072])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton "
+          f"{triton.__version__}; {time.strftime('%Y-%m-%d')}; ratio = anchor ms / attnopt ms "
+          "(> 1: attnopt faster)")
+    rows: list[dict] = []
+    for part in args.parts:
+        if part in ("fwd", "bwd"):
+            for head_dim in args.dims:
+                for n in args.seqs:
+                    for causal in (False, True):
+                        shape = (TOTAL_TOKENS // n, HIDDEN // head_dim, HIDDEN // head_dim, n, n,
+                                 head_dim)
+                        measure(shape, causal, part == "bwd", rows)
+        elif part == "decode":
+            for kv_len in args.decode_kv:
+                for batch in (1, 8):
+                    measure((batch, 32, 8, 1, kv_len, 128), False, False, rows)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "python": platform.python_version(),
+                       "date": time.strftime("%Y-%m-%d"), "rows": rows}, handle, indent=1,
+                      default=str)
+
+
+if __name__ == "__main__":
+    main()
