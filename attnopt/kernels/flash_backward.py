@@ -1,0 +1,535 @@
+"""The flash-attention backward: dq, dk, dv from the forward's output and log-sum-exp.
+
+FlashAttention-2's backward (as Triton's 06-fused-attention tutorial), specialized at compile
+time on the same constexpr flags as the forward (`flash.py`), with the scores recomputed tile by
+tile by the shared `tiles.score_tile` so both directions see one semantics (`reference.py`):
+
+1. `_delta_kernel`: delta_BHS = rowsum(dO * O) in float32, the softmax's correction term;
+2. `_dkdv_kernel`: one program per (key block, batch, kv head) holds its k, v tile and dk, dv
+   accumulators in registers, and walks the query tiles that can see the key block (the
+   transpose of the forward's key band, `_query_band`; with a block layout only the query
+   blocks listed by `BlockSparseLayout.by_key_block`), for each of the `group` query heads
+   that share the kv head (GQA: no atomics, k and v never repeated);
+3. `_dq_kernel`: one program per (query block, batch, head) over the forward's key band.
+
+Per tile, with base-2 scores s and the forward's base-2 lse_BHS: p = exp2(s - lse) is the
+softmax probability, dv += pᵀ dO, dp = dO vᵀ, ds = p (dp - delta) (the gradient of the natural
+score), times the soft-cap's derivative 1 - tanh² where there is one; then dk += dsᵀ q · scale
+and dq += ds k · scale. Rows that saw no key have lse = +inf, hence p = 0 and zero gradients.
+Tiles cut by a mask boundary run with MASKED (mask evaluation, bounds checks); tiles inside the
+band take the unmasked path, as in the forward. No gradient flows to the bias.
+
+Shape letters: B batch, H query heads, Hkv key/value heads, S sequence, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from attnopt.kernels.flash import INTERPRETER_BLOCK, _broadcast_strides, _bucket, \
+    input_precision, last_dim_contiguous, tensor_args
+from attnopt.kernels.params import AttentionParams, interpreting, padded_head_dim
+from attnopt.kernels.tiles import key_band, score_tile, stable_tanh
+
+# --------------------------------------------------------------------------- configs
+
+DELTA_BLOCK = 64  # rows per program of the delta kernel on GPU (a memory-bound row reduction)
+LARGE_HEAD_DIM = 256  # padded head dims from here on get the small, low-stage configs only
+FALLBACK_TILE = 32  # the tile of the one config left when a layout block rules out the rest
+POS_INF = tl.constexpr(float("inf"))  # lse of padding rows: p = exp2(s - lse) = 0 there
+
+
+def _backward_configs(block_name: str, step_name: str) -> list[triton.Config]:
+    """(block: the rows a program owns, step: the tile it walks the other side with)."""
+    if interpreting():
+        return [triton.Config({block_name: INTERPRETER_BLOCK, step_name: INTERPRETER_BLOCK},
+                              num_warps=4, num_stages=1)]
+    shapes = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+              (64, 32, 4, 3), (64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 1),
+              (32, 32, 4, 1)]
+    return [triton.Config({block_name: block, step_name: step}, num_warps=w, num_stages=s)
+            for block, step, w, s in shapes]
+
+
+def _fits(tile: int, head_dim: int, exact_fp32: bool, warps: int, stages: int) -> bool:
+    """Whether a (block x step) tile fits registers and shared memory (sm_90 ptxas, checked
+    offline): dk, dv (or dq) fp32 accumulators of (block, head dim) stay in registers, and
+    fp32 without tensor cores ("ieee") needs far smaller tiles than fp16/bf16."""
+    if exact_fp32:  # FMA dots: only 32-row steps; at head dim 256 one 32 x 32 tile
+        return (tile <= 32 * 32 and stages == 1) if head_dim >= LARGE_HEAD_DIM \
+            else (tile <= 64 * 32 and warps == 8 and stages == 2)
+    if head_dim >= LARGE_HEAD_DIM:  # 64-row blocks on 8 warps, little pipelining
+        return tile <= 64 * 64 and warps == 8 and stages <= 2
+    if head_dim >= 128:  # 4 warps only on small tiles
+        return stages >= 2 and tile <= 128 * 32 and (warps == 8 or tile <= 64 * 32)
+    return stages >= 2
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    head_dim = kwargs.get("HEAD_DIM_PADDED", named_args.get("HEAD_DIM_PADDED"))
+    layout_block = kwargs.get("LAYOUT_BLOCK", named_args.get("LAYOUT_BLOCK", 0))
+    exact_fp32 = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "ieee"
+    kept = []
+    for config in configs:
+        m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        if layout_block and (layout_block % m or layout_block % n):
+            continue
+        if _fits(m * n, head_dim, exact_fp32, config.num_warps, config.num_stages):
+            kept.append(config)
+    if kept:
+        return kept
+    # a layout block smaller than (or not divisible by) every kept tile
+    block = min(layout_block or FALLBACK_TILE, FALLBACK_TILE)
+    return [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=2)]
+
+
+_TUNING_KEY = ["seq_q_bucket", "seq_k_bucket", "HEAD_DIM_PADDED", "HAS_LEFT", "HAS_RIGHT",
+               "HAS_SOFTCAP", "BIAS_KIND", "HAS_ALIBI", "HAS_KV_LENS", "HAS_LAYOUT",
+               "LAYOUT_BLOCK", "INPUT_PRECISION"]
+
+
+# --------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _delta_kernel(out_ptr, do_ptr, delta_ptr,
+                  stride_ob, stride_oh, stride_om, stride_od,
+                  stride_dob, stride_doh, stride_dom, stride_dod,
+                  num_heads, seq_q,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in float32."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PADDED)
+    in_bounds = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
+    out = tl.load(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                  + offs_d[None, :] * stride_od, mask=in_bounds, other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=in_bounds, other=0.0)
+    delta = tl.sum(out.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + pid_bh * seq_q + offs_m, delta, mask=offs_m < seq_q)
+
+
+@triton.jit
+def _query_band(n0, seq_q, kv_end, offset, window_left, window_right,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """For keys [n0, n0 + BLOCK_N): (lo, full_lo, full_hi, hi), the transpose of `key_band`.
+
+    Queries outside [lo, hi) see none of these keys; query tiles starting in
+    [full_lo, full_hi) see all of them and lie inside seq_q (no mask, no bounds checks);
+    lo, full_lo and full_hi are multiples of BLOCK_M.
+    """
+    lo = 0
+    hi = tl.where(n0 < kv_end, seq_q, 0)
+    full_lo = 0
+    full_hi = tl.where(n0 + BLOCK_N <= kv_end, (seq_q // BLOCK_M) * BLOCK_M, 0)
+    if HAS_RIGHT:  # query i >= j - offset - right
+        lo = (tl.maximum(n0 - offset - window_right, 0) // BLOCK_M) * BLOCK_M
+        first_full = tl.maximum(n0 + BLOCK_N - 1 - offset - window_right, 0)
+        full_lo = ((first_full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    if HAS_LEFT:  # query i <= j - offset + left
+        hi = tl.minimum(hi, tl.maximum(n0 + BLOCK_N - offset + window_left, 0))
+        full_hi = tl.minimum(full_hi,
+                             (tl.maximum(n0 - offset + window_left + 1, 0) // BLOCK_M) * BLOCK_M)
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _key_block_tile(dk, dv, kt, vt, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                    stride_qm, stride_qd, stride_dom, stride_dod,
+                    m0, offs_n, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
+                    scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    HEAD_DIM_PADDED: tl.constexpr, MASKED: tl.constexpr,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr):
+    """One query tile's contribution to a key block: returns updated (dk, dv); dk unscaled."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    q_ptrs = q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_ptrs = do_ptr + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    if MASKED:
+        row_ok = offs_m < seq_q
+        in_bounds = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(q_ptrs, mask=in_bounds, other=0.0)
+        do = tl.load(do_ptrs, mask=in_bounds, other=0.0)
+        lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=POS_INF)
+        delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
+    else:
+        if HEAD_DIM != HEAD_DIM_PADDED:
+            q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+        lse = tl.load(lse_ptr + offs_m)
+        delta = tl.load(delta_ptr + offs_m)
+    qk = tl.dot(q, kt, input_precision=INPUT_PRECISION)
+    s = score_tile(qk, offs_m, offs_n, seq_q, seq_k, kv_end, offset, window_left, window_right,
+                   scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+                   MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI)
+    p = tl.exp2(s - lse[:, None])
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
+    dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        tanh = stable_tanh(qk * (scale / softcap))
+        ds = ds * (1.0 - tanh * tanh)
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _key_block_range(dk, dv, kt, vt, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                     stride_qm, stride_qd, stride_dom, stride_dod,
+                     lo, hi, offs_n, offs_d, seq_q, seq_k, kv_end, offset, window_left,
+                     window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     HEAD_DIM_PADDED: tl.constexpr, MASKED: tl.constexpr,
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr):
+    for m0 in tl.range(lo, hi, BLOCK_M):
+        dk, dv = _key_block_tile(
+            dk, dv, kt, vt, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qm, stride_qd,
+            stride_dom, stride_dod, m0, offs_n, offs_d, seq_q, seq_k, kv_end, offset,
+            window_left, window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+            BLOCK_M, HEAD_DIM, HEAD_DIM_PADDED, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+            BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_backward_configs("BLOCK_N", "BLOCK_M"), key=_TUNING_KEY,
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+        bias_ptr, slopes_ptr, kv_lens_ptr, q_counts_ptr, q_indices_ptr,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+        stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+        stride_bb, stride_bh, stride_bm, stride_bn,
+        stride_sb, stride_sh,
+        stride_cb, stride_ch, stride_cn,
+        stride_ib, stride_ih, stride_in,
+        num_heads, kv_heads, group, seq_q, seq_k, offset, window_left, window_right, scale,
+        softcap, seq_q_bucket, seq_k_bucket,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+        HAS_LAYOUT: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(HEAD_DIM <= HEAD_DIM_PADDED)
+    tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_M == 0)
+    tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_N == 0)
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // kv_heads
+    h_kv = pid_bh % kv_heads
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PADDED)
+
+    key_in_bounds = (offs_n[None, :] < seq_k) & (offs_d[:, None] < HEAD_DIM)
+    kt = tl.load(k_ptr + b * stride_kb + h_kv * stride_kh + offs_n[None, :] * stride_kn
+                 + offs_d[:, None] * stride_kd, mask=key_in_bounds, other=0.0)
+    vt = tl.load(v_ptr + b * stride_vb + h_kv * stride_vh + offs_n[None, :] * stride_vn
+                 + offs_d[:, None] * stride_vd, mask=key_in_bounds, other=0.0)
+    kv_end = seq_k
+    if HAS_KV_LENS:
+        kv_end = tl.minimum(tl.load(kv_lens_ptr + b), seq_k)
+    lo, full_lo, full_hi, hi = _query_band(n0, seq_q, kv_end, offset, window_left, window_right,
+                                           BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PADDED], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PADDED], dtype=tl.float32)
+    for g in range(0, group):  # the query heads reading this kv head
+        h = h_kv * group + g
+        q_head_ptr = q_ptr + b * stride_qb + h * stride_qh
+        do_head_ptr = do_ptr + b * stride_dob + h * stride_doh
+        lse_head_ptr = lse_ptr + (b * num_heads + h) * seq_q
+        delta_head_ptr = delta_ptr + (b * num_heads + h) * seq_q
+        bias_head_ptr = bias_ptr + b * stride_bb + h * stride_bh
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(slopes_ptr + b * stride_sb + h * stride_sh)
+        if HAS_LAYOUT:
+            key_block = n0 // LAYOUT_BLOCK
+            count = tl.load(q_counts_ptr + b * stride_cb + h * stride_ch + key_block * stride_cn)
+            indices_ptr = q_indices_ptr + b * stride_ib + h * stride_ih + key_block * stride_in
+            for i in range(0, count):
+                start = tl.load(indices_ptr + i) * LAYOUT_BLOCK
+                for m0 in range(start, start + LAYOUT_BLOCK, BLOCK_M):
+                    if (m0 >= lo) & (m0 < hi):
+                        if (m0 >= full_lo) & (m0 + BLOCK_M <= full_hi):
+                            dk, dv = _key_block_tile(
+                                dk, dv, kt, vt, q_head_ptr, do_head_ptr, lse_head_ptr,
+                                delta_head_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
+                                m0, offs_n, offs_d, seq_q, seq_k, kv_end, offset, window_left,
+                                window_right, scale, softcap, bias_head_ptr, stride_bm,
+                                stride_bn, slope, BLOCK_M, HEAD_DIM, HEAD_DIM_PADDED, False,
+                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI,
+                                INPUT_PRECISION)
+                        else:
+                            dk, dv = _key_block_tile(
+                                dk, dv, kt, vt, q_head_ptr, do_head_ptr, lse_head_ptr,
+                                delta_head_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
+                                m0, offs_n, offs_d, seq_q, seq_k, kv_end, offset, window_left,
+                                window_right, scale, softcap, bias_head_ptr, stride_bm,
+                                stride_bn, slope, BLOCK_M, HEAD_DIM, HEAD_DIM_PADDED, True,
+                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI,
+                                INPUT_PRECISION)
+        else:
+            dk, dv = _key_block_range(
+                dk, dv, kt, vt, q_head_ptr, do_head_ptr, lse_head_ptr, delta_head_ptr,
+                stride_qm, stride_qd, stride_dom, stride_dod, lo, full_lo, offs_n, offs_d,
+                seq_q, seq_k, kv_end, offset, window_left, window_right, scale, softcap,
+                bias_head_ptr, stride_bm, stride_bn, slope, BLOCK_M, HEAD_DIM, HEAD_DIM_PADDED,
+                True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
+            dk, dv = _key_block_range(
+                dk, dv, kt, vt, q_head_ptr, do_head_ptr, lse_head_ptr, delta_head_ptr,
+                stride_qm, stride_qd, stride_dom, stride_dod, full_lo, full_hi, offs_n, offs_d,
+                seq_q, seq_k, kv_end, offset, window_left, window_right, scale, softcap,
+                bias_head_ptr, stride_bm, stride_bn, slope, BLOCK_M, HEAD_DIM, HEAD_DIM_PADDED,
+                False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
+            dk, dv = _key_block_range(
+                dk, dv, kt, vt, q_head_ptr, do_head_ptr, lse_head_ptr, delta_head_ptr,
+                stride_qm, stride_qd, stride_dom, stride_dod, full_hi, hi, offs_n, offs_d,
+                seq_q, seq_k, kv_end, offset, window_left, window_right, scale, softcap,
+                bias_head_ptr, stride_bm, stride_bn, slope, BLOCK_M, HEAD_DIM, HEAD_DIM_PADDED,
+                True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
+
+    dk = dk * scale
+    out_in_bounds = (offs_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(dk_ptr + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(dk_ptr.dtype.element_ty), mask=out_in_bounds)
+    tl.store(dv_ptr + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_d[None, :] * stride_dvd, dv.to(dv_ptr.dtype.element_ty), mask=out_in_bounds)
+
+
+@triton.jit
+def _query_block_tile(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn,
+                      stride_vd, n0, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
+                      window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      HEAD_DIM_PADDED: tl.constexpr, MASKED: tl.constexpr,
+                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                      HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
+                      HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One key tile's contribution to a query block: returns the updated dq (unscaled)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k_ptrs = k_ptr + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    vt_ptrs = v_ptr + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd
+    if MASKED:
+        k = tl.load(k_ptrs, mask=(offs_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM),
+                    other=0.0)
+        vt = tl.load(vt_ptrs, mask=(offs_n[None, :] < seq_k) & (offs_d[:, None] < HEAD_DIM),
+                     other=0.0)
+    elif HEAD_DIM != HEAD_DIM_PADDED:
+        k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        vt = tl.load(vt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        vt = tl.load(vt_ptrs)
+    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    s = score_tile(qk, offs_m, offs_n, seq_q, seq_k, kv_end, offset, window_left, window_right,
+                   scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+                   MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI)
+    p = tl.exp2(s - lse[:, None])
+    dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        tanh = stable_tanh(qk * (scale / softcap))
+        ds = ds * (1.0 - tanh * tanh)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _query_block_range(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn,
+                       stride_vd, lo, hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset,
+                       window_left, window_right, scale, softcap, bias_ptr, stride_bm,
+                       stride_bn, slope, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       HEAD_DIM_PADDED: tl.constexpr, MASKED: tl.constexpr,
+                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr,
+                       HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    for n0 in tl.range(lo, hi, BLOCK_N):
+        dq = _query_block_tile(
+            dq, q, do, lse, delta, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+            n0, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right, scale,
+            softcap, bias_ptr, stride_bm, stride_bn, slope, BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED,
+            MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_backward_configs("BLOCK_M", "BLOCK_N"), key=_TUNING_KEY,
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _dq_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+        bias_ptr, slopes_ptr, kv_lens_ptr, kv_counts_ptr, kv_indices_ptr,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+        stride_bb, stride_bh, stride_bm, stride_bn,
+        stride_sb, stride_sh,
+        stride_cb, stride_ch, stride_cm,
+        stride_ib, stride_ih, stride_im,
+        num_heads, group, seq_q, seq_k, offset, window_left, window_right, scale, softcap,
+        seq_q_bucket, seq_k_bucket,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+        HAS_LAYOUT: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(HEAD_DIM <= HEAD_DIM_PADDED)
+    tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_M == 0)
+    tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_N == 0)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    h_kv = h // group
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PADDED)
+
+    row_ok = offs_m < seq_q
+    in_bounds = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :] * stride_qd, mask=in_bounds, other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=in_bounds, other=0.0)
+    lse = tl.load(lse_ptr + pid_bh * seq_q + offs_m, mask=row_ok, other=POS_INF)
+    delta = tl.load(delta_ptr + pid_bh * seq_q + offs_m, mask=row_ok, other=0.0)
+    k_ptr += b * stride_kb + h_kv * stride_kh
+    v_ptr += b * stride_vb + h_kv * stride_vh
+    bias_ptr += b * stride_bb + h * stride_bh
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(slopes_ptr + b * stride_sb + h * stride_sh)
+    kv_end = seq_k
+    if HAS_KV_LENS:
+        kv_end = tl.minimum(tl.load(kv_lens_ptr + b), seq_k)
+    lo, full_lo, full_hi, hi = key_band(m0, kv_end, offset, window_left, window_right,
+                                        BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
+    if HAS_LAYOUT:
+        q_block = m0 // LAYOUT_BLOCK
+        count = tl.load(kv_counts_ptr + b * stride_cb + h * stride_ch + q_block * stride_cm)
+        indices_ptr = kv_indices_ptr + b * stride_ib + h * stride_ih + q_block * stride_im
+        for i in range(0, count):
+            start = tl.load(indices_ptr + i) * LAYOUT_BLOCK
+            for n0 in range(start, start + LAYOUT_BLOCK, BLOCK_N):
+                if (n0 >= lo) & (n0 < hi):
+                    if (n0 >= full_lo) & (n0 + BLOCK_N <= full_hi):
+                        dq = _query_block_tile(
+                            dq, q, do, lse, delta, k_ptr, v_ptr, stride_kn, stride_kd,
+                            stride_vn, stride_vd, n0, offs_m, offs_d, seq_q, seq_k, kv_end,
+                            offset, window_left, window_right, scale, softcap, bias_ptr,
+                            stride_bm, stride_bn, slope, BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED,
+                            False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI,
+                            INPUT_PRECISION)
+                    else:
+                        dq = _query_block_tile(
+                            dq, q, do, lse, delta, k_ptr, v_ptr, stride_kn, stride_kd,
+                            stride_vn, stride_vd, n0, offs_m, offs_d, seq_q, seq_k, kv_end,
+                            offset, window_left, window_right, scale, softcap, bias_ptr,
+                            stride_bm, stride_bn, slope, BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED,
+                            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI,
+                            INPUT_PRECISION)
+    else:
+        dq = _query_block_range(
+            dq, q, do, lse, delta, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+            lo, full_lo, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
+            window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope, BLOCK_N,
+            HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+            HAS_ALIBI, INPUT_PRECISION)
+        dq = _query_block_range(
+            dq, q, do, lse, delta, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+            full_lo, full_hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
+            window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope, BLOCK_N,
+            HEAD_DIM, HEAD_DIM_PADDED, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+            HAS_ALIBI, INPUT_PRECISION)
+        dq = _query_block_range(
+            dq, q, do, lse, delta, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+            full_hi, hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
+            window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope, BLOCK_N,
+            HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+            HAS_ALIBI, INPUT_PRECISION)
+
+    dq = dq * scale
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(dq_ptr.dtype.element_ty), mask=in_bounds)
+
+
+# --------------------------------------------------------------------------- launcher
+
+def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   params: AttentionParams) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq_BHSD, dk_BHkvSD, dv_BHkvSD) with q's, k's and v's shapes and dtype, from the forward's
+    out_BHSD and base-2 lse_BHS (float32, contiguous, +inf on rows that saw no key)."""
+    q, k, v, out, grad_out = (last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
+    lse = lse.contiguous()
+    device = q.device
+    batch, heads, kv_heads = params.batch, params.heads, params.kv_heads
+    head_dim, head_dim_padded = params.head_dim, padded_head_dim(params.head_dim)
+    dq = torch.empty(q.shape, device=device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=device, dtype=v.dtype)
+    delta = torch.empty((batch, heads, params.q_len), device=device, dtype=torch.float32)
+
+    delta_block = INTERPRETER_BLOCK if interpreting() else DELTA_BLOCK
+    _delta_kernel[(triton.cdiv(params.q_len, delta_block), batch * heads)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, params.q_len,
+        HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_M=delta_block)
+
+    extra = tensor_args(params, device)
+    q_counts = q_indices = extra["counts"]  # placeholders without a layout
+    q_counts_strides, q_indices_strides = (0, 0, 0), (0, 0, 0)
+    if params.layout is not None:
+        q_counts, q_indices = params.layout.by_key_block(device)
+        q_counts_strides = _broadcast_strides(q_counts, 3)
+        q_indices_strides = _broadcast_strides(q_indices, 4)[:3]
+    scalars = dict(seq_q=params.q_len, seq_k=params.kv_len, offset=params.offset,
+                   window_left=params.window_left, window_right=params.window_right,
+                   scale=params.scale, softcap=params.softcap or 1.0,
+                   seq_q_bucket=_bucket(params.q_len), seq_k_bucket=_bucket(params.kv_len),
+                   HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
+                   INPUT_PRECISION=input_precision(q.dtype), **params.kernel_flags())
+
+    def dkdv_grid(meta):
+        return (triton.cdiv(params.kv_len, meta["BLOCK_N"]), batch * kv_heads)
+
+    _dkdv_kernel[dkdv_grid](
+        q, k, v, grad_out, lse, delta, dk, dv,
+        extra["bias"], extra["slopes"], extra["kv_lens"], q_counts, q_indices,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        *extra["bias_strides"], *extra["slopes_strides"], *q_counts_strides, *q_indices_strides,
+        heads, kv_heads, params.group, **scalars)
+
+    def dq_grid(meta):
+        return (triton.cdiv(params.q_len, meta["BLOCK_M"]), batch * heads)
+
+    _dq_kernel[dq_grid](
+        q, k, v, grad_out, lse, delta, dq,
+        extra["bias"], extra["slopes"], extra["kv_lens"], extra["counts"], extra["indices"],
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        *extra["bias_strides"], *extra["slopes_strides"], *extra["counts_strides"],
+        *extra["indices_strides"], heads, params.group, **scalars)
+    return dq, dk, dv
