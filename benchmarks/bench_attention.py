@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attnopt.kernels import flash_attention
+from attnopt.kernels import flash_attention, tuning
 
 HIDDEN = 2048
 TOTAL_TOKENS = 16384
@@ -161,11 +161,19 @@ def main() -> None:
             for kv_len in args.decode_kv:
                 for batch in (1, 8):
                     measure((batch, 32, 8, 1, kv_len, 128), False, False, rows)
+    print("configs chosen (kernel, dtype and shape buckets, tuned?): config")
+    chosen = []
+    for (kernel_id, key, constexprs, tuned), config in tuning._chosen.items():
+        flags = {k: v for k, v in constexprs if v not in (False, 0, "tf32")}
+        chosen.append({"key": [str(x) for x in key], "flags": flags, "tuned": tuned,
+                       "config": str(config)})
+        print(f"  {key} {flags} tuned={tuned}: {config}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "triton": triton.__version__, "python": platform.python_version(),
-                       "date": time.strftime("%Y-%m-%d"), "rows": rows}, handle, indent=1,
+                       "date": time.strftime("%Y-%m-%d"), "rows": rows,
+                       "configs": chosen}, handle, indent=1,
                       default=str)
 
 

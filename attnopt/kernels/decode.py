@@ -45,6 +45,7 @@ from attnopt.kernels.flash import DECODE_MAX_QUERIES, INTERPRETER_BLOCK, input_p
 from attnopt.kernels.params import AttentionParams, interpreting, padded_head_dim, \
     unsupported_reason
 from attnopt.kernels.tiles import BIAS_NONE, NEG_INF, key_band, score_tile
+from attnopt.kernels.tuning import launch
 
 # --------------------------------------------------------------------------- configs
 
@@ -330,20 +331,22 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> 
     flags = params.kernel_flags()
     grid = (splits, params.batch * params.kv_heads,
             triton.cdiv(params.group * params.q_len, block_m))
-    _decode_split_kernel[grid](
+    launch(_decode_split_kernel, grid, (
         q, k, v, partial_out, partial_max_BHSP, partial_sum_BHSP, extra["bias"], extra["slopes"],
         extra["kv_lens"],
         *q.stride(), *k.stride(), *v.stride(), *partial_out_strides, *partial_max_BHSP.stride(),
         *extra["bias_strides"], *extra["slopes_strides"],
         params.kv_heads, params.group, params.q_len, params.kv_len, params.offset,
         params.window_left, params.window_right, params.scale, params.softcap or 1.0,
-        splits, triton.next_power_of_2(params.kv_len),
+        splits, triton.next_power_of_2(params.kv_len)), dict(
         HEAD_DIM=params.head_dim, HEAD_DIM_PADDED=head_dim_padded,
         QUERY_SPAN=triton.next_power_of_2(params.q_len),
         HAS_LEFT=flags["HAS_LEFT"], HAS_RIGHT=flags["HAS_RIGHT"],
         HAS_SOFTCAP=flags["HAS_SOFTCAP"], BIAS_KIND=flags["BIAS_KIND"],
         HAS_ALIBI=flags["HAS_ALIBI"], HAS_KV_LENS=flags["HAS_KV_LENS"],
-        INPUT_PRECISION=input_precision(q.dtype), BLOCK_M=block_m)
+        INPUT_PRECISION=input_precision(q.dtype), BLOCK_M=block_m),
+        key=(q.dtype, splits, triton.next_power_of_2(params.kv_len)),
+        tune=params.worth_tuning(q.dtype), prune=_prune_split_configs)
     if splits > 1:
         _decode_reduce_kernel[(params.batch * params.heads * params.q_len,)](
             partial_out, partial_max_BHSP, partial_sum_BHSP, out_BHSD,

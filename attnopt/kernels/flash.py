@@ -26,19 +26,22 @@ from attnopt.kernels.layout import BlockSparseLayout
 from attnopt.kernels.params import AttentionParams, interpreting, padded_head_dim, \
     unsupported_reason
 from attnopt.kernels.reference import flash_attention_reference
-from attnopt.kernels.tiles import NEG_INF, key_band, score_tile
+from attnopt.kernels.tiles import LOG2E, NEG_INF, key_band, score_tile
+from attnopt.kernels.tuning import launch
 
 # --------------------------------------------------------------------------- configs
 
 INTERPRETER_BLOCK = 32  # the interpreter runs one config; small tiles keep tests fast
+LAYOUT_FALLBACK_TILE = 32  # tiles for layouts whose blocks are smaller than every config's
 
 
 def _forward_configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({"BLOCK_M": INTERPRETER_BLOCK, "BLOCK_N": INTERPRETER_BLOCK},
                               num_warps=4, num_stages=1)]
-    shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3),
-              (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 2),
+    # best-first: an untuned launch takes the first config pruning keeps (tuning.py)
+    shapes = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 32, 4, 2), (64, 64, 4, 3), (128, 64, 8, 4),
+              (128, 128, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 128, 4, 3),
               (128, 64, 8, 2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in shapes]
@@ -47,17 +50,24 @@ def _forward_configs() -> list[triton.Config]:
 def _prune_configs(configs, named_args, **kwargs):
     head_dim = kwargs.get("HEAD_DIM_PADDED", named_args.get("HEAD_DIM_PADDED"))
     layout_block = kwargs.get("LAYOUT_BLOCK", named_args.get("LAYOUT_BLOCK", 0))
+    exact_fp32 = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "ieee"
     kept = []
     for config in configs:
         m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
         if layout_block and (layout_block % m or layout_block % n):
             continue
+        if exact_fp32 and (m * n > 64 * 32 or config.num_stages > 2):
+            continue  # fp32 products run on FMA units: small tiles, little pipelining
         if head_dim >= 256 and (m * n > 128 * 64 or config.num_stages > 2):
             continue
         if head_dim <= 64 and n == 32 and m == 128:
             continue
         kept.append(config)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    if kept:
+        return kept
+    # a layout block smaller than every tile: tiles of the layout block's size
+    block = min(layout_block or LAYOUT_FALLBACK_TILE, LAYOUT_FALLBACK_TILE)
+    return [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=2)]
 
 
 # --------------------------------------------------------------------------- kernel
@@ -82,16 +92,20 @@ def _attend_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn
     else:
         kt = tl.load(kt_ptrs)
     qk = tl.dot(q, kt, input_precision=INPUT_PRECISION)
-    s = score_tile(qk, offs_m, offs_n, seq_q, seq_k, kv_end, offset, window_left, window_right,
-                   scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
-                   MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED or BIAS_KIND != 0:  # a row may have seen only -inf so far
-        m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
+    if not MASKED and BIAS_KIND == 0 and not HAS_SOFTCAP and not HAS_ALIBI:
+        # the hot path: scale folded into one multiply-add per score, every score finite
+        qk_scale = scale * LOG2E
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
     else:
-        m_use = m_new
-    p = tl.exp2(s - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
+        s = score_tile(qk, offs_m, offs_n, seq_q, seq_k, kv_end, offset, window_left,
+                       window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+                       MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == NEG_INF, 0.0, m_new)  # a row may have seen only -inf so far
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
         v = tl.load(v_ptrs, mask=(offs_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM),
@@ -291,16 +305,18 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> t
     def grid(meta):
         return (triton.cdiv(params.q_len, meta["BLOCK_M"]), params.batch * params.heads)
 
-    _flash_forward_kernel[grid](
-        q, k, v, out, lse, extra["bias"], extra["slopes"], extra["kv_lens"],
-        extra["counts"], extra["indices"],
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *extra["bias_strides"],
-        *extra["slopes_strides"], *extra["counts_strides"], *extra["indices_strides"],
-        params.heads, params.group, params.q_len, params.kv_len, params.offset,
-        params.window_left, params.window_right, params.scale, params.softcap or 1.0,
-        _bucket(params.q_len), _bucket(params.kv_len),
-        HEAD_DIM=params.head_dim, HEAD_DIM_PADDED=padded_head_dim(params.head_dim),
-        INPUT_PRECISION=input_precision(q.dtype), **params.kernel_flags())
+    args = (q, k, v, out, lse, extra["bias"], extra["slopes"], extra["kv_lens"],
+            extra["counts"], extra["indices"],
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *extra["bias_strides"],
+            *extra["slopes_strides"], *extra["counts_strides"], *extra["indices_strides"],
+            params.heads, params.group, params.q_len, params.kv_len, params.offset,
+            params.window_left, params.window_right, params.scale, params.softcap or 1.0,
+            _bucket(params.q_len), _bucket(params.kv_len))
+    launch(_flash_forward_kernel, grid, args,
+           dict(HEAD_DIM=params.head_dim, HEAD_DIM_PADDED=padded_head_dim(params.head_dim),
+                INPUT_PRECISION=input_precision(q.dtype), **params.kernel_flags()),
+           key=(q.dtype, args[-2], args[-1]), tune=params.worth_tuning(q.dtype),
+           prune=_prune_configs)
     return out, lse
 
 

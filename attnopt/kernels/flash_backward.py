@@ -33,6 +33,7 @@ from attnopt.kernels.flash import INTERPRETER_BLOCK, _broadcast_strides, _bucket
     input_precision, last_dim_contiguous, tensor_args
 from attnopt.kernels.params import AttentionParams, interpreting, padded_head_dim
 from attnopt.kernels.tiles import key_band, score_tile, stable_tanh
+from attnopt.kernels.tuning import launch
 
 # --------------------------------------------------------------------------- configs
 
@@ -516,20 +517,23 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     def dkdv_grid(meta):
         return (triton.cdiv(params.kv_len, meta["BLOCK_N"]), batch * kv_heads)
 
-    _dkdv_kernel[dkdv_grid](
+    tune = params.worth_tuning(q.dtype)
+    key = (q.dtype, scalars["seq_q_bucket"], scalars["seq_k_bucket"])
+    launch(_dkdv_kernel, dkdv_grid, (
         q, k, v, grad_out, lse, delta, dk, dv,
         extra["bias"], extra["slopes"], extra["kv_lens"], q_counts, q_indices,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *extra["bias_strides"], *extra["slopes_strides"], *q_counts_strides, *q_indices_strides,
-        heads, kv_heads, params.group, **scalars)
+        heads, kv_heads, params.group), scalars, key=key, tune=tune, prune=_prune_configs)
 
     def dq_grid(meta):
         return (triton.cdiv(params.q_len, meta["BLOCK_M"]), batch * heads)
 
-    _dq_kernel[dq_grid](
+    launch(_dq_kernel, dq_grid, (
         q, k, v, grad_out, lse, delta, dq,
         extra["bias"], extra["slopes"], extra["kv_lens"], extra["counts"], extra["indices"],
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
         *extra["bias_strides"], *extra["slopes_strides"], *extra["counts_strides"],
-        *extra["indices_strides"], heads, params.group, **scalars)
+        *extra["indices_strides"], heads, params.group), scalars, key=key, tune=tune,
+        prune=_prune_configs)
     return dq, dk, dv

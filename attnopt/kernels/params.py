@@ -113,6 +113,11 @@ class AttentionParams:
                    has_right, left, right, softcap, bias_BHSS, bias_kind, slopes_BH, kv_lengths,
                    block_mask)
 
+    def worth_tuning(self, dtype: torch.dtype) -> bool:
+        """Whether this is a hot specialization that autotunes (see `tuning.py`)."""
+        return (dtype != torch.float32 and self.bias_kind == BIAS_NONE and self.softcap is None
+                and self.slopes_BH is None and self.layout is None)
+
     def kernel_flags(self) -> dict:
         return dict(HAS_LEFT=self.has_left, HAS_RIGHT=self.has_right,
                     HAS_SOFTCAP=self.softcap is not None, BIAS_KIND=self.bias_kind,
