@@ -39,6 +39,16 @@ def median_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def graph_median_ms(fn) -> float:
+    """GPU time alone: the call captured in a CUDA graph and replayed (no Python launch cost)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay)
+
+
 def flops(batch, heads, q_len, kv_len, head_dim, causal) -> float:
     total = 4 * batch * heads * q_len * kv_len * head_dim
     return total / 2 if causal and q_len == kv_len else total
@@ -111,6 +121,8 @@ def measure(shape, causal, backward, rows):
                 else float("nan")
             ms = median_ms(step)
             results[name] = {"ms": ms, "tflops": work / ms / 1e9, "max_abs_err": error}
+            if q_len == 1 and name != "flex":  # decode: launch cost vs GPU time
+                results[name]["graph_ms"] = graph_median_ms(step)
         except Exception as exc:  # an anchor that does not run this shape is reported, not fatal
             if name == "attnopt":
                 raise
@@ -128,8 +140,11 @@ def _print_row(row):
             cells.append(f"{name}: n/a")
         else:
             ratio = (r["ms"] / mine["ms"]) if "ms" in mine else float("nan")
+            graph = ""
+            if "graph_ms" in r and "graph_ms" in mine:
+                graph = f", graph {r['graph_ms']:.3f} ms ×{r['graph_ms'] / mine['graph_ms']:.2f}"
             cells.append(f"{name} {r['ms']:.3f} ms {r['tflops']:.0f} TF/s "
-                         f"(×{ratio:.2f}, err {r['max_abs_err']:.1e})")
+                         f"(×{ratio:.2f}, err {r['max_abs_err']:.1e}{graph})")
     kind = "fwd+bwd" if row["backward"] else "fwd"
     print(f"| {kind} | B{batch} H{heads}/{kv_heads} Sq{q_len} Sk{kv_len} D{head_dim} | "
           f"{'causal' if row['causal'] else 'full'} | " + " | ".join(cells) + " |", flush=True)

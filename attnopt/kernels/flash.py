@@ -15,6 +15,7 @@ Shape letters: B batch, H query heads, Hkv key/value heads, S sequence, D head d
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -262,7 +263,7 @@ def input_precision(dtype: torch.dtype) -> str:
 
 def tensor_args(params: AttentionParams, device: torch.device) -> dict:
     """The optional tensors with their strides (placeholders where a feature is off)."""
-    dummy = torch.empty(1, device=device, dtype=torch.int32)
+    dummy = _placeholder(device)
     bias = params.bias_BHSS
     bias_strides = bias.stride() if bias is not None else (0, 0, 0, 0)
     if bias is not None and bias.dtype == torch.bool:
@@ -281,6 +282,12 @@ def tensor_args(params: AttentionParams, device: torch.device) -> dict:
                 counts=counts if counts is not None else dummy, counts_strides=counts_strides,
                 indices=indices if indices is not None else dummy,
                 indices_strides=indices_strides)
+
+
+@functools.lru_cache(maxsize=None)
+def _placeholder(device: torch.device) -> Tensor:
+    """A one-element tensor passed where a feature is off (its pointer is never read)."""
+    return torch.empty(1, device=device, dtype=torch.int32)
 
 
 def _broadcast_strides(t: Optional[Tensor], ndim: int) -> tuple:
