@@ -22,10 +22,10 @@ Here the work is laid out the other way:
 
 With one split the first kernel writes the final output itself and the reduction is skipped.
 
-Scores go through `tiles.score_tile`, so the masking semantics are those of `reference.py`. Rows of
-one program belong to different heads: the bias base pointer and the ALiBi slope are passed to
-`score_tile` as (BLOCK_M, 1) blocks, one per row, which broadcast against the tile exactly as the
-per-head scalars do in the forward kernel.
+Key tiles go through the forward kernel's `attend_range` (and so `tiles.score_tile`): the
+masking semantics are those of `reference.py`. Rows of one program belong to different heads:
+the bias base pointer and the ALiBi slope are passed as (BLOCK_M, 1) blocks, one per row, which
+broadcast against the tile exactly as the per-head scalars do in the forward kernel.
 
 Shape letters: B batch, H query heads, Hkv key/value heads, S query sequence, P key splits,
 D head dim.
@@ -40,11 +40,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnopt.kernels.flash import DECODE_MAX_QUERIES, INTERPRETER_BLOCK, input_precision, \
-    last_dim_contiguous, tensor_args
+from attnopt.kernels.flash import DECODE_MAX_QUERIES, INTERPRETER_BLOCK, attend_range, \
+    input_precision, last_dim_contiguous, tensor_args
 from attnopt.kernels.params import AttentionParams, interpreting, padded_head_dim, \
     unsupported_reason
-from attnopt.kernels.tiles import BIAS_NONE, NEG_INF, key_band, score_tile
+from attnopt.kernels.tiles import NEG_INF, key_band
 from attnopt.kernels.tuning import launch
 
 # --------------------------------------------------------------------------- configs
@@ -80,64 +80,6 @@ def _prune_split_configs(configs, named_args, **kwargs):
 
 
 # --------------------------------------------------------------------------- kernels
-
-@triton.jit
-def _decode_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-                 n0, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
-                 scale, softcap, bias_rows_ptr, stride_bm, stride_bn, slope_rows,
-                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
-                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr):
-    """One key tile of the online softmax for the packed rows: returns (acc, l_i, m_i)."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    kt_ptrs = k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    v_ptrs = v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if MASKED:
-        kt = tl.load(kt_ptrs, mask=(offs_n[None, :] < seq_k) & (offs_d[:, None] < HEAD_DIM),
-                     other=0.0)
-        v = tl.load(v_ptrs, mask=(offs_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM),
-                    other=0.0)
-    elif HEAD_DIM != HEAD_DIM_PADDED:
-        kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-        v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    else:
-        kt = tl.load(kt_ptrs)
-        v = tl.load(v_ptrs)
-    qk = tl.dot(q, kt, input_precision=INPUT_PRECISION)
-    s = score_tile(qk, offs_m, offs_n, seq_q, seq_k, kv_end, offset, window_left, window_right,
-                   scale, softcap, bias_rows_ptr, stride_bm, stride_bn, slope_rows,
-                   MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED or BIAS_KIND != BIAS_NONE:  # a row may have seen only -inf so far
-        m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
-    else:
-        m_use = m_new
-    p = tl.exp2(s - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _decode_range(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-                  lo, hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
-                  window_right, scale, softcap, bias_rows_ptr, stride_bm, stride_bn, slope_rows,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
-                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                  HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr):
-    for n0 in tl.range(lo, hi, BLOCK_N):
-        acc, l_i, m_i = _decode_tile(
-            acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-            n0, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
-            scale, softcap, bias_rows_ptr, stride_bm, stride_bn, slope_rows,
-            BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-            BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
-    return acc, l_i, m_i
-
 
 @triton.autotune(configs=_split_configs(),
                  key=["seq_k_bucket", "num_splits", "BLOCK_M", "HEAD_DIM_PADDED", "HAS_LEFT",
@@ -203,19 +145,19 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
-    acc, l_i, m_i = _decode_range(
+    acc, l_i, m_i = attend_range(
         acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         start, unmasked_lo, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
         window_right, scale, softcap, bias_rows_ptr, stride_bm, stride_bn, slope_rows,
         BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
         HAS_ALIBI, INPUT_PRECISION)
-    acc, l_i, m_i = _decode_range(
+    acc, l_i, m_i = attend_range(
         acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         unmasked_lo, unmasked_hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
         window_right, scale, softcap, bias_rows_ptr, stride_bm, stride_bn, slope_rows,
         BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
         HAS_ALIBI, INPUT_PRECISION)
-    acc, l_i, m_i = _decode_range(
+    acc, l_i, m_i = attend_range(
         acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         unmasked_hi, end, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
         window_right, scale, softcap, bias_rows_ptr, stride_bm, stride_bn, slope_rows,

@@ -74,7 +74,7 @@ def _prune_configs(configs, named_args, **kwargs):
 # --------------------------------------------------------------------------- kernel
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+def attend_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
                  n0, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
                  scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
@@ -121,7 +121,7 @@ def _attend_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn
 
 
 @triton.jit
-def _attend_range(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+def attend_range(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
                   lo, hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
                   scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
@@ -129,7 +129,7 @@ def _attend_range(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_v
                   HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
                   INPUT_PRECISION: tl.constexpr):
     for n0 in tl.range(lo, hi, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(
+        acc, l_i, m_i = attend_tile(
             acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
             n0, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
             scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
@@ -203,7 +203,7 @@ def _flash_forward_kernel(
             for n0 in range(start, start + LAYOUT_BLOCK, BLOCK_N):
                 if (n0 >= lo) & (n0 < hi):
                     if (n0 >= full_lo) & (n0 + BLOCK_N <= full_hi):
-                        acc, l_i, m_i = _attend_tile(
+                        acc, l_i, m_i = attend_tile(
                             acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn,
                             stride_vd, n0, offs_m, offs_d, seq_q, seq_k, kv_end, offset,
                             window_left, window_right, scale, softcap, bias_ptr, stride_bm,
@@ -211,7 +211,7 @@ def _flash_forward_kernel(
                             HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI,
                             INPUT_PRECISION)
                     else:
-                        acc, l_i, m_i = _attend_tile(
+                        acc, l_i, m_i = attend_tile(
                             acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn,
                             stride_vd, n0, offs_m, offs_d, seq_q, seq_k, kv_end, offset,
                             window_left, window_right, scale, softcap, bias_ptr, stride_bm,
@@ -219,19 +219,19 @@ def _flash_forward_kernel(
                             HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI,
                             INPUT_PRECISION)
     else:
-        acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i = attend_range(
             acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
             lo, full_lo, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
             scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
             BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
             BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
-        acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i = attend_range(
             acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
             full_lo, full_hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
             window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
             BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
             BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
-        acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i = attend_range(
             acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
             full_hi, hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
             scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
@@ -274,8 +274,8 @@ def tensor_args(params: AttentionParams, device: torch.device) -> dict:
     counts = indices = None
     if params.layout is not None:
         counts, indices = params.layout.by_query_block(device)
-    counts_strides = _broadcast_strides(counts, 3)
-    indices_strides = _broadcast_strides(indices, 4)[:3]
+    counts_strides = broadcast_strides(counts, 3)
+    indices_strides = broadcast_strides(indices, 4)[:3]
     return dict(bias=bias if bias is not None else dummy, bias_strides=bias_strides,
                 slopes=slopes if slopes is not None else dummy, slopes_strides=slopes_strides,
                 kv_lens=params.kv_lengths if params.kv_lengths is not None else dummy,
@@ -290,7 +290,7 @@ def _placeholder(device: torch.device) -> Tensor:
     return torch.empty(1, device=device, dtype=torch.int32)
 
 
-def _broadcast_strides(t: Optional[Tensor], ndim: int) -> tuple:
+def broadcast_strides(t: Optional[Tensor], ndim: int) -> tuple:
     if t is None:
         return (0,) * ndim
     return tuple(0 if size == 1 and i < 2 else stride

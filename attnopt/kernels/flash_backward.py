@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnopt.kernels.flash import INTERPRETER_BLOCK, _broadcast_strides, _bucket, \
+from attnopt.kernels.flash import INTERPRETER_BLOCK, broadcast_strides, _bucket, \
     input_precision, last_dim_contiguous, tensor_args
 from attnopt.kernels.params import AttentionParams, interpreting, padded_head_dim
 from attnopt.kernels.tiles import key_band, score_tile, stable_tanh
@@ -505,8 +505,8 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     q_counts_strides, q_indices_strides = (0, 0, 0), (0, 0, 0)
     if params.layout is not None:
         q_counts, q_indices = params.layout.by_key_block(device)
-        q_counts_strides = _broadcast_strides(q_counts, 3)
-        q_indices_strides = _broadcast_strides(q_indices, 4)[:3]
+        q_counts_strides = broadcast_strides(q_counts, 3)
+        q_indices_strides = broadcast_strides(q_indices, 4)[:3]
     scalars = dict(seq_q=params.q_len, seq_k=params.kv_len, offset=params.offset,
                    window_left=params.window_left, window_right=params.window_right,
                    scale=params.scale, softcap=params.softcap or 1.0,
