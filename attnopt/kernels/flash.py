@@ -100,7 +100,8 @@ def attend_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn,
         p = tl.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
     else:
-        s = score_tile(qk, offs_m, offs_n, seq_q, seq_k, kv_end, offset, window_left,
+        s = score_tile(qk, offs_m[:, None], offs_n[None, :], seq_q, seq_k, kv_end, offset,
+                       window_left,
                        window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
                        MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI)
         m_new = tl.maximum(m_i, tl.max(s, 1))

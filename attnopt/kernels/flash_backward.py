@@ -145,7 +145,7 @@ def _query_band(n0, seq_q, kv_end, offset, window_left, window_right,
 
 
 @triton.jit
-def _key_block_tile(dk, dv, kt, vt, q_ptr, do_ptr, lse_ptr, delta_ptr,
+def _key_block_tile(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
                     stride_qm, stride_qd, stride_dom, stride_dod,
                     m0, offs_n, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
                     scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
@@ -154,43 +154,46 @@ def _key_block_tile(dk, dv, kt, vt, q_ptr, do_ptr, lse_ptr, delta_ptr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     INPUT_PRECISION: tl.constexpr):
-    """One query tile's contribution to a key block: returns updated (dk, dv); dk unscaled."""
+    """One query tile's contribution to a key block: returns updated (dk, dv); dk unscaled.
+
+    Computed key-major (scores transposed, (BLOCK_N, BLOCK_M)) so that pᵀ and dsᵀ, the left
+    operands of the dv and dk products, come out of the math in place: only loaded tiles are
+    ever transposed, never computed ones (which would cost a shared-memory round trip)."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    q_ptrs = q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    qt_ptrs = q_ptr + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
     do_ptrs = do_ptr + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
     if MASKED:
         row_ok = offs_m < seq_q
-        in_bounds = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(q_ptrs, mask=in_bounds, other=0.0)
-        do = tl.load(do_ptrs, mask=in_bounds, other=0.0)
+        qt = tl.load(qt_ptrs, mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=POS_INF)
         delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
     else:
         if HEAD_DIM != HEAD_DIM_PADDED:
-            q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            qt = tl.load(qt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         else:
-            q = tl.load(q_ptrs)
+            qt = tl.load(qt_ptrs)
             do = tl.load(do_ptrs)
         lse = tl.load(lse_ptr + offs_m)
         delta = tl.load(delta_ptr + offs_m)
-    qk = tl.dot(q, kt, input_precision=INPUT_PRECISION)
-    s = score_tile(qk, offs_m, offs_n, seq_q, seq_k, kv_end, offset, window_left, window_right,
-                   scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
-                   MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI)
-    p = tl.exp2(s - lse[:, None])
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
-    dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
-    ds = p * (dp - delta[:, None])
+    qkt = tl.dot(k, qt, input_precision=INPUT_PRECISION)
+    st = score_tile(qkt, offs_m[None, :], offs_n[:, None], seq_q, seq_k, kv_end, offset,
+                    window_left, window_right, scale, softcap, bias_ptr, stride_bm, stride_bn,
+                    slope, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI)
+    pt = tl.exp2(st - lse[None, :])
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+    dst = pt * (dpt - delta[None, :])
     if HAS_SOFTCAP:
-        tanh = stable_tanh(qk * (scale / softcap))
-        ds = ds * (1.0 - tanh * tanh)
-    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
+        tanh = stable_tanh(qkt * (scale / softcap))
+        dst = dst * (1.0 - tanh * tanh)
+    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=INPUT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _key_block_range(dk, dv, kt, vt, q_ptr, do_ptr, lse_ptr, delta_ptr,
+def _key_block_range(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
                      stride_qm, stride_qd, stride_dom, stride_dod,
                      lo, hi, offs_n, offs_d, seq_q, seq_k, kv_end, offset, window_left,
                      window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
@@ -201,7 +204,7 @@ def _key_block_range(dk, dv, kt, vt, q_ptr, do_ptr, lse_ptr, delta_ptr,
                      INPUT_PRECISION: tl.constexpr):
     for m0 in tl.range(lo, hi, BLOCK_M):
         dk, dv = _key_block_tile(
-            dk, dv, kt, vt, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qm, stride_qd,
+            dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qm, stride_qd,
             stride_dom, stride_dod, m0, offs_n, offs_d, seq_q, seq_k, kv_end, offset,
             window_left, window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
             BLOCK_M, HEAD_DIM, HEAD_DIM_PADDED, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
@@ -243,11 +246,11 @@ def _dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PADDED)
 
-    key_in_bounds = (offs_n[None, :] < seq_k) & (offs_d[:, None] < HEAD_DIM)
-    kt = tl.load(k_ptr + b * stride_kb + h_kv * stride_kh + offs_n[None, :] * stride_kn
-                 + offs_d[:, None] * stride_kd, mask=key_in_bounds, other=0.0)
-    vt = tl.load(v_ptr + b * stride_vb + h_kv * stride_vh + offs_n[None, :] * stride_vn
-                 + offs_d[:, None] * stride_vd, mask=key_in_bounds, other=0.0)
+    key_in_bounds = (offs_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(k_ptr + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=key_in_bounds, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vn
+                + offs_d[None, :] * stride_vd, mask=key_in_bounds, other=0.0)
     kv_end = seq_k
     if HAS_KV_LENS:
         kv_end = tl.minimum(tl.load(kv_lens_ptr + b), seq_k)
@@ -276,7 +279,7 @@ def _dkdv_kernel(
                     if (m0 >= lo) & (m0 < hi):
                         if (m0 >= full_lo) & (m0 + BLOCK_M <= full_hi):
                             dk, dv = _key_block_tile(
-                                dk, dv, kt, vt, q_head_ptr, do_head_ptr, lse_head_ptr,
+                                dk, dv, k, v, q_head_ptr, do_head_ptr, lse_head_ptr,
                                 delta_head_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
                                 m0, offs_n, offs_d, seq_q, seq_k, kv_end, offset, window_left,
                                 window_right, scale, softcap, bias_head_ptr, stride_bm,
@@ -285,7 +288,7 @@ def _dkdv_kernel(
                                 INPUT_PRECISION)
                         else:
                             dk, dv = _key_block_tile(
-                                dk, dv, kt, vt, q_head_ptr, do_head_ptr, lse_head_ptr,
+                                dk, dv, k, v, q_head_ptr, do_head_ptr, lse_head_ptr,
                                 delta_head_ptr, stride_qm, stride_qd, stride_dom, stride_dod,
                                 m0, offs_n, offs_d, seq_q, seq_k, kv_end, offset, window_left,
                                 window_right, scale, softcap, bias_head_ptr, stride_bm,
@@ -294,19 +297,19 @@ def _dkdv_kernel(
                                 INPUT_PRECISION)
         else:
             dk, dv = _key_block_range(
-                dk, dv, kt, vt, q_head_ptr, do_head_ptr, lse_head_ptr, delta_head_ptr,
+                dk, dv, k, v, q_head_ptr, do_head_ptr, lse_head_ptr, delta_head_ptr,
                 stride_qm, stride_qd, stride_dom, stride_dod, lo, full_lo, offs_n, offs_d,
                 seq_q, seq_k, kv_end, offset, window_left, window_right, scale, softcap,
                 bias_head_ptr, stride_bm, stride_bn, slope, BLOCK_M, HEAD_DIM, HEAD_DIM_PADDED,
                 True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
             dk, dv = _key_block_range(
-                dk, dv, kt, vt, q_head_ptr, do_head_ptr, lse_head_ptr, delta_head_ptr,
+                dk, dv, k, v, q_head_ptr, do_head_ptr, lse_head_ptr, delta_head_ptr,
                 stride_qm, stride_qd, stride_dom, stride_dod, full_lo, full_hi, offs_n, offs_d,
                 seq_q, seq_k, kv_end, offset, window_left, window_right, scale, softcap,
                 bias_head_ptr, stride_bm, stride_bn, slope, BLOCK_M, HEAD_DIM, HEAD_DIM_PADDED,
                 False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
             dk, dv = _key_block_range(
-                dk, dv, kt, vt, q_head_ptr, do_head_ptr, lse_head_ptr, delta_head_ptr,
+                dk, dv, k, v, q_head_ptr, do_head_ptr, lse_head_ptr, delta_head_ptr,
                 stride_qm, stride_qd, stride_dom, stride_dod, full_hi, hi, offs_n, offs_d,
                 seq_q, seq_k, kv_end, offset, window_left, window_right, scale, softcap,
                 bias_head_ptr, stride_bm, stride_bn, slope, BLOCK_M, HEAD_DIM, HEAD_DIM_PADDED,
@@ -345,9 +348,9 @@ def _query_block_tile(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kn, stride_kd,
         k = tl.load(k_ptrs)
         vt = tl.load(vt_ptrs)
     qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-    s = score_tile(qk, offs_m, offs_n, seq_q, seq_k, kv_end, offset, window_left, window_right,
-                   scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
-                   MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI)
+    s = score_tile(qk, offs_m[:, None], offs_n[None, :], seq_q, seq_k, kv_end, offset,
+                   window_left, window_right, scale, softcap, bias_ptr, stride_bm, stride_bn,
+                   slope, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI)
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
     ds = p * (dp - delta[:, None])

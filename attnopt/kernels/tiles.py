@@ -9,8 +9,9 @@ semantics of `reference.py` live here once, as `@triton.jit` helpers that Triton
   applied. Scores are kept in base 2 (multiplied by log2 e) so the softmax uses `exp2`.
 
 Specializations are constexpr flags: a kernel compiled without a feature carries no code for it.
-Names: `offs_m` query rows, `offs_n` key columns, `offset` the causal alignment (query i sits at
-key position i + offset), `kv_end` the number of keys this batch row has.
+Names: `offs_m` query rows, `offs_n` key columns (`query_index` / `key_index`: the same as
+broadcastable 2-d blocks, in whichever orientation the tile is), `offset` the causal alignment
+(query i sits at key position i + offset), `kv_end` the number of keys this batch row has.
 """
 
 from __future__ import annotations
@@ -66,19 +67,22 @@ def stable_tanh(x):
 
 
 @triton.jit
-def score_tile(qk, offs_m, offs_n, seq_q, seq_k, kv_end, offset, window_left, window_right,
-               scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+def score_tile(qk, query_index, key_index, seq_q, seq_k, kv_end, offset, window_left,
+               window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr):
-    """Base-2 scores of one tile: `qk` (BLOCK_M, BLOCK_N) float32 raw products in, -inf where
-    a key is invisible. `slope` is the head's ALiBi slope (ignored without HAS_ALIBI)."""
+    """Base-2 scores of one tile: `qk` float32 raw products in, -inf where a key is invisible.
+
+    `query_index` and `key_index` broadcast to qk's shape: (BLOCK_M, 1) and (1, BLOCK_N) for a
+    queries-by-keys tile, (1, BLOCK_M) and (BLOCK_N, 1) for the transposed tile of the dk/dv
+    kernel. `slope` is the head's ALiBi slope (ignored without HAS_ALIBI)."""
     if HAS_SOFTCAP:
         s = stable_tanh(qk * (scale / softcap)) * (softcap * LOG2E)
     else:
         s = qk * (scale * LOG2E)
     if BIAS_KIND != BIAS_NONE:
-        bias_ptrs = bias_ptr + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
-        in_bounds = (offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k)
+        bias_ptrs = bias_ptr + query_index * stride_bm + key_index * stride_bn
+        in_bounds = (query_index < seq_q) & (key_index < seq_k)
         if BIAS_KIND == BIAS_ADDITIVE:
             bias = tl.load(bias_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
             bias = tl.where(bias == NEG_INF, NEG_INF, tl.maximum(bias, MIN_FINITE_BIAS))
@@ -87,13 +91,13 @@ def score_tile(qk, offs_m, offs_n, seq_q, seq_k, kv_end, offset, window_left, wi
             allowed = tl.load(bias_ptrs, mask=in_bounds, other=0)
             s = tl.where(allowed != 0, s, NEG_INF)
     if HAS_ALIBI:
-        distance = tl.abs(offs_m[:, None] + offset - offs_n[None, :]).to(tl.float32)
+        distance = tl.abs(query_index + offset - key_index).to(tl.float32)
         s = s - distance * (slope * LOG2E)
     if MASKED:
-        keep = offs_n[None, :] < kv_end
+        keep = key_index < kv_end
         if HAS_RIGHT:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None] + offset + window_right)
+            keep = keep & (key_index <= query_index + offset + window_right)
         if HAS_LEFT:
-            keep = keep & (offs_n[None, :] >= offs_m[:, None] + offset - window_left)
+            keep = keep & (key_index >= query_index + offset - window_left)
         s = tl.where(keep, s, NEG_INF)
     return s
