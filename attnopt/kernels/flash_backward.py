@@ -404,6 +404,8 @@ def _dq_kernel(
     tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_M == 0)
     tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_N == 0)
     pid_m = tl.program_id(0)
+    if HAS_RIGHT:  # causal-like: late query blocks see the most keys; schedule them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
