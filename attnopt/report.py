@@ -7,6 +7,7 @@ sites left alone with the reason, and each pass's time and changes.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -90,9 +91,11 @@ class Report:
                              f"{record.backend or '-':<8} {err:>11}")
                 if record.rewrite == "none":
                     lines.append(f"{'':<4}↳ {record.reason}")
-                elif record.backend == FALLBACK_BACKEND and site is not None \
-                        and site.device == "cuda":
-                    lines.append(f"{'':<4}↳ runs SDPA: {record.backend_reason}")
+            fallbacks = Counter(r.backend_reason for r in self.sites
+                                if r.backend == FALLBACK_BACKEND and r.site is not None
+                                and r.site.device == "cuda")
+            for reason, count in fallbacks.items():
+                lines.append(f"backend: {count} CUDA site(s) run SDPA: {reason}")
         if self.verification:
             v = self.verification
             lines.append(f"verification: {'passed' if v.get('passed') else 'FAILED'} on "

@@ -1,9 +1,10 @@
 """On CUDA, `optimize(policy="exact")` runs the generated Triton kernel in real models.
 
 Skipped without a GPU (the kernels' semantics are covered on CPU by the interpreter tests).
-Tiny Hugging Face models built from configs, head dim 32 so the kernel applies: each site's
-report says backend "triton", verification passes, the kernel is really called (counted), and
-outputs match the untouched model within the verification tolerances of the dtype.
+Tiny Hugging Face models built from configs, head dim 32 so the kernel applies. With
+`ATTNOPT_KERNELS=always` each site's report says backend "triton", verification passes, the
+kernel is really called (counted), and outputs match the untouched model within the verification
+tolerances of the dtype. In the default mode only soft-capped sites (Gemma 2) take the kernel.
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ def kernel_calls(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_exact_policy_runs_the_triton_kernel(name, dtype, kernel_calls):
+def test_exact_policy_runs_the_triton_kernel(name, dtype, kernel_calls, monkeypatch):
+    """ATTNOPT_KERNELS=always: every site on the generated kernel, verified."""
+    monkeypatch.setenv("ATTNOPT_KERNELS", "always")
     torch.manual_seed(0)
     model, inputs = MODELS[name]()
     model = model.to("cuda", dtype).eval()
@@ -116,3 +119,24 @@ def test_exact_policy_runs_the_triton_kernel(name, dtype, kernel_calls):
     assert len(kernel_calls) >= len(sites)
     stats = compare_tensors(actual, expected, TOLERANCES[dtype])
     assert stats.passed, f"{name} {dtype}: {stats}"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_auto_mode_uses_the_kernel_only_where_sdpa_has_no_fused_path(name, kernel_calls,
+                                                                     monkeypatch):
+    """Default: soft-capped sites (Gemma 2) on the kernel, plain ones on SDPA, reasons given."""
+    monkeypatch.delenv("ATTNOPT_KERNELS", raising=False)
+    torch.manual_seed(0)
+    model, inputs = MODELS[name]()
+    model = model.to("cuda", torch.bfloat16).eval()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    optimized = attnopt.optimize(model, example_kwargs=inputs)
+    sites = [r for r in optimized.report.sites if r.rewrite == "exact"]
+    for record in sites:
+        want = "triton" if record.site.softcap is not None else "sdpa"
+        assert record.backend == want, str(optimized.report)
+        assert want == "triton" or "fused SDPA" in record.backend_reason
+    kernel_calls.clear()
+    with torch.no_grad():
+        optimized(**inputs)
+    assert bool(kernel_calls) == any(r.backend == "triton" for r in sites)

@@ -149,3 +149,29 @@ def test_unsupported_reasons_are_named():
     assert "dtype" in unsupported_reason(q, q, q)
     q = torch.randn(1, 1, 4, 512, device=DEVICE)
     assert "head dim" in unsupported_reason(q, q, q)
+
+
+def _fake_cuda(*shape, dtype=torch.float16):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        return torch.empty(*shape, device="cuda", dtype=dtype)
+
+
+def test_backend_choice_by_mode(monkeypatch):
+    """auto: the kernel only where SDPA has no fused kernel (soft-cap); always / never force."""
+    from attnopt.ops.attention import KERNELS_ENV, kernel_skip_reason
+    q = _fake_cuda(2, 4, 16, 64)
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
+    assert "fused SDPA" in kernel_skip_reason(q, q, q)
+    assert kernel_skip_reason(q, q, q, softcap=30.0) is None
+    monkeypatch.setenv(KERNELS_ENV, "always")
+    assert kernel_skip_reason(q, q, q) is None
+    assert "dtype" in kernel_skip_reason(*(_fake_cuda(2, 4, 16, 64, dtype=torch.float64),) * 3)
+    monkeypatch.setenv(KERNELS_ENV, "never")
+    assert "disabled" in kernel_skip_reason(q, q, q, softcap=30.0)
+    monkeypatch.setenv(KERNELS_ENV, "sometimes")
+    with pytest.raises(ValueError, match="ATTNOPT_KERNELS"):
+        kernel_skip_reason(q, q, q)
+    cpu = torch.randn(2, 4, 16, 64)
+    monkeypatch.setenv(KERNELS_ENV, "always")
+    assert "cpu" in kernel_skip_reason(cpu, cpu, cpu)

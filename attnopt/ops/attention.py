@@ -16,35 +16,52 @@ Semantics are those of `F.scaled_dot_product_attention` without dropout:
   (Gemma 2 style).
 
 The op owns its reference implementation (SDPA, runs on every device), its CUDA implementation
-(the generated Triton flash kernel from `attnopt.kernels` where `kernel_unsupported_reason` finds
+(the generated Triton flash kernel from `attnopt.kernels` where `kernel_skip_reason` finds
 nothing against it, else SDPA), its fake implementation for tracing, and its autograd (gradients
-of q, k, v and of a float mask; on CUDA through the Triton backward kernels).
+of q, k, v and of a float mask; through the Triton backward kernels where the forward ran them).
+
+Which backend runs a call on CUDA (`ATTNOPT_KERNELS`):
+- "auto" (default): the Triton kernel where PyTorch has no fused kernel for the call — soft-capped
+  scores, which SDPA can only run on its math path (the full score matrix in memory) — and SDPA
+  everywhere else. Measured on an H100 (docs/BENCHMARKS.md): for plain, causal and masked
+  attention SDPA's default backend (cuDNN) is 0–25% faster than the generated kernel in GPU time
+  and its launch is ~0.1 ms cheaper, which dominates short sequences and decode steps.
+- "always": the Triton kernel wherever it can run (comparisons, and features SDPA lacks).
+- "never" (or "0"): SDPA everywhere.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: Set to "0" to keep every site on SDPA even where a Triton kernel applies (for comparisons).
+#: "auto" | "always" | "never": which calls run the Triton kernel on CUDA (module docstring).
 KERNELS_ENV = "ATTNOPT_KERNELS"
+KERNEL_MODES = ("auto", "always", "never", "0")
 KERNEL_BACKEND, FALLBACK_BACKEND = "triton", "sdpa"
 
 
-def kernel_unsupported_reason(q: Tensor, k: Tensor, v: Tensor,
-                              attn_mask: Optional[Tensor] = None) -> Optional[str]:
-    """Why a call cannot run on the Triton flash kernel (None when it can).
+def kernel_mode() -> str:
+    mode = os.environ.get(KERNELS_ENV, "auto")
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"{KERNELS_ENV}={mode!r} is not one of {', '.join(KERNEL_MODES)}")
+    return "never" if mode == "0" else mode
+
+
+def kernel_skip_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
+                       softcap: Optional[float] = None) -> Optional[str]:
+    """Why a call runs SDPA rather than the Triton flash kernel (None: the kernel runs it).
 
     Reads only metadata, so it answers for fake tensors at optimize time exactly as it does for
     real ones at run time.
     """
-    if os.environ.get(KERNELS_ENV, "1") == "0":
-        return f"kernels disabled by {KERNELS_ENV}=0"
+    mode = kernel_mode()
+    if mode == "never":
+        return f"kernels disabled by {KERNELS_ENV}"
     if q.device.type != "cuda":
         return f"{q.device.type} tensors run SDPA; the Triton kernels are for CUDA"
     try:
@@ -60,7 +77,11 @@ def kernel_unsupported_reason(q: Tensor, k: Tensor, v: Tensor,
     if attn_mask is not None and attn_mask.requires_grad:
         return "the mask needs a gradient (the kernels do not produce one)"
     from attnopt.kernels.params import unsupported_reason
-    return unsupported_reason(q, k, v)
+    reason = unsupported_reason(q, k, v)
+    if reason is None and mode == "auto" and softcap is None:
+        return ("PyTorch's fused SDPA runs this call and measured faster than the generated "
+                f"kernel (docs/BENCHMARKS.md); {KERNELS_ENV}=always forces the kernel")
+    return reason
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
@@ -107,7 +128,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
 @attention.register_kernel("cuda")
 def _attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
                     softcap=None):
-    if kernel_unsupported_reason(q, k, v, attn_mask) is not None:
+    if kernel_skip_reason(q, k, v, attn_mask, softcap) is not None:
         return attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
     from attnopt.kernels import flash_attention
     return flash_attention(q, k, v, causal=is_causal, scale=scale, attn_bias=attn_mask,
@@ -136,7 +157,7 @@ def _backward(ctx, grad_out):
         mask_ = attn_mask
         if mask_needs_grad:
             mask_ = attn_mask.detach().requires_grad_(True)
-        if not mask_needs_grad and kernel_unsupported_reason(q, k, v, attn_mask) is None:
+        if not mask_needs_grad and kernel_skip_reason(q, k, v, attn_mask, ctx.softcap) is None:
             from attnopt.kernels import flash_attention
             out = flash_attention(q_, k_, v_, causal=ctx.is_causal, scale=ctx.scale,
                                   attn_bias=attn_mask, softcap=ctx.softcap)
