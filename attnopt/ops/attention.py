@@ -171,3 +171,72 @@ def _backward(ctx, grad_out):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- ONNX translations
+# onnxscript functions, traced by torch.onnx's exporter for every call of the op. Shape letters
+# as above; scores_BHSS is (B, H, Sq, Sk).
+
+def onnx_attention_decomposed(q, k, v, attn_mask=None, is_causal=False, scale=None,
+                              enable_gqa=False, softcap=None):
+    """Standard ops only (opset 18+): MatMul, Softmax, Where; runs in every ONNX runtime."""
+    from onnxscript import opset18 as op
+
+    def scalar(value, like):
+        return op.CastLike(op.Constant(value_float=float(value)), like)
+
+    def dim(tensor, index):
+        return op.Shape(tensor, start=index, end=index + 1)
+
+    if scale is None:
+        scale = op.Div(scalar(1.0, q), op.Sqrt(op.CastLike(dim(q, 3), q)))
+    else:
+        scale = scalar(scale, q)
+    heads, kv_heads = dim(q, 1), dim(k, 1)
+    # GQA: query head h reads kv head h // group (repeat_interleave order), k/v expanded
+    group = op.Div(heads, kv_heads)
+
+    def repeat_heads(x_BHkvSD):
+        x_BHkv1SD = op.Unsqueeze(x_BHkvSD, op.Constant(value_ints=[2]))
+        expanded = op.Expand(x_BHkv1SD, op.Concat(dim(x_BHkvSD, 0), kv_heads, group,
+                                                  dim(x_BHkvSD, 2), dim(x_BHkvSD, 3), axis=0))
+        return op.Reshape(expanded, op.Concat(dim(x_BHkvSD, 0), heads, dim(x_BHkvSD, 2),
+                                              dim(x_BHkvSD, 3), axis=0))
+    k, v = repeat_heads(k), repeat_heads(v)
+    scores_BHSS = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2])), scale)
+    if softcap is not None:
+        cap = scalar(softcap, scores_BHSS)
+        scores_BHSS = op.Mul(op.Tanh(op.Div(scores_BHSS, cap)), cap)
+    neg_inf = scalar(float("-inf"), scores_BHSS)
+    if is_causal:
+        rows = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Squeeze(dim(q, 2)),
+                                     op.Constant(value_int=1)), op.Constant(value_ints=[1]))
+        cols = op.Range(op.Constant(value_int=0), op.Squeeze(dim(k, 2)),
+                        op.Constant(value_int=1))
+        scores_BHSS = op.Where(op.LessOrEqual(cols, rows), scores_BHSS, neg_inf)
+    if attn_mask is not None:
+        if attn_mask.dtype == 9:  # onnx BOOL: True = attend
+            scores_BHSS = op.Where(attn_mask, scores_BHSS, neg_inf)
+        else:
+            scores_BHSS = op.Add(scores_BHSS, op.CastLike(attn_mask, scores_BHSS))
+    return op.MatMul(op.Softmax(scores_BHSS, axis=-1), v)
+
+
+def onnx_attention_standard(q, k, v, attn_mask=None, is_causal=False, scale=None,
+                            enable_gqa=False, softcap=None):
+    """The standard `Attention` op (opset 23), one node. ONNX applies its soft-cap after the
+    mask (a masked score would come back finite), so soft-capped sites are decomposed."""
+    if softcap is not None:
+        return onnx_attention_decomposed(q, k, v, attn_mask, is_causal, scale, enable_gqa,
+                                         softcap)
+    from onnxscript import opset23 as op
+    attributes = {"is_causal": int(bool(is_causal))}
+    if scale is not None:
+        attributes["scale"] = float(scale)
+    inputs = (q, k, v)
+    if attn_mask is not None:  # onnxruntime wants the query axis spelled out, not broadcast
+        full_BHSS = op.Concat(op.Constant(value_ints=[1, 1]), op.Shape(q, start=2, end=3),
+                              op.Shape(k, start=2, end=3), axis=0)
+        inputs = (q, k, v, op.Expand(attn_mask, full_BHSS))
+    outputs = op.Attention(*inputs, **attributes)  # (Y, present_key, present_value, qk)
+    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs

@@ -1,0 +1,177 @@
+"""ONNX export of optimized models, checked in onnxruntime against PyTorch.
+
+`export_onnx` turns an `OptimizedModule` (or a plain model) into an ONNX file:
+
+1. the graph: for an `OptimizedModule`, the model is captured whole once more for the given
+   examples (with dynamic batch and sequence dims unless `dynamic=False`) and run through the
+   same passes under the module's policy, so the exported graph holds the attnopt ops; a plain
+   model is exported as it is;
+2. `torch.onnx.export(dynamo=True)` with a translation for every attnopt op (each op module
+   owns its translations): exact sites become the standard `Attention` op at opset >= 23 and
+   standard decomposed ops (MatMul, Softmax, Where) below;
+3. `onnx.checker`, then onnxruntime on the examples and fresh random draws, compared with the
+   PyTorch model under the verification tolerances. The file is written to a temporary name in
+   the target directory and renamed only when every check passed: no partial output, ever.
+
+The result carries the errors, an op histogram, the file size and onnxruntime's latency.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from attnopt.errors import CaptureError, VerificationError
+from attnopt.ops import ATTENTION_OP
+from attnopt.ops.attention import onnx_attention_decomposed, onnx_attention_standard
+from attnopt.verify import ErrorStats, compare_outputs, format_table, input_draws
+
+#: opsets this exporter writes: 18 is the oldest the decomposed translation uses, 23 brings the
+#: standard Attention op
+MIN_OPSET, ATTENTION_OPSET, DEFAULT_OPSET = 18, 23, 23
+TARGETS = ("onnx",)
+LATENCY_RUNS = 10
+
+
+@dataclass
+class ExportResult:
+    path: str
+    opset: int
+    target: str
+    dynamic: bool
+    errors: list[tuple[str, ErrorStats]] = field(default_factory=list)
+    op_histogram: dict[str, int] = field(default_factory=dict)
+    file_bytes: int = 0
+    ort_latency_ms: Optional[float] = None
+
+    @property
+    def passed(self) -> bool:
+        return all(stats.passed for _, stats in self.errors)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "opset": self.opset, "target": self.target,
+                "dynamic": self.dynamic, "passed": self.passed,
+                "errors": {name: {"max_abs_err": s.max_abs_err, "max_rel_err": s.max_rel_err,
+                                  "cosine": s.cosine, "passed": s.passed}
+                           for name, s in self.errors},
+                "op_histogram": dict(self.op_histogram), "file_bytes": self.file_bytes,
+                "ort_latency_ms": self.ort_latency_ms}
+
+
+def translation_table(opset: int) -> dict:
+    """The ONNX translation of every attnopt op at this opset."""
+    exact = onnx_attention_standard if opset >= ATTENTION_OPSET else onnx_attention_decomposed
+    return {ATTENTION_OP: exact}
+
+
+def export_onnx(model: nn.Module, path: str, *, example_inputs=None,
+                example_kwargs: Optional[dict] = None, opset: Optional[int] = None,
+                target: str = "onnx", dynamic: bool = True, verify: bool = True,
+                draws: int = 2) -> ExportResult:
+    """Export `model` to ONNX at `path` and check it in onnxruntime (see module docstring).
+
+    Raises ValueError for bad arguments, CaptureError when the model cannot be captured whole,
+    VerificationError when onnxruntime's outputs differ from PyTorch's (nothing is written).
+    """
+    from attnopt.api import OptimizedModule, _as_args  # api imports this module's callers
+
+    args = _as_args(example_inputs) if example_inputs is not None else ()
+    kwargs = dict(example_kwargs or {})
+    if not args and not kwargs:
+        raise ValueError("export_onnx needs example inputs (example_inputs=... or "
+                         "example_kwargs=...) to trace the model and check the exported file")
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old: attnopt exports opset {MIN_OPSET} or newer "
+                         f"(the standard Attention op needs {ATTENTION_OPSET})")
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"cannot write {path}: directory {directory} does not exist")
+
+    graph = _graph_to_export(model, args, kwargs, dynamic, OptimizedModule)
+    dynamic_shapes = None
+    if dynamic:
+        from attnopt.capture import _dynamic_spec
+        source = model._orig_mod if isinstance(model, OptimizedModule) else model
+        dynamic_shapes = _dynamic_spec(source, args, kwargs)
+    with warnings.catch_warnings():
+        # the captured graph of an eval-mode model carries no train/eval flag of its own
+        warnings.filterwarnings("ignore", message="Exporting a model while it is in training")
+        program = torch.onnx.export(graph, args, kwargs=kwargs, dynamo=True,
+                                    opset_version=opset, dynamic_shapes=dynamic_shapes,
+                                    verbose=False, custom_translation_table=translation_table(opset))
+
+    result = ExportResult(path, opset, target, dynamic)
+    handle, temporary = tempfile.mkstemp(suffix=".onnx.tmp", dir=directory)
+    os.close(handle)
+    try:
+        program.save(temporary)
+        import onnx
+        onnx.checker.check_model(temporary)
+        result.op_histogram = dict(Counter(node.op_type for node in program.model.graph))
+        result.file_bytes = os.path.getsize(temporary)
+        if verify:
+            result.errors = _compare_with_pytorch(model, program, args, kwargs, draws)
+            if not result.passed:
+                raise VerificationError("onnxruntime's outputs differ from PyTorch's beyond "
+                                        "tolerance; nothing was written",
+                                        format_table(result.errors))
+        result.ort_latency_ms = _latency_ms(program, args, kwargs)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return result
+
+
+def _graph_to_export(model, args, kwargs, dynamic, optimized_type) -> nn.Module:
+    if not isinstance(model, optimized_type):
+        return model
+    from attnopt.capture import export_module
+    from attnopt.region import build_region
+    state = model._attnopt_state
+    try:
+        captured = export_module(model._orig_mod, args, kwargs, dynamic=dynamic)
+    except CaptureError as error:
+        raise CaptureError(f"export_onnx needs the whole model captured by torch.export: "
+                           f"{error}") from error
+    with torch.no_grad():
+        return build_region(captured, state.policy, verify_each=False).rewritten
+
+
+def _compare_with_pytorch(model, program, args, kwargs, draws) -> list[tuple[str, ErrorStats]]:
+    rows = []
+    for index, (draw_args, draw_kwargs) in enumerate(input_draws(args, kwargs, draws)):
+        with torch.no_grad():
+            expected = model(*draw_args, **draw_kwargs)
+        actual = program(*draw_args, **draw_kwargs)
+        name = "examples" if index == 0 else f"draw {index}"
+        rows.append((name, compare_outputs(list(actual), _flat_outputs(expected))))
+    return rows
+
+
+def _flat_outputs(output) -> list:
+    from torch.utils import _pytree as pytree
+    return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
+def _latency_ms(program, args, kwargs) -> float:
+    program(*args, **kwargs)  # session creation and first-run allocations
+    times = []
+    for _ in range(LATENCY_RUNS):
+        start = time.perf_counter()
+        program(*args, **kwargs)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)

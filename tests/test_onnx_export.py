@@ -1,0 +1,110 @@
+"""ONNX export: every attnopt op's translations run in onnxruntime and match PyTorch, whole
+models export with dynamic batch and sequence dims, and bad input is refused without writing."""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+import pytest
+import torch
+
+import attnopt
+from attnopt.onnx_export import translation_table
+from zoo import ZOO
+
+#: onnxruntime vs PyTorch, fp32 (same as verification's elementwise fp32 tolerance)
+ATOL = 1e-5
+
+
+class _CanonicalCall(torch.nn.Module):
+    """One call of the canonical op with fixed non-tensor arguments."""
+
+    def __init__(self, mask, is_causal, scale, enable_gqa, softcap):
+        super().__init__()
+        self.mask, self.options = mask, (is_causal, scale, enable_gqa, softcap)
+
+    def forward(self, q, k, v):
+        return torch.ops.attnopt.attention(q, k, v, self.mask, *self.options)
+
+
+OP_CASES = {
+    "plain": dict(mask=None, is_causal=False, kv_heads=4, softcap=None),
+    "causal": dict(mask=None, is_causal=True, kv_heads=4, softcap=None),
+    "gqa_bool_mask": dict(mask="bool", is_causal=False, kv_heads=2, softcap=None),
+    "float_mask_causal": dict(mask="float", is_causal=True, kv_heads=4, softcap=None),
+    "softcap_float_mask": dict(mask="float", is_causal=False, kv_heads=4, softcap=5.0),
+}
+
+
+@pytest.mark.parametrize("opset", [18, 23])
+@pytest.mark.parametrize("name", sorted(OP_CASES))
+def test_attention_op_translations_run_in_onnxruntime(name, opset):
+    case = OP_CASES[name]
+    generator = torch.Generator().manual_seed(sum(map(ord, name)) + opset)
+    q = torch.randn(2, 4, 12, 16, generator=generator)
+    k, v = (torch.randn(2, case["kv_heads"], 12, 16, generator=generator) for _ in range(2))
+    mask = {None: None, "bool": torch.rand(12, 12, generator=generator) > 0.3,
+            "float": torch.randn(2, 1, 12, 12, generator=generator)}[case["mask"]]
+    module = _CanonicalCall(mask, case["is_causal"], 0.3, case["kv_heads"] != 4, case["softcap"])
+    program = torch.onnx.export(module, (q, k, v), dynamo=True, opset_version=opset,
+                                verbose=False, custom_translation_table=translation_table(opset))
+    ops = {node.op_type for node in program.model.graph}
+    standard = opset >= 23 and case["softcap"] is None
+    assert ("Attention" in ops) == standard, ops
+    actual = program(q, k, v)[0]
+    assert (actual - module(q, k, v)).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_models_export_and_verify(name, tmp_path):
+    """Every form in the zoo: optimized, exported, run in onnxruntime on the examples and two
+    fresh draws within tolerance (export_onnx raises otherwise)."""
+    case = ZOO[name]
+    torch.manual_seed(0)
+    model, args = case.make().eval(), case.inputs()
+    optimized = attnopt.optimize(model, example_inputs=args)
+    path = tmp_path / "model.onnx"
+    result = attnopt.export_onnx(optimized, path, example_inputs=args, dynamic=False)
+    assert result.passed and os.path.exists(path)
+    assert result.op_histogram.get("Attention", 0) + result.op_histogram.get("Softmax", 0) \
+        >= case.sites
+
+
+def test_dynamic_bert_export_runs_other_shapes(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=64, attn_implementation="eager")
+    model = transformers.BertModel(config).eval()
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    inputs = dict(input_ids=torch.randint(0, 100, (2, 12)), attention_mask=mask)
+    optimized = attnopt.optimize(model, example_kwargs=inputs)
+    result = attnopt.export_onnx(optimized, tmp_path / "bert.onnx", example_kwargs=inputs)
+    assert result.passed and result.op_histogram["Attention"] == 2
+    assert result.file_bytes > 0 and result.ort_latency_ms > 0
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(tmp_path / "bert.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    other_mask = torch.ones(3, 20, dtype=torch.long)
+    other_mask[0, 15:] = 0
+    other = dict(input_ids=torch.randint(0, 100, (3, 20)), attention_mask=other_mask)
+    actual = session.run(None, {k: v.numpy() for k, v in other.items()})[0]
+    with torch.no_grad():
+        expected = model(**other).last_hidden_state
+    assert abs(torch.from_numpy(actual) - expected).max().item() <= ATOL
+
+
+def test_bad_arguments_write_nothing(tmp_path):
+    model = torch.nn.Linear(4, 4)
+    x = (torch.randn(2, 4),)
+    with pytest.raises(ValueError, match="example inputs"):
+        attnopt.export_onnx(model, tmp_path / "a.onnx")
+    with pytest.raises(ValueError, match="unknown target"):
+        attnopt.export_onnx(model, tmp_path / "a.onnx", example_inputs=x, target="tflite")
+    with pytest.raises(ValueError, match="opset 11"):
+        attnopt.export_onnx(model, tmp_path / "a.onnx", example_inputs=x, opset=11)
+    with pytest.raises(ValueError, match="does not exist"):
+        attnopt.export_onnx(model, tmp_path / "missing" / "a.onnx", example_inputs=x)
+    assert list(tmp_path.iterdir()) == []
