@@ -2,6 +2,8 @@
 
     attnopt demo                      optimize a small transformer with each policy
     attnopt inspect DIR [--json]      the attention sites of a local Hugging Face model
+    attnopt convert SRC -o OUT        optimize and write OUT: .onnx (checked in onnxruntime)
+                                      or .pt2 (an ExportedProgram; load after `import attnopt`)
 
 Exit codes: 0 ok, 1 verification failed, 2 bad input. Errors are one line; `--debug` shows the
 traceback.
@@ -32,6 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--seq-len", type=int, default=16)
     inspect.add_argument("--batch", type=int, default=1)
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    convert = commands.add_parser("convert", help="optimize a checkpoint and write ONNX or .pt2")
+    convert.add_argument("source", help="a local Hugging Face model directory or a .pt2 file")
+    convert.add_argument("-o", "--output", required=True, help="OUT.onnx or OUT.pt2")
+    policy = convert.add_mutually_exclusive_group()
+    policy.add_argument("--policy", default="exact", help="a preset name (default: exact)")
+    policy.add_argument("--policy-file", help="a policy as JSON")
+    convert.add_argument("--seq-len", type=int, default=16)
+    convert.add_argument("--batch", type=int, default=1)
+    convert.add_argument("--opset", type=int, default=None)
+    convert.add_argument("--target", default="onnx", choices=["onnx"])
+    convert.add_argument("--report", help="write the optimization report (JSON) here")
+    convert.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -58,6 +72,13 @@ def _run(args) -> int:
         inputs = example_inputs(model, batch=args.batch, seq_len=args.seq_len)
         report = optimize(model, "none", example_kwargs=inputs, verify=False).report
         print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report)
+        return EXIT_OK
+    if args.command == "convert":
+        from attnopt.convert import convert
+        print(convert(args.source, args.output, policy=args.policy,
+                      policy_file=args.policy_file, seq_len=args.seq_len, batch=args.batch,
+                      opset=args.opset, target=args.target, report_path=args.report,
+                      force=args.force))
         return EXIT_OK
     raise ValueError(f"unknown command {args.command!r}")
 

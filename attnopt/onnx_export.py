@@ -100,7 +100,8 @@ def export_onnx(model: nn.Module, path: str, *, example_inputs=None,
     if not os.path.isdir(directory):
         raise ValueError(f"cannot write {path}: directory {directory} does not exist")
 
-    graph = _graph_to_export(model, args, kwargs, dynamic, OptimizedModule)
+    graph = rewritten_graph(model, args, kwargs, dynamic) \
+        if isinstance(model, OptimizedModule) else model
     dynamic_shapes = None
     if dynamic:
         from attnopt.capture import _dynamic_spec
@@ -136,9 +137,9 @@ def export_onnx(model: nn.Module, path: str, *, example_inputs=None,
     return result
 
 
-def _graph_to_export(model, args, kwargs, dynamic, optimized_type) -> nn.Module:
-    if not isinstance(model, optimized_type):
-        return model
+def rewritten_graph(model, args, kwargs, dynamic: bool) -> nn.Module:
+    """An OptimizedModule's model captured whole for these examples and rewritten under its
+    policy: a graph module holding the attnopt ops, ready to export."""
     from attnopt.capture import export_module
     from attnopt.region import build_region
     state = model._attnopt_state

@@ -54,3 +54,77 @@ def test_corrupt_safetensors_is_rejected(bert_dir, tmp_path, capsys):
     weights.write_bytes(b"not a safetensors file")
     assert main(["inspect", str(tmp_path)]) == EXIT_BAD_INPUT
     assert "attnopt: error:" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ convert
+
+def _save(tmp_path_factory, name, model):
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp(name)
+    model.save_pretrained(directory)
+    return directory
+
+
+CHECKPOINTS = {
+    "bert": lambda: transformers.BertModel(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, attn_implementation="eager")),
+    "llama-gqa": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")),
+    "t5": lambda: transformers.T5Model(transformers.T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+        num_heads=4, decoder_start_token_id=0, attn_implementation="eager")),
+    "vit": lambda: transformers.ViTModel(transformers.ViTConfig(
+        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, attn_implementation="eager")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINTS))
+def test_convert_checkpoint_to_onnx_runs_in_onnxruntime(name, tmp_path_factory, capsys):
+    import onnxruntime
+    source = _save(tmp_path_factory, name, CHECKPOINTS[name]())
+    output = source / "model.onnx"
+    report = source / "report.json"
+    assert main(["convert", str(source), "-o", str(output), "--seq-len", "12",
+                 "--report", str(report)]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "onnxruntime vs PyTorch: passed" in printed
+    sites = json.loads(report.read_text())["sites"]
+    assert sites and all(s["rewrite"] == "exact" for s in sites)
+    session = onnxruntime.InferenceSession(str(output))
+    names = {i.name for i in session.get_inputs()}
+    assert names & {"input_ids", "pixel_values"}  # the model's own input names
+
+
+def test_convert_to_pt2_loads_back_after_import(tmp_path_factory, capsys):
+    source = _save(tmp_path_factory, "bert-pt2", CHECKPOINTS["bert"]())
+    output = source / "model.pt2"
+    assert main(["convert", str(source), "-o", str(output)]) == EXIT_OK
+    program = torch.export.load(str(output))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "attnopt.attention.default" in targets
+    ids = torch.randint(0, 100, (1, 16))
+    module = program.module()
+    assert module(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False) is not None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--policy", "fastest"], "unknown policy"),
+    (["-o", "model.txt"], "must end in"),
+])
+def test_convert_bad_arguments_exit_2(bert_dir, tmp_path, capsys, extra, message):
+    output = ["-o", str(tmp_path / "model.onnx")] if "-o" not in extra else []
+    assert main(["convert", str(bert_dir), *output, *extra]) == EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_convert_refuses_to_overwrite_without_force(bert_dir, tmp_path, capsys):
+    output = tmp_path / "model.onnx"
+    output.write_bytes(b"keep me")
+    assert main(["convert", str(bert_dir), "-o", str(output)]) == EXIT_BAD_INPUT
+    assert "--force" in capsys.readouterr().err and output.read_bytes() == b"keep me"
+    assert main(["convert", str(bert_dir), "-o", str(output), "--force"]) == EXIT_OK
+    assert output.read_bytes() != b"keep me"
