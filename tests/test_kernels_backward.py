@@ -168,3 +168,12 @@ def test_broadcast_grad_out_and_fresh_outputs():
     inputs = (q, k, v, out, lse, grad_out)
     assert not any(g.data_ptr() == t.data_ptr() for g in grads for t in inputs)
     _assert_grads_close(grads, _reference_grads(q, k, v, grad_out, kwargs), case.dtype)
+
+
+def test_bias_that_needs_a_gradient_gets_one():
+    """The kernels give no bias gradient, so a bias that requires one takes the reference."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 16, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 16, 16, device=DEVICE, requires_grad=True)
+    flash_attention(q, k, v, attn_bias=bias).sum().backward()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0

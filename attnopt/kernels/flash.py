@@ -364,13 +364,16 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     `BlockSparseLayout`. `softcap`: `softcap * tanh(s / softcap)` on scores. `alibi_slopes`
     (H,) or (B, H): adds `-slope * |i + offset - j|`. Differentiable in q, k, v.
 
-    Off CUDA (and outside the Triton interpreter) it runs the dense reference.
+    Off CUDA (and outside the Triton interpreter), and when `attn_bias` needs a gradient (the
+    kernels produce none for it), it runs the dense reference.
     """
     params = AttentionParams.build(q, k, v, causal=causal, scale=scale, attn_bias=attn_bias,
                                    kv_lengths=kv_lengths, window=window, block_mask=block_mask,
                                    softcap=softcap, alibi_slopes=alibi_slopes,
                                    causal_alignment=causal_alignment)
-    if unsupported_reason(q, k, v) is not None:
+    bias_needs_grad = attn_bias is not None and attn_bias.requires_grad \
+        and torch.is_grad_enabled()
+    if unsupported_reason(q, k, v) is not None or bias_needs_grad:
         return flash_attention_reference(q, k, v, causal=causal, scale=scale, attn_bias=attn_bias,
                                          kv_lengths=kv_lengths, window=window,
                                          block_mask=block_mask, softcap=softcap,
