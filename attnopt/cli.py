@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--seq-len", type=int, default=16)
     convert.add_argument("--batch", type=int, default=1)
     convert.add_argument("--opset", type=int, default=None)
-    convert.add_argument("--target", default="onnx", choices=["onnx"])
+    convert.add_argument("--target", default="onnx", choices=["onnx", "ort"],
+                         help="onnx: standard ops; ort: onnxruntime's fused contrib ops")
     convert.add_argument("--report", help="write the optimization report (JSON) here")
     convert.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     args = parser.parse_args(argv)

@@ -7,8 +7,10 @@
    same passes under the module's policy, so the exported graph holds the attnopt ops; a plain
    model is exported as it is;
 2. `torch.onnx.export(dynamo=True)` with a translation for every attnopt op (each op module
-   owns its translations): exact sites become the standard `Attention` op at opset >= 23 and
-   standard decomposed ops (MatMul, Softmax, Where) below;
+   owns its translations): with `target="onnx"` exact sites become the standard `Attention` op
+   at opset >= 23 and standard decomposed ops (MatMul, Softmax, Where) below; with
+   `target="ort"` onnxruntime's fused `com.microsoft.MultiHeadAttention` where it expresses the
+   call (same head counts, no soft-cap), decomposed ops elsewhere;
 3. `onnx.checker`, then onnxruntime on the examples and fresh random draws, compared with the
    PyTorch model under the verification tolerances. The file is written to a temporary name in
    the target directory and renamed only when every check passed: no partial output, ever.
@@ -32,13 +34,14 @@ from torch import nn
 
 from attnopt.errors import CaptureError, VerificationError
 from attnopt.ops import ATTENTION_OP
-from attnopt.ops.attention import onnx_attention_decomposed, onnx_attention_standard
+from attnopt.ops.attention import onnx_attention_decomposed, onnx_attention_ort, \
+    onnx_attention_standard
 from attnopt.verify import ErrorStats, compare_outputs, format_table, input_draws
 
 #: opsets this exporter writes: 18 is the oldest the decomposed translation uses, 23 brings the
 #: standard Attention op
 MIN_OPSET, ATTENTION_OPSET, DEFAULT_OPSET = 18, 23, 23
-TARGETS = ("onnx",)
+TARGETS = ("onnx", "ort")
 LATENCY_RUNS = 10
 
 
@@ -67,9 +70,14 @@ class ExportResult:
                 "ort_latency_ms": self.ort_latency_ms}
 
 
-def translation_table(opset: int) -> dict:
-    """The ONNX translation of every attnopt op at this opset."""
-    exact = onnx_attention_standard if opset >= ATTENTION_OPSET else onnx_attention_decomposed
+def translation_table(opset: int, target: str = "onnx") -> dict:
+    """The ONNX translation of every attnopt op for this opset and target: "onnx" — standard
+    ops only; "ort" — onnxruntime's fused contrib ops where they express the call."""
+    if target == "ort":
+        exact = onnx_attention_ort
+    else:
+        exact = onnx_attention_standard if opset >= ATTENTION_OPSET \
+            else onnx_attention_decomposed
     return {ATTENTION_OP: exact}
 
 
@@ -112,7 +120,7 @@ def export_onnx(model: nn.Module, path: str, *, example_inputs=None,
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training")
         program = torch.onnx.export(graph, args, kwargs=kwargs, dynamo=True,
                                     opset_version=opset, dynamic_shapes=dynamic_shapes,
-                                    verbose=False, custom_translation_table=translation_table(opset))
+                                    verbose=False, custom_translation_table=translation_table(opset, target))
 
     result = ExportResult(path, opset, target, dynamic)
     handle, temporary = tempfile.mkstemp(suffix=".onnx.tmp", dir=directory)

@@ -36,9 +36,9 @@ OP_CASES = {
 }
 
 
-@pytest.mark.parametrize("opset", [18, 23])
+@pytest.mark.parametrize("opset,target", [(18, "onnx"), (23, "onnx"), (18, "ort")])
 @pytest.mark.parametrize("name", sorted(OP_CASES))
-def test_attention_op_translations_run_in_onnxruntime(name, opset):
+def test_attention_op_translations_run_in_onnxruntime(name, opset, target):
     case = OP_CASES[name]
     generator = torch.Generator().manual_seed(sum(map(ord, name)) + opset)
     q = torch.randn(2, 4, 12, 16, generator=generator)
@@ -47,10 +47,14 @@ def test_attention_op_translations_run_in_onnxruntime(name, opset):
             "float": torch.randn(2, 1, 12, 12, generator=generator)}[case["mask"]]
     module = _CanonicalCall(mask, case["is_causal"], 0.3, case["kv_heads"] != 4, case["softcap"])
     program = torch.onnx.export(module, (q, k, v), dynamo=True, opset_version=opset,
-                                verbose=False, custom_translation_table=translation_table(opset))
+                                verbose=False,
+                                custom_translation_table=translation_table(opset, target))
     ops = {node.op_type for node in program.model.graph}
-    standard = opset >= 23 and case["softcap"] is None
-    assert ("Attention" in ops) == standard, ops
+    fused = case["softcap"] is None and (target == "onnx" and opset >= 23 or target == "ort"
+                                         and case["kv_heads"] == 4
+                                         and not (case["is_causal"] and case["mask"]))
+    fused_op = "MultiHeadAttention" if target == "ort" else "Attention"
+    assert (fused_op in ops) == fused, ops
     actual = program(q, k, v)[0]
     assert (actual - module(q, k, v)).abs().max().item() <= ATOL
 
@@ -70,6 +74,18 @@ def test_zoo_models_export_and_verify(name, tmp_path):
         >= case.sites
 
 
+@pytest.mark.parametrize("name", ["fused_causal", "matmul_divide_padding", "mha_key_padding",
+                                  "relative_bias"])
+def test_zoo_models_export_to_onnxruntime_contrib_ops(name, tmp_path):
+    case = ZOO[name]
+    torch.manual_seed(0)
+    model, args = case.make().eval(), case.inputs()
+    optimized = attnopt.optimize(model, example_inputs=args)
+    result = attnopt.export_onnx(optimized, tmp_path / "model.onnx", example_inputs=args,
+                                 target="ort", dynamic=False)
+    assert result.passed and result.op_histogram.get("MultiHeadAttention", 0) == case.sites
+
+
 def test_dynamic_bert_export_runs_other_shapes(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
@@ -82,6 +98,9 @@ def test_dynamic_bert_export_runs_other_shapes(tmp_path):
     optimized = attnopt.optimize(model, example_kwargs=inputs)
     result = attnopt.export_onnx(optimized, tmp_path / "bert.onnx", example_kwargs=inputs)
     assert result.passed and result.op_histogram["Attention"] == 2
+    fused = attnopt.export_onnx(optimized, tmp_path / "bert-ort.onnx", example_kwargs=inputs,
+                                target="ort")
+    assert fused.passed and fused.op_histogram["MultiHeadAttention"] == 2
     assert result.file_bytes > 0 and result.ort_latency_ms > 0
     import onnxruntime
     session = onnxruntime.InferenceSession(str(tmp_path / "bert.onnx"))

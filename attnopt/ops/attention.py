@@ -240,3 +240,70 @@ def onnx_attention_standard(q, k, v, attn_mask=None, is_causal=False, scale=None
         inputs = (q, k, v, op.Expand(attn_mask, full_BHSS))
     outputs = op.Attention(*inputs, **attributes)  # (Y, present_key, present_value, qk)
     return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+
+
+def onnx_attention_ort(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+                       softcap=None):
+    """onnxruntime's fused `com.microsoft.MultiHeadAttention` (q as (B, S, H·D), k and v as
+    BHSD). Calls it cannot express — GQA, soft-cap, a dynamic head count, causal with a mask,
+    causal over unequal lengths — take the decomposed translation."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    static = all(isinstance(d, int) for d in (heads, kv_heads, q.shape[3]))
+    equal_lengths = isinstance(q.shape[2], int) and q.shape[2] == k.shape[2]
+    if softcap is not None or not static or heads != kv_heads or \
+            (is_causal and (attn_mask is not None or not equal_lengths)):
+        return onnx_attention_decomposed(q, k, v, attn_mask, is_causal, scale, enable_gqa,
+                                         softcap)
+    import onnxscript
+    from onnxscript import opset18 as op
+    contrib = onnxscript.values.Opset("com.microsoft", 1)
+    multi_head_attention = onnxscript.values.Op(contrib, "MultiHeadAttention",
+                                                _multi_head_attention_schema())
+    head_dim = q.shape[3]
+    query_BSE = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]),
+                           op.Constant(value_ints=[0, 0, heads * head_dim]))
+    bias = None
+    if attn_mask is not None:
+        if attn_mask.dtype == 9:  # onnx BOOL: True = attend → 0 / -inf
+            attn_mask = op.Where(attn_mask, op.CastLike(op.Constant(value_float=0.0), q),
+                                 op.CastLike(op.Constant(value_float=float("-inf")), q))
+        full = op.Concat(op.Constant(value_ints=[1, 1]), op.Shape(q, start=2, end=3),
+                         op.Shape(k, start=2, end=3), axis=0)
+        bias = op.CastLike(op.Expand(attn_mask, full), q)
+    attributes = {"num_heads": heads, "unidirectional": int(bool(is_causal))}
+    if scale is not None:
+        attributes["scale"] = float(scale)
+    out_BSE = multi_head_attention(query_BSE, k, v, None, None, bias, **attributes)
+    if isinstance(out_BSE, (tuple, list)):
+        out_BSE = out_BSE[0]
+    out_BSHD = op.Reshape(out_BSE, op.Constant(value_ints=[0, 0, heads, head_dim]))
+    return op.Transpose(out_BSHD, perm=[0, 2, 1, 3])
+
+
+def _multi_head_attention_schema():
+    """The part of onnxruntime's `com.microsoft.MultiHeadAttention` signature attnopt uses,
+    registered with onnx once (onnx ships no schemas for onnxruntime's contrib ops, and the
+    exporter's tracer needs one to tell inputs from attributes)."""
+    import onnx
+    from onnx.defs import OpSchema
+    name, domain = "MultiHeadAttention", "com.microsoft"
+    if onnx.defs.has(name, domain):
+        return onnx.defs.get_schema(name, 1, domain)
+    optional = OpSchema.FormalParameterOption.Optional
+    inputs = [OpSchema.FormalParameter("query", "T")] + [
+        OpSchema.FormalParameter(input_name, type_name, param_option=optional)
+        for input_name, type_name in (("key", "T"), ("value", "T"), ("bias", "T"),
+                                      ("key_padding_mask", "M"), ("attention_bias", "T"))]
+    schema = OpSchema(
+        name, domain, 1, doc="onnxruntime contrib multi-head attention (subset used by attnopt)",
+        inputs=inputs, outputs=[OpSchema.FormalParameter("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("M", ["tensor(int32)"], "")],
+        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "", required=True),
+                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False),
+                    OpSchema.Attribute("unidirectional", OpSchema.AttrType.INT, "",
+                                       required=False),
+                    OpSchema.Attribute("mask_filter_value", OpSchema.AttrType.FLOAT, "",
+                                       required=False)])
+    onnx.defs.register_schema(schema)
+    return schema
