@@ -4,6 +4,7 @@
     attnopt inspect DIR [--json]      the attention sites of a local Hugging Face model
     attnopt convert SRC -o OUT        optimize and write OUT: .onnx (checked in onnxruntime)
                                       or .pt2 (an ExportedProgram; load after `import attnopt`)
+    attnopt bench SRC                 latency of original vs optimized, PyTorch and onnxruntime
 
 Exit codes: 0 ok, 1 verification failed, 2 bad input. Errors are one line; `--debug` shows the
 traceback.
@@ -47,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
                          help="onnx: standard ops; ort: onnxruntime's fused contrib ops")
     convert.add_argument("--report", help="write the optimization report (JSON) here")
     convert.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    bench = commands.add_parser("bench", help="latency of the original vs optimized model")
+    bench.add_argument("source", help="a local Hugging Face model directory or a .pt2 file")
+    bench.add_argument("--policy", default="exact")
+    bench.add_argument("--seq-len", type=int, default=128)
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--runs", type=int, default=10)
+    bench.add_argument("--no-onnx", action="store_true", help="PyTorch only")
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -80,6 +88,11 @@ def _run(args) -> int:
                       policy_file=args.policy_file, seq_len=args.seq_len, batch=args.batch,
                       opset=args.opset, target=args.target, report_path=args.report,
                       force=args.force))
+        return EXIT_OK
+    if args.command == "bench":
+        from attnopt.convert import bench
+        print(bench(args.source, policy=args.policy, seq_len=args.seq_len, batch=args.batch,
+                    runs=args.runs, onnx=not args.no_onnx))
         return EXIT_OK
     raise ValueError(f"unknown command {args.command!r}")
 

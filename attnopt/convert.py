@@ -1,4 +1,5 @@
-"""Checkpoint conversion: a local model in, an optimized and checked deployable file out.
+"""Checkpoint conversion and benchmarking: a local model in, an optimized and checked file out
+(`convert`), or the latency of the original against the optimized model (`bench`).
 
 `convert(source, output, ...)` loads a Hugging Face model directory (`checkpoints.py`: weights
 read with `weights_only=True`, never unpickled) or a `.pt2` ExportedProgram, synthesizes example
@@ -115,3 +116,48 @@ def save_pt2(optimized, path: Path, args: tuple, kwargs: dict) -> None:
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+BENCH_RUNS = 10
+
+
+def bench(source: str, *, policy: str = "exact", seq_len: int = 128, batch: int = 1,
+          runs: int = BENCH_RUNS, onnx: bool = True) -> str:
+    """Latency of the original vs the optimized model, in PyTorch and (with `onnx`) in
+    onnxruntime, one process, medians of `runs` calls after warm-ups; a markdown table."""
+    import statistics
+
+    from attnopt.api import optimize
+    from attnopt.onnx_export import export_onnx
+
+    model, args, kwargs = _load(source, seq_len, batch)
+    optimized = optimize(model, policy, example_inputs=args or None, example_kwargs=kwargs,
+                         capture="whole")
+
+    def median_ms(fn) -> float:
+        for _ in range(2):
+            fn()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    with torch.no_grad():
+        rows = [("PyTorch", median_ms(lambda: model(*args, **kwargs)),
+                 median_ms(lambda: optimized(*args, **kwargs)))]
+    if onnx:
+        with tempfile.TemporaryDirectory() as directory:
+            original = export_onnx(model, os.path.join(directory, "original.onnx"),
+                                   example_inputs=args or None, example_kwargs=kwargs)
+            rewritten = export_onnx(optimized, os.path.join(directory, "optimized.onnx"),
+                                    example_inputs=args or None, example_kwargs=kwargs)
+            rows.append(("onnxruntime", original.ort_latency_ms, rewritten.ort_latency_ms))
+    sites = len(optimized.report.rewritten)
+    lines = [f"{source}: batch {batch}, sequence {seq_len}, policy {policy!r}, {sites} site(s) "
+             f"rewritten; medians of {runs} runs", "",
+             "| runtime | original ms | optimized ms | speedup |", "|---|---|---|---|"]
+    lines += [f"| {name} | {before:.2f} | {after:.2f} | {before / after:.2f}× |"
+              for name, before, after in rows]
+    return "\n".join(lines)

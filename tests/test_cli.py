@@ -128,3 +128,9 @@ def test_convert_refuses_to_overwrite_without_force(bert_dir, tmp_path, capsys):
     assert "--force" in capsys.readouterr().err and output.read_bytes() == b"keep me"
     assert main(["convert", str(bert_dir), "-o", str(output), "--force"]) == EXIT_OK
     assert output.read_bytes() != b"keep me"
+
+
+def test_bench_prints_pytorch_and_onnxruntime_latency(bert_dir, capsys):
+    assert main(["bench", str(bert_dir), "--seq-len", "16", "--runs", "2"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "| PyTorch |" in out and "| onnxruntime |" in out and "2 site(s) rewritten" in out
