@@ -6,7 +6,8 @@ random weights, batch 1, sequences 512 and 4096 (positions sized to fit). Files 
 - original: `torch.onnx.export` of the unmodified model (its hand-written attention as
   MatMul/Softmax/MatMul with the mask arithmetic);
 - attnopt exact, decomposed: `export_onnx(opset=18)` of `optimize(model, "exact")`;
-- attnopt exact, `Attention` op: `export_onnx(opset=23)`.
+- attnopt exact, `Attention` op: `export_onnx(opset=23)`;
+- attnopt exact, onnxruntime's fused `com.microsoft.MultiHeadAttention`: `export_onnx(target="ort")`.
 
 Each file's outputs are checked against PyTorch first (export_onnx does it for attnopt's; the
 original's is compared here). Latency: median of `--runs` onnxruntime runs after 2 warm-ups,
@@ -70,8 +71,9 @@ def main() -> None:
           f"{torch.__version__}; onnxruntime {onnxruntime.__version__}; "
           f"{time.strftime('%Y-%m-%d')}")
     print("| seq | original ms | attnopt decomposed (opset 18) ms | attnopt Attention (opset 23) "
-          "ms | original / decomposed | original / Attention | max abs err vs PyTorch |")
-    print("|---|---|---|---|---|---|---|")
+          "ms | attnopt MultiHeadAttention (ort) ms | original / decomposed | original / "
+          "Attention | original / MultiHeadAttention | max abs err vs PyTorch |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as directory:
         for seq_len in args.seqs:
             model, inputs = build(seq_len)
@@ -84,16 +86,18 @@ def main() -> None:
             errors = [float((torch.from_numpy(got) - expected).abs().max())]
             optimized = attnopt.optimize(model, example_kwargs=inputs)
             files = {}
-            for opset in (18, 23):
-                files[opset] = os.path.join(directory, f"attnopt-{seq_len}-{opset}.onnx")
-                result = attnopt.export_onnx(optimized, files[opset], example_kwargs=inputs,
-                                             opset=opset)
+            for label, opset, target in (("decomposed", 18, "onnx"), ("attention", 23, "onnx"),
+                                         ("ort", 23, "ort")):
+                files[label] = os.path.join(directory, f"attnopt-{seq_len}-{label}.onnx")
+                result = attnopt.export_onnx(optimized, files[label], example_kwargs=inputs,
+                                             opset=opset, target=target)
                 errors.append(max(stats.max_abs_err for _, stats in result.errors))
             times = [latency_ms(original, inputs, args.runs)]
-            times += [latency_ms(files[opset], inputs, args.runs) for opset in (18, 23)]
+            times += [latency_ms(files[label], inputs, args.runs)
+                      for label in ("decomposed", "attention", "ort")]
             print(f"| {seq_len} | {times[0]:.1f} | {times[1]:.1f} | {times[2]:.1f} | "
-                  f"{times[0] / times[1]:.2f} | {times[0] / times[2]:.2f} | "
-                  f"{max(errors):.1e} |", flush=True)
+                  f"{times[3]:.1f} | {times[0] / times[1]:.2f} | {times[0] / times[2]:.2f} | "
+                  f"{times[0] / times[3]:.2f} | {max(errors):.1e} |", flush=True)
 
 
 if __name__ == "__main__":
