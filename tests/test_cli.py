@@ -134,3 +134,23 @@ def test_bench_prints_pytorch_and_onnxruntime_latency(bert_dir, capsys):
     assert main(["bench", str(bert_dir), "--seq-len", "16", "--runs", "2"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "| PyTorch |" in out and "| onnxruntime |" in out and "2 site(s) rewritten" in out
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: d / "missing", "no such directory"),
+    (lambda d: (d / "config.json").write_text("{}") and d, "no weights"),
+])
+def test_convert_bad_checkpoint_writes_nothing(tmp_path, capsys, setup, message):
+    source = setup(tmp_path)
+    output = tmp_path / "out.onnx"
+    assert main(["convert", str(source), "-o", str(output)]) == EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err and not output.exists()
+
+
+def test_convert_corrupt_safetensors_writes_nothing(bert_dir, tmp_path, capsys):
+    for item in bert_dir.iterdir():
+        (tmp_path / item.name).write_bytes(item.read_bytes())
+    next(tmp_path.glob("*.safetensors")).write_bytes(b"not a safetensors file")
+    output = tmp_path / "out.onnx"
+    assert main(["convert", str(tmp_path), "-o", str(output)]) == EXIT_BAD_INPUT
+    assert "attnopt: error:" in capsys.readouterr().err and not output.exists()
