@@ -69,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
             else EXIT_BAD_INPUT
 
 
+def _progress_printer():
+    """Steps on stderr as they start, each with the time since the command began."""
+    import time
+    started = time.perf_counter()
+
+    def show(step: str) -> None:
+        print(f"[attnopt {time.perf_counter() - started:6.1f} s] {step}…", file=sys.stderr,
+              flush=True)
+    return show
+
+
 def _run(args) -> int:
     if args.command == "demo":
         from attnopt.demo import run_demo
@@ -87,7 +98,7 @@ def _run(args) -> int:
         print(convert(args.source, args.output, policy=args.policy,
                       policy_file=args.policy_file, seq_len=args.seq_len, batch=args.batch,
                       opset=args.opset, target=args.target, report_path=args.report,
-                      force=args.force))
+                      force=args.force, progress=_progress_printer()))
         return EXIT_OK
     if args.command == "bench":
         from attnopt.convert import bench

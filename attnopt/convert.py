@@ -22,7 +22,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -35,7 +35,8 @@ OUTPUT_SUFFIXES = (".onnx", ".pt2")
 def convert(source: str, output: str, *, policy: str = "exact",
             policy_file: Optional[str] = None, seq_len: int = 16, batch: int = 1,
             opset: Optional[int] = None, target: str = "onnx",
-            report_path: Optional[str] = None, force: bool = False) -> str:
+            report_path: Optional[str] = None, force: bool = False,
+            progress: Callable[[str], None] = lambda step: None) -> str:
     from attnopt.api import optimize
     from attnopt.onnx_export import export_onnx
     from attnopt.policy import Policy
@@ -53,7 +54,9 @@ def convert(source: str, output: str, *, policy: str = "exact",
     else:
         chosen = policy
     started = time.perf_counter()
+    progress(f"loading {source}")
     model, args, kwargs = _load(source, seq_len, batch)
+    progress("optimizing: capture, rewrite, verify")
     optimized = optimize(model, chosen, example_inputs=args or None, example_kwargs=kwargs,
                          capture="whole")
     report = optimized.report
@@ -62,7 +65,8 @@ def convert(source: str, output: str, *, policy: str = "exact",
     lines = [str(report), ""]
     if output_path.suffix == ".onnx":
         result = export_onnx(optimized, output_path, example_inputs=args or None,
-                             example_kwargs=kwargs, opset=opset, target=target)
+                             example_kwargs=kwargs, opset=opset, target=target,
+                             progress=progress)
         worst = max(stats.max_abs_err for _, stats in result.errors)
         lines += [f"wrote {output} ({result.file_bytes / 1e6:.1f} MB, opset {result.opset}, "
                   f"dynamic batch/sequence)",
@@ -72,6 +76,7 @@ def convert(source: str, output: str, *, policy: str = "exact",
                                       sorted(result.op_histogram.items(),
                                              key=lambda item: -item[1])[:8])]
     else:
+        progress("saving the optimized program and loading it back")
         save_pt2(optimized, output_path, args, kwargs)
         lines.append(f"wrote {output} ({os.path.getsize(output_path) / 1e6:.1f} MB; load with "
                      f"`import attnopt; torch.export.load(path)`)")

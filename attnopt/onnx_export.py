@@ -27,7 +27,7 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -84,9 +84,11 @@ def translation_table(opset: int, target: str = "onnx") -> dict:
 def export_onnx(model: nn.Module, path: str, *, example_inputs=None,
                 example_kwargs: Optional[dict] = None, opset: Optional[int] = None,
                 target: str = "onnx", dynamic: bool = True, verify: bool = True,
-                draws: int = 2) -> ExportResult:
+                draws: int = 2, progress: Callable[[str], None] = lambda step: None
+                ) -> ExportResult:
     """Export `model` to ONNX at `path` and check it in onnxruntime (see module docstring).
 
+    `progress(step)` is called as each long step starts (the CLI prints them).
     Raises ValueError for bad arguments, CaptureError when the model cannot be captured whole,
     VerificationError when onnxruntime's outputs differ from PyTorch's (nothing is written).
     """
@@ -108,6 +110,7 @@ def export_onnx(model: nn.Module, path: str, *, example_inputs=None,
     if not os.path.isdir(directory):
         raise ValueError(f"cannot write {path}: directory {directory} does not exist")
 
+    progress("capturing the model for export")
     graph = rewritten_graph(model, args, kwargs, dynamic) \
         if isinstance(model, OptimizedModule) else model
     dynamic_shapes = None
@@ -115,6 +118,7 @@ def export_onnx(model: nn.Module, path: str, *, example_inputs=None,
         from attnopt.capture import _dynamic_spec
         source = model._orig_mod if isinstance(model, OptimizedModule) else model
         dynamic_shapes = _dynamic_spec(source, args, kwargs)
+    progress(f"exporting to ONNX (opset {opset}, target {target})")
     with warnings.catch_warnings():
         # the captured graph of an eval-mode model carries no train/eval flag of its own
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training")
@@ -132,6 +136,7 @@ def export_onnx(model: nn.Module, path: str, *, example_inputs=None,
         result.op_histogram = dict(Counter(node.op_type for node in program.model.graph))
         result.file_bytes = os.path.getsize(temporary)
         if verify:
+            progress(f"checking in onnxruntime against PyTorch ({draws + 1} input sets)")
             result.errors = _compare_with_pytorch(model, program, args, kwargs, draws)
             if not result.passed:
                 raise VerificationError("onnxruntime's outputs differ from PyTorch's beyond "

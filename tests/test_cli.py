@@ -89,8 +89,9 @@ def test_convert_checkpoint_to_onnx_runs_in_onnxruntime(name, tmp_path_factory, 
     report = source / "report.json"
     assert main(["convert", str(source), "-o", str(output), "--seq-len", "12",
                  "--report", str(report)]) == EXIT_OK
-    printed = capsys.readouterr().out
-    assert "onnxruntime vs PyTorch: passed" in printed
+    captured = capsys.readouterr()
+    assert "onnxruntime vs PyTorch: passed" in captured.out
+    assert "checking in onnxruntime" in captured.err  # progress, step by step, on stderr
     sites = json.loads(report.read_text())["sites"]
     assert sites and all(s["rewrite"] == "exact" for s in sites)
     session = onnxruntime.InferenceSession(str(output))
