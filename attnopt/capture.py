@@ -43,7 +43,7 @@ class CapturedProgram:
     note: str = ""
 
 
-def _dynamic_spec(module: nn.Module, args: tuple, kwargs: dict):
+def leading_dims_dynamic(module: nn.Module, args: tuple, kwargs: dict):
     """`Dim.AUTO` on the leading dims of every tensor input, keyed as torch.export expects."""
     def spec(leaf):
         # The last dim of float tensors of 3+ dims (features, head dim) stays static: weights
@@ -76,7 +76,7 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict, path: str = "",
                   dynamic: bool = True, dynamic_shapes=None) -> CapturedProgram:
     """Export `module` on (args, kwargs); dynamic dims where export allows, else static.
 
-    `dynamic_shapes` overrides the default spec (see `_dynamic_spec`).
+    `dynamic_shapes` overrides the default spec (see `leading_dims_dynamic`).
     """
     where = f"submodule `{path}` ({type(module).__name__})" if path else \
         f"the model ({type(module).__name__})"
@@ -85,7 +85,7 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict, path: str = "",
         try:
             exported = _export(module, args, kwargs, where,
                                dynamic_shapes if dynamic_shapes is not None
-                               else _dynamic_spec(module, args, kwargs))
+                               else leading_dims_dynamic(module, args, kwargs))
             return CapturedProgram(path, module, exported, args, kwargs, True)
         except CaptureError:
             raise

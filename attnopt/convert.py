@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from attnopt.errors import VerificationError
+from attnopt.timing import median_ms
 from attnopt.verify import compare_outputs, format_table
 
 OUTPUT_SUFFIXES = (".onnx", ".pt2")
@@ -130,8 +131,6 @@ def bench(source: str, *, policy: str = "exact", seq_len: int = 128, batch: int 
           runs: int = BENCH_RUNS, onnx: bool = True) -> str:
     """Latency of the original vs the optimized model, in PyTorch and (with `onnx`) in
     onnxruntime, one process, medians of `runs` calls after warm-ups; a markdown table."""
-    import statistics
-
     from attnopt.api import optimize
     from attnopt.onnx_export import export_onnx
 
@@ -139,25 +138,17 @@ def bench(source: str, *, policy: str = "exact", seq_len: int = 128, batch: int 
     optimized = optimize(model, policy, example_inputs=args or None, example_kwargs=kwargs,
                          capture="whole")
 
-    def median_ms(fn) -> float:
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
     with torch.no_grad():
-        rows = [("PyTorch", median_ms(lambda: model(*args, **kwargs)),
-                 median_ms(lambda: optimized(*args, **kwargs)))]
+        rows = [("PyTorch", median_ms(lambda: model(*args, **kwargs), runs),
+                 median_ms(lambda: optimized(*args, **kwargs), runs))]
     if onnx:
         with tempfile.TemporaryDirectory() as directory:
             original = export_onnx(model, os.path.join(directory, "original.onnx"),
-                                   example_inputs=args or None, example_kwargs=kwargs)
+                                   example_inputs=args or None, example_kwargs=kwargs,
+                                   latency_runs=runs)
             rewritten = export_onnx(optimized, os.path.join(directory, "optimized.onnx"),
-                                    example_inputs=args or None, example_kwargs=kwargs)
+                                    example_inputs=args or None, example_kwargs=kwargs,
+                                    latency_runs=runs)
             rows.append(("onnxruntime", original.ort_latency_ms, rewritten.ort_latency_ms))
     sites = len(optimized.report.rewritten)
     lines = [f"{source}: batch {batch}, sequence {seq_len}, policy {policy!r}, {sites} site(s) "

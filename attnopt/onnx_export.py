@@ -21,9 +21,7 @@ The result carries the errors, an op histogram, the file size and onnxruntime's 
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,9 +29,12 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
+from attnopt.capture import leading_dims_dynamic
 from attnopt.errors import CaptureError, VerificationError
 from attnopt.ops import ATTENTION_OP
+from attnopt.timing import median_ms
 from attnopt.ops.attention import onnx_attention_decomposed, onnx_attention_ort, \
     onnx_attention_standard
 from attnopt.verify import ErrorStats, compare_outputs, format_table, input_draws
@@ -84,8 +85,8 @@ def translation_table(opset: int, target: str = "onnx") -> dict:
 def export_onnx(model: nn.Module, path: str, *, example_inputs=None,
                 example_kwargs: Optional[dict] = None, opset: Optional[int] = None,
                 target: str = "onnx", dynamic: bool = True, verify: bool = True,
-                draws: int = 2, progress: Callable[[str], None] = lambda step: None
-                ) -> ExportResult:
+                draws: int = 2, latency_runs: int = LATENCY_RUNS,
+                progress: Callable[[str], None] = lambda step: None) -> ExportResult:
     """Export `model` to ONNX at `path` and check it in onnxruntime (see module docstring).
 
     `progress(step)` is called as each long step starts (the CLI prints them).
@@ -115,9 +116,8 @@ def export_onnx(model: nn.Module, path: str, *, example_inputs=None,
         if isinstance(model, OptimizedModule) else model
     dynamic_shapes = None
     if dynamic:
-        from attnopt.capture import _dynamic_spec
         source = model._orig_mod if isinstance(model, OptimizedModule) else model
-        dynamic_shapes = _dynamic_spec(source, args, kwargs)
+        dynamic_shapes = leading_dims_dynamic(source, args, kwargs)
     progress(f"exporting to ONNX (opset {opset}, target {target})")
     with warnings.catch_warnings():
         # the captured graph of an eval-mode model carries no train/eval flag of its own
@@ -142,7 +142,8 @@ def export_onnx(model: nn.Module, path: str, *, example_inputs=None,
                 raise VerificationError("onnxruntime's outputs differ from PyTorch's beyond "
                                         "tolerance; nothing was written",
                                         format_table(result.errors))
-        result.ort_latency_ms = _latency_ms(program, args, kwargs)
+        # warm-ups include session creation and first-run allocations
+        result.ort_latency_ms = median_ms(lambda: program(*args, **kwargs), latency_runs)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -177,15 +178,6 @@ def _compare_with_pytorch(model, program, args, kwargs, draws) -> list[tuple[str
 
 
 def _flat_outputs(output) -> list:
-    from torch.utils import _pytree as pytree
     return [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
 
 
-def _latency_ms(program, args, kwargs) -> float:
-    program(*args, **kwargs)  # session creation and first-run allocations
-    times = []
-    for _ in range(LATENCY_RUNS):
-        start = time.perf_counter()
-        program(*args, **kwargs)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)

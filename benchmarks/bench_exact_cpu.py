@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,6 +21,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import attnopt  # noqa: E402
+from attnopt.timing import median_ms  # noqa: E402
 
 
 def build(implementation: str):
@@ -32,18 +31,6 @@ def build(implementation: str):
                                      attn_implementation=implementation)
     torch.manual_seed(0)
     return transformers.BertModel(config).eval()
-
-
-@torch.no_grad()
-def median_ms(fn, runs: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def inputs(seq: int) -> dict:
@@ -72,8 +59,9 @@ def main() -> None:
             truth = eager(**fresh).last_hidden_state
             errors = [(model(**fresh).last_hidden_state - truth).abs().max().item()
                       for model in (optimized, sdpa)]
-        times = [median_ms(lambda m=model: m(**fresh), args.runs)
-                 for model in (eager, optimized, sdpa)]
+        with torch.no_grad():
+            times = [median_ms(lambda m=model: m(**fresh), args.runs)
+                     for model in (eager, optimized, sdpa)]
         print(f"| {seq} | {times[0]:.1f} | {times[1]:.1f} | {times[2]:.1f} | "
               f"{times[0] / times[1]:.2f} | {times[2] / times[1]:.2f} | "
               f"{errors[0]:.1e}, {errors[1]:.1e} |")

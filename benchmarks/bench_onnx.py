@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
 import time
 import warnings
@@ -34,6 +33,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import attnopt  # noqa: E402
+from attnopt.timing import median_ms  # noqa: E402
 
 
 def build(seq_len: int):
@@ -52,14 +52,7 @@ def build(seq_len: int):
 def latency_ms(path: str, inputs: dict, runs: int) -> float:
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     feed = {k: v.numpy() for k, v in inputs.items()}
-    for _ in range(2):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return median_ms(lambda: session.run(None, feed), runs)
 
 
 def main() -> None:

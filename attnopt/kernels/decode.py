@@ -22,7 +22,7 @@ Here the work is laid out the other way:
 
 With one split the first kernel writes the final output itself and the reduction is skipped.
 
-Key tiles go through the forward kernel's `attend_range` (and so `tiles.score_tile`): the
+Key tiles go through the forward kernel's `attend_band` (and so `tiles.score_tile`): the
 masking semantics are those of `reference.py`. Rows of one program belong to different heads:
 the bias base pointer and the ALiBi slope are passed as (BLOCK_M, 1) blocks, one per row, which
 broadcast against the tile exactly as the per-head scalars do in the forward kernel.
@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnopt.kernels.flash import DECODE_MAX_QUERIES, INTERPRETER_BLOCK, attend_range, \
+from attnopt.kernels.flash import DECODE_MAX_QUERIES, INTERPRETER_BLOCK, attend_band, \
     input_precision, last_dim_contiguous, tensor_args
 from attnopt.kernels.params import AttentionParams, interpreting, padded_head_dim, \
     unsupported_reason
@@ -145,24 +145,12 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
-    acc, l_i, m_i = attend_range(
+    acc, l_i, m_i = attend_band(
         acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        start, unmasked_lo, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
-        window_right, scale, softcap, bias_rows_ptr, stride_bm, stride_bn, slope_rows,
-        BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-        HAS_ALIBI, INPUT_PRECISION)
-    acc, l_i, m_i = attend_range(
-        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        unmasked_lo, unmasked_hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
-        window_right, scale, softcap, bias_rows_ptr, stride_bm, stride_bn, slope_rows,
-        BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-        HAS_ALIBI, INPUT_PRECISION)
-    acc, l_i, m_i = attend_range(
-        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        unmasked_hi, end, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
-        window_right, scale, softcap, bias_rows_ptr, stride_bm, stride_bn, slope_rows,
-        BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-        HAS_ALIBI, INPUT_PRECISION)
+        start, unmasked_lo, unmasked_hi, end, offs_m, offs_d, seq_q, seq_k, kv_end, offset,
+        window_left, window_right, scale, softcap, bias_rows_ptr, stride_bm, stride_bn,
+        slope_rows, BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+        BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
 
     # a row whose share held no visible key: output 0, max -inf, sum 0 (weight 0 when reduced)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

@@ -27,7 +27,7 @@ from attnopt.kernels.layout import BlockSparseLayout
 from attnopt.kernels.params import AttentionParams, interpreting, padded_head_dim, \
     unsupported_reason
 from attnopt.kernels.reference import flash_attention_reference
-from attnopt.kernels.tiles import LOG2E, NEG_INF, key_band, score_tile
+from attnopt.kernels.tiles import BIAS_NONE, LOG2E, NEG_INF, key_band, score_tile
 from attnopt.kernels.tuning import launch
 
 # --------------------------------------------------------------------------- configs
@@ -93,7 +93,7 @@ def attend_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn,
     else:
         kt = tl.load(kt_ptrs)
     qk = tl.dot(q, kt, input_precision=INPUT_PRECISION)
-    if not MASKED and BIAS_KIND == 0 and not HAS_SOFTCAP and not HAS_ALIBI:
+    if not MASKED and BIAS_KIND == BIAS_NONE and not HAS_SOFTCAP and not HAS_ALIBI:
         # the hot path: scale folded into one multiply-add per score, every score finite
         qk_scale = scale * LOG2E
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -137,6 +137,35 @@ def attend_range(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn
             BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
             BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
     return acc, l_i, m_i
+
+
+@triton.jit
+def attend_band(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+                lo, full_lo, full_hi, hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset,
+                window_left, window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Keys [lo, hi) as `key_band` splits them: tiles cut by a mask boundary in [lo, full_lo)
+    and [full_hi, hi), fully visible tiles (no mask evaluation) in [full_lo, full_hi)."""
+    acc, l_i, m_i = attend_range(
+        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+        lo, full_lo, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
+        scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+        BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+        BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
+    acc, l_i, m_i = attend_range(
+        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+        full_lo, full_hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
+        window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+        BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+        BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
+    return attend_range(
+        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+        full_hi, hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
+        scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+        BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+        BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
 
 
 @triton.autotune(configs=_forward_configs(),
@@ -220,24 +249,12 @@ def _flash_forward_kernel(
                             HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI,
                             INPUT_PRECISION)
     else:
-        acc, l_i, m_i = attend_range(
+        acc, l_i, m_i = attend_band(
             acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-            lo, full_lo, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
-            scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
-            BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-            BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
-        acc, l_i, m_i = attend_range(
-            acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-            full_lo, full_hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
-            window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
-            BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-            BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
-        acc, l_i, m_i = attend_range(
-            acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-            full_hi, hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
-            scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
-            BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-            BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
+            lo, full_lo, full_hi, hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset,
+            window_left, window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+            BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+            HAS_ALIBI, INPUT_PRECISION)
 
     # rows that saw no key produce zeros; their log-sum-exp is +inf so backward weights are 0
     seen = l_i > 0

@@ -4,12 +4,13 @@
 and turns them into what the kernels take: the causal alignment as an integer offset, a window as
 (left, right) bounds with flags, the bias expanded to (B, H, Sq, Sk) by strides (never copied),
 ALiBi slopes as (B, H) strides, and the block layout. `kernel_flags` are the constexpr
-specializations; `supported_reason` says why a call cannot run on the Triton kernels (None when
+specializations; `unsupported_reason` says why a call cannot run on the Triton kernels (None when
 it can).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,7 +22,8 @@ from attnopt.kernels.reference import causal_offset
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-BIAS_NONE, BIAS_ADDITIVE, BIAS_BOOLEAN = 0, 1, 2  # mirrors tiles.BIAS_*
+#: the kinds of `attn_bias` (kernels see them as the BIAS_KIND constexpr; tiles.py wraps these)
+BIAS_NONE, BIAS_ADDITIVE, BIAS_BOOLEAN = 0, 1, 2
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -152,5 +154,4 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
 
 
 def interpreting() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

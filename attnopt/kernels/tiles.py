@@ -19,15 +19,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from attnopt.kernels import params
+
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 NEG_INF = tl.constexpr(float("-inf"))
 # Finite bias values are clamped here before the base-2 scaling, so that masks written with
 # torch.finfo(float32).min stay finite (rows masked that way average uniformly, as in PyTorch)
 MIN_FINITE_BIAS = tl.constexpr(-2.0e38)
 
-BIAS_NONE = tl.constexpr(0)
-BIAS_ADDITIVE = tl.constexpr(1)
-BIAS_BOOLEAN = tl.constexpr(2)
+BIAS_NONE = tl.constexpr(params.BIAS_NONE)
+BIAS_ADDITIVE = tl.constexpr(params.BIAS_ADDITIVE)
+BIAS_BOOLEAN = tl.constexpr(params.BIAS_BOOLEAN)
 
 
 @triton.jit
