@@ -33,7 +33,12 @@ from torch.utils import _pytree as pytree
 
 from attnopt.capture import leading_dims_dynamic
 from attnopt.errors import CaptureError, VerificationError
-from attnopt.ops import ATTENTION_OP
+from attnopt.ops import APPROXIMATE_OPS, ATTENTION_OP
+from attnopt.ops.hybrid import onnx_performer_window
+from attnopt.ops.linear import onnx_linear_attention
+from attnopt.ops.performer import onnx_performer
+from attnopt.ops.sparse import onnx_sparse_attention
+from attnopt.ops.topk import onnx_topk_attention
 from attnopt.timing import median_ms
 from attnopt.ops.attention import onnx_attention_decomposed, onnx_attention_ort, \
     onnx_attention_standard
@@ -71,6 +76,16 @@ class ExportResult:
                 "ort_latency_ms": self.ort_latency_ms}
 
 
+#: The approximate ops translate to standard opset-18 ops for every target.
+APPROXIMATE_TRANSLATIONS = {
+    APPROXIMATE_OPS["performer"]: onnx_performer,
+    APPROXIMATE_OPS["linear"]: onnx_linear_attention,
+    APPROXIMATE_OPS["sparse"]: onnx_sparse_attention,
+    APPROXIMATE_OPS["hybrid"]: onnx_performer_window,
+    APPROXIMATE_OPS["topk"]: onnx_topk_attention,
+}
+
+
 def translation_table(opset: int, target: str = "onnx") -> dict:
     """The ONNX translation of every attnopt op for this opset and target: "onnx" — standard
     ops only; "ort" — onnxruntime's fused contrib ops where they express the call."""
@@ -79,7 +94,7 @@ def translation_table(opset: int, target: str = "onnx") -> dict:
     else:
         exact = onnx_attention_standard if opset >= ATTENTION_OPSET \
             else onnx_attention_decomposed
-    return {ATTENTION_OP: exact}
+    return {ATTENTION_OP: exact, **APPROXIMATE_TRANSLATIONS}
 
 
 def export_onnx(model: nn.Module, path: str, *, example_inputs=None,

@@ -53,8 +53,11 @@ def kernel_mode() -> str:
 
 
 def kernel_skip_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
-                       softcap: Optional[float] = None) -> Optional[str]:
-    """Why a call runs SDPA rather than the Triton flash kernel (None: the kernel runs it).
+                       softcap: Optional[float] = None, *,
+                       sdpa_alternative: bool = True) -> Optional[str]:
+    """Why a call runs SDPA (or a reference) rather than the Triton flash kernel (None: the
+    kernel runs it). `sdpa_alternative=False` for calls PyTorch has no fused kernel for (sparse
+    layouts), which "auto" then sends to the kernel too.
 
     Reads only metadata, so it answers for fake tensors at optimize time exactly as it does for
     real ones at run time.
@@ -78,7 +81,7 @@ def kernel_skip_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tens
         return "the mask needs a gradient (the kernels do not produce one)"
     from attnopt.kernels.params import unsupported_reason
     reason = unsupported_reason(q, k, v)
-    if reason is None and mode == "auto" and softcap is None:
+    if reason is None and mode == "auto" and softcap is None and sdpa_alternative:
         return ("PyTorch's fused SDPA runs this call and measured faster than the generated "
                 f"kernel (docs/BENCHMARKS.md); {KERNELS_ENV}=always forces the kernel")
     return reason

@@ -1,0 +1,165 @@
+"""`torch.ops.attnopt.performer_window`: exact attention inside a local window, FAVOR+ outside
+it, under one shared softmax normalizer.
+
+Derivation (one query i; W(i) its window: |i - j| <= w, or i - w <= j <= i when causal; s the
+scale). Softmax attention is out_i = Σ_j e^{s·q_i·k_j} v_j / Σ_j e^{s·q_i·k_j}. Split the
+sums into j ∈ W(i), kept exact, and j ∉ W(i), estimated with FAVOR+ features:
+
+    e^{s·q_i·k_j} ≈ φ(q_i)·φ(k_j) · e^{h_i + h_k}     (features.favor_features; h_i, h_k the
+                                                        query-row and key stabilizers)
+Exact part, with M_i = max_{j∈W} s·q_i·k_j:
+    A_i = Σ_{j∈W} e^{s·q_i·k_j - M_i} [v_j, 1]
+Random-feature part over the complement, as all keys (or the causal prefix) minus the window:
+    P_i = φ(q_i)·Σ_{j (≤ i)} φ(k_j)[v_j, 1] − Σ_{j∈W} (φ(q_i)·φ(k_j)) [v_j, 1]
+Both on one scale, with H_i = h_i + h_k and T_i = max(M_i, H_i):
+    [num_i, den_i] = e^{M_i − T_i} A_i + e^{H_i − T_i} P_i,      out_i = num_i / den_i.
+
+Every term is a ratio of non-negative sums, so no exponent overflows; as the window covers all
+keys P_i → 0 and the result is exact attention, and as w → 0 it is Performer. The window part
+runs through `blocked.BlockGather` (O(n·w) work and memory), the complement through the
+(chunked, O(n)-memory when causal) kernelized sums.
+
+Masks: as the Performer op, only key visibility is honoured outside the window; inside it the
+site's mask applies as given.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from attnopt.ops.blocked import BlockGather, softmax_parts
+from attnopt.ops.common import register_recompute_autograd
+from attnopt.ops.features import (
+    compute_dtype, favor_features, kernelized_attention, keep_for_kv_heads, repeat_kv_heads,
+    visible_keys_mask,
+)
+from attnopt.ops.performer import MIN_DENOMINATOR
+from attnopt.ops.sparsity import SparsePattern, pattern_layout
+
+
+def performer_window_reference(q: Tensor, k: Tensor, v: Tensor, projection: Tensor,
+                               attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+                               scale: Optional[float] = None, enable_gqa: bool = False,
+                               window: int = 128, block: int = 64,
+                               chunk: int = 64) -> Tensor:
+    dtype = compute_dtype(q.dtype)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    batch, heads, q_len, _ = q.shape
+    kv_len = k.shape[2]
+    qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
+    keep_k = keep_for_kv_heads(visible_keys_mask(attn_mask, kv_len), k.shape[1])
+    phi_q, h_q = favor_features(qc, projection, scale, is_query=True)
+    phi_k, h_k = favor_features(kc, projection, scale, is_query=False, keep_BHS1=keep_k)
+    num_all, den_all = kernelized_attention(phi_q, phi_k, vc, causal=is_causal, chunk=chunk)
+
+    right = 0 if is_causal else window
+    pattern = SparsePattern.sliding_window(window, right, block=block)
+    layout = pattern_layout(pattern, q_len, kv_len, causal=is_causal, device=q.device)
+    plan = BlockGather(layout, block, q_len, kv_len, causal=is_causal, window=(window, right),
+                       dense_rows=False)
+    mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool \
+        else attn_mask.to(dtype)
+    keep, bias = plan.keep(mask)
+    if bias is not None and bias.dtype == torch.bool:
+        keep, bias = keep & bias, None
+    v_gathered = plan.gather_keys(vc, heads)
+    scores = plan.scores(qc * scale, plan.gather_keys(kc, heads))
+    weights, total, row_max = softmax_parts(scores, keep, bias)
+    exact_num = plan.weigh(weights, v_gathered)[:, :, :q_len]
+    exact_den = total.flatten(2, 3)[:, :, :q_len]
+    row_max = row_max.flatten(2, 3)[:, :, :q_len]
+    if keep_k is not None:  # masked keys carry φ = 0 already; the window's bias may not
+        keep = keep & (plan.gather_keys(keep_k, heads).transpose(-1, -2) > 0)
+    kappa = plan.scores(phi_q, plan.gather_keys(phi_k, heads)).masked_fill(~keep, 0.0)
+    window_num = plan.weigh(kappa, v_gathered)[:, :, :q_len]
+    window_den = kappa.sum(-1, keepdim=True).flatten(2, 3)[:, :, :q_len]
+    rest_num = num_all - window_num
+    rest_den = (den_all - window_den).clamp_min(0.0)
+
+    log_rest = h_q + repeat_kv_heads(h_k, heads)                    # (B, H, Sq, 1)
+    top = torch.maximum(row_max, log_rest)
+    exact_weight = torch.exp(row_max - top)                          # 0 where no key in W
+    rest_weight = torch.exp(log_rest - top)
+    numerator = exact_weight * exact_num + rest_weight * rest_num
+    denominator = exact_weight * exact_den + rest_weight * rest_den
+    return (numerator / denominator.clamp_min(MIN_DENOMINATOR)).to(q.dtype)
+
+
+@torch.library.custom_op("attnopt::performer_window", mutates_args=())
+def performer_window(q: Tensor, k: Tensor, v: Tensor, projection: Tensor,
+                     attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+                     scale: Optional[float] = None, enable_gqa: bool = False,
+                     window: int = 128, block: int = 64, chunk: int = 64) -> Tensor:
+    return performer_window_reference(q, k, v, projection, attn_mask, is_causal, scale,
+                                      enable_gqa, window, block, chunk)
+
+
+@performer_window.register_fake
+def _performer_window_fake(q, k, v, *args, **kwargs):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+register_recompute_autograd(performer_window, performer_window_reference)
+
+
+def onnx_performer_window(q, k, v, projection, attn_mask=None, is_causal=False, scale=None,
+                          enable_gqa=False, window=128, block=64, chunk=64):
+    """The same combination in standard opset-18 ops. The window part is evaluated as a
+    masked (Sq, Sk) product here: correct in any runtime, quadratic in memory."""
+    from onnxscript import opset18 as op
+
+    from attnopt.ops.common import onnx_dim, onnx_repeat_heads, onnx_scalar
+    from attnopt.ops.features import (
+        onnx_favor_features, onnx_kernelized, onnx_visible_keys,
+    )
+    if scale is None:
+        scale = q.shape[3] ** -0.5
+    heads = onnx_dim(op, q, 1)
+    qf, kf, vf = op.Cast(q, to=1), op.Cast(k, to=1), op.Cast(v, to=1)
+    keep = onnx_visible_keys(op, attn_mask, k.shape[1]) if attn_mask is not None else None
+    phi_q, h_q = onnx_favor_features(op, qf, projection, scale, is_query=True)
+    phi_k, h_k = onnx_favor_features(op, kf, projection, scale, is_query=False, keep=keep)
+    num_all, den_all = onnx_kernelized(op, phi_q, phi_k, vf, heads, causal=bool(is_causal))
+
+    def ints(*values):
+        return op.Constant(value_ints=list(values))
+
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    rows = op.Unsqueeze(op.Range(zero, op.Squeeze(op.Shape(q, start=2, end=3)), one), ints(1))
+    cols = op.Unsqueeze(op.Range(zero, op.Squeeze(op.Shape(k, start=2, end=3)), one), ints(0))
+    right = 0 if is_causal else window
+    in_window = op.And(op.GreaterOrEqual(cols, op.Sub(rows, op.Constant(value_int=window))),
+                       op.LessOrEqual(cols, op.Add(rows, op.Constant(value_int=right))))
+    k_all, v_all = onnx_repeat_heads(op, kf, heads), onnx_repeat_heads(op, vf, heads)
+    scores = op.MatMul(op.Mul(qf, onnx_scalar(op, scale, qf)),
+                       op.Transpose(k_all, perm=[0, 1, 3, 2]))
+    exact_keep = in_window
+    if attn_mask is not None:
+        if attn_mask.dtype == 9:
+            exact_keep = op.And(exact_keep, attn_mask)
+        else:
+            scores = op.Add(scores, op.Cast(attn_mask, to=1))
+    neg_inf = onnx_scalar(op, float("-inf"), scores)
+    scores = op.Where(exact_keep, scores, neg_inf)
+    row_max = op.ReduceMax(scores, ints(-1), keepdims=1)
+    safe_max = op.Where(op.IsInf(row_max), onnx_scalar(op, 0.0, row_max), row_max)
+    weights = op.Exp(op.Sub(scores, safe_max))
+    exact_num = op.MatMul(weights, v_all)
+    exact_den = op.ReduceSum(weights, ints(-1), keepdims=1)
+    kappa = op.MatMul(phi_q, op.Transpose(onnx_repeat_heads(op, phi_k, heads),
+                                          perm=[0, 1, 3, 2]))
+    kappa = op.Where(exact_keep, kappa, onnx_scalar(op, 0.0, kappa))
+    rest_num = op.Sub(num_all, op.MatMul(kappa, v_all))
+    rest_den = op.Max(op.Sub(den_all, op.ReduceSum(kappa, ints(-1), keepdims=1)),
+                      onnx_scalar(op, 0.0, kappa))
+    log_rest = op.Add(h_q, onnx_repeat_heads(op, h_k, heads))
+    top = op.Max(row_max, log_rest)
+    exact_weight = op.Exp(op.Sub(row_max, top))
+    rest_weight = op.Exp(op.Sub(log_rest, top))
+    numerator = op.Add(op.Mul(exact_weight, exact_num), op.Mul(rest_weight, rest_num))
+    denominator = op.Add(op.Mul(exact_weight, exact_den), op.Mul(rest_weight, rest_den))
+    out = op.Div(numerator, op.Max(denominator, onnx_scalar(op, MIN_DENOMINATOR, numerator)))
+    return op.CastLike(out, q)
