@@ -25,6 +25,8 @@ from attnopt.capture import (
     CapturedProgram, candidate_paths, export_module, has_cache_like_input, record_calls,
 )
 from attnopt.errors import AttnoptError, CaptureError, VerificationError
+from attnopt.costmodel import flop_ratio
+from attnopt.guard import guarded_region
 from attnopt.integrations import huggingface
 from attnopt.passes.fx_utils import eliminate_dead_code
 from attnopt.passes.detect import find_attention
@@ -168,7 +170,7 @@ class OptimizedModule(nn.Module):
             report.notes.append("model is in training mode: dropout makes outputs random; "
                                 "call model.eval() before optimizing for inference")
         captured, capture_info = self._capture(args, kwargs)
-        regions = [build_region(c, state.policy, state.verify_each) for c in captured]
+        regions = [self._build(c) for c in captured]
         stateful = [n for n in capture_info["notes"] if "stateful object" in n]
         if not regions and capture_info["strategy"] == "submodules" and stateful and \
                 huggingface.is_transformers_model(model):
@@ -179,20 +181,17 @@ class OptimizedModule(nn.Module):
                             "regions": [r.captured.path for r in regions],
                             "notes": [f"{len(stateful)} module(s) not captured: they receive a "
                                       f"stateful object ({stateful[0].rsplit('input ', 1)[-1]})"]}
-        if state.verify:
-            for region in regions:
-                if region.context.site_nodes:  # nothing rewritten, nothing to verify
-                    verify_region(region, state.draws)
         self._fill_report(report, regions, capture_info)
         state.report = report
         if state.verify:
             rows = [(name, stats) for r in regions for name, stats in r.errors.items()
-                    if not stats.passed]
+                    if not r.site_passed(name)]
             rows += [(r.captured.path or "model output", r.output_error) for r in regions
-                     if r.output_error and not r.output_error.passed]
+                     if r.output_error and not r.output_passed]
             if rows:
-                raise VerificationError("exact rewrite changed the model's outputs beyond "
-                                        "tolerance; nothing was installed", format_table(rows))
+                raise VerificationError("the rewrite changed the model's outputs beyond "
+                                        "tolerance (exact sites) or budget (approximate "
+                                        "ones); nothing was installed", format_table(rows))
         self._install(regions, capture_info["strategy"])
 
     def _capture(self, args, kwargs) -> tuple[list[CapturedProgram], dict]:
@@ -229,7 +228,7 @@ class OptimizedModule(nn.Module):
             captured = export_module(wrapper, call.args, {}, paths.get(id(module), ""),
                                      dynamic=state.dynamic_now,
                                      dynamic_shapes=huggingface.dynamic_spec(call.args))
-            regions.append(build_region(captured, state.policy, state.verify_each))
+            regions.append(self._build(captured))
         return regions
 
     def _dispatch_attention_functions(self, regions: list[Region]) -> None:
@@ -274,19 +273,32 @@ class OptimizedModule(nn.Module):
 
     def _finish_lazy_region(self, captured: CapturedProgram) -> Optional[Region]:
         state = self._attnopt_state
-        region = build_region(captured, state.policy, state.verify_each)
+        region = self._build(captured)
         if not region.context.site_nodes:
             return None
-        if state.verify:
-            verify_region(region, state.draws)
-            if not region.passed:
-                return None
+        if state.verify and not region.passed:
+            return None
         state.lazy_captures += 1
+        return region
+
+    def _build(self, captured: CapturedProgram) -> Region:
+        """Rewrite one captured program and, when verifying, verify it — under the guard when
+        the policy approximates (sites over budget go back to exact, remembered for later
+        captures and exports)."""
+        state = self._attnopt_state
+        if state.verify and state.policy.approximates:
+            region = guarded_region(captured, state.policy, state.verify_each, state.draws,
+                                    state.rollbacks)
+            state.rollbacks.update(region.context.exact_sites)
+            return region
+        region = build_region(captured, state.policy, state.verify_each, state.rollbacks)
+        if state.verify and region.context.site_nodes:  # nothing rewritten, nothing to verify
+            verify_region(region, state.draws)
         return region
 
     def _fill_report(self, report: Report, regions: list[Region], capture_info: dict) -> None:
         report.capture = capture_info
-        draws, worst = 0, None
+        draws, worst, output_passed = 0, None, True
         for region in regions:
             context = region.context
             for site in context.sites:
@@ -294,13 +306,22 @@ class OptimizedModule(nn.Module):
                                                                  "detect and report only"))
                 stats = region.errors.get(site.name)
                 backend, backend_reason = context.backends.get(site.name, ("", ""))
+                rewritten = site.name in context.site_nodes
                 record = SiteRecord(name=site.name, module_path=site.module_path,
                                      rewrite=rewrite, reason=why, site=site,
-                                     backend=backend if rewrite == "exact" else "",
-                                     backend_reason=backend_reason if rewrite == "exact" else "")
+                                     backend=backend if rewritten else "",
+                                     backend_reason=backend_reason if rewritten else "")
+                approximation = context.approximations.get(site.name)
+                if approximation is not None:
+                    record.approximation = {**approximation,
+                                            "flop_ratio": flop_ratio(approximation["variant"],
+                                                                     approximation["params"],
+                                                                     site)}
+                if site.name in region.rolled_back:
+                    record.rolled_back = region.rolled_back[site.name]
                 if stats is not None:
                     record.record_errors(stats.max_abs_err, stats.max_rel_err, stats.cosine,
-                                         stats.passed)
+                                         region.site_passed(site.name))
                 report.sites.append(record)
             for rejection in context.rejections:
                 report.sites.append(SiteRecord(name=rejection.name,
@@ -311,13 +332,16 @@ class OptimizedModule(nn.Module):
             draws = max(draws, region.draws)
             if region.output_error is not None:
                 worst = region.output_error.worst(worst)
+                output_passed = output_passed and region.output_passed
         report.notes.extend(capture_info.get("notes", []))
         skipped = sum(r.skipped_draws for r in regions)
         if skipped:
             report.notes.append(f"{skipped} random draw(s) skipped: the captured original graph "
                                 "rejects them (its guards specialized on input values)")
         if worst is not None:
-            report.verification = {"passed": worst.passed, "draws": draws, **worst.to_dict()}
+            report.verification = {"draws": draws, **worst.to_dict(), "passed": output_passed}
+            if any(r.approximations or r.rolled_back for r in regions):
+                report.verification["budget"] = self._attnopt_state.policy.budget.to_dict()
 
     def _install(self, regions: list[Region], strategy: str) -> None:
         state = self._attnopt_state
@@ -353,6 +377,7 @@ class _State:
     seen: list = field(default_factory=list)  # signature keys optimize() ran for
     lazy_captures: int = 0
     dynamic: Optional[bool] = None
+    rollbacks: dict = field(default_factory=dict)  # site → why the guard kept it exact
 
     @property
     def dynamic_now(self) -> bool:

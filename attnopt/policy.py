@@ -5,8 +5,10 @@ causal or not) and the rewrite to apply — plus a default rewrite and an `Error
 first rule that selects a site decides it. Presets are Policy instances; `resolve_policy`
 accepts a preset name, a Policy, or a dict (as written by `Policy.to_dict`, e.g. from JSON).
 
-Rewrites known today: `exact` (canonical attention, lowered to the fastest exact path) and
-`none` (leave the site as written). Later rewrites register in `REWRITES`.
+Rewrites: `exact` (canonical attention, lowered to the fastest exact path), `none` (leave the
+site as written), and the approximate variants — `performer`, `linear`, `sparse`, `hybrid`,
+`topk` — whose parameters a rule's `params` set (defaults in passes/approximate.py). Presets
+that choose by sequence length (`long`, `fast`, `memory`, `accurate`) live in presets.py.
 """
 
 from __future__ import annotations
@@ -27,7 +29,33 @@ POLICY_FORMAT_VERSION = 1
 REWRITES = {
     "exact": "canonical exact attention (SDPA until a generated kernel applies)",
     "none": "leave the site as written",
+    "performer": "FAVOR+ random-feature attention (softmax or ReLU kernel)",
+    "linear": "linear attention, phi = elu + 1",
+    "sparse": "exact attention on a sparse pattern (window, Longformer, BigBird, dilated, ...)",
+    "hybrid": "exact inside a local window, FAVOR+ outside, one normalizer",
+    "topk": "exact attention on the top-k key blocks per query block",
 }
+#: The rewrites that change what a site computes: guarded by the error budget.
+APPROXIMATE_REWRITES = ("performer", "linear", "sparse", "hybrid", "topk")
+#: Parameters of each approximate rewrite and their defaults (a rule's params override them;
+#: a seed of None is derived from the site name). Sparse patterns: window, longformer,
+#: bigbird, dilated, strided, random (attnopt.ops.sparsity).
+VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "performer": {"features": 256, "kernel": "softmax", "chunk": 64, "seed": None},
+    "linear": {"chunk": 64},
+    "sparse": {"pattern": "longformer", "block": 64, "local": 1, "global_blocks": 1,
+               "random_blocks": 0, "dilation": 1, "stride": 0, "window": None, "seed": None},
+    "hybrid": {"window": 128, "features": 256, "block": 64, "chunk": 64, "seed": None},
+    "topk": {"block": 64, "top_k": 8, "local": 1},
+}
+
+
+def check_params(rewrite: str, params: dict) -> None:
+    allowed = VARIANT_DEFAULTS.get(rewrite, {})
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise PolicyError(f"unknown parameter(s) {unknown} for rewrite {rewrite!r}; valid: "
+                          f"{sorted(allowed) or 'none'}")
 
 
 def _check_keys(data: dict, allowed: set[str], what: str) -> None:
@@ -79,21 +107,26 @@ class Rule:
     rewrite: str
     select: SiteSelector = field(default_factory=SiteSelector)
     params: dict[str, Any] = field(default_factory=dict)
+    note: str = ""  # why the rule exists, shown as the site's reason
 
     def __post_init__(self):
         if self.rewrite not in REWRITES:
             raise PolicyError(f"unknown rewrite {self.rewrite!r}; valid: {sorted(REWRITES)}")
+        check_params(self.rewrite, self.params)
 
     def to_dict(self) -> dict:
-        return {"rewrite": self.rewrite, "select": self.select.to_dict(),
+        data = {"rewrite": self.rewrite, "select": self.select.to_dict(),
                 "params": dict(self.params)}
+        if self.note:
+            data["note"] = self.note
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Rule":
-        _check_keys(data, {"rewrite", "select", "params"}, "rule")
+        _check_keys(data, {"rewrite", "select", "params", "note"}, "rule")
         return cls(rewrite=data["rewrite"],
                    select=SiteSelector.from_dict(data.get("select", {})),
-                   params=dict(data.get("params", {})))
+                   params=dict(data.get("params", {})), note=data.get("note", ""))
 
 
 @dataclass
@@ -124,32 +157,48 @@ class Policy:
     default: str = "exact"
     budget: ErrorBudget = field(default_factory=ErrorBudget)
     description: str = ""
+    default_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.default not in REWRITES:
             raise PolicyError(f"unknown default rewrite {self.default!r}; valid: "
                               f"{sorted(REWRITES)}")
+        check_params(self.default, self.default_params)
 
     @property
     def rewrites_anything(self) -> bool:
         return self.default != "none" or any(r.rewrite != "none" for r in self.rules)
 
+    @property
+    def approximates(self) -> bool:
+        return self.default in APPROXIMATE_REWRITES or \
+            any(r.rewrite in APPROXIMATE_REWRITES for r in self.rules)
+
     def decide(self, site: AttentionSite) -> tuple[str, str]:
         """(rewrite, reason) for a site: the first selecting rule, else the default."""
+        rewrite, reason, _ = self.choose(site)
+        return rewrite, reason
+
+    def choose(self, site: AttentionSite) -> tuple[str, str, dict]:
+        """(rewrite, reason, params) for a site: the first selecting rule, else the default."""
         for index, rule in enumerate(self.rules):
             if rule.select.selects(site):
-                return rule.rewrite, f"policy {self.name!r} rule {index}"
-        return self.default, f"policy {self.name!r} default"
+                why = rule.note or f"policy {self.name!r} rule {index}"
+                return rule.rewrite, why, dict(rule.params)
+        return self.default, f"policy {self.name!r} default", dict(self.default_params)
 
     def to_dict(self) -> dict:
-        return {"version": POLICY_FORMAT_VERSION, "name": self.name,
+        data = {"version": POLICY_FORMAT_VERSION, "name": self.name,
                 "description": self.description, "default": self.default,
                 "rules": [r.to_dict() for r in self.rules], "budget": self.budget.to_dict()}
+        if self.default_params:
+            data["default_params"] = dict(self.default_params)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Policy":
-        _check_keys(data, {"version", "name", "description", "default", "rules", "budget"},
-                    "policy")
+        _check_keys(data, {"version", "name", "description", "default", "rules", "budget",
+                           "default_params"}, "policy")
         version = data.get("version", POLICY_FORMAT_VERSION)
         if version != POLICY_FORMAT_VERSION:
             raise PolicyError(f"policy format version {version} is not supported "
@@ -157,7 +206,8 @@ class Policy:
         return cls(name=data.get("name", "custom"), description=data.get("description", ""),
                    default=data.get("default", "exact"),
                    rules=[Rule.from_dict(r) for r in data.get("rules", [])],
-                   budget=ErrorBudget.from_dict(data.get("budget", {})))
+                   budget=ErrorBudget.from_dict(data.get("budget", {})),
+                   default_params=dict(data.get("default_params", {})))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 from attnopt.capture import CapturedProgram
 from attnopt.errors import VerificationError
+from attnopt.passes.approximate import ApproximateAttention
 from attnopt.passes.canonicalize import CanonicalizeAttention
 from attnopt.passes.classify import ClassifyMasks
 from attnopt.passes.cleanup import EliminateDeadCode
@@ -101,11 +102,35 @@ class Region:
     output_error: Optional[ErrorStats] = None
     draws: int = 0
     skipped_draws: int = 0
+    rolled_back: dict[str, dict] = field(default_factory=dict)  # guard: site → measurement
+
+    @property
+    def approximations(self) -> dict[str, dict]:
+        return self.context.approximations
+
+    def site_passed(self, name: str) -> bool:
+        """Exact sites within the dtype tolerance; approximate ones within the budget."""
+        stats = self.errors.get(name)
+        if stats is None:
+            return True
+        if name not in self.approximations:
+            return stats.passed
+        budget = self.context.policy.budget
+        return stats.finite_ok and stats.max_rel_err <= budget.site_max_rel_err and \
+            stats.cosine >= budget.site_min_cosine
+
+    @property
+    def output_passed(self) -> bool:
+        if self.output_error is None:
+            return True
+        if not self.approximations:
+            return self.output_error.passed
+        return self.output_error.finite_ok and \
+            self.output_error.max_rel_err <= self.context.policy.budget.output_max_rel_err
 
     @property
     def passed(self) -> bool:
-        return (self.output_error is None or self.output_error.passed) and \
-            all(stats.passed for stats in self.errors.values())
+        return self.output_passed and all(self.site_passed(name) for name in self.errors)
 
     def run(self, args: tuple, kwargs: Optional[dict] = None):
         return call_graph(self, args, kwargs or {})
@@ -114,21 +139,32 @@ class Region:
 def pass_pipeline(policy: Policy) -> list:
     passes = [EliminateDeadCode(), DetectAttention(), ClassifyMasks()]
     if policy.rewrites_anything:
-        passes += [CanonicalizeAttention(), SelectBackends()]
+        passes.append(CanonicalizeAttention())
+        if policy.approximates:
+            passes.append(ApproximateAttention())
+        passes.append(SelectBackends())
     return passes
 
 
-def build_region(captured: CapturedProgram, policy: Policy, verify_each: bool) -> Region:
+def build_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
+                 exact_sites: Optional[dict[str, str]] = None) -> Region:
+    """Run the pass pipeline on a captured program. `exact_sites` (site name → why) keeps
+    those sites exact whatever the policy says: the guard's rollbacks."""
     original = captured.exported.module()
     eliminate_dead_code(original)
     original.recompile()
     rewritten = captured.exported.module()
-    context = PassContext(captured.args, captured.kwargs, policy, name_prefix=captured.path)
+    context = PassContext(captured.args, captured.kwargs, policy, name_prefix=captured.path,
+                          exact_sites=dict(exact_sites or {}))
 
     def check(graph_module: GraphModule) -> None:  # verify_each: the examples only
         stats = compare_outputs(graph_module(*captured.args, **captured.kwargs),
                                 captured.module(*captured.args, **captured.kwargs))
-        if not stats.passed:
+        if context.approximations:  # approximate passes are held to the budget
+            within = stats.finite_ok and stats.max_rel_err <= policy.budget.output_max_rel_err
+        else:
+            within = stats.passed
+        if not within:
             raise VerificationError("outputs differ", format_table([("output", stats)]))
 
     manager = PassManager(pass_pipeline(policy), verify_each=verify_each, check=check)

@@ -28,6 +28,10 @@ class SiteRecord:
     max_rel_err: Optional[float] = None
     cosine: Optional[float] = None
     passed: Optional[bool] = None  # None: not verified
+    # approximate sites: variant, params, exact-attention row entropy, FLOP ratio vs exact
+    approximation: Optional[dict] = None
+    # sites the guard sent back to exact: the approximation's measurement and why
+    rolled_back: Optional[dict] = None
 
     def record_errors(self, max_abs_err: float, max_rel_err: float, cosine: float,
                       passed: bool) -> None:
@@ -39,7 +43,8 @@ class SiteRecord:
                 "reason": self.reason, "backend": self.backend,
                 "backend_reason": self.backend_reason,
                 "max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err,
-                "cosine": self.cosine, "passed": self.passed}
+                "cosine": self.cosine, "passed": self.passed,
+                "approximation": self.approximation, "rolled_back": self.rolled_back}
         if self.site is not None:
             data.update({k: v for k, v in self.site.to_dict().items() if k not in data})
         return data
@@ -91,6 +96,13 @@ class Report:
                              f"{record.backend or '-':<8} {err:>11}")
                 if record.rewrite == "none":
                     lines.append(f"{'':<4}↳ {record.reason}")
+                if record.approximation is not None:
+                    lines.append(f"{'':<4}↳ {_describe_approximation(record)}")
+                if record.rolled_back is not None:
+                    lines.append(f"{'':<4}↳ {record.reason}"
+                                 + _entropy_note(record.rolled_back.get("entropy")))
+                elif record.rewrite == "exact" and "not applicable" in record.reason:
+                    lines.append(f"{'':<4}↳ {record.reason}")
             fallbacks = Counter(r.backend_reason for r in self.sites
                                 if r.backend == FALLBACK_BACKEND and r.site is not None
                                 and r.site.device == "cuda")
@@ -98,6 +110,11 @@ class Report:
                 lines.append(f"backend: {count} CUDA site(s) run SDPA: {reason}")
         if self.verification:
             v = self.verification
+            if v.get("budget"):
+                b = v["budget"]
+                lines.append(f"error budget: site rel err <= {b['site_max_rel_err']:g}, cosine "
+                             f">= {b['site_min_cosine']:g}; output rel err <= "
+                             f"{b['output_max_rel_err']:g}")
             lines.append(f"verification: {'passed' if v.get('passed') else 'FAILED'} on "
                          f"{v.get('draws', 0)} input set(s); output max_abs_err "
                          f"{v.get('max_abs_err', 0):.2e}, cosine {v.get('cosine', 1):.6f}")
@@ -106,3 +123,19 @@ class Report:
             lines.append(f"passes: {timing}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _entropy_note(entropy: Optional[float]) -> str:
+    return "" if entropy is None else f" (attention row entropy {entropy:.2f})"
+
+
+def _describe_approximation(record: SiteRecord) -> str:
+    info = record.approximation
+    params = ", ".join(f"{k}={v}" for k, v in info["params"].items() if k != "seed")
+    text = f"{info['variant']}({params})"
+    if record.max_rel_err is not None:
+        text += f": rel err {record.max_rel_err:.2e}, cosine {record.cosine:.5f}"
+    text += _entropy_note(info.get("entropy"))
+    if info.get("flop_ratio") is not None:
+        text += f", {info['flop_ratio']:.2f}× the FLOPs of exact"
+    return text

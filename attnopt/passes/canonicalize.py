@@ -29,8 +29,9 @@ class CanonicalizeAttention:
     def __call__(self, graph_module: GraphModule, context: PassContext) -> PassResult:
         changes = []
         for index, (match, site) in enumerate(zip(context.matches, context.sites)):
-            rewrite, why = context.policy.decide(site)
+            rewrite, why, params = context.policy.choose(site)
             context.decisions[site.name] = (rewrite, why)
+            context.rule_params[site.name] = params
             if rewrite == "none":
                 continue
             emitter = _Emitter(graph_module.graph, match)

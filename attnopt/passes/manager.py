@@ -41,6 +41,9 @@ class PassContext:
     decisions: dict[str, tuple[str, str]] = field(default_factory=dict)  # site → (rewrite, why)
     site_nodes: dict[str, tuple[str, str]] = field(default_factory=dict)  # site → (old, new)
     backends: dict[str, tuple[str, str]] = field(default_factory=dict)    # site → (backend, why)
+    rule_params: dict[str, dict] = field(default_factory=dict)            # site → rule params
+    exact_sites: dict[str, str] = field(default_factory=dict)   # guard rollbacks: site → why
+    approximations: dict[str, dict] = field(default_factory=dict)  # site → variant, params, …
 
 
 class GraphPass(Protocol):
