@@ -166,6 +166,9 @@ class OptimizedModule(nn.Module):
         state = self._attnopt_state
         model = self._orig_mod
         report = Report(policy=state.policy.to_dict())
+        if not state.verify and state.policy.approximates:
+            report.notes.append("approximate rewrites were not verified (verify=False): no error "
+                                "budget guarded them")
         if model.training:
             report.notes.append("model is in training mode: dropout makes outputs random; "
                                 "call model.eval() before optimizing for inference")
@@ -321,7 +324,7 @@ class OptimizedModule(nn.Module):
                     record.rolled_back = region.rolled_back[site.name]
                 if stats is not None:
                     record.record_errors(stats.max_abs_err, stats.max_rel_err, stats.cosine,
-                                         region.site_passed(site.name))
+                                         region.site_passed(site.name), stats.rel_err)
                 report.sites.append(record)
             for rejection in context.rejections:
                 report.sites.append(SiteRecord(name=rejection.name,

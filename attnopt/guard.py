@@ -26,9 +26,8 @@ def site_over_budget(stats: ErrorStats, budget: ErrorBudget) -> Optional[str]:
     """Why a site's measured error breaks the budget (None: within it)."""
     if not stats.finite_ok:
         return "produced NaN or Inf where exact attention did not"
-    if stats.max_rel_err > budget.site_max_rel_err:
-        return (f"relative error {stats.max_rel_err:.3g} over the site budget "
-                f"{budget.site_max_rel_err:g}")
+    if stats.rel_err > budget.site_rel_err:
+        return f"relative error {stats.rel_err:.3g} over the site budget {budget.site_rel_err:g}"
     if stats.cosine < budget.site_min_cosine:
         return f"cosine {stats.cosine:.4f} under the site budget {budget.site_min_cosine:g}"
     return None
@@ -56,10 +55,10 @@ def guarded_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
         if not over:  # every site within budget, the region's output is not
             output = region.output_error
             ranked = sorted(region.approximations,
-                            key=lambda n: region.errors[n].max_rel_err, reverse=True)
+                            key=lambda n: region.errors[n].rel_err, reverse=True)
             for name in ranked[:max(1, len(ranked) // 2)]:
-                over[name] = (f"output relative error {output.max_rel_err:.3g} over the "
-                              f"end-to-end budget {policy.budget.output_max_rel_err:g}; this "
+                over[name] = (f"output relative error {output.rel_err:.3g} over the "
+                              f"end-to-end budget {policy.budget.output_rel_err:g}; this "
                               "site's error was among the largest")
         for name, why in over.items():
             stats = region.errors[name]

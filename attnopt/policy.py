@@ -133,13 +133,19 @@ class Rule:
 class ErrorBudget:
     """Largest error an approximate rewrite may add, per site and end to end.
 
-    Relative error is max|rewritten - original| / max|original|. Exact rewrites are held to
-    the per-dtype tolerances in verify.py instead.
+    Relative error is normwise: ‖rewritten − original‖₂ / ‖original‖₂ over the whole tensor (a
+    site's attention output; each model output leaf), worst over the verification inputs;
+    cosine is that of the flattened tensors. Exact rewrites are held to the per-dtype
+    tolerances in verify.py instead.
+
+    Defaults come from the trained fixtures (tests/trained.py): approximations that kept task
+    accuracy measured site errors up to ~0.35 and output errors up to ~0.09; those that broke
+    it measured site errors above 0.6 and output errors above 0.15 (docs/APPROXIMATION.md).
     """
 
-    site_max_rel_err: float = 0.05
-    site_min_cosine: float = 0.995
-    output_max_rel_err: float = 0.05
+    site_rel_err: float = 0.5
+    site_min_cosine: float = 0.9
+    output_rel_err: float = 0.1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -116,7 +116,7 @@ class Region:
         if name not in self.approximations:
             return stats.passed
         budget = self.context.policy.budget
-        return stats.finite_ok and stats.max_rel_err <= budget.site_max_rel_err and \
+        return stats.finite_ok and stats.rel_err <= budget.site_rel_err and \
             stats.cosine >= budget.site_min_cosine
 
     @property
@@ -126,7 +126,7 @@ class Region:
         if not self.approximations:
             return self.output_error.passed
         return self.output_error.finite_ok and \
-            self.output_error.max_rel_err <= self.context.policy.budget.output_max_rel_err
+            self.output_error.rel_err <= self.context.policy.budget.output_rel_err
 
     @property
     def passed(self) -> bool:
@@ -161,7 +161,7 @@ def build_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
         stats = compare_outputs(graph_module(*captured.args, **captured.kwargs),
                                 captured.module(*captured.args, **captured.kwargs))
         if context.approximations:  # approximate passes are held to the budget
-            within = stats.finite_ok and stats.max_rel_err <= policy.budget.output_max_rel_err
+            within = stats.finite_ok and stats.rel_err <= policy.budget.output_rel_err
         else:
             within = stats.passed
         if not within:

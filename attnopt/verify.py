@@ -59,11 +59,15 @@ def tolerance_for(dtype: torch.dtype) -> Tolerance:
 
 @dataclass
 class ErrorStats:
+    """Errors of a candidate against a reference. `max_rel_err` is max|Δ| / max|ref|;
+    `rel_err` is normwise, ‖Δ‖₂ / ‖ref‖₂ (what approximate budgets are held to)."""
+
     max_abs_err: float
     max_rel_err: float
     cosine: float
     within_tolerance: bool
     finite_ok: bool
+    rel_err: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -76,18 +80,19 @@ class ErrorStats:
                           max(self.max_rel_err, other.max_rel_err),
                           min(self.cosine, other.cosine),
                           self.within_tolerance and other.within_tolerance,
-                          self.finite_ok and other.finite_ok)
+                          self.finite_ok and other.finite_ok,
+                          max(self.rel_err, other.rel_err))
 
     def to_dict(self) -> dict:
         return {"max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err,
-                "cosine": self.cosine, "passed": self.passed}
+                "rel_err": self.rel_err, "cosine": self.cosine, "passed": self.passed}
 
 
 @torch.no_grad()
 def compare_tensors(candidate: torch.Tensor, reference: torch.Tensor,
                     tolerance: Optional[Tolerance] = None) -> ErrorStats:
     if candidate.shape != reference.shape:
-        return ErrorStats(math.inf, math.inf, -1.0, False, False)
+        return ErrorStats(math.inf, math.inf, -1.0, False, False, math.inf)
     tolerance = tolerance or tolerance_for(reference.dtype)
     cand = candidate.detach().to(torch.float64).cpu()
     ref = reference.detach().to(torch.float64).cpu()
@@ -112,7 +117,8 @@ def _finite_stats(cand: torch.Tensor, ref: torch.Tensor, tolerance: Tolerance) -
     denominator = float(cand.norm() * ref.norm())
     cosine = float((cand * ref).sum()) / denominator if denominator > 0 else \
         (1.0 if float(cand.norm()) == float(ref.norm()) else 0.0)
-    return ErrorStats(max_abs, max_rel, cosine, within, True)
+    rel_err = float(diff.norm()) / max(float(ref.norm()), 1e-30)
+    return ErrorStats(max_abs, max_rel, cosine, within, True, rel_err)
 
 
 def compare_outputs(candidate: Any, reference: Any) -> ErrorStats:
@@ -120,7 +126,7 @@ def compare_outputs(candidate: Any, reference: Any) -> ErrorStats:
     cand_leaves = pytree.tree_leaves(candidate)
     ref_leaves = pytree.tree_leaves(reference)
     if len(cand_leaves) != len(ref_leaves):
-        return ErrorStats(math.inf, math.inf, -1.0, False, False)
+        return ErrorStats(math.inf, math.inf, -1.0, False, False, math.inf)
     worst: Optional[ErrorStats] = None
     for cand, ref in zip(cand_leaves, ref_leaves):
         if isinstance(ref, torch.Tensor) and isinstance(cand, torch.Tensor):
@@ -129,11 +135,11 @@ def compare_outputs(candidate: Any, reference: Any) -> ErrorStats:
             else:
                 equal = bool(torch.equal(cand.cpu(), ref.cpu()))
                 stats = ErrorStats(0.0 if equal else math.inf, 0.0 if equal else math.inf,
-                                   1.0, equal, True)
+                                   1.0, equal, True, 0.0 if equal else math.inf)
         else:
             equal = type(cand) is type(ref) and (cand == ref if not isinstance(ref, float)
                                                   else math.isclose(cand, ref))
-            stats = ErrorStats(0.0, 0.0, 1.0, bool(equal), True)
+            stats = ErrorStats(0.0, 0.0, 1.0, bool(equal), True, 0.0 if equal else math.inf)
         worst = stats.worst(worst)
     return worst or ErrorStats(0.0, 0.0, 1.0, True, True)
 

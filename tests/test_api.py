@@ -128,7 +128,7 @@ def test_policy_rules_select_sites_by_module_glob():
 def test_policy_round_trips_through_json():
     policy = attnopt.Policy("custom", default="exact", rules=[
         attnopt.Rule("none", attnopt.SiteSelector(layers=(0, 3), q_len=(1, 512), causal=True))],
-        budget=attnopt.ErrorBudget(site_max_rel_err=0.01))
+        budget=attnopt.ErrorBudget(site_rel_err=0.01))
     assert attnopt.Policy.from_json(policy.to_json()) == policy
     assert attnopt.resolve_policy(policy.to_dict()) == policy
 

@@ -1,0 +1,112 @@
+"""The guard on trained models: approximations stay where the model's attention allows them.
+
+The fixtures (tests/trained.py) are trained here, so their attention has a known shape:
+peaked and far-reaching (retrieval), peaked and local (local), spread out (diffuse). Under the
+default error budget, Performer must be rolled back where attention is peaked and kept where
+it is diffuse; a sliding window must be kept on the local task and rolled back on retrieval.
+What is kept must keep the task's accuracy.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnopt
+from attnopt import ErrorBudget, Policy
+
+import trained
+
+pytestmark = pytest.mark.xdist_group("trained")  # train each fixture once per worker
+
+PERFORMER = Policy("performer-everywhere", default="performer",
+                   default_params={"features": 256})
+WINDOW = Policy("window-everywhere", default="sparse",
+                default_params={"pattern": "window", "window": 16, "block": 16})
+#: Accuracy a kept approximation may lose on its task (fraction of positions).
+ACCURACY_DROP = 0.02
+
+
+def _optimized(task: str, policy, **options):
+    model = trained.train(task)
+    tokens, _ = trained.draw(task, 8, torch.Generator().manual_seed(5))
+    return model, attnopt.optimize(model, policy, example_inputs=(tokens,), **options)
+
+
+def _site(optimized):
+    (record,) = [r for r in optimized.report.sites if r.site is not None]
+    return record
+
+
+@pytest.mark.parametrize("task, policy, kept", [
+    ("retrieval", PERFORMER, False),
+    ("local", PERFORMER, False),
+    ("diffuse", PERFORMER, True),
+    ("local", WINDOW, True),
+    ("retrieval", WINDOW, False),
+])
+def test_guard_keeps_approximations_only_where_attention_allows(task, policy, kept):
+    model, optimized = _optimized(task, policy)
+    record = _site(optimized)
+    variant = policy.default
+    if kept:
+        assert record.rewrite == variant and record.approximation["variant"] == variant
+        assert record.passed and record.rel_err <= policy.budget.site_rel_err
+        before, after = trained.accuracy(model, task), trained.accuracy(optimized, task)
+        assert after >= before - ACCURACY_DROP
+    else:
+        assert record.rewrite == "exact" and record.rolled_back["variant"] == variant
+        assert "rolled back" in record.reason
+        assert record.rolled_back["rel_err"] > policy.budget.site_rel_err or \
+            record.rolled_back["cosine"] < policy.budget.site_min_cosine
+        # rolled back means exact: the outputs are the original model's
+        tokens, _ = trained.draw(task, 4, torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            assert torch.allclose(optimized(tokens), model(tokens), atol=1e-5, rtol=1e-4)
+    assert optimized.report.verification["passed"]
+
+
+def test_report_measures_attention_entropy():
+    """Peaked heads have low row entropy, diffuse ones high: the report says which is which."""
+    unguarded = dict(budget=ErrorBudget(site_rel_err=10, site_min_cosine=-1, output_rel_err=10))
+    entropies = {}
+    for task in ("retrieval", "diffuse"):
+        policy = Policy("p", default="performer", **unguarded)
+        _, optimized = _optimized(task, policy)
+        entropies[task] = _site(optimized).approximation["entropy"]
+    assert 0.0 <= entropies["retrieval"] < 0.3 < 0.7 < entropies["diffuse"] <= 1.0
+
+
+def test_end_to_end_budget_rolls_back_sites_within_their_own_budget():
+    policy = Policy("tight-output", default="performer",
+                    budget=ErrorBudget(site_rel_err=10, site_min_cosine=-1, output_rel_err=1e-3))
+    _, optimized = _optimized("diffuse", policy)
+    record = _site(optimized)
+    assert record.rewrite == "exact" and "end-to-end budget" in record.reason
+    assert optimized.report.verification["passed"]
+
+
+def test_report_lists_variant_parameters_errors_and_cost():
+    _, optimized = _optimized("diffuse", PERFORMER)
+    text = str(optimized.report)
+    assert "performer(features=256" in text and "FLOPs of exact" in text
+    assert "error budget (normwise)" in text
+    data = optimized.report.to_dict()["sites"][0]
+    assert data["approximation"]["params"]["features"] == 256
+    assert 0 < data["approximation"]["flop_ratio"] < 10
+
+
+def test_guarded_model_exports_to_onnx_with_its_rollbacks(tmp_path):
+    model, optimized = _optimized("diffuse", PERFORMER)
+    tokens, _ = trained.draw("diffuse", 8, torch.Generator().manual_seed(5))
+    result = attnopt.export_onnx(optimized, str(tmp_path / "diffuse.onnx"),
+                                 example_inputs=(tokens,))
+    assert result.passed
+    assert result.op_histogram.get("Exp", 0) > 0  # the random features, not Softmax
+
+
+def test_without_verification_nothing_is_guarded_and_the_report_says_so():
+    _, optimized = _optimized("retrieval", PERFORMER, verify=False)
+    record = _site(optimized)
+    assert record.rewrite == "performer" and record.passed is None
+    assert any("not verified" in note for note in optimized.report.notes)
