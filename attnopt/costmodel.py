@@ -42,10 +42,11 @@ def variant_flops(variant: str, params: dict, site: AttentionSite) -> float:
         flops = 2.0 * q_len * kept * (dim + v_dim)
         return flops / 2 if causal and pattern.has_blocks else flops
     if variant == "hybrid":
-        width = min(kv_len, params["window"] * (1 if causal else 2) + 1)
-        return _kernelized_flops(q_len, kv_len, dim, v_dim, params["features"], causal,
-                                 params["chunk"], 2.0) + \
-            2.0 * q_len * width * (dim + 2 * v_dim + params["features"] + 1)
+        block = params["block"]
+        local = -(-params["window"] // block)
+        width = min(kv_len, (local * (1 if causal else 2) + 1) * block)
+        return _kernelized_flops(q_len, kv_len, dim, v_dim, params["features"], False, 0,
+                                 2.0) + 2.0 * q_len * width * (dim + v_dim)
     if variant == "topk":
         blocks = params["top_k"] + 1 + 2 * params["local"]
         kept = min(kv_len, blocks * params["block"])

@@ -45,7 +45,7 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "linear": {"chunk": 64},
     "sparse": {"pattern": "longformer", "block": 64, "local": 1, "global_blocks": 1,
                "random_blocks": 0, "dilation": 1, "stride": 0, "window": None, "seed": None},
-    "hybrid": {"window": 128, "features": 256, "block": 64, "chunk": 64, "seed": None},
+    "hybrid": {"window": 64, "features": 128, "block": 64, "seed": None},
     "topk": {"block": 64, "top_k": 8, "local": 1},
 }
 

@@ -190,7 +190,7 @@ def test_windowed_sparse_work_grows_linearly():
 # -------------------------------------------------------------------------- hybrid, top-k
 
 
-def _dense_hybrid(q, k, v, projection, window, causal):
+def _dense_hybrid(q, k, v, projection, window, causal, block=16):
     heads, dim = q.shape[1], q.shape[-1]
     scale = dim ** -0.5
     phi_q, h_q = favor_features(q, projection, scale, is_query=True)
@@ -200,7 +200,9 @@ def _dense_hybrid(q, k, v, projection, window, causal):
     exact = torch.exp(q @ _repeat(k, heads).transpose(-1, -2) * scale)
     n = q.shape[2]
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    inside = (j >= i - window) & (j <= i + (0 if causal else window))
+    local = -(-window // block)
+    distance = i // block - j // block
+    inside = (distance <= local) & (distance >= (0 if causal else -local))
     weights = torch.where(inside, exact, approx)
     if causal:
         weights = weights * (j <= i)
@@ -213,7 +215,7 @@ def test_hybrid_matches_its_derivation(window, causal):
     q, k, v = _qkv(6, spread=0.6)
     projection = draw_projection(32, 16, seed=2)
     out = performer_window_reference(q, k, v, projection, None, causal, None, True, window,
-                                     16, 32)
+                                     16)
     expected = _dense_hybrid(q, k, v, projection, window, causal)
     assert (out - expected).abs().max() < 1e-9
 
@@ -222,7 +224,7 @@ def test_hybrid_matches_its_derivation(window, causal):
 def test_hybrid_is_exact_when_the_window_covers_every_key(causal):
     q, k, v = _qkv(7)
     out = performer_window_reference(q, k, v, draw_projection(16, 16, seed=0), None, causal,
-                                     None, True, 200, 16, 32)
+                                     None, True, 200, 16)
     exact = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
     assert (out - exact).abs().max() < DEFINITION_TOL
 
@@ -266,7 +268,7 @@ def test_op_gradients_are_those_of_their_references(op):
                    lambda q, k, v, m: (q, k, v, m, True, None, True, 16, 1, 0, 1, 0, 1, 1, 0,
                                        -1, -1)),
         "hybrid": (torch.ops.attnopt.performer_window, performer_window_reference,
-                   lambda q, k, v, m: (q, k, v, projection, m, False, None, True, 8, 16, 16)),
+                   lambda q, k, v, m: (q, k, v, projection, m, False, None, True, 8, 16)),
         "topk": (torch.ops.attnopt.topk_attention, topk_attention_reference,
                  lambda q, k, v, m: (q, k, v, m, False, None, True, 16, 1, 0)),
     }
@@ -328,7 +330,7 @@ ONNX_CASES = {
                                                 (None, True, None, True, 16, 2, 2, 2, 3, 0, 0,
                                                  0, -1, -1)),
     "hybrid_causal": lambda p: (torch.ops.attnopt.performer_window,
-                                (p, MASK, True, None, True, 20, 16, 16)),
+                                (p, MASK, True, None, True, 20, 16)),
     "topk_causal": lambda p: (torch.ops.attnopt.topk_attention,
                               (None, True, None, True, 16, 2, 1)),
 }

@@ -75,6 +75,9 @@ class BlockGather:
         x = _pad_to(x_BHkvSX, 2, self.k_blocks * self.block)
         x = x.unflatten(2, (self.k_blocks, self.block))               # (B, Hg, N, b, X)
         m, k, b = self.q_blocks, self.slots, self.block
+        if self.indices.shape[0] == 1 and self.indices.shape[1] == 1:  # one layout for all:
+            gathered = x.index_select(2, self.indices.flatten())     # contiguous block copies
+            return gathered.view(batch, x_heads, m, k * b, width)
         index = self.indices.expand(batch, x_heads, m, k).reshape(batch, x_heads, m * k, 1, 1)
         gathered = torch.gather(x, 2, index.expand(batch, x_heads, m * k, b, width))
         return gathered.view(batch, x_heads, m, k * b, width)

@@ -1,23 +1,30 @@
-"""`torch.ops.attnopt.performer_window`: exact attention inside a local window, FAVOR+ outside
-it, under one shared softmax normalizer.
+"""`torch.ops.attnopt.performer_window`: exact attention inside a local window of blocks,
+FAVOR+ outside it, under one shared softmax normalizer.
 
-Derivation (one query i; W(i) its window: |i - j| <= w, or i - w <= j <= i when causal; s the
-scale). Softmax attention is out_i = Σ_j e^{s·q_i·k_j} v_j / Σ_j e^{s·q_i·k_j}. Split the
-sums into j ∈ W(i), kept exact, and j ∉ W(i), estimated with FAVOR+ features:
+The window is block-aligned: with queries and keys cut into blocks of `block` positions and
+L = ceil(window / block), query i (in block b_i) attends exactly to the keys of blocks
+b_i − L … b_i + L (b_i − L … b_i when causal, and j <= i inside). Aligning the window to blocks
+is what makes the complement cheap: it is a union of whole blocks, whose random-feature sums
+are per-block states.
+
+Derivation (one query i; W(i) its window; s the scale). Softmax attention is
+out_i = Σ_j e^{s·q_i·k_j} v_j / Σ_j e^{s·q_i·k_j}. Split the sums into j ∈ W(i), kept exact,
+and j ∉ W(i), estimated with FAVOR+ features:
 
     e^{s·q_i·k_j} ≈ φ(q_i)·φ(k_j) · e^{h_i + h_k}     (features.favor_features; h_i, h_k the
                                                         query-row and key stabilizers)
-Exact part, with M_i = max_{j∈W} s·q_i·k_j:
-    A_i = Σ_{j∈W} e^{s·q_i·k_j - M_i} [v_j, 1]
-Random-feature part over the complement, as all keys (or the causal prefix) minus the window:
-    P_i = φ(q_i)·Σ_{j (≤ i)} φ(k_j)[v_j, 1] − Σ_{j∈W} (φ(q_i)·φ(k_j)) [v_j, 1]
+Exact part, with M_i = max_{j∈W(i)} s·q_i·k_j:
+    A_i = Σ_{j∈W(i)} e^{s·q_i·k_j − M_i} [v_j, 1]
+Random-feature part over the complement, from per-block states S_c = Σ_{j∈c} φ(k_j)[v_j, 1]ᵀ:
+    P_i = φ(q_i)·Σ_{blocks c outside the window (before it, when causal)} S_c
 Both on one scale, with H_i = h_i + h_k and T_i = max(M_i, H_i):
     [num_i, den_i] = e^{M_i − T_i} A_i + e^{H_i − T_i} P_i,      out_i = num_i / den_i.
 
 Every term is a ratio of non-negative sums, so no exponent overflows; as the window covers all
-keys P_i → 0 and the result is exact attention, and as w → 0 it is Performer. The window part
-runs through `blocked.BlockGather` (O(n·w) work and memory), the complement through the
-(chunked, O(n)-memory when causal) kernelized sums.
+keys P_i = 0 and the result is exact attention, and with no window (window=0 still keeps the
+query's own block) it approaches Performer. Work: the exact part O(n·(2L+1)·block) through
+`blocked.BlockGather`, the complement O(n·m·Dv) plus (n/block)·m·Dv for the block states —
+linear in n, never an n×n matrix.
 
 Masks: as the Performer op, only key visibility is honoured outside the window; inside it the
 site's mask applies as given.
@@ -33,68 +40,88 @@ from torch import Tensor
 from attnopt.ops.blocked import BlockGather, softmax_parts
 from attnopt.ops.common import register_recompute_autograd
 from attnopt.ops.features import (
-    compute_dtype, favor_features, kernelized_attention, keep_for_kv_heads, repeat_kv_heads,
+    compute_dtype, favor_features, keep_for_kv_heads, repeat_kv_heads,
     visible_keys_mask,
 )
 from attnopt.ops.performer import MIN_DENOMINATOR
 from attnopt.ops.sparsity import SparsePattern, pattern_layout
 
 
+def window_blocks(window: int, block: int) -> int:
+    """L: the neighbouring blocks on each side the exact window spans."""
+    return -(-max(window, 0) // block)
+
+
 def performer_window_reference(q: Tensor, k: Tensor, v: Tensor, projection: Tensor,
                                attn_mask: Optional[Tensor] = None, is_causal: bool = False,
                                scale: Optional[float] = None, enable_gqa: bool = False,
-                               window: int = 128, block: int = 64,
-                               chunk: int = 64) -> Tensor:
+                               window: int = 128, block: int = 64) -> Tensor:
     dtype = compute_dtype(q.dtype)
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     batch, heads, q_len, _ = q.shape
     kv_len = k.shape[2]
+    if is_causal and q_len != kv_len:
+        raise ValueError("causal performer_window needs as many keys as queries")
     qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
     keep_k = keep_for_kv_heads(visible_keys_mask(attn_mask, kv_len), k.shape[1])
     phi_q, h_q = favor_features(qc, projection, scale, is_query=True)
     phi_k, h_k = favor_features(kc, projection, scale, is_query=False, keep_BHS1=keep_k)
-    num_all, den_all = kernelized_attention(phi_q, phi_k, vc, causal=is_causal, chunk=chunk)
 
-    right = 0 if is_causal else window
-    pattern = SparsePattern.sliding_window(window, right, block=block)
+    local = window_blocks(window, block)
+    pattern = SparsePattern(block=block, local_left=local, local_right=0 if is_causal else local)
     layout = pattern_layout(pattern, q_len, kv_len, causal=is_causal, device=q.device)
-    plan = BlockGather(layout, block, q_len, kv_len, causal=is_causal, window=(window, right),
-                       dense_rows=False)
+    plan = BlockGather(layout, block, q_len, kv_len, causal=is_causal, dense_rows=False)
     mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool \
         else attn_mask.to(dtype)
     keep, bias = plan.keep(mask)
     if bias is not None and bias.dtype == torch.bool:
         keep, bias = keep & bias, None
-    v_gathered = plan.gather_keys(vc, heads)
     scores = plan.scores(qc * scale, plan.gather_keys(kc, heads))
     weights, total, row_max = softmax_parts(scores, keep, bias)
-    exact_num = plan.weigh(weights, v_gathered)[:, :, :q_len]
+    exact_num = plan.weigh(weights, plan.gather_keys(vc, heads))[:, :, :q_len]
     exact_den = total.flatten(2, 3)[:, :, :q_len]
     row_max = row_max.flatten(2, 3)[:, :, :q_len]
-    if keep_k is not None:  # masked keys carry φ = 0 already; the window's bias may not
-        keep = keep & (plan.gather_keys(keep_k, heads).transpose(-1, -2) > 0)
-    kappa = plan.scores(phi_q, plan.gather_keys(phi_k, heads)).masked_fill(~keep, 0.0)
-    window_num = plan.weigh(kappa, v_gathered)[:, :, :q_len]
-    window_den = kappa.sum(-1, keepdim=True).flatten(2, 3)[:, :, :q_len]
-    rest_num = num_all - window_num
-    rest_den = (den_all - window_den).clamp_min(0.0)
 
-    log_rest = h_q + repeat_kv_heads(h_k, heads)                    # (B, H, Sq, 1)
+    # per key block: S_c = Σ_{j∈c} φ(k_j) [v_j, 1]ᵀ; prefix sums over blocks give any range
+    v_ext = torch.cat([vc, torch.ones_like(vc[..., :1])], dim=-1)
+    k_blocks, q_blocks = plan.k_blocks, plan.q_blocks
+    phi_k_blocks = _blocks(phi_k, k_blocks, block)                    # (B, Hkv, N, b, m)
+    states = phi_k_blocks.transpose(-1, -2) @ _blocks(v_ext, k_blocks, block)  # (.., N, m, Dv+1)
+    prefix = torch.nn.functional.pad(states.cumsum(dim=2), (0, 0, 0, 0, 1, 0))  # (.., N+1, ..)
+    qb = torch.arange(q_blocks, device=q.device)
+    start = (qb - local).clamp(min=0, max=k_blocks)
+    outside = prefix[:, :, start]                                      # blocks before the band
+    if not is_causal:
+        end = (qb + local + 1).clamp(max=k_blocks)
+        outside = outside + prefix[:, :, -1:] - prefix[:, :, end]      # and after it
+    outside = repeat_kv_heads(outside, heads)                          # (B, H, M, m, Dv+1)
+    rest = (_blocks(phi_q, q_blocks, block) @ outside).flatten(2, 3)[:, :, :q_len]
+    rest_num, rest_den = rest[..., :-1], rest[..., -1:]
+
+    log_rest = h_q + repeat_kv_heads(h_k, heads)                      # (B, H, Sq, 1)
     top = torch.maximum(row_max, log_rest)
-    exact_weight = torch.exp(row_max - top)                          # 0 where no key in W
+    exact_weight = torch.exp(row_max - top)                            # 0 where no key in W
     rest_weight = torch.exp(log_rest - top)
     numerator = exact_weight * exact_num + rest_weight * rest_num
     denominator = exact_weight * exact_den + rest_weight * rest_den
     return (numerator / denominator.clamp_min(MIN_DENOMINATOR)).to(q.dtype)
 
 
+def _blocks(x_BHSX: Tensor, blocks: int, block: int) -> Tensor:
+    """(B, H, blocks, block, X), zero-padded past the sequence."""
+    missing = blocks * block - x_BHSX.shape[2]
+    if missing:
+        x_BHSX = torch.nn.functional.pad(x_BHSX, (0, 0, 0, missing))
+    return x_BHSX.unflatten(2, (blocks, block))
+
+
 @torch.library.custom_op("attnopt::performer_window", mutates_args=())
 def performer_window(q: Tensor, k: Tensor, v: Tensor, projection: Tensor,
                      attn_mask: Optional[Tensor] = None, is_causal: bool = False,
                      scale: Optional[float] = None, enable_gqa: bool = False,
-                     window: int = 128, block: int = 64, chunk: int = 64) -> Tensor:
+                     window: int = 128, block: int = 64) -> Tensor:
     return performer_window_reference(q, k, v, projection, attn_mask, is_causal, scale,
-                                      enable_gqa, window, block, chunk)
+                                      enable_gqa, window, block)
 
 
 @performer_window.register_fake
@@ -106,9 +133,9 @@ register_recompute_autograd(performer_window, performer_window_reference)
 
 
 def onnx_performer_window(q, k, v, projection, attn_mask=None, is_causal=False, scale=None,
-                          enable_gqa=False, window=128, block=64, chunk=64):
-    """The same combination in standard opset-18 ops. The window part is evaluated as a
-    masked (Sq, Sk) product here: correct in any runtime, quadratic in memory."""
+                          enable_gqa=False, window=128, block=64):
+    """The same combination in standard opset-18 ops. The window and its complement are
+    evaluated as masked (Sq, Sk) products here: correct in any runtime, quadratic in memory."""
     from onnxscript import opset18 as op
 
     from attnopt.ops.common import onnx_dim, onnx_repeat_heads, onnx_scalar
@@ -130,9 +157,14 @@ def onnx_performer_window(q, k, v, projection, attn_mask=None, is_causal=False, 
     zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
     rows = op.Unsqueeze(op.Range(zero, op.Squeeze(op.Shape(q, start=2, end=3)), one), ints(1))
     cols = op.Unsqueeze(op.Range(zero, op.Squeeze(op.Shape(k, start=2, end=3)), one), ints(0))
-    right = 0 if is_causal else window
-    in_window = op.And(op.GreaterOrEqual(cols, op.Sub(rows, op.Constant(value_int=window))),
-                       op.LessOrEqual(cols, op.Add(rows, op.Constant(value_int=right))))
+    local = window_blocks(window, block)
+    distance = op.Sub(op.Div(rows, op.Constant(value_int=block)),
+                      op.Div(cols, op.Constant(value_int=block)))  # query block − key block
+    in_window = op.And(op.LessOrEqual(distance, op.Constant(value_int=local)),
+                       op.GreaterOrEqual(distance, op.Constant(value_int=0 if is_causal
+                                                               else -local)))
+    if is_causal:
+        in_window = op.And(in_window, op.LessOrEqual(cols, rows))
     k_all, v_all = onnx_repeat_heads(op, kf, heads), onnx_repeat_heads(op, vf, heads)
     scores = op.MatMul(op.Mul(qf, onnx_scalar(op, scale, qf)),
                        op.Transpose(k_all, perm=[0, 1, 3, 2]))

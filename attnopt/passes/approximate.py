@@ -148,7 +148,7 @@ class ApproximateAttention:
                         *sparse_pattern_args(params, site))
             elif rewrite == "hybrid":
                 args = (q, k, v, proj_node, mask, causal, scale, enable_gqa, params["window"],
-                        params["block"], params["chunk"])
+                        params["block"])
             else:  # topk
                 args = (q, k, v, mask, causal, scale, enable_gqa, params["block"],
                         params["top_k"], params["local"])
