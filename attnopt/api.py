@@ -433,6 +433,20 @@ def _as_args(example_inputs) -> tuple:
     return (example_inputs,)
 
 
+def _model_device(model: nn.Module, example_inputs, example_kwargs) -> tuple[str, object]:
+    """(device, floating dtype) the model runs in: its first floating parameter, else the
+    first floating example tensor; CPU float32 when neither says."""
+    from torch.utils import _pytree as pytree
+    tensors = [p for p in model.parameters()] + [
+        t for t in pytree.tree_leaves((example_inputs, example_kwargs))
+        if isinstance(t, torch.Tensor)]
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            device = tensor.device.type if tensor.device.type != "cuda" else str(tensor.device)
+            return device, tensor.dtype
+    return "cpu", torch.float32
+
+
 def optimize(model: nn.Module, policy: Union[str, Policy, dict] = "exact", *,
              example_inputs=None, example_kwargs: Optional[dict] = None, verify: bool = True,
              capture: str = "auto", verify_each: bool = False,
@@ -451,7 +465,8 @@ def optimize(model: nn.Module, policy: Union[str, Policy, dict] = "exact", *,
     if isinstance(model, OptimizedModule):
         raise AttnoptError("model is already an OptimizedModule; optimize its `_orig_mod` "
                            "instead")
-    resolved = resolve_policy(policy)
+    device, dtype = _model_device(model, example_inputs, example_kwargs)
+    resolved = resolve_policy(policy, device, dtype)
     optimized = OptimizedModule(model, resolved, verify=verify, capture=capture,
                                 verify_each=verify_each, draws=draws, dynamic=dynamic)
     if example_inputs is not None or example_kwargs is not None:

@@ -230,14 +230,20 @@ PRESETS: dict[str, Policy] = {
 }
 
 
-def resolve_policy(policy: Union[str, Policy, dict]) -> Policy:
+def resolve_policy(policy: Union[str, Policy, dict], device: str = "cpu", dtype=None) -> Policy:
+    """A Policy from a preset name, a Policy, or a dict. The length-based presets (presets.py)
+    are built for `device`, from its latency calibration."""
     if isinstance(policy, Policy):
         return policy
     if isinstance(policy, dict):
         return Policy.from_dict(policy)
     if isinstance(policy, str):
+        from attnopt import presets
+        if policy in presets.BUILDERS:
+            return presets.build(policy, device, dtype)
         if policy not in PRESETS:
-            raise PolicyError(f"unknown policy {policy!r}; valid presets: {sorted(PRESETS)}")
+            raise PolicyError(f"unknown policy {policy!r}; valid presets: "
+                              f"{sorted(PRESETS) + sorted(presets.BUILDERS)}")
         return copy.deepcopy(PRESETS[policy])
     raise PolicyError(f"policy must be a preset name, a Policy or a dict, not "
                       f"{type(policy).__name__}")
