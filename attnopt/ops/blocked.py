@@ -203,10 +203,15 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, layout_BHMN: Tensor, bloc
     keep, bias = plan.keep(mask)
     if bias is not None and bias.dtype == torch.bool:
         keep, bias = keep & bias, None
-    scores = plan.scores(qc * scale, plan.gather_keys(kc, heads))
-    weights, total, _ = softmax_parts(scores, keep, bias)
-    weights = weights / total.clamp_min(torch.finfo(dtype).tiny)
-    out = plan.weigh(weights, plan.gather_keys(vc, heads))[:, :, :q_len]
+    allowed = keep if bias is None else torch.where(keep, bias, float("-inf"))
+    k_gathered, v_gathered = plan.gather_keys(kc, heads), plan.gather_keys(vc, heads)
+    if k_gathered.shape[1] != heads:  # a layout shared by all heads gathers per kv head
+        k_gathered = k_gathered.repeat_interleave(heads // k_gathered.shape[1], dim=1)
+        v_gathered = v_gathered.repeat_interleave(heads // v_gathered.shape[1], dim=1)
+    # fused SDPA over the gathered blocks; a row that sees no key comes back NaN -> zeros
+    out = F.scaled_dot_product_attention(plan.query_blocks(qc), k_gathered, v_gathered,
+                                         attn_mask=allowed, scale=scale)
+    out = torch.nan_to_num(out.flatten(2, 3), nan=0.0)[:, :, :q_len]
     rows = plan.heavy_rows()
     if rows.numel():
         out = out.clone()

@@ -14,6 +14,7 @@ with `is_causal` and the site's own mask. Scores, scale and GQA as the canonical
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -69,14 +70,26 @@ def sparse_attention_kernel(q, k, v, attn_mask=None, is_causal=False, scale=None
     pattern = _pattern(block, local_left, local_right, dilation, stride, global_blocks,
                        random_blocks, seed, window_left, window_right)
     q_len, kv_len = q.shape[-2], k.shape[-2]
-    blocks = pattern_layout(pattern, q_len, kv_len, causal=is_causal, user_layout=layout,
-                            device=q.device)
+    if layout is None:  # a pure function of the pattern and lengths: built once, reused
+        block_mask = _kernel_layout(pattern, q_len, kv_len, bool(is_causal), str(q.device))
+    else:
+        block_mask = BlockSparseLayout(pattern_layout(
+            pattern, q_len, kv_len, causal=is_causal, user_layout=layout,
+            device=q.device)[None, None], block)
     window = None
     if pattern.window is not None:  # the kernel's band takes both sides; -1 = unbounded
         window = (window_left if window_left >= 0 else q_len + kv_len,
                   window_right if window_right >= 0 else q_len + kv_len)
     return flash_attention(q, k, v, causal=is_causal, scale=scale, attn_bias=attn_mask,
-                           window=window, block_mask=BlockSparseLayout(blocks[None, None], block))
+                           window=window, block_mask=block_mask)
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel_layout(pattern: SparsePattern, q_len: int, kv_len: int, causal: bool, device: str):
+    """The kernel's layout object (its compressed index lists are cached inside it)."""
+    from attnopt.kernels import BlockSparseLayout
+    blocks = pattern_layout(pattern, q_len, kv_len, causal=causal, device=device)
+    return BlockSparseLayout(blocks[None, None], pattern.block)
 
 
 @sparse_attention.register_kernel("cuda")
