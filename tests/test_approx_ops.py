@@ -371,3 +371,24 @@ def test_ops_export_to_onnx_and_run_in_onnxruntime_at_other_lengths(name, tmp_pa
         (got,) = session.run(None, {key: t.numpy() for key, t in zip("q k v mask".split(),
                                                                       feed)})
         assert abs(got - model(*feed).numpy()).max() < 2e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_favor_kernels_match_the_reference(dtype):
+    """attnopt.kernels.favor (Triton interpreter without a GPU): GQA, a key mask, a head dim
+    and a feature count that are not powers of two, a length that is not a tile multiple."""
+    from attnopt.kernels.favor import favor_attention, favor_skip_reason
+    from attnopt.ops.features import keep_for_kv_heads, visible_keys_mask
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = _qkv(13, batch=2, heads=4, kv_heads=2, q_len=100, dim=40, dtype=torch.float64,
+                   spread=0.5)
+    mask = _padding_mask(2, 100, padded=9)
+    projection = draw_projection(96, 40, seed=4)
+    expected = performer_reference(q, k, v, projection, mask)
+    keep = keep_for_kv_heads(visible_keys_mask(mask.to(device), 100), 2)
+    args = [t.to(device, dtype) for t in (q, k, v)]
+    assert favor_skip_reason(*args, keep, False, "softmax") is None
+    out = favor_attention(*args, projection, 40 ** -0.5, keep)
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-3
+    assert out.dtype == dtype
+    assert (out.double().cpu() - expected).abs().max() < tolerance

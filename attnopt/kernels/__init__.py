@@ -4,6 +4,7 @@
   block layouts, soft-cap) and `flash_attention`, the public entry with autograd;
 - `flash_backward.py` — dq, dk, dv kernels;
 - `decode.py` — split-KV (Flash-Decoding) for a few queries over a long KV cache;
+- `favor.py` — fused FAVOR+ (non-causal Performer) without the (n × m) feature matrices;
 - `tiles.py` — the score/mask semantics every kernel shares; `reference.py` — the same
   semantics written densely in torch; `layout.py` — block-sparse layouts; `params.py` — checked
   call arguments.

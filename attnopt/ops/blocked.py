@@ -107,7 +107,7 @@ class BlockGather:
 
     def keep(self, attn_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
         """(keep (B|1, H|1, M, block, K·block) bool, bias or None) for the gathered keys."""
-        b, m, k = self.block, self.q_blocks, self.slots
+        b, m = self.block, self.q_blocks
         device = self.indices.device
         key_pos = (self.indices[..., None] * b + torch.arange(b, device=device))  # (.., M, K, b)
         keep = (self.slot_ok[..., None] & (key_pos < self.kv_len)).flatten(-2)[..., None, :]

@@ -14,8 +14,10 @@
 - GQA: k and v may have fewer heads (`enable_gqa`); their (m × Dv) states are shared by the
   query heads of a group.
 
-The op owns its reference (plain torch; also what runs on CUDA until a fused kernel lands),
-fake, autograd (recomputation) and ONNX translation (standard opset-18 ops).
+The op owns its reference (plain torch), its CUDA implementation (non-causal softmax-kernel
+calls on the fused FAVOR+ kernels of `attnopt.kernels.favor`, which never materialize the
+(n × m) feature matrices; the rest on the reference), fake, autograd (recomputation through
+the reference) and ONNX translation (standard opset-18 ops).
 """
 
 from __future__ import annotations
@@ -62,6 +64,24 @@ def performer(q: Tensor, k: Tensor, v: Tensor, projection: Tensor,
               kernel: str = "softmax", chunk: int = 64) -> Tensor:
     return performer_reference(q, k, v, projection, attn_mask, is_causal, scale, enable_gqa,
                                kernel, chunk)
+
+
+@performer.register_kernel("cuda")
+def _performer_cuda(q, k, v, projection, attn_mask=None, is_causal=False, scale=None,
+                    enable_gqa=False, kernel="softmax", chunk=64):
+    """Non-causal softmax-kernel calls run the fused FAVOR+ kernels (attnopt.kernels.favor);
+    the rest, and machines without Triton, the torch reference."""
+    try:
+        from attnopt.kernels.favor import favor_attention, favor_skip_reason
+    except ImportError:
+        return performer_reference(q, k, v, projection, attn_mask, is_causal, scale,
+                                   enable_gqa, kernel, chunk)
+    keep = keep_for_kv_heads(visible_keys_mask(attn_mask, k.shape[-2]), k.shape[1])
+    if favor_skip_reason(q, k, v, keep, is_causal, kernel) is not None:
+        return performer_reference(q, k, v, projection, attn_mask, is_causal, scale,
+                                   enable_gqa, kernel, chunk)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    return favor_attention(q, k, v, projection, scale, keep)
 
 
 @performer.register_fake

@@ -1,0 +1,235 @@
+"""Fused FAVOR+ (non-causal, softmax kernel): Performer attention without materializing the
+(n × m) random-feature matrices.
+
+Two kernels, each reading its inputs once:
+
+1. `_favor_keys_kernel` — per (batch·kv head, feature tile, key split): streams key tiles,
+   forms the exponents e = x·Ωᵀ − |x|²/2 (x = √scale·k) and accumulates
+   A_f = Σ_j exp(e_jf − h_f) [v_j, 1] with a running max h_f per feature, rescaling the sum
+   whenever h_f grows (the online-softmax trick, per feature), plus Σ_j v_j for the ε term.
+2. `_favor_queries_kernel` — per (batch·head, query tile): streams feature tiles of the combined
+   state S (m × Dv) and z (m), with a running max over the query's exponents, as a flash
+   attention whose "keys" are the m random features.
+
+Between them, torch combines the key splits and puts every feature on the reference's common
+key stabilizer h_k = max_f h_f (features.favor_features: φ(k) = ratio·(exp(e − h_k) + ε)), so
+the result is the reference's up to summation order and tf32 products. The query stabilizer is
+the row max over features, as in the reference; it cancels in num/den. Scope: non-causal, key
+masks as (B, Sk) visibility, head dims up to 256; the op falls back to torch otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from attnopt.ops.features import FEATURE_EPS
+
+#: Tiles and warps: swept on the H100 (bf16, 16 heads, head dim 64, m = 256, n = 1K–64K;
+#: docs/BENCHMARKS.md) for head dims up to 64; wider heads keep 64-tiles and 4 warps.
+BLOCK_KEYS, BLOCK_FEATURES, BLOCK_QUERIES, NUM_WARPS = 128, 64, 128, 8
+WIDE_HEAD_CONFIG = (64, 64, 64, 4)
+#: Key-split programs are added until the grid has this many programs (or one key tile each).
+TARGET_PROGRAMS = 512
+
+
+@triton.jit
+def _favor_keys_kernel(K, V, OMEGA, KEEP, ACC, ZSUM, HMAX, VSUM,
+                       stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                       stride_keepb, kv_heads, kv_len, features, root_scale, tiles_per_split,
+                       HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+                       HAS_KEEP: tl.constexpr, IEEE: tl.constexpr):
+    pid_bh, pid_f, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    batch, head = pid_bh // kv_heads, pid_bh % kv_heads
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    omega = tl.load(OMEGA + offs_f[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=(offs_f[:, None] < features) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    acc = tl.zeros((BLOCK_F, BLOCK_DV), dtype=tl.float32)
+    zsum = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    h_run = tl.full((BLOCK_F,), float("-inf"), dtype=tl.float32)
+    vsum = tl.zeros((BLOCK_DV,), dtype=tl.float32)
+    count = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_base = K + batch * stride_kb + head * stride_kh
+    v_base = V + batch * stride_vb + head * stride_vh
+    first = pid_s * tiles_per_split * BLOCK_N
+    for start in range(first, first + tiles_per_split * BLOCK_N, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        in_range = offs_n < kv_len
+        visible = in_range
+        if HAS_KEEP:
+            keep = tl.load(KEEP + batch * stride_keepb + offs_n, mask=in_range, other=0.0)
+            visible = visible & (keep > 0)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=in_range[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        x = k.to(tl.float32) * root_scale
+        if IEEE:
+            e = tl.dot(x, tl.trans(omega), input_precision="ieee")
+        else:
+            e = tl.dot(x, tl.trans(omega))
+        e = e - 0.5 * tl.sum(x * x, axis=1)[:, None]
+        e = tl.where(visible[:, None], e, float("-inf"))
+        h_new = tl.maximum(h_run, tl.max(e, axis=0))
+        h_safe = tl.where(h_new == float("-inf"), 0.0, h_new)
+        alpha = tl.exp(h_run - h_safe)
+        p = tl.exp(e - h_safe[None, :])                                       # (N, F)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=visible[:, None] & (offs_dv[None, :] < V_DIM), other=0.0)
+        vf = v.to(tl.float32)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(tl.trans(p), vf, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(tl.trans(p), vf)
+        zsum = zsum * alpha + tl.sum(p, axis=0)
+        h_run = h_new
+        vsum += tl.sum(vf, axis=0)
+        count += visible.to(tl.float32)
+    out = (pid_bh * tl.num_programs(2) + pid_s)
+    tl.store(ACC + (out * features + offs_f[:, None]) * BLOCK_DV + offs_dv[None, :], acc,
+             mask=offs_f[:, None] < features)
+    tl.store(ZSUM + out * features + offs_f, zsum, mask=offs_f < features)
+    tl.store(HMAX + out * features + offs_f, h_run, mask=offs_f < features)
+    if pid_f == 0:
+        tl.store(VSUM + out * (BLOCK_DV + 1) + offs_dv, vsum)
+        tl.store(VSUM + out * (BLOCK_DV + 1) + BLOCK_DV, tl.sum(count, axis=0))
+
+
+@triton.jit
+def _favor_queries_kernel(Q, OMEGA, STATE, Z, EPS_NUM, EPS_DEN, OUT,
+                          stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on,
+                          heads, group, q_len, features, root_scale, eps,
+                          HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_F: tl.constexpr, IEEE: tl.constexpr):
+    pid_bh, pid_n = tl.program_id(0), tl.program_id(1)
+    batch, head = pid_bh // heads, pid_bh % heads
+    kv = batch * (heads // group) + head // group
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_n[:, None] * stride_qn +
+                offs_d[None, :], mask=(offs_n[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM),
+                other=0.0)
+    x = q.to(tl.float32) * root_scale
+    half_norm = 0.5 * tl.sum(x * x, axis=1)
+    acc = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+    den = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    h_run = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    for f0 in range(0, features, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        omega = tl.load(OMEGA + offs_f[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=(offs_f[:, None] < features) & (offs_d[None, :] < HEAD_DIM),
+                        other=0.0)
+        if IEEE:
+            e = tl.dot(x, tl.trans(omega), input_precision="ieee")
+        else:
+            e = tl.dot(x, tl.trans(omega))
+        e = tl.where(offs_f[None, :] < features, e - half_norm[:, None], float("-inf"))
+        h_new = tl.maximum(h_run, tl.max(e, axis=1))
+        alpha = tl.exp(h_run - h_new)
+        p = tl.exp(e - h_new[:, None])                                       # (N, F)
+        state = tl.load(STATE + (kv * features + offs_f[:, None]) * BLOCK_DV + offs_dv[None, :],
+                        mask=offs_f[:, None] < features, other=0.0)
+        z = tl.load(Z + kv * features + offs_f, mask=offs_f < features, other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, state, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, state)
+        den = den * alpha + tl.sum(p * z[None, :], axis=1)
+        h_run = h_new
+    eps_num = tl.load(EPS_NUM + kv * BLOCK_DV + offs_dv)
+    eps_den = tl.load(EPS_DEN + kv)
+    numerator = acc + eps * eps_num[None, :]
+    denominator = den + eps * eps_den
+    out = numerator / tl.maximum(denominator, 1.0e-30)[:, None]
+    tl.store(OUT + batch * stride_ob + head * stride_oh + offs_n[:, None] * stride_on +
+             offs_dv[None, :], out.to(OUT.dtype.element_ty),
+             mask=(offs_n[:, None] < q_len) & (offs_dv[None, :] < V_DIM))
+
+
+def favor_skip_reason(q: Tensor, k: Tensor, v: Tensor, keep_BHS1: Optional[Tensor],
+                      is_causal: bool, kernel: str) -> Optional[str]:
+    """Why a Performer call runs the torch reference rather than these kernels."""
+    from attnopt.kernels.params import interpreting
+    if is_causal:
+        return "causal FAVOR+ runs the chunked torch form"
+    if kernel != "softmax":
+        return f"{kernel} features run in torch"
+    if q.device.type != "cuda" and not interpreting():
+        return "not on CUDA"
+    if q.dim() != 4 or q.shape[-1] > 256 or v.shape[-1] > 256:
+        return "head dims above 256"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype}"
+    if keep_BHS1 is not None and keep_BHS1.shape[1] != 1:
+        return "per-head key masks"
+    return None
+
+
+def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale: float,
+                    keep_BHS1: Optional[Tensor] = None) -> Tensor:
+    """Non-causal FAVOR+ attention (features.favor_features semantics), fused."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len, v_dim = k.shape[1], k.shape[2], v.shape[-1]
+    features = projection.shape[0]
+    device = q.device
+    k, v = k.contiguous() if k.stride(-1) != 1 else k, v.contiguous() if v.stride(-1) != 1 else v
+    q = q.contiguous() if q.stride(-1) != 1 else q
+    omega = projection.to(device=device, dtype=torch.float32).contiguous()
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(v_dim))
+    block_keys, block_features, block_queries, num_warps = \
+        (BLOCK_KEYS, BLOCK_FEATURES, BLOCK_QUERIES, NUM_WARPS) if max(block_d, block_dv) <= 64 \
+        else WIDE_HEAD_CONFIG
+    ieee = q.dtype == torch.float32
+    keep = None
+    if keep_BHS1 is not None:
+        keep = keep_BHS1.reshape(keep_BHS1.shape[0], kv_len).to(device, torch.float32)
+        keep = keep.expand(batch, kv_len).contiguous()
+    key_tiles = triton.cdiv(kv_len, block_keys)
+    feature_tiles = triton.cdiv(features, block_features)
+    splits = max(1, min(key_tiles, TARGET_PROGRAMS // max(1, batch * kv_heads * feature_tiles)))
+    tiles_per_split = triton.cdiv(key_tiles, splits)
+    splits = triton.cdiv(key_tiles, tiles_per_split)
+    programs = batch * kv_heads * splits
+    acc = torch.empty(programs, features, block_dv, device=device, dtype=torch.float32)
+    zsum = torch.empty(programs, features, device=device, dtype=torch.float32)
+    hmax = torch.empty(programs, features, device=device, dtype=torch.float32)
+    vsum = torch.empty(programs, block_dv + 1, device=device, dtype=torch.float32)
+    root_scale = math.sqrt(scale)
+    _favor_keys_kernel[(batch * kv_heads, feature_tiles, splits)](
+        k, v, omega, keep if keep is not None else k, acc, zsum, hmax, vsum,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        keep.stride(0) if keep is not None else 0, kv_heads, kv_len, features, root_scale,
+        tiles_per_split, HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        BLOCK_N=block_keys, BLOCK_F=block_features, HAS_KEEP=keep is not None, IEEE=ieee,
+        num_warps=num_warps)
+    # combine the splits on the common key stabilizer h_k (per batch·kv head)
+    acc = acc.view(batch * kv_heads, splits, features, block_dv)
+    zsum = zsum.view(batch * kv_heads, splits, features)
+    hmax = hmax.view(batch * kv_heads, splits, features)
+    h_k = hmax.amax(dim=(1, 2), keepdim=True)
+    h_k = torch.where(torch.isfinite(h_k), h_k, torch.zeros_like(h_k))
+    weight = torch.exp(hmax - h_k)                                      # 0 where no key
+    vsum = vsum.view(batch * kv_heads, splits, block_dv + 1).sum(1)
+    eps = FEATURE_EPS
+    state = (acc * weight[..., None]).sum(1) + eps * vsum[:, None, :block_dv]  # (BHkv, m, Dv)
+    z = (zsum * weight).sum(1) + eps * vsum[:, None, block_dv]               # (BHkv, m)
+    # the ε of the query features multiplies Σ_f state_f and Σ_f z_f
+    eps_num = state.sum(1).contiguous()
+    eps_den = z.sum(1).contiguous()
+    out = torch.empty(batch, heads, q_len, v_dim, device=device, dtype=q.dtype)
+    _favor_queries_kernel[(batch * heads, triton.cdiv(q_len, block_queries))](
+        q, omega, state.contiguous(), z.contiguous(), eps_num, eps_den, out,
+        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        heads, heads // kv_heads, q_len, features, root_scale, eps, HEAD_DIM=head_dim,
+        V_DIM=v_dim, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_N=block_queries,
+        BLOCK_F=block_features, IEEE=ieee, num_warps=num_warps)
+    return out
