@@ -140,3 +140,28 @@ def test_auto_mode_uses_the_kernel_only_where_sdpa_has_no_fused_path(name, kerne
     with torch.no_grad():
         optimized(**inputs)
     assert bool(kernel_calls) == any(r.backend == "triton" for r in sites)
+
+
+@pytest.mark.parametrize("variant, params", [
+    ("sparse", {"pattern": "longformer", "block": 16}),
+    ("sparse", {"pattern": "window", "window": 24, "block": 16}),
+    ("performer", {"features": 64}),
+    ("hybrid", {"window": 16, "block": 16, "features": 64}),
+    ("topk", {"block": 16, "top_k": 2}),
+])
+def test_approximate_rewrites_run_on_cuda(variant, params):
+    """Every approximate op inside a real graph on CUDA (SDPA-laid-out outputs viewed by the
+    model's own reshapes), unverified so nothing is rolled back; then guarded."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(HIDDEN, HEADS, 256, batch_first=True, dropout=0.0)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).cuda().eval()
+    x = torch.randn(2, 200, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    model = model.to(torch.bfloat16)
+    policy = attnopt.Policy(variant, default=variant, default_params=params)
+    optimized = attnopt.optimize(model, policy, example_inputs=(x,), verify=False)
+    assert [r.rewrite for r in optimized.report.sites if r.site is not None] == [variant] * 2
+    with torch.no_grad():
+        out = optimized(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    guarded = attnopt.optimize(model, policy, example_inputs=(x,))
+    assert guarded.report.verification["passed"]

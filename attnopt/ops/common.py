@@ -71,3 +71,23 @@ def onnx_repeat_heads(op, x_BHkvSD, heads):
     return op.Reshape(expanded, op.Concat(onnx_dim(op, x_BHkvSD, 0), heads,
                                           onnx_dim(op, x_BHkvSD, 2), onnx_dim(op, x_BHkvSD, 3),
                                           axis=0))
+
+
+def like_query_layout(out: Tensor, q: Tensor) -> Tensor:
+    """`out` (B, H, Sq, Dv) laid out in memory as `q` is (SDPA's convention: a BSHD-strided
+    query gives a BSHD-strided output). Graphs captured around SDPA view its output through
+    transposes that are only contiguous in that layout, so a replacement op must keep it."""
+    order = sorted(range(q.dim()), key=lambda d: (-q.stride(d), d))
+    order.remove(q.dim() - 1)
+    order.append(q.dim() - 1)  # the head dim stays innermost
+    if order == list(range(q.dim())):
+        return out.contiguous()
+    inverse = [order.index(d) for d in range(q.dim())]
+    laid_out = out.new_empty([out.shape[d] for d in order]).permute(inverse)
+    return laid_out.copy_(out)
+
+
+def empty_like_query_layout(q: Tensor, v_dim: int) -> Tensor:
+    """An uninitialized (B, H, Sq, Dv) tensor in `q`'s layout (for fake implementations)."""
+    shape = (*q.shape[:-1], v_dim)
+    return like_query_layout(q.new_empty(shape), q) if q.dim() == 4 else q.new_empty(shape)

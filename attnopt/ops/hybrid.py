@@ -38,7 +38,9 @@ import torch
 from torch import Tensor
 
 from attnopt.ops.blocked import BlockGather, softmax_parts
-from attnopt.ops.common import register_recompute_autograd
+from attnopt.ops.common import (
+    empty_like_query_layout, like_query_layout, register_recompute_autograd,
+)
 from attnopt.ops.features import (
     compute_dtype, favor_features, keep_for_kv_heads, repeat_kv_heads,
     visible_keys_mask,
@@ -120,13 +122,13 @@ def performer_window(q: Tensor, k: Tensor, v: Tensor, projection: Tensor,
                      attn_mask: Optional[Tensor] = None, is_causal: bool = False,
                      scale: Optional[float] = None, enable_gqa: bool = False,
                      window: int = 128, block: int = 64) -> Tensor:
-    return performer_window_reference(q, k, v, projection, attn_mask, is_causal, scale,
-                                      enable_gqa, window, block)
+    return like_query_layout(performer_window_reference(
+        q, k, v, projection, attn_mask, is_causal, scale, enable_gqa, window, block), q)
 
 
 @performer_window.register_fake
 def _performer_window_fake(q, k, v, *args, **kwargs):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return empty_like_query_layout(q, v.shape[-1])
 
 
 register_recompute_autograd(performer_window, performer_window_reference)

@@ -15,7 +15,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnopt.ops.common import onnx_dim, onnx_scalar, register_recompute_autograd
+from attnopt.ops.common import (
+    empty_like_query_layout, like_query_layout, onnx_dim, onnx_scalar,
+    register_recompute_autograd,
+)
 from attnopt.ops.features import (
     elu_features, kernelized_attention, keep_for_kv_heads, onnx_kernelized, onnx_visible_keys,
     visible_keys_mask,
@@ -36,13 +39,14 @@ def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor,
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
                      is_causal: bool = False, enable_gqa: bool = False,
                      chunk: int = 64) -> Tensor:
-    return linear_attention_reference(q, k, v, attn_mask, is_causal, enable_gqa, chunk)
+    return like_query_layout(linear_attention_reference(q, k, v, attn_mask, is_causal,
+                                                        enable_gqa, chunk), q)
 
 
 @linear_attention.register_fake
 def _linear_attention_fake(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False,
                            chunk=64):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return empty_like_query_layout(q, v.shape[-1])
 
 
 register_recompute_autograd(linear_attention, linear_attention_reference)

@@ -27,7 +27,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnopt.ops.common import onnx_dim, register_recompute_autograd
+from attnopt.ops.common import (
+    empty_like_query_layout, like_query_layout, onnx_dim, register_recompute_autograd,
+)
 from attnopt.ops.features import (
     FEATURE_EPS, KERNELS, favor_features, kernelized_attention, keep_for_kv_heads,
     onnx_favor_features, onnx_kernelized, onnx_visible_keys, relu_features,
@@ -62,8 +64,8 @@ def performer(q: Tensor, k: Tensor, v: Tensor, projection: Tensor,
               attn_mask: Optional[Tensor] = None, is_causal: bool = False,
               scale: Optional[float] = None, enable_gqa: bool = False,
               kernel: str = "softmax", chunk: int = 64) -> Tensor:
-    return performer_reference(q, k, v, projection, attn_mask, is_causal, scale, enable_gqa,
-                               kernel, chunk)
+    return like_query_layout(performer_reference(q, k, v, projection, attn_mask, is_causal,
+                                                 scale, enable_gqa, kernel, chunk), q)
 
 
 @performer.register_kernel("cuda")
@@ -74,20 +76,20 @@ def _performer_cuda(q, k, v, projection, attn_mask=None, is_causal=False, scale=
     try:
         from attnopt.kernels.favor import favor_attention, favor_skip_reason
     except ImportError:
-        return performer_reference(q, k, v, projection, attn_mask, is_causal, scale,
-                                   enable_gqa, kernel, chunk)
+        favor_attention = favor_skip_reason = None
     keep = keep_for_kv_heads(visible_keys_mask(attn_mask, k.shape[-2]), k.shape[1])
-    if favor_skip_reason(q, k, v, keep, is_causal, kernel) is not None:
-        return performer_reference(q, k, v, projection, attn_mask, is_causal, scale,
-                                   enable_gqa, kernel, chunk)
+    if favor_attention is None or \
+            favor_skip_reason(q, k, v, keep, is_causal, kernel) is not None:
+        return like_query_layout(performer_reference(q, k, v, projection, attn_mask, is_causal,
+                                                     scale, enable_gqa, kernel, chunk), q)
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    return favor_attention(q, k, v, projection, scale, keep)
+    return like_query_layout(favor_attention(q, k, v, projection, scale, keep), q)
 
 
 @performer.register_fake
 def _performer_fake(q, k, v, projection, attn_mask=None, is_causal=False, scale=None,
                     enable_gqa=False, kernel="softmax", chunk=64):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return empty_like_query_layout(q, v.shape[-1])
 
 
 register_recompute_autograd(performer, performer_reference)

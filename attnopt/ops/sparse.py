@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 
 from attnopt.ops.blocked import blocked_attention
-from attnopt.ops.common import register_recompute_autograd
+from attnopt.ops.common import (
+    empty_like_query_layout, like_query_layout, register_recompute_autograd,
+)
 from attnopt.ops.sparsity import HASH_MODULUS, HASH_MULTIPLIER, SparsePattern, pattern_layout
 
 
@@ -55,9 +57,10 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
                      global_blocks: int = 0, random_blocks: int = 0, seed: int = 0,
                      window_left: int = -1, window_right: int = -1,
                      layout: Optional[Tensor] = None) -> Tensor:
-    return sparse_attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, block,
-                                      local_left, local_right, dilation, stride, global_blocks,
-                                      random_blocks, seed, window_left, window_right, layout)
+    return like_query_layout(sparse_attention_reference(
+        q, k, v, attn_mask, is_causal, scale, enable_gqa, block, local_left, local_right,
+        dilation, stride, global_blocks, random_blocks, seed, window_left, window_right,
+        layout), q)
 
 
 def sparse_attention_kernel(q, k, v, attn_mask=None, is_causal=False, scale=None,
@@ -96,16 +99,15 @@ def _kernel_layout(pattern: SparsePattern, q_len: int, kv_len: int, causal: bool
 def _sparse_attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None,
                            enable_gqa=False, *pattern_args, **pattern_kwargs):
     from attnopt.ops.attention import kernel_skip_reason
-    if kernel_skip_reason(q, k, v, attn_mask, sdpa_alternative=False) is not None:
-        return sparse_attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa,
-                                          *pattern_args, **pattern_kwargs)
-    return sparse_attention_kernel(q, k, v, attn_mask, is_causal, scale, enable_gqa,
-                                   *pattern_args, **pattern_kwargs)
+    run = sparse_attention_kernel if kernel_skip_reason(
+        q, k, v, attn_mask, sdpa_alternative=False) is None else sparse_attention_reference
+    return like_query_layout(run(q, k, v, attn_mask, is_causal, scale, enable_gqa,
+                                 *pattern_args, **pattern_kwargs), q)
 
 
 @sparse_attention.register_fake
 def _sparse_attention_fake(q, k, v, *args, **kwargs):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return empty_like_query_layout(q, v.shape[-1])
 
 
 register_recompute_autograd(sparse_attention, sparse_attention_reference)

@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 
 from attnopt.ops.blocked import blocked_attention
-from attnopt.ops.common import register_recompute_autograd
+from attnopt.ops.common import (
+    empty_like_query_layout, like_query_layout, register_recompute_autograd,
+)
 from attnopt.ops.features import compute_dtype, repeat_kv_heads
 
 
@@ -73,8 +75,8 @@ def topk_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] 
                    is_causal: bool = False, scale: Optional[float] = None,
                    enable_gqa: bool = False, block: int = 64, top_k: int = 8,
                    local_blocks: int = 1) -> Tensor:
-    return topk_attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, block,
-                                    top_k, local_blocks)
+    return like_query_layout(topk_attention_reference(
+        q, k, v, attn_mask, is_causal, scale, enable_gqa, block, top_k, local_blocks), q)
 
 
 def topk_attention_kernel(q, k, v, attn_mask=None, is_causal=False, scale=None,
@@ -91,14 +93,14 @@ def _topk_attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None,
                          enable_gqa=False, block=64, top_k=8, local_blocks=1):
     from attnopt.ops.attention import kernel_skip_reason
     args = (q, k, v, attn_mask, is_causal, scale, enable_gqa, block, top_k, local_blocks)
-    if kernel_skip_reason(q, k, v, attn_mask, sdpa_alternative=False) is not None:
-        return topk_attention_reference(*args)
-    return topk_attention_kernel(*args)
+    run = topk_attention_kernel if kernel_skip_reason(
+        q, k, v, attn_mask, sdpa_alternative=False) is None else topk_attention_reference
+    return like_query_layout(run(*args), q)
 
 
 @topk_attention.register_fake
 def _topk_attention_fake(q, k, v, *args, **kwargs):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return empty_like_query_layout(q, v.shape[-1])
 
 
 register_recompute_autograd(topk_attention, topk_attention_reference)
