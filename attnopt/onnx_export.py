@@ -178,7 +178,9 @@ def rewritten_graph(model, args, kwargs, dynamic: bool) -> nn.Module:
         raise CaptureError(f"export_onnx needs the whole model captured by torch.export: "
                            f"{error}") from error
     with torch.no_grad():
-        return build_region(captured, state.policy, verify_each=False).rewritten
+        # the guard's rollbacks stay exact: what is exported is what was verified
+        return build_region(captured, state.policy, verify_each=False,
+                            exact_sites=state.rollbacks).rewritten
 
 
 def _compare_with_pytorch(model, program, args, kwargs, draws) -> list[tuple[str, ErrorStats]]:

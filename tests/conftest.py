@@ -10,6 +10,12 @@ from hypothesis import settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Parallel workers share the cores: each takes its share of threads. Oversubscribed OpenMP
+# threads spin while they wait, which made a 20 s test take 180 s under `-n 2` on 2 cores.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 # zoo.py and other test helpers import as top-level modules
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.xdist_group("trained")  # train each fixture once per w
 PERFORMER = Policy("performer-everywhere", default="performer",
                    default_params={"features": 256})
 WINDOW = Policy("window-everywhere", default="sparse",
-                default_params={"pattern": "window", "window": 16, "block": 16})
+                default_params={"pattern": "window", "window": 24, "block": 16})
 #: Accuracy a kept approximation may lose on its task (fraction of positions).
 ACCURACY_DROP = 0.02
 
@@ -96,13 +96,19 @@ def test_report_lists_variant_parameters_errors_and_cost():
     assert 0 < data["approximation"]["flop_ratio"] < 10
 
 
-def test_guarded_model_exports_to_onnx_with_its_rollbacks(tmp_path):
-    model, optimized = _optimized("diffuse", PERFORMER)
-    tokens, _ = trained.draw("diffuse", 8, torch.Generator().manual_seed(5))
-    result = attnopt.export_onnx(optimized, str(tmp_path / "diffuse.onnx"),
+@pytest.mark.parametrize("task", ["diffuse", "retrieval"])
+def test_guarded_model_exports_to_onnx_with_its_rollbacks(task, tmp_path):
+    """What is exported is what was verified: the kept Performer (diffuse) exports as random
+    features, the rolled-back one (retrieval) as exact attention."""
+    model, optimized = _optimized(task, PERFORMER)
+    tokens, _ = trained.draw(task, 8, torch.Generator().manual_seed(5))
+    result = attnopt.export_onnx(optimized, str(tmp_path / f"{task}.onnx"),
                                  example_inputs=(tokens,))
     assert result.passed
-    assert result.op_histogram.get("Exp", 0) > 0  # the random features, not Softmax
+    kept = _site(optimized).rewrite == "performer"
+    assert kept == (task == "diffuse")
+    assert result.op_histogram.get("Attention", 0) == (0 if kept else 1)  # exact (opset 23)
+    assert (result.op_histogram.get("Exp", 0) > 0) == kept  # the random features
 
 
 def test_without_verification_nothing_is_guarded_and_the_report_says_so():

@@ -32,6 +32,7 @@ Which backend runs a call on CUDA (`ATTNOPT_KERNELS`):
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -185,27 +186,16 @@ def onnx_attention_decomposed(q, k, v, attn_mask=None, is_causal=False, scale=No
     """Standard ops only (opset 18+): MatMul, Softmax, Where; runs in every ONNX runtime."""
     from onnxscript import opset18 as op
 
-    def scalar(value, like):
-        return op.CastLike(op.Constant(value_float=float(value)), like)
-
-    def dim(tensor, index):
-        return op.Shape(tensor, start=index, end=index + 1)
+    from attnopt.ops.common import onnx_dim, onnx_repeat_heads, onnx_scalar
+    scalar, dim = functools.partial(onnx_scalar, op), functools.partial(onnx_dim, op)
 
     if scale is None:
         scale = op.Div(scalar(1.0, q), op.Sqrt(op.CastLike(dim(q, 3), q)))
     else:
         scale = scalar(scale, q)
-    heads, kv_heads = dim(q, 1), dim(k, 1)
     # GQA: query head h reads kv head h // group (repeat_interleave order), k/v expanded
-    group = op.Div(heads, kv_heads)
-
-    def repeat_heads(x_BHkvSD):
-        x_BHkv1SD = op.Unsqueeze(x_BHkvSD, op.Constant(value_ints=[2]))
-        expanded = op.Expand(x_BHkv1SD, op.Concat(dim(x_BHkvSD, 0), kv_heads, group,
-                                                  dim(x_BHkvSD, 2), dim(x_BHkvSD, 3), axis=0))
-        return op.Reshape(expanded, op.Concat(dim(x_BHkvSD, 0), heads, dim(x_BHkvSD, 2),
-                                              dim(x_BHkvSD, 3), axis=0))
-    k, v = repeat_heads(k), repeat_heads(v)
+    heads = dim(q, 1)
+    k, v = onnx_repeat_heads(op, k, heads), onnx_repeat_heads(op, v, heads)
     scores_BHSS = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2])), scale)
     if softcap is not None:
         cap = scalar(softcap, scores_BHSS)

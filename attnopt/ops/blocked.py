@@ -6,7 +6,8 @@ key blocks it keeps into K slots (K = the most any light row keeps) and attends 
 K·block keys, with the token-level constraints (causal, token window, key length, the site's
 mask) applied inside. Query blocks that keep more than half of all key blocks — the global
 rows of Longformer/BigBird — would make K = N for everyone; they are computed densely, over
-all keys, instead.
+all keys, instead. Light rows are processed in chunks of query blocks so that the gathered keys
+and values held at once stay under `GATHER_BUDGET` elements whatever the length and width.
 
 `BlockGather` exposes the pieces (gathered keys, per-slot visibility) so the hybrid op can
 evaluate random features over exactly the keys the exact part sees. Rows that see no key
@@ -15,6 +16,7 @@ produce zeros, as the flash kernels do.
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -25,6 +27,8 @@ from attnopt.ops.features import compute_dtype, repeat_kv_heads
 
 #: Query blocks keeping more than this fraction of all key blocks are computed densely.
 DENSE_ROW_FRACTION = 0.5
+#: Gathered key and value elements held at once; query blocks are processed in chunks below it.
+GATHER_BUDGET = 1 << 24
 
 
 def _pad_to(x: Tensor, dim: int, length: int, value=0.0) -> Tensor:
@@ -48,6 +52,7 @@ class BlockGather:
         self.causal, self.window = causal, window
         m, n = layout_BHMN.shape[-2:]
         self.q_blocks, self.k_blocks = m, n
+        self.first, self.all_q_blocks = 0, m  # a chunk covers query blocks first … first+M
         counts = layout_BHMN.sum(-1)  # (Bl, Hl, M)
         heavy = torch.zeros(m, dtype=torch.bool, device=layout_BHMN.device)
         if dense_rows and n > 4:
@@ -59,12 +64,21 @@ class BlockGather:
         self.indices = order[..., :self.slots]                        # (Bl, Hl, M, K)
         self.slot_ok = torch.arange(self.slots, device=counts.device) < counts[..., None]
 
+    def chunk(self, start: int, stop: int) -> "BlockGather":
+        """The plan of query blocks start … stop - 1 alone (bounds what one gather holds)."""
+        part = copy.copy(self)
+        part.first, part.q_blocks = self.first + start, stop - start
+        part.indices = self.indices[..., start:stop, :]
+        part.slot_ok = self.slot_ok[..., start:stop, :]
+        return part
+
     # -- gathering -----------------------------------------------------------------------------
 
     def query_blocks(self, x_BHSX: Tensor) -> Tensor:
         """(B, H, M, block, X), padded with zeros past the sequence."""
-        x = _pad_to(x_BHSX, 2, self.q_blocks * self.block)
-        return x.unflatten(2, (self.q_blocks, self.block))
+        x = _pad_to(x_BHSX, 2, self.all_q_blocks * self.block)
+        x = x.unflatten(2, (self.all_q_blocks, self.block))
+        return x[:, :, self.first:self.first + self.q_blocks]
 
     def gather_keys(self, x_BHkvSX: Tensor, heads: int) -> Tensor:
         """(B, Hg, M, K·block, X): each query block's kept key blocks, where Hg is the kv head
@@ -111,7 +125,7 @@ class BlockGather:
         device = self.indices.device
         key_pos = (self.indices[..., None] * b + torch.arange(b, device=device))  # (.., M, K, b)
         keep = (self.slot_ok[..., None] & (key_pos < self.kv_len)).flatten(-2)[..., None, :]
-        q_pos = (torch.arange(m, device=device)[:, None] * b +
+        q_pos = ((self.first + torch.arange(m, device=device))[:, None] * b +
                  torch.arange(b, device=device))[..., None]                  # (M, b, 1)
         key_pos = key_pos.flatten(-2)[..., None, :]                         # (.., M, 1, Kb)
         if self.causal:
@@ -136,7 +150,9 @@ class BlockGather:
         fill = False if mask.dtype == torch.bool else float("-inf")
         mask = _pad_to(mask, 3, n * b, fill)
         if mask.shape[2] > 1:
-            mask = _pad_to(mask, 2, m * b, fill).unflatten(2, (m, b))     # (Bm, Hm, M, b, Sk)
+            total = self.all_q_blocks
+            mask = _pad_to(mask, 2, total * b, fill).unflatten(2, (total, b))
+            mask = mask[:, :, self.first:self.first + m]                     # (Bm, Hm, M, b, Sk)
         else:
             mask = mask.unsqueeze(2)                                       # (Bm, Hm, 1, 1, Sk)
         mask = mask.unflatten(-1, (n, b))                                  # (.., N, b)
@@ -186,6 +202,22 @@ def softmax_parts(scores: Tensor, keep: Tensor, bias: Optional[Tensor]
     return weights, weights.sum(-1, keepdim=True), row_max
 
 
+def _attend_gathered(plan: BlockGather, qc: Tensor, kc: Tensor, vc: Tensor,
+                     mask: Optional[Tensor], heads: int, scale: float) -> Tensor:
+    """Fused SDPA over one chunk's gathered key blocks: (B, H, M·block, Dv)."""
+    keep, bias = plan.keep(mask)
+    if bias is not None and bias.dtype == torch.bool:
+        keep, bias = keep & bias, None
+    allowed = keep if bias is None else torch.where(keep, bias, float("-inf"))
+    k_gathered, v_gathered = plan.gather_keys(kc, heads), plan.gather_keys(vc, heads)
+    if k_gathered.shape[1] != heads:  # a layout shared by all heads gathers per kv head
+        k_gathered = k_gathered.repeat_interleave(heads // k_gathered.shape[1], dim=1)
+        v_gathered = v_gathered.repeat_interleave(heads // v_gathered.shape[1], dim=1)
+    out = F.scaled_dot_product_attention(plan.query_blocks(qc), k_gathered, v_gathered,
+                                         attn_mask=allowed, scale=scale)
+    return torch.nan_to_num(out.flatten(2, 3), nan=0.0)  # a row that sees no key: zeros
+
+
 def blocked_attention(q: Tensor, k: Tensor, v: Tensor, layout_BHMN: Tensor, block: int, *,
                       scale: Optional[float] = None, causal: bool = False,
                       window: Optional[tuple[int, int]] = None,
@@ -200,18 +232,12 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, layout_BHMN: Tensor, bloc
     qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
     mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool \
         else attn_mask.to(dtype)
-    keep, bias = plan.keep(mask)
-    if bias is not None and bias.dtype == torch.bool:
-        keep, bias = keep & bias, None
-    allowed = keep if bias is None else torch.where(keep, bias, float("-inf"))
-    k_gathered, v_gathered = plan.gather_keys(kc, heads), plan.gather_keys(vc, heads)
-    if k_gathered.shape[1] != heads:  # a layout shared by all heads gathers per kv head
-        k_gathered = k_gathered.repeat_interleave(heads // k_gathered.shape[1], dim=1)
-        v_gathered = v_gathered.repeat_interleave(heads // v_gathered.shape[1], dim=1)
-    # fused SDPA over the gathered blocks; a row that sees no key comes back NaN -> zeros
-    out = F.scaled_dot_product_attention(plan.query_blocks(qc), k_gathered, v_gathered,
-                                         attn_mask=allowed, scale=scale)
-    out = torch.nan_to_num(out.flatten(2, 3), nan=0.0)[:, :, :q_len]
+    per_block = batch * heads * plan.slots * block * (k.shape[-1] + v.shape[-1])
+    group = max(1, GATHER_BUDGET // per_block)
+    outs = [_attend_gathered(plan.chunk(start, min(start + group, plan.q_blocks)), qc, kc, vc,
+                             mask, heads, scale)
+            for start in range(0, plan.q_blocks, group)]
+    out = torch.cat(outs, dim=2)[:, :, :q_len]
     rows = plan.heavy_rows()
     if rows.numel():
         out = out.clone()

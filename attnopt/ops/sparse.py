@@ -73,7 +73,9 @@ def sparse_attention_kernel(q, k, v, attn_mask=None, is_causal=False, scale=None
     pattern = _pattern(block, local_left, local_right, dilation, stride, global_blocks,
                        random_blocks, seed, window_left, window_right)
     q_len, kv_len = q.shape[-2], k.shape[-2]
-    if layout is None:  # a pure function of the pattern and lengths: built once, reused
+    if layout is None and not pattern.has_blocks:  # a pure window: the kernel's own band
+        block_mask = None                              # skips the blocks outside it
+    elif layout is None:  # a pure function of the pattern and lengths: built once, reused
         block_mask = _kernel_layout(pattern, q_len, kv_len, bool(is_causal), str(q.device))
     else:
         block_mask = BlockSparseLayout(pattern_layout(
