@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnopt.ops.features import compute_dtype, repeat_kv_heads
+from attnopt.ops.sparsity import position_keep
 
 #: Query blocks keeping more than this fraction of all key blocks are computed densely.
 DENSE_ROW_FRACTION = 0.5
@@ -128,14 +129,9 @@ class BlockGather:
         q_pos = ((self.first + torch.arange(m, device=device))[:, None] * b +
                  torch.arange(b, device=device))[..., None]                  # (M, b, 1)
         key_pos = key_pos.flatten(-2)[..., None, :]                         # (.., M, 1, Kb)
-        if self.causal:
-            keep = keep & (key_pos <= q_pos)
-        if self.window is not None:
-            left, right = self.window
-            if left >= 0:
-                keep = keep & (key_pos >= q_pos - left)
-            if right >= 0:
-                keep = keep & (key_pos <= q_pos + right)
+        allowed = position_keep(q_pos, key_pos, causal=self.causal, window=self.window)
+        if allowed is not None:
+            keep = keep & allowed
         bias = None
         if attn_mask is not None:
             bias = self._gather_mask(attn_mask)
@@ -176,17 +172,9 @@ class BlockGather:
         b = self.block
         layout_rows = self.layout[..., rows // b, :]                        # (Bl, Hl, R, N)
         keep = layout_rows.repeat_interleave(b, -1)[..., :self.kv_len]
-        cols = torch.arange(self.kv_len, device=rows.device)[None, :]
-        positions = rows[:, None]
-        if self.causal:
-            keep = keep & (cols <= positions)
-        if self.window is not None:
-            left, right = self.window
-            if left >= 0:
-                keep = keep & (cols >= positions - left)
-            if right >= 0:
-                keep = keep & (cols <= positions + right)
-        return keep
+        allowed = position_keep(rows[:, None], torch.arange(self.kv_len, device=rows.device),
+                                causal=self.causal, window=self.window)
+        return keep if allowed is None else keep & allowed
 
 
 def softmax_parts(scores: Tensor, keep: Tensor, bias: Optional[Tensor]

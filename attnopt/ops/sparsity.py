@@ -142,6 +142,25 @@ def pattern_layout(pattern: SparsePattern, q_len: int, kv_len: int, *, causal: b
     return keep
 
 
+def position_keep(query_pos: Tensor, key_pos: Tensor, *, causal: bool,
+                  window: Optional[tuple[int, int]]) -> Optional[Tensor]:
+    """Which (query, key) position pairs causality and a token window (left, right; -1 for an
+    unbounded side) allow, broadcast over the two position tensors (None: no constraint)."""
+    keep = None
+
+    def both(condition):
+        return condition if keep is None else keep & condition
+    if causal:
+        keep = both(key_pos <= query_pos)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            keep = both(key_pos >= query_pos - left)
+        if right >= 0:
+            keep = both(key_pos <= query_pos + right)
+    return keep
+
+
 def token_keep(pattern: SparsePattern, q_len: int, kv_len: int, *, causal: bool,
                user_layout: Optional[Tensor] = None, device=None) -> Tensor:
     """(Sq, Sk) bool: the dense element mask of a pattern (tests and small inputs only)."""
@@ -149,12 +168,7 @@ def token_keep(pattern: SparsePattern, q_len: int, kv_len: int, *, causal: bool,
                             device=device)
     b = pattern.block
     dense = layout.repeat_interleave(b, 0).repeat_interleave(b, 1)[:q_len, :kv_len]
-    rows = torch.arange(q_len, device=device)[:, None]
-    cols = torch.arange(kv_len, device=device)[None, :]
-    if pattern.window_left >= 0:
-        dense &= cols >= rows - pattern.window_left
-    if pattern.window_right >= 0:
-        dense &= cols <= rows + pattern.window_right
-    if causal:
-        dense &= cols <= rows
-    return dense
+    allowed = position_keep(torch.arange(q_len, device=device)[:, None],
+                            torch.arange(kv_len, device=device)[None, :], causal=causal,
+                            window=pattern.window)
+    return dense if allowed is None else dense & allowed
