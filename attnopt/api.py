@@ -34,7 +34,8 @@ from attnopt.policy import Policy, resolve_policy
 from attnopt.report import Report, SiteRecord
 from attnopt.site import AttentionSite
 from attnopt.region import (
-    Region, RegionCache, build_region, call_graph, signature_key, verify_region,
+    Region, RegionCache, build_region, call_graph, parameter_bytes, signature_key,
+    verify_region,
 )
 from attnopt.verify import DEFAULT_DRAWS, format_table
 
@@ -322,6 +323,7 @@ class OptimizedModule(nn.Module):
                                                                      site)}
                 if site.name in region.rolled_back:
                     record.rolled_back = region.rolled_back[site.name]
+                record.weight_notes = list(context.weight_notes.get(site.name, []))
                 if stats is not None:
                     record.record_errors(stats.max_abs_err, stats.max_rel_err, stats.cosine,
                                          region.site_passed(site.name), stats.rel_err)
@@ -336,6 +338,10 @@ class OptimizedModule(nn.Module):
             if region.output_error is not None:
                 worst = region.output_error.worst(worst)
                 output_passed = output_passed and region.output_passed
+        if any(r.context.policy.weights for r in regions):
+            report.parameters = {
+                "before_bytes": sum(parameter_bytes(r.original) for r in regions),
+                "after_bytes": sum(parameter_bytes(r.rewritten) for r in regions)}
         report.notes.extend(capture_info.get("notes", []))
         skipped = sum(r.skipped_draws for r in regions)
         if skipped:

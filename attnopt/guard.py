@@ -16,6 +16,7 @@ from typing import Optional
 from attnopt.capture import CapturedProgram
 from attnopt.policy import ErrorBudget, Policy
 from attnopt.region import Region, build_region, verify_region
+from attnopt.report import approximation_label
 from attnopt.verify import ErrorStats
 
 #: Rebuild-and-verify rounds at most (each halves the approximations left, so 2^ROUNDS sites).
@@ -64,8 +65,8 @@ def guarded_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
             stats = region.errors[name]
             rolled_back[name] = {**region.approximations[name], **stats.to_dict(),
                                  "reason": why}
-            pinned[name] = f"rolled back to exact: {region.approximations[name]['variant']} " \
-                           f"{why}"
+            pinned[name] = "rolled back to exact: " \
+                           f"{approximation_label(region.approximations[name])} {why}"
         region = build_region(captured, policy, verify_each, pinned)
         verify_region(region, draws)
     region.rolled_back = {**region.rolled_back, **rolled_back}

@@ -9,6 +9,11 @@ Rewrites: `exact` (canonical attention, lowered to the fastest exact path), `non
 site as written), and the approximate variants — `performer`, `linear`, `sparse`, `hybrid`,
 `topk` — whose parameters a rule's `params` set (defaults in passes/approximate.py). Presets
 that choose by sequence length (`long`, `fast`, `memory`, `accurate`) live in presets.py.
+
+Weight rewrites — `gqa`, `prune_heads` — change the projections around a site rather than the
+attention itself. A policy's `weights` rules choose them (every kind whose first rule selects
+a site applies; they compose with the site's attention rewrite), and the same error budget
+guards them.
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ REWRITES = {
     "hybrid": "exact inside a local window, FAVOR+ outside, one normalizer",
     "topk": "exact attention on the top-k key blocks per query block",
 }
+#: Weight rewrite name → description; chosen by a policy's `weights` rules.
+WEIGHT_REWRITES = {
+    "gqa": "pool the k/v projections' heads in groups (MHA → GQA / MQA)",
+    "prune_heads": "remove the least important heads from the q/k/v/out projections",
+}
 #: The rewrites that change what a site computes: guarded by the error budget.
 APPROXIMATE_REWRITES = ("performer", "linear", "sparse", "hybrid", "topk")
 #: Parameters of each approximate rewrite and their defaults (a rule's params override them;
@@ -47,7 +57,16 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
                "random_blocks": 0, "dilation": 1, "stride": 0, "window": None, "seed": None},
     "hybrid": {"window": 64, "features": 128, "block": 64, "seed": None},
     "topk": {"block": 64, "top_k": 8, "local": 1},
+    # kv_heads: the target count (None: kv heads // group_size); grouping: contiguous,
+    # clustered (heads with similar keys and values pooled), or best (the lower error of the
+    # two on the examples)
+    "gqa": {"kv_heads": None, "group_size": 2, "grouping": "best"},
+    # fraction of heads removed (whole kv groups on GQA sites); importance: output_norm
+    "prune_heads": {"fraction": 0.25, "importance": "output_norm"},
 }
+#: Values a parameter must take, where it is a choice.
+PARAM_CHOICES = {("gqa", "grouping"): ("contiguous", "clustered", "best"),
+                 ("prune_heads", "importance"): ("output_norm",)}
 
 
 def check_params(rewrite: str, params: dict) -> None:
@@ -56,6 +75,10 @@ def check_params(rewrite: str, params: dict) -> None:
     if unknown:
         raise PolicyError(f"unknown parameter(s) {unknown} for rewrite {rewrite!r}; valid: "
                           f"{sorted(allowed) or 'none'}")
+    for key, value in params.items():
+        choices = PARAM_CHOICES.get((rewrite, key))
+        if choices is not None and value not in choices:
+            raise PolicyError(f"{rewrite} parameter {key}={value!r} is not one of {choices}")
 
 
 def _check_keys(data: dict, allowed: set[str], what: str) -> None:
@@ -110,8 +133,9 @@ class Rule:
     note: str = ""  # why the rule exists, shown as the site's reason
 
     def __post_init__(self):
-        if self.rewrite not in REWRITES:
-            raise PolicyError(f"unknown rewrite {self.rewrite!r}; valid: {sorted(REWRITES)}")
+        if self.rewrite not in REWRITES and self.rewrite not in WEIGHT_REWRITES:
+            raise PolicyError(f"unknown rewrite {self.rewrite!r}; valid: "
+                              f"{sorted(REWRITES) + sorted(WEIGHT_REWRITES)}")
         check_params(self.rewrite, self.params)
 
     def to_dict(self) -> dict:
@@ -164,21 +188,48 @@ class Policy:
     budget: ErrorBudget = field(default_factory=ErrorBudget)
     description: str = ""
     default_params: dict[str, Any] = field(default_factory=dict)
+    weights: list[Rule] = field(default_factory=list)  # weight rewrites (WEIGHT_REWRITES)
 
     def __post_init__(self):
         if self.default not in REWRITES:
             raise PolicyError(f"unknown default rewrite {self.default!r}; valid: "
                               f"{sorted(REWRITES)}")
         check_params(self.default, self.default_params)
+        for rule in self.rules:
+            if rule.rewrite in WEIGHT_REWRITES:
+                raise PolicyError(f"{rule.rewrite!r} is a weight rewrite: give it in the "
+                                  "policy's `weights` rules, not `rules`")
+        for rule in self.weights:
+            if rule.rewrite not in WEIGHT_REWRITES:
+                raise PolicyError(f"weights rule names {rule.rewrite!r}; weight rewrites are "
+                                  f"{sorted(WEIGHT_REWRITES)}")
 
     @property
     def rewrites_anything(self) -> bool:
-        return self.default != "none" or any(r.rewrite != "none" for r in self.rules)
+        return self.default != "none" or any(r.rewrite != "none" for r in self.rules) or \
+            bool(self.weights)
 
     @property
     def approximates(self) -> bool:
+        """Whether anything this policy rewrites changes what a site computes (guarded)."""
+        return self.rules_approximate or bool(self.weights)
+
+    @property
+    def rules_approximate(self) -> bool:
+        """Whether any attention rule (or the default) names an approximate variant."""
         return self.default in APPROXIMATE_REWRITES or \
             any(r.rewrite in APPROXIMATE_REWRITES for r in self.rules)
+
+    def weight_rewrites(self, site: AttentionSite) -> dict[str, tuple[dict, str]]:
+        """{weight rewrite: (params with defaults, why)} for a site: per kind, the first
+        `weights` rule that selects it."""
+        chosen: dict[str, tuple[dict, str]] = {}
+        for index, rule in enumerate(self.weights):
+            if rule.rewrite not in chosen and rule.select.selects(site):
+                params = {**VARIANT_DEFAULTS[rule.rewrite], **rule.params}
+                chosen[rule.rewrite] = (params, rule.note or
+                                        f"policy {self.name!r} weights rule {index}")
+        return chosen
 
     def decide(self, site: AttentionSite) -> tuple[str, str]:
         """(rewrite, reason) for a site: the first selecting rule, else the default."""
@@ -199,12 +250,14 @@ class Policy:
                 "rules": [r.to_dict() for r in self.rules], "budget": self.budget.to_dict()}
         if self.default_params:
             data["default_params"] = dict(self.default_params)
+        if self.weights:
+            data["weights"] = [r.to_dict() for r in self.weights]
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Policy":
         _check_keys(data, {"version", "name", "description", "default", "rules", "budget",
-                           "default_params"}, "policy")
+                           "default_params", "weights"}, "policy")
         version = data.get("version", POLICY_FORMAT_VERSION)
         if version != POLICY_FORMAT_VERSION:
             raise PolicyError(f"policy format version {version} is not supported "
@@ -213,7 +266,8 @@ class Policy:
                    default=data.get("default", "exact"),
                    rules=[Rule.from_dict(r) for r in data.get("rules", [])],
                    budget=ErrorBudget.from_dict(data.get("budget", {})),
-                   default_params=dict(data.get("default_params", {})))
+                   default_params=dict(data.get("default_params", {})),
+                   weights=[Rule.from_dict(r) for r in data.get("weights", [])])
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -20,7 +20,9 @@ from attnopt.errors import VerificationError
 from attnopt.passes.approximate import ApproximateAttention
 from attnopt.passes.canonicalize import CanonicalizeAttention
 from attnopt.passes.classify import ClassifyMasks
-from attnopt.passes.cleanup import EliminateDeadCode
+from attnopt.passes.cleanup import DropReplacedParameters, EliminateDeadCode
+from attnopt.passes.gqa import ConvertToGroupedQuery
+from attnopt.passes.prune import PruneHeads
 from attnopt.passes.fx_utils import eliminate_dead_code
 from attnopt.passes.detect import DetectAttention
 from attnopt.passes.lower import SelectBackends
@@ -140,7 +142,9 @@ def pass_pipeline(policy: Policy) -> list:
     passes = [EliminateDeadCode(), DetectAttention(), ClassifyMasks()]
     if policy.rewrites_anything:
         passes.append(CanonicalizeAttention())
-        if policy.approximates:
+        if policy.weights:
+            passes += [PruneHeads(), ConvertToGroupedQuery(), DropReplacedParameters()]
+        if policy.rules_approximate:
             passes.append(ApproximateAttention())
         passes.append(SelectBackends())
     return passes
@@ -243,6 +247,12 @@ def sync_state(graph_module: GraphModule, module: nn.Module) -> None:
     for ours, theirs, attr in pairs:
         if ours[attr] is not theirs[attr]:
             ours[attr] = theirs[attr]
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (each tensor once)."""
+    tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def signature_key(args: tuple, kwargs: dict) -> tuple:

@@ -33,6 +33,8 @@ class SiteRecord:
     approximation: Optional[dict] = None
     # sites the guard sent back to exact: the approximation's measurement and why
     rolled_back: Optional[dict] = None
+    # weight rewrites a rule asked for that could not be applied here, and why
+    weight_notes: list[str] = field(default_factory=list)
 
     def record_errors(self, max_abs_err: float, max_rel_err: float, cosine: float,
                       passed: bool, rel_err: Optional[float] = None) -> None:
@@ -45,7 +47,8 @@ class SiteRecord:
                 "backend_reason": self.backend_reason,
                 "max_abs_err": self.max_abs_err, "max_rel_err": self.max_rel_err,
                 "rel_err": self.rel_err, "cosine": self.cosine, "passed": self.passed,
-                "approximation": self.approximation, "rolled_back": self.rolled_back}
+                "approximation": self.approximation, "rolled_back": self.rolled_back,
+                "weight_notes": list(self.weight_notes)}
         if self.site is not None:
             data.update({k: v for k, v in self.site.to_dict().items() if k not in data})
         return data
@@ -58,6 +61,7 @@ class Report:
     sites: list[SiteRecord] = field(default_factory=list)
     passes: list[dict] = field(default_factory=list)
     verification: dict = field(default_factory=dict)
+    parameters: dict = field(default_factory=dict)  # weight rewrites: bytes before / after
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -67,7 +71,8 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.policy, "capture": self.capture,
                 "sites": [s.to_dict() for s in self.sites], "passes": list(self.passes),
-                "verification": self.verification, "notes": list(self.notes)}
+                "verification": self.verification, "parameters": self.parameters,
+                "notes": list(self.notes)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
@@ -104,11 +109,16 @@ class Report:
                                  + _entropy_note(record.rolled_back.get("entropy")))
                 elif record.rewrite == "exact" and "not applicable" in record.reason:
                     lines.append(f"{'':<4}↳ {record.reason}")
+                lines += [f"{'':<4}↳ {note}" for note in record.weight_notes]
             fallbacks = Counter(r.backend_reason for r in self.sites
                                 if r.backend == FALLBACK_BACKEND and r.site is not None
                                 and r.site.device == "cuda")
             for reason, count in fallbacks.items():
                 lines.append(f"backend: {count} CUDA site(s) run SDPA: {reason}")
+        if self.parameters:
+            before, after = self.parameters["before_bytes"], self.parameters["after_bytes"]
+            lines.append(f"parameters: {before / 1e6:.3f} MB → {after / 1e6:.3f} MB "
+                         f"({after / max(before, 1):.1%}) in the rewritten graph")
         if self.verification:
             v = self.verification
             if v.get("budget"):
@@ -130,10 +140,26 @@ def _entropy_note(entropy: Optional[float]) -> str:
     return "" if entropy is None else f" (attention row entropy {entropy:.2f})"
 
 
+def approximation_label(info: dict) -> str:
+    """One line naming what changed at a site: weight rewrites, then the attention variant."""
+    parts = []
+    for kind, weights in info.get("weights", {}).items():
+        if kind == "gqa":
+            parts.append(f"gqa(kv heads {weights['from_kv_heads']}→{weights['kv_heads']}, "
+                         f"{weights['grouping']})")
+        elif kind == "prune_heads":
+            parts.append(f"prune_heads(heads {weights['from_heads']}→"
+                         f"{len(weights['kept'])}, kept {weights['kept']})")
+    if info.get("variant", "exact") != "exact" or not parts:
+        params = ", ".join(f"{k}={v}" for k, v in info.get("params", {}).items()
+                           if k != "seed")
+        parts.append(f"{info.get('variant', 'exact')}({params})")
+    return " + ".join(parts)
+
+
 def _describe_approximation(record: SiteRecord) -> str:
     info = record.approximation
-    params = ", ".join(f"{k}={v}" for k, v in info["params"].items() if k != "seed")
-    text = f"{info['variant']}({params})"
+    text = approximation_label(info)
     if record.max_rel_err is not None:
         text += f": rel err {record.rel_err:.2e}, cosine {record.cosine:.5f}"
     text += _entropy_note(info.get("entropy"))

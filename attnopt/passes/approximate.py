@@ -116,11 +116,12 @@ class ApproximateAttention:
             new.meta[SITE_META_KEY] = site
             node.replace_all_uses_with(new)
             graph_module.graph.erase_node(node)
-            old_name, _ = context.site_nodes[site.name]
-            context.site_nodes[site.name] = (old_name, new.name)
-            context.approximations[site.name] = {
-                "variant": rewrite, "params": {k: v for k, v in params.items()},
-                "entropy": entropies.get(node.name)}
+            if site.name not in context.measured_after_projection:
+                old_name, _ = context.site_nodes[site.name]
+                context.site_nodes[site.name] = (old_name, new.name)
+            context.approximations.setdefault(site.name, {}).update(
+                variant=rewrite, params={k: v for k, v in params.items()},
+                entropy=entropies.get(node.name))
             changes.append(f"{site.name}: attnopt.attention → {rewrite}")
         return PassResult(graph_module, bool(changes), changes)
 

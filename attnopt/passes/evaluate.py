@@ -112,3 +112,26 @@ def evaluate_subgraph(graph_module: GraphModule, outputs: list[Node],
     """
     plan = plan_evaluation(graph_module, outputs, lambda node: node.op == "placeholder")
     return run_plan(plan, placeholder_values)
+
+
+class NodeValues:
+    """Example values of a graph's nodes, computed on demand (only what each node needs) and
+    kept: the calibration data of the weight rewrites."""
+
+    def __init__(self, graph_module: GraphModule, args: tuple, kwargs: dict):
+        self.graph_module = graph_module
+        self.inputs = placeholder_values(graph_module, args, kwargs)
+        self.values: dict[str, Any] = {}
+
+    def of(self, nodes: list[Node]) -> list[Any]:
+        missing = [n for n in nodes if n.name not in self.values]
+        if missing:
+            for node, value in zip(missing, evaluate_subgraph(self.graph_module, missing,
+                                                              self.inputs)):
+                self.values[node.name] = value
+        return [self.values[n.name] for n in nodes]
+
+    def names(self, nodes: list[Node]) -> dict[str, Any]:
+        """{name: value} for `nodes` (Nones and non-nodes skipped)."""
+        wanted = [n for n in nodes if isinstance(n, Node)]
+        return dict(zip([n.name for n in wanted], self.of(wanted)))

@@ -44,6 +44,11 @@ class PassContext:
     rule_params: dict[str, dict] = field(default_factory=dict)            # site → rule params
     exact_sites: dict[str, str] = field(default_factory=dict)   # guard rollbacks: site → why
     approximations: dict[str, dict] = field(default_factory=dict)  # site → variant, params, …
+    # weight rewrites: sites whose head count changed are measured at the out-projection's
+    # output (site_nodes names those nodes); notes on weight rewrites not applied
+    measured_after_projection: set[str] = field(default_factory=set)
+    weight_notes: dict[str, list[str]] = field(default_factory=dict)
+    replaced_parameters: set[str] = field(default_factory=set)   # dropped when unused
 
 
 class GraphPass(Protocol):

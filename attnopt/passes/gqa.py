@@ -1,0 +1,172 @@
+"""Pass: convert multi-head (or grouped) attention to fewer kv heads by pooling projections.
+
+For each canonical site a policy's `gqa` weights rule selects, the k and v projections' heads
+are mean-pooled within groups (the conversion of Ainslie et al., "GQA", 2023): new kv head j
+is the mean of the old kv heads in group j, weights and biases alike. The k/v paths are
+rebuilt with the new head count (`heads.py`) and the site reads them with `enable_gqa`, so no
+kernel ever repeats k/v in memory; the old projection parameters leave the graph.
+
+Groups are contiguous heads, or clusters of heads whose keys and values are alike on the
+examples (balanced greedy clustering). Query head h reads kv head h // (H / Hkv'), so a
+clustered grouping also permutes the query heads (the q projection's rows) and the
+out-projection's input columns to match — an exact permutation. `grouping="best"` measures
+the site's attention error under both groupings on the examples and keeps the lower; the
+report records both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+from attnopt.ops import ATTENTION_OP
+from attnopt.passes.canonicalize import SITE_META_KEY
+from attnopt.passes.evaluate import NodeValues
+from attnopt.passes.heads import (
+    SurgeryRefused, replace_out_projection, replace_site, site_args, trace_input, trace_output,
+)
+from attnopt.passes.manager import PassContext, PassResult
+
+
+class ConvertToGroupedQuery:
+    name = "convert_to_grouped_query"
+
+    def __call__(self, graph_module: GraphModule, context: PassContext) -> PassResult:
+        changes = []
+        values = NodeValues(graph_module, context.args, context.kwargs)
+        for node in list(graph_module.graph.nodes):
+            site = node.meta.get(SITE_META_KEY)
+            if node.target is not ATTENTION_OP or site is None:
+                continue
+            chosen = context.policy.weight_rewrites(site).get("gqa")
+            if chosen is None or site.name in context.exact_sites:
+                continue
+            params, why = chosen
+            try:
+                info = self._convert(graph_module, node, site, params, values, context)
+            except SurgeryRefused as refused:
+                context.weight_notes.setdefault(site.name, []).append(
+                    f"gqa not applied ({why}): {refused}")
+                continue
+            entry = context.approximations.setdefault(
+                site.name, {"variant": "exact", "params": {}})
+            entry.setdefault("weights", {})["gqa"] = info
+            changes.append(f"{site.name}: kv heads {info['from_kv_heads']} → "
+                           f"{info['kv_heads']} ({info['grouping']})")
+        return PassResult(graph_module, bool(changes), changes)
+
+    def _convert(self, graph_module: GraphModule, node: Node, site, params: dict,
+                 values: NodeValues, context: PassContext) -> dict:
+        q, k, v, mask = site_args(node)[:4]
+        heads, kv_heads = _heads(q), _heads(k)
+        target = params["kv_heads"] if params["kv_heads"] is not None else \
+            kv_heads // max(1, params["group_size"])
+        if not 1 <= target < kv_heads or kv_heads % target:
+            raise SurgeryRefused(f"cannot pool {kv_heads} kv heads into {target}")
+        calibration = values.names([q, k, v, mask] if isinstance(mask, Node) else [q, k, v])
+        k_path = trace_input(node, 1)
+        v_path = trace_input(node, 2)
+        groups = {"contiguous": contiguous_groups(kv_heads, target)}
+        errors, refused = {}, None
+        if params["grouping"] in ("clustered", "best"):
+            mask_value = calibration.get(mask.name) if isinstance(mask, Node) else None
+            if mask_value is not None and mask_value.dim() >= 3 and mask_value.shape[-3] > 1:
+                refused = "a per-head mask would need permuting with the query heads"
+            else:
+                try:
+                    q_path = trace_input(node, 0)
+                    out_path = trace_output(node)
+                    groups["clustered"] = cluster_heads(calibration[k.name],
+                                                        calibration[v.name], target)
+                except SurgeryRefused as error:
+                    refused = str(error)
+            if refused is not None and params["grouping"] == "clustered":
+                raise SurgeryRefused(f"clustered grouping: {refused}")
+        for grouping, members in groups.items():
+            errors[grouping] = pooled_error(node, calibration, members, heads)
+        grouping = min(errors, key=errors.get) if params["grouping"] == "best" else \
+            params["grouping"]
+        members = groups[grouping]
+        query_order = query_permutation(members, heads, kv_heads)
+        new_q = q
+        if query_order != list(range(heads)):
+            new_q = q_path.rebuild(graph_module, [[h] for h in query_order], f"{site.name}_q")
+        new_k = k_path.rebuild(graph_module, members, f"{site.name}_k")
+        new_v = v_path.rebuild(graph_module, members, f"{site.name}_v")
+        new = replace_site(graph_module, node, new_q, new_k, new_v, context)
+        if new_q is not q:  # the permuted heads are measured after the out-projection
+            new_out = out_path.rebuild(graph_module, new,
+                                       [[h] for h in query_order], f"{site.name}_out")
+            replace_out_projection(out_path, new_out, site.name, context)
+        for path in (k_path, v_path) + ((q_path, out_path) if new_q is not q else ()):
+            context.replaced_parameters.update(path.core.parameter_names())
+        info = {"from_kv_heads": kv_heads, "kv_heads": target, "grouping": grouping,
+                "groups": [list(g) for g in members],
+                "errors": {name: round(float(e), 6) for name, e in errors.items()}}
+        if refused is not None and params["grouping"] == "best":
+            info["clustered_refused"] = refused
+        return info
+
+
+def _heads(node: Node) -> int:
+    return int(node.meta["val"].shape[1])
+
+
+def contiguous_groups(kv_heads: int, target: int) -> list[list[int]]:
+    size = kv_heads // target
+    return [list(range(g * size, (g + 1) * size)) for g in range(target)]
+
+
+def cluster_heads(k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, target: int) -> list[list[int]]:
+    """Balanced clusters of kv heads whose keys and values are alike on the examples: the
+    head farthest from the rest seeds a group, its nearest unassigned heads fill it. Groups
+    keep ascending head order; the groups are ordered by their first head."""
+    kv_heads = k_BHSD.shape[1]
+    size = kv_heads // target
+    features = torch.cat([k_BHSD.transpose(0, 1).reshape(kv_heads, -1),
+                          v_BHSD.transpose(0, 1).reshape(kv_heads, -1)], dim=1).double()
+    distance = torch.cdist(features, features)
+    remaining = list(range(kv_heads))
+    groups = []
+    while remaining:
+        sub = distance[remaining][:, remaining]
+        seed = remaining[int(sub.sum(1).argmax())]
+        nearest = sorted(remaining, key=lambda h: (float(distance[seed, h]), h))[:size]
+        groups.append(sorted(nearest))
+        remaining = [h for h in remaining if h not in nearest]
+    return sorted(groups)
+
+
+def query_permutation(groups: list[list[int]], heads: int, kv_heads: int) -> list[int]:
+    """Old query heads in their new order: those reading the kv heads of group 0 first."""
+    ratio = heads // kv_heads
+    return [kv * ratio + r for group in groups for kv in group for r in range(ratio)]
+
+
+def pooled_error(node: Node, calibration: dict, groups: list[list[int]], heads: int) -> float:
+    """Normwise relative error of the site's output with k/v pooled per `groups` (query heads
+    permuted to match) against the original, on the examples."""
+    q, k, v, mask = site_args(node)[:4]
+    q_value, k_value, v_value = (calibration[n.name].double() for n in (q, k, v))
+    mask_value = calibration.get(mask.name) if isinstance(mask, Node) else mask
+    if isinstance(mask_value, torch.Tensor) and mask_value.is_floating_point():
+        mask_value = mask_value.double()
+    is_causal, scale = bool(node.args[4]), node.args[5]
+    kv_heads = k_value.shape[1]
+
+    def attend(q_, k_, v_):
+        if q_.shape[1] != k_.shape[1]:
+            k_ = k_.repeat_interleave(q_.shape[1] // k_.shape[1], 1)
+            v_ = v_.repeat_interleave(q_.shape[1] // v_.shape[1], 1)
+        return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask_value,
+                                              is_causal=is_causal, scale=scale)
+
+    reference = attend(q_value, k_value, v_value)
+    order = query_permutation(groups, heads, kv_heads)
+    pooled_k = torch.stack([k_value[:, g].mean(1) for g in groups], 1)
+    pooled_v = torch.stack([v_value[:, g].mean(1) for g in groups], 1)
+    output = attend(q_value[:, order], pooled_k, pooled_v)
+    reference = reference[:, order]
+    return float((output - reference).norm() / reference.norm().clamp_min(1e-30))
+

@@ -1,0 +1,99 @@
+"""Pass: structured head pruning — remove the least important heads from a site's projections.
+
+For each canonical site a policy's `prune_heads` weights rule selects, every head's
+importance is measured on the examples as the norm of its contribution to the
+out-projection's output (‖o_h · W_oᵀ[h]‖, "output_norm"). The least important
+`fraction` of the heads (whole kv groups on GQA sites, so every kept query head keeps its
+kv head) leave the graph: their rows of the q/k/v projections and their columns of the
+out-projection are dropped, and the paths in between are rebuilt with the new head count
+(`heads.py`). The attention output then has fewer heads, so the site is measured after the
+out-projection, whose output keeps the original shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.fx import GraphModule, Node
+
+from attnopt.ops import ATTENTION_OP
+from attnopt.passes.canonicalize import SITE_META_KEY
+from attnopt.passes.evaluate import NodeValues
+from attnopt.passes.heads import (
+    SurgeryRefused, replace_out_projection, replace_site, site_args, trace_input,
+    trace_output,
+)
+from attnopt.passes.manager import PassContext, PassResult
+
+
+class PruneHeads:
+    name = "prune_heads"
+
+    def __call__(self, graph_module: GraphModule, context: PassContext) -> PassResult:
+        changes = []
+        values = NodeValues(graph_module, context.args, context.kwargs)
+        for node in list(graph_module.graph.nodes):
+            site = node.meta.get(SITE_META_KEY)
+            if node.target is not ATTENTION_OP or site is None:
+                continue
+            chosen = context.policy.weight_rewrites(site).get("prune_heads")
+            if chosen is None or site.name in context.exact_sites:
+                continue
+            params, why = chosen
+            try:
+                info = self._prune(graph_module, node, site, params, values, context)
+            except SurgeryRefused as refused:
+                context.weight_notes.setdefault(site.name, []).append(
+                    f"prune_heads not applied ({why}): {refused}")
+                continue
+            entry = context.approximations.setdefault(
+                site.name, {"variant": "exact", "params": {}})
+            entry.setdefault("weights", {})["prune_heads"] = info
+            changes.append(f"{site.name}: heads {info['from_heads']} → {len(info['kept'])}")
+        return PassResult(graph_module, bool(changes), changes)
+
+    def _prune(self, graph_module: GraphModule, node: Node, site, params: dict,
+               values: NodeValues, context: PassContext) -> dict:
+        q, k, v, mask = site_args(node)[:4]
+        heads, kv_heads = (int(n.meta["val"].shape[1]) for n in (q, k))
+        if isinstance(mask, Node) and mask.meta["val"].dim() >= 3 and \
+                mask.meta["val"].shape[-3] > 1:
+            raise SurgeryRefused("the mask has a heads dim (a per-head bias) that would need "
+                                 "pruning too")
+        ratio = heads // kv_heads
+        removed = math.floor(kv_heads * params["fraction"])
+        if removed < 1 or removed >= kv_heads:
+            raise SurgeryRefused(f"fraction {params['fraction']} of {kv_heads} kv heads "
+                                 f"removes {removed}")
+        paths = [trace_input(node, i) for i in range(3)]
+        out_path = trace_output(node)
+        (output,) = values.of([node])
+        weight, _ = out_path.core.rows(graph_module)
+        importance = output_norm_importance(output, weight, out_path.head_inner)
+        group_importance = importance.reshape(kv_heads, ratio).sum(1)
+        kept_kv = sorted(group_importance.argsort(descending=True)[:kv_heads - removed]
+                         .tolist())
+        kept = [kv * ratio + r for kv in kept_kv for r in range(ratio)]
+        new_q = paths[0].rebuild(graph_module, [[h] for h in kept], f"{site.name}_q")
+        new_k = paths[1].rebuild(graph_module, [[h] for h in kept_kv], f"{site.name}_k")
+        new_v = paths[2].rebuild(graph_module, [[h] for h in kept_kv], f"{site.name}_v")
+        new = replace_site(graph_module, node, new_q, new_k, new_v, context)
+        new_out = out_path.rebuild(graph_module, new, [[h] for h in kept],
+                                   f"{site.name}_out")
+        replace_out_projection(out_path, new_out, site.name, context)
+        for path in (*paths, out_path):
+            context.replaced_parameters.update(path.core.parameter_names())
+        return {"from_heads": heads, "from_kv_heads": kv_heads, "kept": kept,
+                "importance": params["importance"],
+                "head_importance": [round(float(x), 6) for x in importance]}
+
+
+def output_norm_importance(output_BHSD: torch.Tensor, out_weight: torch.Tensor,
+                           head_dim: int) -> torch.Tensor:
+    """Per head: the norm of its contribution to the out-projection's output on the examples,
+    ‖o_h · W_o[:, h]ᵀ‖ (W_o as (out, heads·head_dim), heads outer)."""
+    heads = output_BHSD.shape[1]
+    weight = out_weight.detach().double().reshape(out_weight.shape[0], heads, head_dim)
+    contribution = torch.einsum("bhsd,ohd->bhso", output_BHSD.detach().double(), weight)
+    return contribution.pow(2).sum(dim=(0, 2, 3)).sqrt()
