@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnopt.ops.common import empty_like_query_layout, like_query_layout
+
 #: "auto" | "always" | "never": which calls run the Triton kernel on CUDA (module docstring).
 KERNELS_ENV = "ATTNOPT_KERNELS"
 KERNEL_MODES = ("auto", "always", "never", "0")
@@ -126,23 +128,26 @@ def _softcapped_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask, is_causal, scale, e
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
               is_causal: bool = False, scale: Optional[float] = None,
               enable_gqa: bool = False, softcap: Optional[float] = None) -> Tensor:
-    return attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
+    return like_query_layout(
+        attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap), q)
 
 
 @attention.register_kernel("cuda")
 def _attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
                     softcap=None):
     if kernel_skip_reason(q, k, v, attn_mask, softcap) is not None:
-        return attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
+        return like_query_layout(
+            attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap), q)
     from attnopt.kernels import flash_attention
-    return flash_attention(q, k, v, causal=is_causal, scale=scale, attn_bias=attn_mask,
-                           softcap=softcap)
+    return like_query_layout(flash_attention(q, k, v, causal=is_causal, scale=scale,
+                                             attn_bias=attn_mask, softcap=softcap), q)
 
 
 @attention.register_fake
 def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
                     softcap=None):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    # SDPA's convention, which graphs captured around it rely on: output laid out like q
+    return empty_like_query_layout(q, v.shape[-1])
 
 
 def _setup_context(ctx, inputs, output):

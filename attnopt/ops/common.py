@@ -82,6 +82,8 @@ def like_query_layout(out: Tensor, q: Tensor) -> Tensor:
     order.append(q.dim() - 1)  # the head dim stays innermost
     if order == list(range(q.dim())):
         return out.contiguous()
+    if out.permute(order).is_contiguous():
+        return out  # already so (SDPA's own kernels do it)
     inverse = [order.index(d) for d in range(q.dim())]
     laid_out = out.new_empty([out.shape[d] for d in order]).permute(inverse)
     return laid_out.copy_(out)

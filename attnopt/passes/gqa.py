@@ -67,6 +67,9 @@ class ConvertToGroupedQuery:
         calibration = values.names([q, k, v, mask] if isinstance(mask, Node) else [q, k, v])
         k_path = trace_input(node, 1)
         v_path = trace_input(node, 2)
+        q_path = None
+        if k_path.parts > 1 or v_path.parts > 1:  # q shares the packed matmul: rebuilt too
+            q_path = trace_input(node, 0)
         groups = {"contiguous": contiguous_groups(kv_heads, target)}
         errors, refused = {}, None
         if params["grouping"] in ("clustered", "best"):
@@ -90,16 +93,17 @@ class ConvertToGroupedQuery:
         members = groups[grouping]
         query_order = query_permutation(members, heads, kv_heads)
         new_q = q
-        if query_order != list(range(heads)):
+        if query_order != list(range(heads)) or q_path is not None:
             new_q = q_path.rebuild(graph_module, [[h] for h in query_order], f"{site.name}_q")
         new_k = k_path.rebuild(graph_module, members, f"{site.name}_k")
         new_v = v_path.rebuild(graph_module, members, f"{site.name}_v")
         new = replace_site(graph_module, node, new_q, new_k, new_v, context)
-        if new_q is not q:  # the permuted heads are measured after the out-projection
+        if query_order != list(range(heads)):  # permuted heads: measured after the out-proj
             new_out = out_path.rebuild(graph_module, new,
                                        [[h] for h in query_order], f"{site.name}_out")
             replace_out_projection(out_path, new_out, site.name, context)
-        for path in (k_path, v_path) + ((q_path, out_path) if new_q is not q else ()):
+        permuted = (out_path,) if query_order != list(range(heads)) else ()
+        for path in (k_path, v_path) + ((q_path,) if new_q is not q else ()) + permuted:
             context.replaced_parameters.update(path.core.parameter_names())
         info = {"from_kv_heads": kv_heads, "kv_heads": target, "grouping": grouping,
                 "groups": [list(g) for g in members],
