@@ -10,7 +10,7 @@ site as written), and the approximate variants — `performer`, `linear`, `spars
 `topk` — whose parameters a rule's `params` set (defaults in passes/approximate.py). Presets
 that choose by sequence length (`long`, `fast`, `memory`, `accurate`) live in presets.py.
 
-Weight rewrites — `gqa`, `prune_heads` — change the projections around a site rather than the
+Weight rewrites — `gqa`, `prune_heads`, `int8` — change the projections around a site rather than the
 attention itself. A policy's `weights` rules choose them (every kind whose first rule selects
 a site applies; they compose with the site's attention rewrite), and the same error budget
 guards them.
@@ -44,6 +44,7 @@ REWRITES = {
 WEIGHT_REWRITES = {
     "gqa": "pool the k/v projections' heads in groups (MHA → GQA / MQA)",
     "prune_heads": "remove the least important heads from the q/k/v/out projections",
+    "int8": "int8 weights for the q/k/v/out projections (weight-only or dynamic)",
 }
 #: The rewrites that change what a site computes: guarded by the error budget.
 APPROXIMATE_REWRITES = ("performer", "linear", "sparse", "hybrid", "topk")
@@ -63,10 +64,14 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "gqa": {"kv_heads": None, "group_size": 2, "grouping": "best"},
     # fraction of heads removed (whole kv groups on GQA sites); importance: output_norm
     "prune_heads": {"fraction": 0.25, "importance": "output_norm"},
+    # mode: dynamic (activations quantized per call) or weight_only; keep_fraction: the most
+    # sensitive projections (measured on the examples) kept in full precision
+    "int8": {"mode": "dynamic", "keep_fraction": 0.0},
 }
 #: Values a parameter must take, where it is a choice.
 PARAM_CHOICES = {("gqa", "grouping"): ("contiguous", "clustered", "best"),
-                 ("prune_heads", "importance"): ("output_norm",)}
+                 ("prune_heads", "importance"): ("output_norm",),
+                 ("int8", "mode"): ("dynamic", "weight_only")}
 
 
 def check_params(rewrite: str, params: dict) -> None:

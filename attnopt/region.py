@@ -23,6 +23,7 @@ from attnopt.passes.classify import ClassifyMasks
 from attnopt.passes.cleanup import DropReplacedParameters, EliminateDeadCode
 from attnopt.passes.gqa import ConvertToGroupedQuery
 from attnopt.passes.prune import PruneHeads
+from attnopt.passes.quantize import QuantizeProjections
 from attnopt.passes.fx_utils import eliminate_dead_code
 from attnopt.passes.detect import DetectAttention
 from attnopt.passes.lower import SelectBackends
@@ -143,7 +144,8 @@ def pass_pipeline(policy: Policy) -> list:
     if policy.rewrites_anything:
         passes.append(CanonicalizeAttention())
         if policy.weights:
-            passes += [PruneHeads(), ConvertToGroupedQuery(), DropReplacedParameters()]
+            passes += [PruneHeads(), ConvertToGroupedQuery(), QuantizeProjections(),
+                       DropReplacedParameters()]
         if policy.rules_approximate:
             passes.append(ApproximateAttention())
         passes.append(SelectBackends())

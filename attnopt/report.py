@@ -150,6 +150,10 @@ def approximation_label(info: dict) -> str:
         elif kind == "prune_heads":
             parts.append(f"prune_heads(heads {weights['from_heads']}→"
                          f"{len(weights['kept'])}, kept {weights['kept']})")
+        elif kind == "int8":
+            full = f", full precision: {','.join(weights['full_precision'])}" \
+                if weights["full_precision"] else ""
+            parts.append(f"int8 {weights['mode']}({','.join(weights['quantized'])}{full})")
     if info.get("variant", "exact") != "exact" or not parts:
         params = ", ".join(f"{k}={v}" for k, v in info.get("params", {}).items()
                            if k != "seed")

@@ -9,12 +9,14 @@ that contain them (exported programs, saved `.pt2` files) load after `import att
 - `sparse_attention` — exact attention restricted to a `SparsePattern` (window, dilated,
   strided, global, random, BigBird, block layouts);
 - `performer_window` — exact inside a window, FAVOR+ outside, one normalizer;
-- `topk_attention` — data-dependent top-k block selection, exact inside the selected blocks.
+- `topk_attention` — data-dependent top-k block selection, exact inside the selected blocks;
+- `int8_linear` — a projection with int8 weights (weight-only or dynamic activations).
 """
 
 import torch
 
 from attnopt.ops.attention import attention, attention_reference
+from attnopt.ops.int8 import int8_linear, int8_linear_reference
 from attnopt.ops.hybrid import performer_window, performer_window_reference
 from attnopt.ops.linear import linear_attention, linear_attention_reference
 from attnopt.ops.performer import performer, performer_reference
@@ -24,6 +26,8 @@ from attnopt.ops.topk import topk_attention, topk_attention_reference
 
 #: The canonical exact attention overload, as it appears as an fx node target.
 ATTENTION_OP = torch.ops.attnopt.attention.default
+#: The quantized projection overload (an fx node target).
+INT8_LINEAR_OP = torch.ops.attnopt.int8_linear.default
 #: The approximate ops' overloads (fx node targets), by rewrite name.
 APPROXIMATE_OPS = {
     "performer": torch.ops.attnopt.performer.default,
@@ -36,5 +40,5 @@ APPROXIMATE_OPS = {
 __all__ = ["attention", "attention_reference", "performer", "performer_reference",
            "linear_attention", "linear_attention_reference", "sparse_attention",
            "sparse_attention_reference", "performer_window", "performer_window_reference",
-           "topk_attention", "topk_attention_reference", "SparsePattern", "ATTENTION_OP",
-           "APPROXIMATE_OPS"]
+           "topk_attention", "topk_attention_reference", "int8_linear", "int8_linear_reference",
+           "SparsePattern", "ATTENTION_OP", "APPROXIMATE_OPS", "INT8_LINEAR_OP"]

@@ -13,7 +13,7 @@ are where random features fail), for the report.
 from __future__ import annotations
 
 import zlib
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch.fx import GraphModule, Node

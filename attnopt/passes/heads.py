@@ -298,7 +298,7 @@ def _descendants_within(source: Node, allowed: set[Node]) -> list[Node]:
     return [n for n in source.graph.nodes if n in reached and n is not source]
 
 
-def _find_core(operand: Node) -> Optional[Core]:
+def find_core(operand: Node) -> Optional[Core]:
     """The projection an operand was computed from: its first value input walked back."""
     node = operand
     for _ in range(32):
@@ -361,7 +361,7 @@ def trace_input(site_node: Node, index: int) -> InputPath:
     operand = site_node.args[index]
     if not isinstance(operand, Node):
         raise SurgeryRefused("the operand is not computed in the graph")
-    core = _find_core(operand)
+    core = find_core(operand)
     if core is None:
         raise SurgeryRefused("no plain projection (linear or addmm with a weight parameter) "
                              "computes it")
