@@ -1,16 +1,24 @@
 """The guard: an approximate rewrite stays only where its measured error is within budget.
 
 `guarded_region` builds a region, verifies it (each site's output in isolation and the region's
-output, on the examples and fresh draws), and rolls back to exact every approximate site over
-the policy's per-site budget (max relative error, min cosine). If every site is within budget
-but the output is not, the sites with the largest errors go back to exact, half of the
-remaining approximations per round, until the output is within budget or nothing approximate
-is left. Each round rebuilds the region from the captured program with the rollbacks pinned,
-so what is installed is exactly what was last verified.
+output, on the examples and fresh draws), and rolls back what breaks the policy's budget:
+
+- a site over the per-site budget (max relative error, min cosine) loses one rewrite per round:
+  a site carries up to four (its attention variant, GQA, head pruning, int8 projections), and
+  the one with the largest estimated error goes first (`component_estimates`), so a lossy GQA
+  conversion does not take a harmless int8 quantization down with it; a site with one rewrite
+  left goes back to exact;
+- if every site is within budget but the output is not, the sites with the largest errors
+  lose a rewrite the same way, half of the remaining sites per round,
+
+until the region passes or nothing approximate is left. Each round rebuilds the region from
+the captured program with the rollbacks pinned, so what is installed is exactly what was last
+verified. If the rounds run out, every remaining approximation goes back to exact.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from attnopt.capture import CapturedProgram
@@ -19,8 +27,8 @@ from attnopt.region import Region, build_region, verify_region
 from attnopt.report import approximation_label
 from attnopt.verify import ErrorStats
 
-#: Rebuild-and-verify rounds at most (each halves the approximations left, so 2^ROUNDS sites).
-MAX_ROUNDS = 8
+#: Rebuild-and-verify rounds at most before everything approximate is rolled back at once.
+MAX_ROUNDS = 12
 
 
 def site_over_budget(stats: ErrorStats, budget: ErrorBudget) -> Optional[str]:
@@ -34,12 +42,35 @@ def site_over_budget(stats: ErrorStats, budget: ErrorBudget) -> Optional[str]:
     return None
 
 
+def component_estimates(info: dict) -> dict[str, float]:
+    """Each rewrite of a site with an estimate of the error it adds, measured on the examples
+    when it was chosen: GQA's pooled attention error, the output share of the pruned heads,
+    the largest int8 projection error. An attention variant has no estimate of its own and
+    counts as the largest (its error is what the site measurement mostly is)."""
+    estimates = {}
+    if info.get("variant", "exact") != "exact":
+        estimates["attention"] = math.inf
+    for kind, weights in info.get("weights", {}).items():
+        if kind == "gqa":
+            estimates[kind] = weights["errors"][weights["grouping"]]
+        elif kind == "prune_heads":
+            importance = weights["head_importance"]
+            removed = [x for h, x in enumerate(importance) if h not in weights["kept"]]
+            total = math.sqrt(sum(x * x for x in importance)) or 1.0
+            estimates[kind] = math.sqrt(sum(x * x for x in removed)) / total
+        elif kind == "int8":
+            estimates[kind] = max(weights["sensitivity"].values(), default=0.0) \
+                if weights["quantized"] else 0.0
+    return estimates
+
+
 def guarded_region(captured: CapturedProgram, policy: Policy, verify_each: bool, draws: int,
-                   exact_sites: Optional[dict[str, str]] = None) -> Region:
+                   exact_sites: Optional[dict] = None) -> Region:
     """A verified region whose approximate sites are all within `policy.budget`.
 
     The returned region's `rolled_back` maps each site sent back to exact to what was measured
-    (variant, params, errors, entropy) and why.
+    (variant, params, errors, entropy) and why; rewrites rolled back while others of their
+    site stayed are recorded in the pinned reasons (reported as the site's notes).
     """
     pinned = dict(exact_sites or {})
     rolled_back: dict[str, dict] = {}
@@ -49,7 +80,7 @@ def guarded_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
         if not region.approximations or region.passed:
             break
         over = {}
-        for name, info in region.approximations.items():
+        for name in region.approximations:
             why = site_over_budget(region.errors[name], policy.budget)
             if why is not None:
                 over[name] = why
@@ -62,12 +93,31 @@ def guarded_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
                               f"end-to-end budget {policy.budget.output_rel_err:g}; this "
                               "site's error was among the largest")
         for name, why in over.items():
-            stats = region.errors[name]
-            rolled_back[name] = {**region.approximations[name], **stats.to_dict(),
-                                 "reason": why}
-            pinned[name] = "rolled back to exact: " \
-                           f"{approximation_label(region.approximations[name])} {why}"
+            _roll_back_one(region, name, why, pinned, rolled_back)
         region = build_region(captured, policy, verify_each, pinned)
         verify_region(region, draws)
+    else:
+        if region.approximations and not region.passed:
+            for name in list(region.approximations):
+                _roll_back_one(region, name, "still over budget after "
+                               f"{MAX_ROUNDS} rounds of rollbacks", pinned, rolled_back,
+                               whole_site=True)
+            region = build_region(captured, policy, verify_each, pinned)
+            verify_region(region, draws)
     region.rolled_back = {**region.rolled_back, **rolled_back}
     return region
+
+
+def _roll_back_one(region: Region, name: str, why: str, pinned: dict, rolled_back: dict,
+                   whole_site: bool = False) -> None:
+    """Pin the riskiest rewrite of site `name` to exact (the whole site when it has one)."""
+    info = region.approximations[name]
+    stats = region.errors[name]
+    estimates = component_estimates(info)
+    if whole_site or len(estimates) <= 1:
+        rolled_back[name] = {**info, **stats.to_dict(), "reason": why}
+        pinned[name] = f"rolled back to exact: {approximation_label(info)} {why}"
+        return
+    component = max(estimates, key=estimates.get)
+    pinned[(name, component)] = (f"{component} rolled back: the site's {why} (it had the "
+                                 f"largest estimated error of {approximation_label(info)})")

@@ -1,4 +1,5 @@
-"""Length-based presets: `long`, `fast`, `memory`, `accurate`.
+"""Presets: the length-based `long`, `fast`, `memory`, `accurate`, and the compressing
+`compact` and `edge`.
 
 Each builds a `Policy` for a device from a latency calibration of the variants on that device
 (`costmodel.calibrate`: measured once, cached, overridable), so the thresholds are measured
@@ -14,6 +15,14 @@ facts of the machine rather than guesses:
 
 Thresholds can be given explicitly (`long_policy(t1=…, t2=…)`) or through the environment,
 `ATTNOPT_THRESHOLDS="T1,T2"`, which skips calibration. Every preset is guarded by its budget.
+
+The compressing presets change weights (passes/prune.py, gqa.py, quantize.py):
+- `compact`: exact attention; light head pruning (1/8 of the heads, by output norm), GQA
+  (kv heads pooled in pairs, the better of contiguous and clustered grouping), and dynamic
+  int8 projections keeping the most sensitive tenth in full precision.
+- `edge`: the resource-constrained combination — linear attention (O(n), no softmax) and
+  dynamic int8 projections.
+What the budget refuses is rolled back site by site, as for the approximate rewrites.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from attnopt.errors import PolicyError
 from attnopt.policy import ErrorBudget, Policy, Rule, SiteSelector
 
 THRESHOLDS_ENV = "ATTNOPT_THRESHOLDS"
-PRESET_NAMES = ("long", "fast", "memory", "accurate")
+PRESET_NAMES = ("long", "fast", "memory", "accurate", "compact", "edge")
 #: The hybrid takes over where it runs at least this much faster than exact.
 HYBRID_MIN_SPEEDUP = 2.0
 
@@ -116,8 +125,22 @@ def fast_policy(*, device: str = "cpu", dtype=None, calibration=None) -> Policy:
                   default="exact", description="the fastest calibrated variant per length")
 
 
+def compact_policy(*, device: str = "cpu", dtype=None) -> Policy:
+    return Policy("compact", default="exact", weights=[
+        Rule("prune_heads", params={"fraction": 0.125}),
+        Rule("gqa", params={"group_size": 2, "grouping": "best"}),
+        Rule("int8", params={"mode": "dynamic", "keep_fraction": 0.1})],
+        description="exact attention; 1/8 of the heads pruned, kv heads pooled in pairs, "
+                    "int8 projections (most sensitive tenth kept)")
+
+
+def edge_policy(*, device: str = "cpu", dtype=None) -> Policy:
+    return Policy("edge", default="linear", weights=[Rule("int8", params={"mode": "dynamic"})],
+                  description="linear attention and int8 projections")
+
+
 BUILDERS = {"long": long_policy, "fast": fast_policy, "memory": memory_policy,
-            "accurate": accurate_policy}
+            "accurate": accurate_policy, "compact": compact_policy, "edge": edge_policy}
 
 
 def build(name: str, device: str = "cpu", dtype=None) -> Policy:

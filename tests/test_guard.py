@@ -116,3 +116,33 @@ def test_without_verification_nothing_is_guarded_and_the_report_says_so():
     record = _site(optimized)
     assert record.rewrite == "performer" and record.passed is None
     assert any("not verified" in note for note in optimized.report.notes)
+
+
+# --------------------------------------------------------------------------------------------
+# the compressing presets: the guard rolls back one rewrite of a site at a time
+
+
+def test_compact_drops_the_lossy_gqa_and_keeps_int8_projections():
+    """Pooling the two heads of the retrieval model breaks it (measured: accuracy 0.84 when
+    forced); int8 projections do not. The guard must take back GQA only."""
+    model, optimized = _optimized("retrieval", "compact")
+    record = _site(optimized)
+    assert record.rolled_back is None
+    weights = record.approximation["weights"]
+    assert "gqa" not in weights and weights["int8"]["quantized"]
+    assert any(note.startswith("gqa rolled back") for note in record.weight_notes)
+    parameters = optimized.report.parameters
+    assert parameters["after_bytes"] < parameters["before_bytes"]
+    before, after = trained.accuracy(model, "retrieval"), trained.accuracy(optimized, "retrieval")
+    assert after >= before - ACCURACY_DROP
+
+
+@pytest.mark.parametrize("task, linear_kept", [("diffuse", True), ("retrieval", False)])
+def test_edge_keeps_linear_attention_only_where_attention_is_diffuse(task, linear_kept):
+    model, optimized = _optimized(task, "edge")
+    record = _site(optimized)
+    assert record.rewrite == ("linear" if linear_kept else "exact")
+    assert record.approximation["weights"]["int8"]["quantized"] == ["qkv", "out"]
+    before, after = trained.accuracy(model, task), trained.accuracy(optimized, task)
+    assert after >= before - ACCURACY_DROP
+    assert optimized.report.verification["passed"]

@@ -28,6 +28,7 @@ quantized model can be fine-tuned. The ONNX translation uses standard ops: `Dequ
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -86,10 +87,14 @@ def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Optional[Te
     return int8_linear_reference(x, weight_int8, scale, bias, dynamic).to(x.dtype)
 
 
+def _fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and \
+        hasattr(torch.ops.quantized, "linear_dynamic")
+
+
 @int8_linear.register_kernel("cpu")
 def _int8_linear_cpu(x, weight_int8, scale, bias=None, dynamic=False):
-    if not dynamic or x.dtype != torch.float32 or "fbgemm" not in \
-            torch.backends.quantized.supported_engines:
+    if not dynamic or x.dtype != torch.float32 or not _fbgemm_available():
         return int8_linear_reference(x, weight_int8, scale, bias, dynamic).to(x.dtype)
     packed = _packed(weight_int8, scale, bias)
     return torch.ops.quantized.linear_dynamic(x, packed, False)  # reduce_range=False
@@ -104,8 +109,10 @@ def _packed(weight_int8: Tensor, scale: Tensor, bias: Optional[Tensor]):
                 for t in (weight_int8, scale, bias))
     packed = _PACKED.get(key)
     if packed is None:
-        quantized = torch._make_per_channel_quantized_tensor(
-            weight_int8, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+        with warnings.catch_warnings():  # (PyTorch deprecates quantized tensors: while the
+            warnings.simplefilter("ignore", UserWarning)  # op exists, it is the fast path)
+            quantized = torch._make_per_channel_quantized_tensor(
+                weight_int8, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
         packed = torch.ops.quantized.linear_prepack(
             quantized, None if bias is None else bias.float())
         _PACKED[key] = packed

@@ -100,8 +100,9 @@ class ApproximateAttention:
             rewrite, why = context.decisions.get(site.name, ("exact", ""))
             if rewrite not in APPROXIMATE_OPS:
                 continue
-            if site.name in context.exact_sites:
-                context.decisions[site.name] = ("exact", context.exact_sites[site.name])
+            why_exact = context.rolled_back(site.name, "attention")
+            if why_exact:
+                context.decisions[site.name] = ("exact", why_exact)
                 continue
             params = variant_params(rewrite, context.rule_params.get(site.name, {}), site)
             reason = skip_reason(rewrite, site, params)

@@ -40,7 +40,12 @@ class ConvertToGroupedQuery:
             if node.target is not ATTENTION_OP or site is None:
                 continue
             chosen = context.policy.weight_rewrites(site).get("gqa")
-            if chosen is None or site.name in context.exact_sites:
+            if chosen is None:
+                continue
+            if context.rolled_back(site.name, "gqa"):
+                if (site.name, "gqa") in context.exact_sites:
+                    context.weight_notes.setdefault(site.name, []).append(
+                        context.exact_sites[(site.name, "gqa")])
                 continue
             params, why = chosen
             try:

@@ -42,13 +42,20 @@ class PassContext:
     site_nodes: dict[str, tuple[str, str]] = field(default_factory=dict)  # site → (old, new)
     backends: dict[str, tuple[str, str]] = field(default_factory=dict)    # site → (backend, why)
     rule_params: dict[str, dict] = field(default_factory=dict)            # site → rule params
-    exact_sites: dict[str, str] = field(default_factory=dict)   # guard rollbacks: site → why
+    # guard rollbacks: site → why (the whole site stays exact), or (site, component) → why
+    # for one of its rewrites ("attention", "gqa", "prune_heads", "int8")
+    exact_sites: dict = field(default_factory=dict)
     approximations: dict[str, dict] = field(default_factory=dict)  # site → variant, params, …
     # weight rewrites: sites whose head count changed are measured at the out-projection's
     # output (site_nodes names those nodes); notes on weight rewrites not applied
     measured_after_projection: set[str] = field(default_factory=set)
     weight_notes: dict[str, list[str]] = field(default_factory=dict)
     replaced_parameters: set[str] = field(default_factory=set)   # dropped when unused
+
+
+    def rolled_back(self, site: str, component: str) -> Optional[str]:
+        """Why the guard keeps `component` of `site` exact (None: it does not)."""
+        return self.exact_sites.get(site) or self.exact_sites.get((site, component))
 
 
 class GraphPass(Protocol):

@@ -38,7 +38,12 @@ class PruneHeads:
             if node.target is not ATTENTION_OP or site is None:
                 continue
             chosen = context.policy.weight_rewrites(site).get("prune_heads")
-            if chosen is None or site.name in context.exact_sites:
+            if chosen is None:
+                continue
+            if context.rolled_back(site.name, "prune_heads"):
+                if (site.name, "prune_heads") in context.exact_sites:
+                    context.weight_notes.setdefault(site.name, []).append(
+                        context.exact_sites[(site.name, "prune_heads")])
                 continue
             params, why = chosen
             try:

@@ -41,7 +41,12 @@ class QuantizeProjections:
             if node.target is not ATTENTION_OP or site is None:
                 continue
             chosen = context.policy.weight_rewrites(site).get("int8")
-            if chosen is None or site.name in context.exact_sites:
+            if chosen is None:
+                continue
+            if context.rolled_back(site.name, "int8"):
+                if (site.name, "int8") in context.exact_sites:
+                    context.weight_notes.setdefault(site.name, []).append(
+                        context.exact_sites[(site.name, "int8")])
                 continue
             params, _ = chosen
             for role, operand in zip("qkv", node.args[:3]):
@@ -66,7 +71,7 @@ class QuantizeProjections:
                        for n, (core, _, _, params) in candidates.items()}
         keep_fraction = max(params["keep_fraction"] for _, _, _, params in candidates.values())
         kept = set(sorted(sensitivity, key=sensitivity.get, reverse=True)
-                   [:math.ceil(keep_fraction * len(sensitivity))])
+                   [:math.floor(keep_fraction * len(sensitivity))])
         changes = []
         for core_node, (core, site_name, role, params) in candidates.items():
             entry = context.approximations.setdefault(
