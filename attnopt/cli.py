@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("source", help="a local Hugging Face model directory or a .pt2 file")
     convert.add_argument("-o", "--output", required=True, help="OUT.onnx or OUT.pt2")
     policy = convert.add_mutually_exclusive_group()
-    policy.add_argument("--policy", default="exact", help="a preset name: exact, none, long, fast, memory, accurate "
-                        "(default: exact)")
+    policy.add_argument("--policy", default="exact",
+                        help="a preset name: exact, none, long, fast, memory, accurate, "
+                        "compact, edge (default: exact)")
     policy.add_argument("--policy-file", help="a policy as JSON")
     convert.add_argument("--seq-len", type=int, default=16)
     convert.add_argument("--batch", type=int, default=1)

@@ -17,9 +17,10 @@ Thresholds can be given explicitly (`long_policy(t1=…, t2=…)`) or through th
 `ATTNOPT_THRESHOLDS="T1,T2"`, which skips calibration. Every preset is guarded by its budget.
 
 The compressing presets change weights (passes/prune.py, gqa.py, quantize.py):
-- `compact`: exact attention; light head pruning (1/8 of the heads, by output norm), GQA
-  (kv heads pooled in pairs, the better of contiguous and clustered grouping), and dynamic
-  int8 projections keeping the most sensitive tenth in full precision.
+- `compact`: exact attention; head pruning (a quarter of the heads, by output norm — so that
+  8 heads leave 6, which pool in pairs), GQA (kv heads pooled in pairs, the better of
+  contiguous and clustered grouping), and dynamic int8 projections keeping the most sensitive
+  tenth in full precision.
 - `edge`: the resource-constrained combination — linear attention (O(n), no softmax) and
   dynamic int8 projections.
 What the budget refuses is rolled back site by site, as for the approximate rewrites.
@@ -127,10 +128,10 @@ def fast_policy(*, device: str = "cpu", dtype=None, calibration=None) -> Policy:
 
 def compact_policy(*, device: str = "cpu", dtype=None) -> Policy:
     return Policy("compact", default="exact", weights=[
-        Rule("prune_heads", params={"fraction": 0.125}),
+        Rule("prune_heads", params={"fraction": 0.25}),
         Rule("gqa", params={"group_size": 2, "grouping": "best"}),
         Rule("int8", params={"mode": "dynamic", "keep_fraction": 0.1})],
-        description="exact attention; 1/8 of the heads pruned, kv heads pooled in pairs, "
+        description="exact attention; 1/4 of the heads pruned, kv heads pooled in pairs, "
                     "int8 projections (most sensitive tenth kept)")
 
 
