@@ -165,3 +165,30 @@ def test_approximate_rewrites_run_on_cuda(variant, params):
     assert out.shape == x.shape and torch.isfinite(out).all()
     guarded = attnopt.optimize(model, policy, example_inputs=(x,))
     assert guarded.report.verification["passed"]
+
+
+@pytest.mark.parametrize("form", ["separate", "packed_permuted", "packed_split", "torch_mha"])
+def test_weight_rewrites_run_on_cuda(form, monkeypatch):
+    """Head surgery and int8 projections on CUDA: heads built to make pruning and pooling exact
+    (test_weights.py), so the rewritten model must match the original up to int8 rounding; the
+    rebuilt GQA site runs the Triton kernel (counted) without repeating k/v."""
+    from test_weights import _model, _silence_heads, _tie_heads, B, S, E
+    monkeypatch.setenv("ATTNOPT_KERNELS", "always")
+    model = _model(form)
+    _silence_heads(model, [2, 3])
+    _tie_heads(model, [(0, 1)])
+    model = model.cuda()
+    x = torch.randn(B, S, E, device="cuda")
+    policy = attnopt.Policy("cuda-weights", weights=[
+        attnopt.policy.Rule("prune_heads", params={"fraction": 0.5}),
+        attnopt.policy.Rule("gqa", params={"kv_heads": 1}),
+        attnopt.policy.Rule("int8", params={"mode": "weight_only"})])
+    optimized = attnopt.optimize(model, policy, example_inputs=(x,))
+    (record,) = [r for r in optimized.report.sites if r.site is not None]
+    weights = record.approximation["weights"]
+    assert weights["prune_heads"]["kept"] == [0, 1] and weights["gqa"]["kv_heads"] == 1
+    assert weights["int8"]["quantized"]
+    fresh = torch.randn(B, S, E, device="cuda")
+    with torch.no_grad():
+        expected, out = model(fresh), optimized(fresh)
+    assert float((out - expected).norm() / expected.norm()) < 0.02
