@@ -288,8 +288,10 @@ def test_prune_whole_groups_on_a_grouped_site():
     torch.testing.assert_close(optimized(fresh), model(fresh), atol=EXACT_TOL, rtol=0)
 
 
-def test_weight_rewrites_compose_with_each_other():
-    model = _model("separate")
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_weight_rewrites_compose_with_each_other(form):
+    """Pruning rebuilds a packed projection as one matmul per operand; GQA then traces those."""
+    model = _model(form)
     _silence_heads(model, [2, 3])
     _tie_heads(model, [(0, 1)])
     policy = Policy("compose", weights=[Rule("prune_heads", params={"fraction": 0.5}),

@@ -540,21 +540,23 @@ class Emitter:
 
     def replay(self, step: _Step, mapping: dict, sizes: dict[str, tuple[int, int]]) -> Node:
         """Re-emit a path node on the rebuilt inputs, with each factor's old size replaced by
-        its new one (sizes: factor → (old, new)); a node taking out a packed part takes the
-        only part left."""
+        its new one (sizes: factor → (old, new)). The rebuilt projection holds one part, so
+        the nodes that took a packed part out become what taking the only part is: nothing for
+        a split, chunk or slice (the tensor is the part), a squeeze for an unbind, select 0."""
         node = step.node
         args = list(torch.fx.node.map_arg(node.args, lambda n: mapping.get(n, n)))
+        if PART_PENDING in step.axes:  # split / chunk / unbind over the parts
+            if node.target is aten.unbind.int:
+                return self.emit(aten.squeeze.dim, args[0], node.args[1]
+                                 if len(node.args) > 1 else 0)
+            return args[0]
         if step.extract is not None:
             if node.target is operator.getitem:
-                args[1] = 0
-            elif node.target is aten.select.int:
+                return args[0]  # the tuple node above already became the part
+            if node.target is aten.select.int:
                 args[2] = 0
             else:  # slice
-                args[2], args[3] = 0, args[3] - args[2]
-        elif node.target is aten.chunk.default and PART_PENDING in step.axes:
-            args[1] = 1
-        elif node.target is aten.split_with_sizes.default and PART_PENDING in step.axes:
-            args[1] = [args[1][0]]
+                return args[0]
         position = 1 if node.target in RESHAPE_TARGETS else \
             2 if node.target is aten.unflatten.int else None
         if position is not None and step.reshape_indices:
