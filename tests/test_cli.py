@@ -155,3 +155,20 @@ def test_convert_corrupt_safetensors_writes_nothing(bert_dir, tmp_path, capsys):
     output = tmp_path / "out.onnx"
     assert main(["convert", str(tmp_path), "-o", str(output)]) == EXIT_BAD_INPUT
     assert "attnopt: error:" in capsys.readouterr().err and not output.exists()
+
+
+def test_convert_with_the_compact_preset_writes_a_smaller_onnx(bert_dir, tmp_path, capsys):
+    """Random-weight heads are independent: the guard takes back pruning and GQA, keeps the
+    int8 projections; the file is smaller and runs in onnxruntime."""
+    exact, compact = tmp_path / "exact.onnx", tmp_path / "compact.onnx"
+    report = tmp_path / "report.json"
+    assert main(["convert", str(bert_dir), "-o", str(exact)]) == EXIT_OK
+    assert main(["convert", str(bert_dir), "-o", str(compact), "--policy", "compact",
+                 "--report", str(report)]) == EXIT_OK
+    assert "onnxruntime vs PyTorch: passed" in capsys.readouterr().out
+    data = json.loads(report.read_text())
+    sites = [s for s in data["sites"] if s.get("approximation")]
+    assert len(sites) == 2
+    assert all("int8" in s["approximation"]["weights"] for s in sites)
+    assert data["parameters"]["after_bytes"] < data["parameters"]["before_bytes"]
+    assert compact.stat().st_size < exact.stat().st_size
