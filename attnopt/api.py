@@ -104,14 +104,15 @@ class OptimizedModule(nn.Module):
 
     def __init__(self, model: nn.Module, policy: Policy, *, verify: bool = True,
                  capture: str = "auto", verify_each: bool = False, draws: int = DEFAULT_DRAWS,
-                 dynamic: Optional[bool] = None):
+                 dynamic: Optional[bool] = None, loss: Optional[Callable] = None):
         super().__init__()
         if capture not in CAPTURE_STRATEGIES:
             raise ValueError(f"unknown capture strategy {capture!r}; valid: "
                              f"{list(CAPTURE_STRATEGIES)}")
         self._orig_mod = model
         object.__setattr__(self, "_attnopt_state", _State(policy, verify, capture,
-                                                          verify_each, draws, dynamic=dynamic))
+                                                          verify_each, draws, dynamic=dynamic,
+                                                          loss=loss))
 
     # attribute access falls through to the user's model; its methods (generate(), …) run with
     # rewritten attention functions dispatched (Hugging Face models, see integrations/)
@@ -292,10 +293,11 @@ class OptimizedModule(nn.Module):
         state = self._attnopt_state
         if state.verify and state.policy.approximates:
             region = guarded_region(captured, state.policy, state.verify_each, state.draws,
-                                    state.rollbacks)
+                                    state.rollbacks, state.loss)
             state.rollbacks.update(region.context.exact_sites)
             return region
-        region = build_region(captured, state.policy, state.verify_each, state.rollbacks)
+        region = build_region(captured, state.policy, state.verify_each, state.rollbacks,
+                              state.loss)
         if state.verify and region.context.site_nodes:  # nothing rewritten, nothing to verify
             verify_region(region, state.draws)
         return region
@@ -387,6 +389,7 @@ class _State:
     lazy_captures: int = 0
     dynamic: Optional[bool] = None
     rollbacks: dict = field(default_factory=dict)  # site → why the guard kept it exact
+    loss: Optional[Callable] = None  # scores heads for pruning by gradient
 
     @property
     def dynamic_now(self) -> bool:
@@ -456,7 +459,8 @@ def _model_device(model: nn.Module, example_inputs, example_kwargs) -> tuple[str
 def optimize(model: nn.Module, policy: Union[str, Policy, dict] = "exact", *,
              example_inputs=None, example_kwargs: Optional[dict] = None, verify: bool = True,
              capture: str = "auto", verify_each: bool = False,
-             draws: int = DEFAULT_DRAWS, dynamic: Optional[bool] = None) -> OptimizedModule:
+             draws: int = DEFAULT_DRAWS, dynamic: Optional[bool] = None,
+             loss: Optional[Callable] = None) -> OptimizedModule:
     """Find every attention in `model` and rewrite it as `policy` says; verified.
 
     With example inputs (a tuple of positional args and/or a dict of keyword args) the work
@@ -465,16 +469,23 @@ def optimize(model: nn.Module, policy: Union[str, Policy, dict] = "exact", *,
     `dynamic`: None (default, as torch.compile) captures static shapes first and batch /
     sequence dims dynamic as soon as a call with other shapes arrives; True captures dynamic
     dims from the start; False captures each new shape statically.
+
+    `loss`: a function of the model's output (as the model returns it) to a scalar, e.g. the
+    task loss on the example batch; head pruning then scores heads by its gradient.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes an nn.Module, not {type(model).__name__}")
     if isinstance(model, OptimizedModule):
         raise AttnoptError("model is already an OptimizedModule; optimize its `_orig_mod` "
                            "instead")
+    if loss is not None and not callable(loss):
+        raise TypeError(f"loss must be a function of the model's output, not "
+                        f"{type(loss).__name__}")
     device, dtype = _model_device(model, example_inputs, example_kwargs)
     resolved = resolve_policy(policy, device, dtype)
     optimized = OptimizedModule(model, resolved, verify=verify, capture=capture,
-                                verify_each=verify_each, draws=draws, dynamic=dynamic)
+                                verify_each=verify_each, draws=draws, dynamic=dynamic,
+                                loss=loss)
     if example_inputs is not None or example_kwargs is not None:
         optimized._optimize(_as_args(example_inputs), dict(example_kwargs or {}))
     return optimized

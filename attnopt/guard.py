@@ -65,7 +65,7 @@ def component_estimates(info: dict) -> dict[str, float]:
 
 
 def guarded_region(captured: CapturedProgram, policy: Policy, verify_each: bool, draws: int,
-                   exact_sites: Optional[dict] = None) -> Region:
+                   exact_sites: Optional[dict] = None, loss=None) -> Region:
     """A verified region whose approximate sites are all within `policy.budget`.
 
     The returned region's `rolled_back` maps each site sent back to exact to what was measured
@@ -74,7 +74,7 @@ def guarded_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
     """
     pinned = dict(exact_sites or {})
     rolled_back: dict[str, dict] = {}
-    region = build_region(captured, policy, verify_each, pinned)
+    region = build_region(captured, policy, verify_each, pinned, loss)
     verify_region(region, draws)
     for _ in range(MAX_ROUNDS):
         if not region.approximations or region.passed:
@@ -94,7 +94,7 @@ def guarded_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
                               "site's error was among the largest")
         for name, why in over.items():
             _roll_back_one(region, name, why, pinned, rolled_back)
-        region = build_region(captured, policy, verify_each, pinned)
+        region = build_region(captured, policy, verify_each, pinned, loss)
         verify_region(region, draws)
     else:
         if region.approximations and not region.passed:
@@ -102,7 +102,7 @@ def guarded_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
                 _roll_back_one(region, name, "still over budget after "
                                f"{MAX_ROUNDS} rounds of rollbacks", pinned, rolled_back,
                                whole_site=True)
-            region = build_region(captured, policy, verify_each, pinned)
+            region = build_region(captured, policy, verify_each, pinned, loss)
             verify_region(region, draws)
     region.rolled_back = {**region.rolled_back, **rolled_back}
     return region

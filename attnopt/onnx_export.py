@@ -194,7 +194,7 @@ def rewritten_graph(model, args, kwargs, dynamic: bool) -> nn.Module:
     with torch.no_grad():
         # the guard's rollbacks stay exact: what is exported is what was verified
         return build_region(captured, state.policy, verify_each=False,
-                            exact_sites=state.rollbacks).rewritten
+                            exact_sites=state.rollbacks, loss=state.loss).rewritten
 
 
 def _compare_with_pytorch(model, program, args, kwargs, draws) -> list[tuple[str, ErrorStats]]:

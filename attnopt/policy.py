@@ -62,15 +62,16 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     # clustered (heads with similar keys and values pooled), or best (the lower error of the
     # two on the examples)
     "gqa": {"kv_heads": None, "group_size": 2, "grouping": "best"},
-    # fraction of heads removed (whole kv groups on GQA sites); importance: output_norm
-    "prune_heads": {"fraction": 0.25, "importance": "output_norm"},
+    # fraction of heads removed (whole kv groups on GQA sites); importance: gradient (of
+    # optimize's loss), output_norm, or auto (gradient when a loss is given)
+    "prune_heads": {"fraction": 0.25, "importance": "auto"},
     # mode: dynamic (activations quantized per call) or weight_only; keep_fraction: the most
     # sensitive projections (measured on the examples) kept in full precision
     "int8": {"mode": "dynamic", "keep_fraction": 0.0},
 }
 #: Values a parameter must take, where it is a choice.
 PARAM_CHOICES = {("gqa", "grouping"): ("contiguous", "clustered", "best"),
-                 ("prune_heads", "importance"): ("output_norm",),
+                 ("prune_heads", "importance"): ("auto", "gradient", "output_norm"),
                  ("int8", "mode"): ("dynamic", "weight_only")}
 
 

@@ -153,15 +153,17 @@ def pass_pipeline(policy: Policy) -> list:
 
 
 def build_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
-                 exact_sites: Optional[dict[str, str]] = None) -> Region:
-    """Run the pass pipeline on a captured program. `exact_sites` (site name → why) keeps
-    those sites exact whatever the policy says: the guard's rollbacks."""
+                 exact_sites: Optional[dict] = None,
+                 loss: Optional[Callable] = None) -> Region:
+    """Run the pass pipeline on a captured program. `exact_sites` (site name, or (site,
+    rewrite) → why) keeps those exact whatever the policy says: the guard's rollbacks. `loss`
+    (the model's output → a scalar) lets head pruning score heads by gradient."""
     original = captured.exported.module()
     eliminate_dead_code(original)
     original.recompile()
     rewritten = captured.exported.module()
     context = PassContext(captured.args, captured.kwargs, policy, name_prefix=captured.path,
-                          exact_sites=dict(exact_sites or {}))
+                          exact_sites=dict(exact_sites or {}), loss=loss)
 
     def check(graph_module: GraphModule) -> None:  # verify_each: the examples only
         stats = compare_outputs(graph_module(*captured.args, **captured.kwargs),

@@ -263,6 +263,45 @@ def test_prune_removes_the_silent_heads_exactly(form):
     assert parameters["before_bytes"] - parameters["after_bytes"] == saved
 
 
+def test_gradient_importance_prunes_the_head_the_loss_ignores():
+    """Head h writes only output features [8h, 8h + 8); head 3 writes them 10× louder, but
+    the loss reads features [0, 24) only. By output norm head 3 matters most; by the loss's
+    gradient it does not matter at all."""
+    model = _model("separate")
+    with torch.no_grad():
+        weight = torch.zeros(E, E)
+        for head in range(H):
+            block = torch.randn(D, D) * (10.0 if head == 3 else 1.0)
+            weight[head * D:(head + 1) * D, head * D:(head + 1) * D] = block
+        model.o.weight.copy_(weight)
+        model.o.bias.zero_()
+    x = _x()
+    policy = prune_policy(fraction=0.25)
+
+    def loss(output):
+        return output[..., :3 * D].pow(2).mean()
+
+    by_norm = attnopt.optimize(model, policy, example_inputs=(x,), verify=False)
+    by_loss = attnopt.optimize(model, policy, example_inputs=(x,), verify=False, loss=loss)
+    norm_info = _weights(by_norm).approximation["weights"]["prune_heads"]
+    loss_info = _weights(by_loss).approximation["weights"]["prune_heads"]
+    assert norm_info["importance"] == "output_norm" and 3 in norm_info["kept"]
+    assert loss_info["importance"] == "gradient" and loss_info["kept"] == [0, 1, 2]
+    assert loss_info["head_importance"][3] == 0.0
+    fresh = _x()
+    with torch.no_grad():  # what the loss reads is untouched
+        torch.testing.assert_close(by_loss(fresh)[..., :3 * D], model(fresh)[..., :3 * D],
+                                   atol=EXACT_TOL, rtol=0)
+    assert all(p.grad is None for p in model.parameters())  # the user's model is untouched
+
+
+def test_gradient_importance_without_a_loss_is_refused():
+    model = _model("separate")
+    optimized = attnopt.optimize(model, prune_policy(importance="gradient"),
+                                 example_inputs=(_x(),))
+    assert any("needs optimize(..., loss=...)" in n for n in _weights(optimized).weight_notes)
+
+
 def test_prune_whole_groups_on_a_grouped_site():
     class Grouped(SeparateProjections):
         def __init__(self):

@@ -51,6 +51,7 @@ class PassContext:
     measured_after_projection: set[str] = field(default_factory=set)
     weight_notes: dict[str, list[str]] = field(default_factory=dict)
     replaced_parameters: set[str] = field(default_factory=set)   # dropped when unused
+    loss: Optional[Callable] = None  # optimize(loss=...): the model's output → a scalar
 
 
     def rolled_back(self, site: str, component: str) -> Optional[str]:
