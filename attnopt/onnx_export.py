@@ -68,6 +68,7 @@ class ExportResult:
     file_bytes: int = 0
     ort_latency_ms: Optional[float] = None
     quantized: bool = False  # int8 projections: judged against INT8_ONNX_REL_ERR
+    workarounds: list[str] = field(default_factory=list)  # what was done around exporter bugs
 
     @property
     def passed(self) -> bool:
@@ -82,7 +83,7 @@ class ExportResult:
                                   "cosine": s.cosine, "passed": s.passed}
                            for name, s in self.errors},
                 "op_histogram": dict(self.op_histogram), "file_bytes": self.file_bytes,
-                "quantized": self.quantized,
+                "quantized": self.quantized, "workarounds": list(self.workarounds),
                 "ort_latency_ms": self.ort_latency_ms}
 
 
@@ -146,16 +147,26 @@ def export_onnx(model: nn.Module, path: str, *, example_inputs=None,
         source = model._orig_mod if isinstance(model, OptimizedModule) else model
         dynamic_shapes = leading_dims_dynamic(source, args, kwargs)
     progress(f"exporting to ONNX (opset {opset}, target {target})")
-    with warnings.catch_warnings():
-        # the captured graph of an eval-mode model carries no train/eval flag of its own
-        warnings.filterwarnings("ignore", message="Exporting a model while it is in training")
-        program = torch.onnx.export(graph, args, kwargs=kwargs, dynamo=True,
-                                    opset_version=opset, dynamic_shapes=dynamic_shapes,
-                                    verbose=False, custom_translation_table=translation_table(opset, target))
+    def export(optimize: bool):
+        with warnings.catch_warnings():
+            # the captured graph of an eval-mode model carries no train/eval flag of its own
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training")
+            return torch.onnx.export(graph, args, kwargs=kwargs, dynamo=True,
+                                     opset_version=opset, dynamic_shapes=dynamic_shapes,
+                                     verbose=False, optimize=optimize,
+                                     custom_translation_table=translation_table(opset, target))
+
+    program = export(optimize=True)
+    workarounds = []
+    if _single_head_rotary(program):
+        program = export(optimize=False)
+        workarounds.append("exported without torch.onnx's graph optimizer: it fuses RoPE on a "
+                           "single kv head into a RotaryEmbedding node onnxruntime rejects")
 
     nodes = graph.graph.nodes if isinstance(graph, torch.fx.GraphModule) else ()
     result = ExportResult(path, opset, target, dynamic,
-                          quantized=any(node.target is INT8_LINEAR_OP for node in nodes))
+                          quantized=any(node.target is INT8_LINEAR_OP for node in nodes),
+                          workarounds=workarounds)
     handle, temporary = tempfile.mkstemp(suffix=".onnx.tmp", dir=directory)
     os.close(handle)
     try:
@@ -178,6 +189,19 @@ def export_onnx(model: nn.Module, path: str, *, example_inputs=None,
         if os.path.exists(temporary):
             os.remove(temporary)
     return result
+
+
+def _single_head_rotary(program) -> bool:
+    """Whether the exporter fused RoPE on a one-head tensor into `RotaryEmbedding`: with
+    dynamic shapes at opset 23 it does so for MQA (one kv head — what GQA conversion and head
+    pruning can leave), and onnxruntime 1.32 then fails ("cos_cache and sin_cache are expected
+    to have the same shape as input x"). Seen with a plain Llama with one kv head too."""
+    for node in program.model.graph:
+        if node.op_type == "RotaryEmbedding" and node.inputs and node.inputs[0] is not None:
+            shape = node.inputs[0].shape
+            if shape is not None and len(shape) == 4 and shape[1] == 1:
+                return True
+    return False
 
 
 def rewritten_graph(model, args, kwargs, dynamic: bool) -> nn.Module:

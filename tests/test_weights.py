@@ -440,3 +440,53 @@ def test_gpt2_conv1d_heads_are_pruned_exactly():
     fresh = dict(input_ids=torch.randint(0, 64, (2, 8)), use_cache=False)
     torch.testing.assert_close(optimized(**fresh).logits, model(**fresh).logits,
                                atol=EXACT_TOL, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face models
+
+
+def _hf(name: str):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "bert":
+        config = transformers.BertConfig(vocab_size=64, hidden_size=E, num_hidden_layers=2,
+                                         num_attention_heads=H, intermediate_size=64,
+                                         attn_implementation="sdpa")
+        return transformers.BertModel(config).eval(), dict(
+            input_ids=torch.randint(0, 64, (2, 8)))
+    if name == "gpt2":
+        config = transformers.GPT2Config(vocab_size=64, n_embd=E, n_layer=2, n_head=H,
+                                         n_positions=16, n_inner=64,
+                                         attn_implementation="eager")
+        return transformers.GPT2LMHeadModel(config).eval(), dict(
+            input_ids=torch.randint(0, 64, (2, 8)), use_cache=False)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=E, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=H,
+                                      num_key_value_heads=2, attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(config).eval(), dict(
+        input_ids=torch.randint(0, 64, (2, 8)), use_cache=False)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_every_weight_rewrite_applies_to_hugging_face_models_and_exports(name, tmp_path):
+    """Unguarded (random heads make pruning and pooling lossy): every site takes every rewrite
+    that fits it, the parameters shrink, and the exported ONNX agrees with PyTorch."""
+    model, inputs = _hf(name)
+    policy = Policy("all", weights=[Rule("prune_heads", params={"fraction": 0.5}),
+                                    Rule("gqa", params={"group_size": 2}),
+                                    Rule("int8", params={"mode": "dynamic"})])
+    optimized = attnopt.optimize(model, policy, example_kwargs=inputs, verify=False)
+    records = [r for r in optimized.report.sites if r.site is not None]
+    assert len(records) == 2
+    # Llama: 4 heads over 2 kv heads; pruning half leaves 1 kv head, which GQA cannot pool
+    expected = ["prune_heads", "int8"] if name == "llama" else ["prune_heads", "gqa", "int8"]
+    for record in records:
+        assert list(record.approximation["weights"]) == expected
+    parameters = optimized.report.parameters
+    assert parameters["after_bytes"] < parameters["before_bytes"]
+    result = attnopt.export_onnx(optimized, str(tmp_path / f"{name}.onnx"),
+                                 example_kwargs=inputs)
+    assert result.passed and result.op_histogram.get("MatMulInteger") == 8
+    # one kv head left in Llama: torch.onnx's RoPE fusion would break it in onnxruntime
+    assert bool(result.workarounds) == (name == "llama")
