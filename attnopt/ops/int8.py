@@ -21,8 +21,10 @@ Dynamic mode takes 7-bit weights (|w| ≤ 63, `DYNAMIC_WEIGHT_MAX`): fbgemm and 
 multiply u8 activations by s8 weights with instructions that add pairs of products into int16,
 which saturates for 255·127·2; with 7-bit weights the sums fit, and the reference, fbgemm and
 onnxruntime agree to float round-off (measured: 2e-7 relative; with 8-bit weights both fast
-paths were 1.5% off the reference and 20× the quantization error end to end). Autograd is straight-through: gradients as for the dequantized weights, so a
-quantized model can be fine-tuned. The ONNX translation uses standard ops: `DequantizeLinear`
+paths were 1.5% off the reference and 20× the quantization error end to end).
+
+Autograd is straight-through: gradients as for the dequantized weights, so a quantized model
+can be fine-tuned. The ONNX translation uses standard ops: `DequantizeLinear`
 + `MatMul` (weight-only), `DynamicQuantizeLinear` + `MatMulInteger` (dynamic).
 """
 

@@ -119,8 +119,8 @@ def _importance_kind(params: dict, context: PassContext) -> str:
 
 def gradient_importance(graph_module: GraphModule, context: PassContext,
                         nodes: list[Node]) -> dict[str, torch.Tensor]:
-    """Per site node, per head: Σ over examples |Σ_{s,d} o_h · ∂L/∂o_h| — the sensitivity of
-    the loss to scaling the head's output (Michel et al., 2019, "Are sixteen heads really
+    """Per site node, per head: Σ over examples |Σ_{s,d} o_h · ∂L/∂o_h|, the sensitivity
+    of the loss to scaling the head's output (Michel et al., 2019, "Are sixteen heads really
     better than one?"). The site outputs are cut from what precedes them and differentiated
     alone, so no parameter of the user's model accumulates a gradient."""
     watched = {n.name for n in nodes}
