@@ -367,6 +367,28 @@ def test_sites_without_an_out_projection_are_not_pruned_and_say_why():
     torch.testing.assert_close(optimized(x), model(x), atol=EXACT_TOL, rtol=0)
 
 
+def test_a_per_head_tensor_on_the_path_refuses_pruning():
+    class PerHeadScale(SeparateProjections):
+        def __init__(self):
+            super().__init__()
+            self.head_scale = nn.Parameter(torch.rand(1, H, 1, 1) + 0.5)
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            q, k, v = (p(x).view(b, s, H, D).transpose(1, 2) for p in (self.q, self.k, self.v))
+            y = F.scaled_dot_product_attention(q * self.head_scale, k, v)
+            return self.o(y.transpose(1, 2).reshape(b, s, E))
+
+    torch.manual_seed(0)
+    model = PerHeadScale().eval()
+    x = _x()
+    optimized = attnopt.optimize(model, prune_policy(fraction=0.5), example_inputs=(x,))
+    record = _weights(optimized)
+    assert record.approximation is None
+    assert any("per-head tensor" in n for n in record.weight_notes)
+    torch.testing.assert_close(optimized(x), model(x), atol=EXACT_TOL, rtol=0)
+
+
 def test_sites_fed_by_plain_inputs_are_left_alone():
     class NoProjections(nn.Module):
         def forward(self, q, k, v):

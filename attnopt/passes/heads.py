@@ -6,13 +6,15 @@ rows and over every view between the projection and the attention: `linear → v
 → transpose → RoPE → attention`, packed projections (`c_attn(x).split(E)`, `in_proj` with
 `unflatten/select`), GPT-2's `addmm` Conv1D, and back out through `transpose → reshape →
 out-projection`. This module finds that path for one operand (`trace_input`) or for the output
-(`trace_output`), follows the head factor through it (`HeadAxis`, one row-major factor of one
-dim), and re-emits it (`InputPath.rebuild`, `OutputPath.rebuild`) for a *head map*: new head
-i is the mean of old heads `head_map[i]` (pooling for GQA, a single head to keep or permute).
+(`trace_output`), follows the head factor — and a packed projection's part factor — through it
+(`HeadAxis`, one row-major factor of one dim; `_trace_steps`), and re-emits it
+(`InputPath.rebuild`, `OutputPath.rebuild`) for a *head map*: new head i is the mean of old
+heads `head_map[i]` (pooling for GQA, a single head to keep or permute).
 
 Only the projection weights change: every op between projection and attention must act on
-each head alike (views, transposes, RoPE, per-head-dim norms), which `_propagate` checks op by
+each head alike (views, transposes, RoPE, per-head-dim norms), which `_follow` checks op by
 op; a path it cannot follow is refused with the op that stopped it (`SurgeryRefused`).
+docs/COMPRESSION.md explains why the graph is rewritten rather than the user's modules.
 """
 
 from __future__ import annotations
@@ -37,13 +39,6 @@ ELEMENTWISE_TARGETS = frozenset({
     aten.silu.default, aten.sigmoid.default, aten.tanh.default,
 })
 RESHAPE_TARGETS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
-#: Ops that split a packed projection's output into its parts (q, k, v).
-PART_TARGETS = frozenset({aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
-                          aten.unbind.int, aten.unflatten.int, aten.select.int,
-                          aten.slice.Tensor, operator.getitem})
-#: Largest elementwise difference between a packed projection's part recomputed from its rows
-#: and the graph's own value for that part (float32 round-off of one matmul).
-PART_MATCH_ATOL = 1e-4
 
 
 class SurgeryRefused(Exception):
@@ -135,8 +130,9 @@ def _axis_after_reshape(in_shape, out_shape, axis: HeadAxis, size: int) -> tuple
 def _follow(node: Node, source: Node, axis: HeadAxis, size: int,
             path: set[Node]) -> tuple[HeadAxis, Optional[int]]:
     """Where one factor of `size` sits after `node`, given its place in `source` (the node's
-    path input); and, for reshapes, the output dim that holds it. SurgeryRefused if the op
-    does not act on each slice of the factor alike."""
+    path input; `path`: the nodes carrying the factor so far); and, for reshapes, the output
+    dim that holds it. SurgeryRefused if the op does not act on each slice of the factor
+    alike."""
     in_shape, out_shape = _shape(source), _shape(node)
     if in_shape is None:
         raise SurgeryRefused(f"`{source.name}` has no recorded shape")
@@ -228,8 +224,8 @@ def _selected_part(node: Node, shape: tuple, part: HeadAxis, parts: int) -> Opti
     return None
 
 
-def _trace_steps(start: Node, nodes: list[Node], factors: dict[str, tuple[HeadAxis, int]],
-                 path: set[Node]) -> list[_Step]:
+def _trace_steps(start: Node, nodes: list[Node],
+                 factors: dict[str, tuple[HeadAxis, int]]) -> list[_Step]:
     """Follow each factor (name → (axis in `start`, size)) through `nodes` (graph order);
     the part factor ends where a node takes one part out."""
     axes: dict[Node, dict[str, HeadAxis]] = {start: {f: a for f, (a, _) in factors.items()}}
@@ -264,7 +260,7 @@ def _trace_steps(start: Node, nodes: list[Node], factors: dict[str, tuple[HeadAx
             if takes_part and axis.dim == part.dim and node.target is not aten.select.int:
                 step.axes[factor] = axis  # parts are cut whole: the heads inside stay put
                 continue
-            new_axis, index = _follow(node, source, axis, sizes[factor], path)
+            new_axis, index = _follow(node, source, axis, sizes[factor], set(axes))
             step.axes[factor] = new_axis
             if index is not None:
                 step.reshape_indices[factor] = index
@@ -378,7 +374,7 @@ def trace_input(site_node: Node, index: int) -> InputPath:
     factors = {HEADS: (HeadAxis(len(_shape(core.node)) - 1, head_dim), heads)}
     if parts > 1:
         factors[PART] = (HeadAxis(len(_shape(core.node)) - 1, heads * head_dim), parts)
-    steps = _trace_steps(core.node, nodes, factors, between)
+    steps = _trace_steps(core.node, nodes, factors)
     extracted = [s.extract for s in steps if s.extract is not None]
     if parts > 1 and len(extracted) != 1:
         raise SurgeryRefused(f"the part of the packed projection `{core.weight.target}` this "
@@ -442,8 +438,7 @@ def trace_output(site_node: Node) -> OutputPath:
                                  "out-projection reads it")
         core = Core.of(user)
         if core is not None and core.input is node:
-            steps = _trace_steps(site_node, nodes, {HEADS: (HeadAxis(1, 1), heads)},
-                                 set(nodes) | {site_node})
+            steps = _trace_steps(site_node, nodes, {HEADS: (HeadAxis(1, 1), heads)})
             axis = steps[-1].axes[HEADS] if steps else HeadAxis(1, 1)
             shape = _shape(node)
             if axis.dim != len(shape) - 1 or axis.inner * heads != shape[-1]:
