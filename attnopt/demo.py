@@ -100,3 +100,12 @@ def run_demo(seq_len: int = 64, batch: int = 2, seed: int = 0) -> None:
         want = model(tokens, memory)
         error = float((optimized(tokens, memory) - want).norm() / want.norm())
     print(f"output relative error {error:.3g} (budget {policy.budget.output_rel_err:g})\n")
+    # weight rewrites: fewer heads, pooled kv heads, int8 projections, each guarded
+    start = time.perf_counter()
+    optimized = optimize(model, "compact", example_inputs=(tokens, memory))
+    elapsed = time.perf_counter() - start
+    print(f"== policy 'compact' ({optimized.report.policy['description']}) — {elapsed:.1f} s")
+    print(optimized.report)
+    with torch.no_grad():
+        error = float((optimized(tokens, memory) - want).norm() / want.norm())
+    print(f"output relative error {error:.3g}\n")

@@ -193,7 +193,7 @@ def verify_region(region: Region, draws: int) -> None:
     """
     names = region.context.site_nodes
     sync_state(region.rewritten, region.captured.module)
-    replays = {site: replay_plan(region, new) for site, (_, new) in names.items()}
+    replays = {site: replay_plan(region, new, site) for site, (_, new) in names.items()}
     watch = {old for old, _ in names.values()} | \
         {name for plan in replays.values() for name in plan.input_names}
     draws_list = input_draws(region.captured.args, region.captured.kwargs, draws=draws)
@@ -214,13 +214,23 @@ def verify_region(region: Region, draws: int) -> None:
         region.draws += 1
 
 
-def replay_plan(region: Region, new_name: str) -> EvaluationPlan:
+def replay_plan(region: Region, new_name: str, site: str = "") -> EvaluationPlan:
     """How to compute a site's replacement in the rewritten graph from the values of the
-    nodes it reads that the original graph also has (parameters are read from the graph)."""
+    nodes it reads that the original graph also has (parameters are read from the graph).
+
+    Nodes downstream of the site's own new nodes upstream of it (its int8 projections) are
+    recomputed even where they keep an original name (the views between a projection and
+    the attention), so the site's error includes its projections'."""
     original_names = {n.name for n in region.original.graph.nodes}
     (target,) = [n for n in region.rewritten.graph.nodes if n.name == new_name]
+    members = region.context.site_members.get(site, set())
+    recomputed: set = set()
+    for node in region.rewritten.graph.nodes:
+        if node.name in members or any(a in recomputed for a in node.all_input_nodes):
+            recomputed.add(node)
     return plan_evaluation(region.rewritten, [target], lambda node: node is not target and
-                           node.name in original_names and node.op != "get_attr")
+                           node.name in original_names and node.op != "get_attr" and
+                           node not in recomputed)
 
 
 def call_graph(region: Region, args: tuple, kwargs: dict):

@@ -109,3 +109,17 @@ def test_mixed_precision_keeps_the_most_sensitive_projection():
     assert info["full_precision"] == ["v"]
     assert sorted(info["quantized"]) == ["k", "out", "q"]
     assert info["sensitivity"]["v"] > 3 * max(info["sensitivity"][r] for r in ("q", "k", "out"))
+
+
+def test_site_error_includes_its_quantized_input_projections():
+    """With the out-projection kept in float the site is measured at the attention output;
+    the int8 q/k/v upstream of it (behind views that keep their names) must count there."""
+    model = _model("separate")
+    with torch.no_grad():  # the out-projection is the most sensitive: kept in float
+        model.o.weight[:, 0] = 40.0
+    x = _x()
+    optimized = attnopt.optimize(model, int8_policy(mode="weight_only", keep_fraction=0.25),
+                                 example_inputs=(x,))
+    record = _weights(optimized)
+    assert record.approximation["weights"]["int8"]["full_precision"] == ["out"]
+    assert record.rel_err > 1e-3  # q, k, v at int8: ~0.5%, not float round-off

@@ -65,6 +65,9 @@ class ConvertToGroupedQuery:
                  values: NodeValues, context: PassContext) -> dict:
         q, k, v, mask = site_args(node)[:4]
         heads, kv_heads = _heads(q), _heads(k)
+        if params["kv_heads"] is None and kv_heads % max(1, params["group_size"]):
+            raise SurgeryRefused(f"{kv_heads} kv heads do not form groups of "
+                                 f"{params['group_size']}")
         target = params["kv_heads"] if params["kv_heads"] is not None else \
             kv_heads // max(1, params["group_size"])
         if not 1 <= target < kv_heads or kv_heads % target:

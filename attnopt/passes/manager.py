@@ -51,6 +51,9 @@ class PassContext:
     measured_after_projection: set[str] = field(default_factory=set)
     weight_notes: dict[str, list[str]] = field(default_factory=dict)
     replaced_parameters: set[str] = field(default_factory=set)   # dropped when unused
+    # site → new nodes its rewrites put upstream of its measurement point under views that
+    # keep their original names (verification recomputes what depends on them)
+    site_members: dict[str, set[str]] = field(default_factory=dict)
     loss: Optional[Callable] = None  # optimize(loss=...): the model's output → a scalar
 
 

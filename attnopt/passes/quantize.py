@@ -89,6 +89,7 @@ class QuantizeProjections:
                 replace_out_projection(out_paths[core_node], new, site_name, context)
             else:
                 core_node.replace_all_uses_with(new)
+                context.site_members.setdefault(site_name, set()).add(new.name)
             context.replaced_parameters.add(core.weight.target)
             info["quantized"].append(role)
             changes.append(f"{site_name}: {role} projection → int8 ({params['mode']})")
