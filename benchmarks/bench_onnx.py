@@ -7,7 +7,9 @@ random weights, batch 1, sequences 512 and 4096 (positions sized to fit). Files 
   MatMul/Softmax/MatMul with the mask arithmetic);
 - attnopt exact, decomposed: `export_onnx(opset=18)` of `optimize(model, "exact")`;
 - attnopt exact, `Attention` op: `export_onnx(opset=23)`;
-- attnopt exact, onnxruntime's fused `com.microsoft.MultiHeadAttention`: `export_onnx(target="ort")`.
+- attnopt exact, onnxruntime's fused `com.microsoft.MultiHeadAttention`: `export_onnx(target="ort")`;
+- attnopt `long` (guarded approximations by sequence length, thresholds calibrated on this
+  machine) and `compact` (guarded head pruning, GQA, int8 projections), opset 23.
 
 Each file's outputs are checked against PyTorch first (export_onnx does it for attnopt's; the
 original's is compared here). Latency: median of `--runs` onnxruntime runs after 2 warm-ups,
@@ -67,6 +69,7 @@ def main() -> None:
           "ms | attnopt MultiHeadAttention (ort) ms | original / decomposed | original / "
           "Attention | original / MultiHeadAttention | max abs err vs PyTorch |")
     print("|---|---|---|---|---|---|---|---|---|")
+    policy_rows = []
     with tempfile.TemporaryDirectory() as directory:
         for seq_len in args.seqs:
             model, inputs = build(seq_len)
@@ -91,6 +94,26 @@ def main() -> None:
             print(f"| {seq_len} | {times[0]:.1f} | {times[1]:.1f} | {times[2]:.1f} | "
                   f"{times[3]:.1f} | {times[0] / times[1]:.2f} | {times[0] / times[2]:.2f} | "
                   f"{times[0] / times[3]:.2f} | {max(errors):.1e} |", flush=True)
+            for policy in ("long", "compact"):
+                guarded = attnopt.optimize(model, policy, example_kwargs=inputs)
+                path = os.path.join(directory, f"attnopt-{seq_len}-{policy}.onnx")
+                result = attnopt.export_onnx(guarded, path, example_kwargs=inputs)
+                kept = sorted({r.rewrite if not (r.approximation or {}).get("weights") else
+                               "+".join(r.approximation["weights"]) for r in guarded.report.sites
+                               if r.site is not None})
+                with torch.no_grad():
+                    out = guarded(**inputs).last_hidden_state
+                ms = latency_ms(path, inputs, args.runs)
+                policy_rows.append(
+                    f"| {seq_len} | {policy} | {', '.join(kept)} | "
+                    f"{result.file_bytes / 1e6:.1f} | {ms:.1f} | {times[0] / ms:.2f} | "
+                    f"{float((out - expected).norm() / expected.norm()):.3f} |")
+    print()
+    print("| seq | policy | rewrites kept (guarded) | ONNX MB | ms | original / this | output "
+          "rel err vs original |")
+    print("|---|---|---|---|---|---|---|")
+    for row in policy_rows:
+        print(row)
 
 
 if __name__ == "__main__":
