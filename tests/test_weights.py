@@ -512,3 +512,34 @@ def test_every_weight_rewrite_applies_to_hugging_face_models_and_exports(name, t
     assert result.passed and result.op_histogram.get("MatMulInteger") == 8
     # one kv head left in Llama: torch.onnx's RoPE fusion would break it in onnxruntime
     assert bool(result.workarounds) == (name == "llama")
+
+
+def test_cross_attention_with_split_in_projection_is_rebuilt():
+    """nn.MultiheadAttention over a memory splits in_proj_weight into q rows and kv rows."""
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(E, H, batch_first=True)
+
+        def forward(self, x, memory):
+            return self.attn(x, memory, memory, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    model = Cross().eval()
+    with torch.no_grad():
+        model.attn.out_proj.weight[:, 1 * D:2 * D] = 0.0
+        model.attn.out_proj.weight[:, 3 * D:] = 0.0
+    x, memory = _x(), torch.randn(B, S + 4, E)
+    policy = Policy("cross", weights=[Rule("prune_heads", params={"fraction": 0.5}),
+                                      Rule("int8", params={"mode": "dynamic"})])
+    optimized = attnopt.optimize(model, policy, example_inputs=(x, memory))
+    weights = _weights(optimized).approximation["weights"]
+    assert weights["prune_heads"]["kept"] == [0, 2]
+    assert weights["int8"]["quantized"] == ["q", "k", "v", "out"]  # pruning split kv
+    fresh, fresh_memory = _x(), torch.randn(B, S + 4, E)
+    with torch.no_grad():
+        expected = model(fresh, fresh_memory)
+        error = float((optimized(fresh, fresh_memory) - expected).norm() / expected.norm())
+    assert error < 0.04  # int8 rounding only: the pruned heads wrote nothing
+    gm = optimized._attnopt_state.whole_regions[0].rewritten
+    assert not hasattr(gm.attn, "in_proj_weight")  # the packed parameter left the graph

@@ -56,16 +56,25 @@ class HeadAxis:
 @dataclass
 class Core:
     """The matmul of a projection: `linear(x, W, b)` (W is (out, in)) or GPT-2's Conv1D
-    `addmm(b, x, W)` (W is (in, out))."""
+    `addmm(b, x, W)` (W is (in, out)). W and b are parameters, or row ranges of parameters
+    (`nn.MultiheadAttention`'s cross-attention splits `in_proj_weight` into q and kv rows)."""
 
     node: Node
-    weight: Node
-    bias: Optional[Node]
+    weight: Node                   # the parameter's get_attr node
+    bias: Optional[Node]           # the bias parameter's get_attr node
     transposed: bool
+    weight_rows: Optional[tuple[int, int]] = None  # a row range of the parameter
+    bias_rows: Optional[tuple[int, int]] = None
 
     @property
     def input(self) -> Node:
         return self.node.args[1] if self.transposed else self.node.args[0]
+
+    @property
+    def bias_value(self) -> Optional[Node]:
+        """The node the matmul reads its bias from (the parameter or its row range)."""
+        return self.node.args[0] if self.transposed else \
+            (self.node.args[2] if len(self.node.args) > 2 else None)
 
     @staticmethod
     def of(node: Any) -> Optional["Core"]:
@@ -77,11 +86,14 @@ class Core:
             bias, weight, transposed = node.args[0], node.args[2], True
         else:
             return None
-        if not (isinstance(weight, Node) and weight.op == "get_attr"):
+        weight_source = _parameter_rows(weight)
+        if weight_source is None or (transposed and weight_source[1] is not None):
             return None
-        if bias is not None and not (isinstance(bias, Node) and bias.op == "get_attr"):
+        bias_source = _parameter_rows(bias) if bias is not None else (None, None)
+        if bias_source is None:
             return None
-        return Core(node, weight, bias, transposed)
+        return Core(node, weight_source[0], bias_source[0], transposed, weight_source[1],
+                    bias_source[1])
 
     def parameter_names(self) -> list[str]:
         return [n.target for n in (self.weight, self.bias) if n is not None]
@@ -89,8 +101,41 @@ class Core:
     def rows(self, graph_module: GraphModule) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(weight as (out, in), bias)."""
         weight = _attr(graph_module, self.weight.target)
+        if self.weight_rows is not None:
+            weight = weight[self.weight_rows[0]:self.weight_rows[1]]
         bias = _attr(graph_module, self.bias.target) if self.bias is not None else None
+        if bias is not None and self.bias_rows is not None:
+            bias = bias[self.bias_rows[0]:self.bias_rows[1]]
         return (weight.t() if self.transposed else weight), bias
+
+
+def _parameter_rows(node: Any) -> Optional[tuple[Node, Optional[tuple[int, int]]]]:
+    """(parameter get_attr, row range or None) when `node` is a parameter or a dim-0 slice of
+    one (`getitem(split_with_sizes(p, sizes), i)`, `getitem(split(p, size), i)`,
+    `slice(p, 0, a, b)`); None otherwise."""
+    if isinstance(node, Node) and node.op == "get_attr":
+        return node, None
+    if is_call(node, operator.getitem) and is_call(node.args[0], aten.split_with_sizes.default,
+                                                   aten.split.Tensor):
+        split = node.args[0]
+        source, index = split.args[0], node.args[1]
+        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        if not (isinstance(source, Node) and source.op == "get_attr") or dim != 0:
+            return None
+        if split.target is aten.split_with_sizes.default:
+            sizes = list(split.args[1])
+        else:
+            total = _shape(source)[0]
+            sizes = [min(split.args[1], total - low) for low in range(0, total, split.args[1])]
+        low = sum(sizes[:index])
+        return source, (low, low + sizes[index])
+    if is_call(node, aten.slice.Tensor) and isinstance(node.args[0], Node) and \
+            node.args[0].op == "get_attr" and node.args[1] == 0:
+        total = _shape(node.args[0])[0]
+        low = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+        high = min(node.args[3] if len(node.args) > 3 else total, total)
+        return node.args[0], (low, high)
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -122,5 +122,5 @@ class QuantizeProjections:
                 node.meta["val"] = emitter.fake_mode.from_tensor(tensor)
             nodes.append(node)
         with graph_module.graph.inserting_before(core.node):
-            return emitter.emit(INT8_LINEAR_OP, core.input, nodes[0], nodes[1], core.bias,
-                                dynamic)
+            return emitter.emit(INT8_LINEAR_OP, core.input, nodes[0], nodes[1],
+                                core.bias_value, dynamic)
