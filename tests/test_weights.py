@@ -367,6 +367,40 @@ def test_sites_without_an_out_projection_are_not_pruned_and_say_why():
     torch.testing.assert_close(optimized(x), model(x), atol=EXACT_TOL, rtol=0)
 
 
+class ALiBiBlock(SeparateProjections):
+    """A per-head additive bias (ALiBi slopes) as the attention mask."""
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, H, D).transpose(1, 2) for p in (self.q, self.k, self.v))
+        slopes = 2.0 ** (-torch.arange(1, H + 1, dtype=x.dtype))
+        distance = (torch.arange(s)[None, :] - torch.arange(s)[:, None]).abs().to(x.dtype)
+        bias = -slopes[:, None, None] * distance  # (H, S, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.o(y.transpose(1, 2).reshape(b, s, E))
+
+
+def test_per_head_masks_follow_the_pruned_and_permuted_heads(tmp_path):
+    torch.manual_seed(0)
+    model = ALiBiBlock().eval()
+    _silence_heads(model, [1, 3])
+    x = _x()
+    pruned = attnopt.optimize(model, prune_policy(fraction=0.5), example_inputs=(x,))
+    assert _weights(pruned).approximation["weights"]["prune_heads"]["kept"] == [0, 2]
+    torch.manual_seed(1)
+    model_2 = ALiBiBlock().eval()
+    _tie_heads(model_2, [(0, 2), (1, 3)])
+    grouped = attnopt.optimize(model_2, gqa_policy(grouping="best"), example_inputs=(x,))
+    gqa = _weights(grouped).approximation["weights"]["gqa"]
+    assert gqa["grouping"] == "clustered" and gqa["errors"]["clustered"] < 1e-6
+    fresh = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(fresh), model(fresh), atol=EXACT_TOL, rtol=0)
+        torch.testing.assert_close(grouped(fresh), model_2(fresh), atol=EXACT_TOL, rtol=0)
+    result = attnopt.export_onnx(pruned, str(tmp_path / "alibi.onnx"), example_inputs=(x,))
+    assert result.passed and result.op_histogram.get("Gather")
+
+
 def test_a_per_head_tensor_on_the_path_refuses_pruning():
     class PerHeadScale(SeparateProjections):
         def __init__(self):

@@ -24,7 +24,8 @@ from attnopt.ops import ATTENTION_OP
 from attnopt.passes.canonicalize import SITE_META_KEY
 from attnopt.passes.evaluate import NodeValues
 from attnopt.passes.heads import (
-    SurgeryRefused, replace_out_projection, replace_site, site_args, trace_input, trace_output,
+    SurgeryRefused, per_head_mask, replace_out_projection, replace_site, site_args,
+    trace_input, trace_output,
 )
 from attnopt.passes.manager import PassContext, PassResult
 
@@ -81,17 +82,13 @@ class ConvertToGroupedQuery:
         groups = {"contiguous": contiguous_groups(kv_heads, target)}
         errors, refused = {}, None
         if params["grouping"] in ("clustered", "best"):
-            mask_value = calibration.get(mask.name) if isinstance(mask, Node) else None
-            if mask_value is not None and mask_value.dim() >= 3 and mask_value.shape[-3] > 1:
-                refused = "a per-head mask would need permuting with the query heads"
-            else:
-                try:
-                    q_path = trace_input(node, 0)
-                    out_path = trace_output(node)
-                    groups["clustered"] = cluster_heads(calibration[k.name],
-                                                        calibration[v.name], target)
-                except SurgeryRefused as error:
-                    refused = str(error)
+            try:
+                q_path = trace_input(node, 0)
+                out_path = trace_output(node)
+                groups["clustered"] = cluster_heads(calibration[k.name],
+                                                    calibration[v.name], target)
+            except SurgeryRefused as error:
+                refused = str(error)
             if refused is not None and params["grouping"] == "clustered":
                 raise SurgeryRefused(f"clustered grouping: {refused}")
         for grouping, members in groups.items():
@@ -105,13 +102,15 @@ class ConvertToGroupedQuery:
             new_q = q_path.rebuild(graph_module, [[h] for h in query_order], f"{site.name}_q")
         new_k = k_path.rebuild(graph_module, members, f"{site.name}_k")
         new_v = v_path.rebuild(graph_module, members, f"{site.name}_v")
-        new = replace_site(graph_module, node, new_q, new_k, new_v, context)
+        permuted = query_order != list(range(heads))
+        new = replace_site(graph_module, node, new_q, new_k, new_v, context,
+                           query_heads=query_order if permuted else None)
         if query_order != list(range(heads)):  # permuted heads: measured after the out-proj
             new_out = out_path.rebuild(graph_module, new,
                                        [[h] for h in query_order], f"{site.name}_out")
             replace_out_projection(out_path, new_out, site.name, context)
-        permuted = (out_path,) if query_order != list(range(heads)) else ()
-        for path in (k_path, v_path) + ((q_path,) if new_q is not q else ()) + permuted:
+        for path in (k_path, v_path) + ((q_path,) if new_q is not q else ()) + \
+                ((out_path,) if permuted else ()):
             context.replaced_parameters.update(path.core.parameter_names())
         info = {"from_kv_heads": kv_heads, "kv_heads": target, "grouping": grouping,
                 "groups": [list(g) for g in members],
@@ -157,28 +156,27 @@ def query_permutation(groups: list[list[int]], heads: int, kv_heads: int) -> lis
 
 
 def pooled_error(node: Node, calibration: dict, groups: list[list[int]], heads: int) -> float:
-    """Normwise relative error of the site's output with k/v pooled per `groups` (query heads
-    permuted to match) against the original, on the examples."""
+    """Normwise relative error of the site's output with k/v pooled per `groups` (query heads,
+    and a per-head mask with them, permuted to match) against the original, on the examples."""
     q, k, v, mask = site_args(node)[:4]
     q_value, k_value, v_value = (calibration[n.name].double() for n in (q, k, v))
     mask_value = calibration.get(mask.name) if isinstance(mask, Node) else mask
     if isinstance(mask_value, torch.Tensor) and mask_value.is_floating_point():
         mask_value = mask_value.double()
     is_causal, scale = bool(node.args[4]), node.args[5]
-    kv_heads = k_value.shape[1]
 
-    def attend(q_, k_, v_):
+    def attend(q_, k_, v_, mask_):
         if q_.shape[1] != k_.shape[1]:
             k_ = k_.repeat_interleave(q_.shape[1] // k_.shape[1], 1)
             v_ = v_.repeat_interleave(q_.shape[1] // v_.shape[1], 1)
-        return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask_value,
+        return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask_,
                                               is_causal=is_causal, scale=scale)
 
-    reference = attend(q_value, k_value, v_value)
-    order = query_permutation(groups, heads, kv_heads)
+    order = query_permutation(groups, heads, k_value.shape[1])
+    reference = attend(q_value, k_value, v_value, mask_value)[:, order]
+    if per_head_mask(mask):
+        mask_value = mask_value.index_select(mask_value.dim() - 3, torch.tensor(order))
     pooled_k = torch.stack([k_value[:, g].mean(1) for g in groups], 1)
     pooled_v = torch.stack([v_value[:, g].mean(1) for g in groups], 1)
-    output = attend(q_value[:, order], pooled_k, pooled_v)
-    reference = reference[:, order]
+    output = attend(q_value[:, order], pooled_k, pooled_v, mask_value)
     return float((output - reference).norm() / reference.norm().clamp_min(1e-30))
-

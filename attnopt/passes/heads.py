@@ -631,9 +631,11 @@ def site_args(node: Node) -> list:
 
 
 def replace_site(graph_module: GraphModule, node: Node, q: Node, k: Node, v: Node,
-                 context) -> Node:
+                 context, query_heads: Optional[Sequence[int]] = None) -> Node:
     """A new call of the canonical op on (q, k, v) in place of `node` (enable_gqa set from the
-    head counts); the site's measurement point follows it."""
+    head counts); the site's measurement point follows it. `query_heads`: the old query heads
+    the new q holds, in order, when they changed — a per-head mask (ALiBi, a relative position
+    bias) then keeps those heads' rows."""
     from attnopt.ops import ATTENTION_OP
     from attnopt.passes.canonicalize import SITE_META_KEY
     args = site_args(node)
@@ -642,8 +644,19 @@ def replace_site(graph_module: GraphModule, node: Node, q: Node, k: Node, v: Nod
         bool(args[6])
     if args[7] is None:
         args = args[:7]
+    emitter = Emitter(graph_module, node)
     with graph_module.graph.inserting_before(node):
-        new = Emitter(graph_module, node).emit(ATTENTION_OP, *args)
+        mask = args[3]
+        if query_heads is not None and per_head_mask(mask):
+            index = unique_attr(graph_module, f"attnopt_{node.name}_mask_heads")
+            graph_module.register_buffer(index, torch.tensor(list(query_heads)))
+            index_node = graph_module.graph.get_attr(index)
+            if emitter.fake_mode is not None:
+                index_node.meta["val"] = emitter.fake_mode.from_tensor(
+                    getattr(graph_module, index))
+            args[3] = emitter.emit(aten.index_select.default, mask,
+                                   mask.meta["val"].dim() - 3, index_node)
+        new = emitter.emit(ATTENTION_OP, *args)
     site = node.meta[SITE_META_KEY]
     new.meta[SITE_META_KEY] = site
     node.replace_all_uses_with(new)
@@ -652,6 +665,12 @@ def replace_site(graph_module: GraphModule, node: Node, q: Node, k: Node, v: Nod
     if new_name == node.name:
         context.site_nodes[site.name] = (old_name, new.name)
     return new
+
+
+def per_head_mask(mask: Any) -> bool:
+    """Whether a site's mask has a heads dim of more than one (a per-head bias)."""
+    val = mask.meta.get("val") if isinstance(mask, Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() >= 3 and concrete(val.shape[-3]) > 1
 
 
 def replace_out_projection(path: OutputPath, new_out: Node, site_name: str, context) -> None:

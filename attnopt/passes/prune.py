@@ -73,10 +73,6 @@ class PruneHeads:
                gradient: Optional[torch.Tensor]) -> dict:
         q, k, v, mask = site_args(node)[:4]
         heads, kv_heads = (int(n.meta["val"].shape[1]) for n in (q, k))
-        if isinstance(mask, Node) and mask.meta["val"].dim() >= 3 and \
-                mask.meta["val"].shape[-3] > 1:
-            raise SurgeryRefused("the mask has a heads dim (a per-head bias) that would need "
-                                 "pruning too")
         ratio = heads // kv_heads
         removed = math.floor(kv_heads * params["fraction"])
         if removed < 1 or removed >= kv_heads:
@@ -100,7 +96,7 @@ class PruneHeads:
         new_q = paths[0].rebuild(graph_module, [[h] for h in kept], f"{site.name}_q")
         new_k = paths[1].rebuild(graph_module, [[h] for h in kept_kv], f"{site.name}_k")
         new_v = paths[2].rebuild(graph_module, [[h] for h in kept_kv], f"{site.name}_v")
-        new = replace_site(graph_module, node, new_q, new_k, new_v, context)
+        new = replace_site(graph_module, node, new_q, new_k, new_v, context, query_heads=kept)
         new_out = out_path.rebuild(graph_module, new, [[h] for h in kept], f"{site.name}_out")
         replace_out_projection(out_path, new_out, site.name, context)
         for path in (*paths, out_path):
