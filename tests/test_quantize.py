@@ -123,3 +123,21 @@ def test_site_error_includes_its_quantized_input_projections():
     record = _weights(optimized)
     assert record.approximation["weights"]["int8"]["full_precision"] == ["out"]
     assert record.rel_err > 1e-3  # q, k, v at int8: ~0.5%, not float round-off
+
+
+@pytest.mark.parametrize("mode", ["weight_only", "dynamic"])
+def test_quantized_model_saves_as_pt2_and_loads_back(mode, tmp_path):
+    from attnopt.convert import save_pt2
+    model = _model("separate")
+    x = _x()
+    optimized = attnopt.optimize(model, int8_policy(mode=mode), example_inputs=(x,))
+    save_pt2(optimized, tmp_path / "int8.pt2", (x,), {})
+    save_pt2(attnopt.optimize(model, "exact", example_inputs=(x,)), tmp_path / "exact.pt2",
+             (x,), {})
+    assert (tmp_path / "int8.pt2").stat().st_size < (tmp_path / "exact.pt2").stat().st_size
+    loaded = torch.export.load(str(tmp_path / "int8.pt2")).module()
+    targets = {str(n.target) for n in loaded.graph.nodes if n.op == "call_function"}
+    assert "attnopt.int8_linear.default" in targets
+    fresh = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(fresh), optimized(fresh), atol=ROUNDOFF, rtol=0)
