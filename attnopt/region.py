@@ -225,7 +225,7 @@ def replay_plan(region: Region, new_name: str, site: str = "") -> EvaluationPlan
     (target,) = [n for n in region.rewritten.graph.nodes if n.name == new_name]
     members = region.context.site_members.get(site, set())
     recomputed: set = set()
-    for node in region.rewritten.graph.nodes:
+    for node in region.rewritten.graph.nodes if members else ():
         if node.name in members or any(a in recomputed for a in node.all_input_nodes):
             recomputed.add(node)
     return plan_evaluation(region.rewritten, [target], lambda node: node is not target and

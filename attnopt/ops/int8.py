@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from attnopt.ops.common import register_recompute_autograd
 
@@ -102,22 +103,25 @@ def _int8_linear_cpu(x, weight_int8, scale, bias=None, dynamic=False):
     return torch.ops.quantized.linear_dynamic(x, packed, False)  # reduce_range=False
 
 
-_PACKED: dict = {}
+#: fbgemm's packed weights per int8 weight tensor (weakly held: they go with the weight).
+_PACKED = WeakIdKeyDictionary()
 
 
 def _packed(weight_int8: Tensor, scale: Tensor, bias: Optional[Tensor]):
-    """fbgemm's pre-packed weights, once per (weight, scale, bias) tensor version."""
-    key = tuple((t.data_ptr(), t._version) if t is not None else None
-                for t in (weight_int8, scale, bias))
-    packed = _PACKED.get(key)
-    if packed is None:
-        with warnings.catch_warnings():  # (PyTorch deprecates quantized tensors: while the
-            warnings.simplefilter("ignore", UserWarning)  # op exists, it is the fast path)
-            quantized = torch._make_per_channel_quantized_tensor(
-                weight_int8, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-        packed = torch.ops.quantized.linear_prepack(
-            quantized, None if bias is None else bias.float())
-        _PACKED[key] = packed
+    """fbgemm's pre-packed weights, packed again only when the weight, its scale or the bias
+    changed (another tensor or an in-place update)."""
+    version = tuple((id(t), t._version) if t is not None else None
+                    for t in (weight_int8, scale, bias))
+    cached = _PACKED.get(weight_int8)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    with warnings.catch_warnings():  # (PyTorch deprecates quantized tensors: while the
+        warnings.simplefilter("ignore", UserWarning)  # op exists, it is the fast path)
+        quantized = torch._make_per_channel_quantized_tensor(
+            weight_int8, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+    packed = torch.ops.quantized.linear_prepack(
+        quantized, None if bias is None else bias.float())
+    _PACKED[weight_int8] = (version, packed)
     return packed
 
 

@@ -22,6 +22,7 @@ from attnopt.ops import APPROXIMATE_OPS, ATTENTION_OP
 from attnopt.ops.features import draw_projection
 from attnopt.passes.canonicalize import SITE_META_KEY
 from attnopt.passes.evaluate import evaluate_subgraph, placeholder_values
+from attnopt.passes.fx_utils import unique_attr
 from attnopt.passes.manager import PassContext, PassResult
 from attnopt.policy import VARIANT_DEFAULTS
 from attnopt.site import AttentionSite
@@ -136,7 +137,7 @@ class ApproximateAttention:
         with graph.inserting_before(node):
             if rewrite in ("performer", "hybrid"):
                 projection = draw_projection(params["features"], site.head_dim, params["seed"])
-                buffer = _unique_attr(graph_module, f"attnopt_projection_{site.name}")
+                buffer = unique_attr(graph_module, f"attnopt_projection_{site.name}")
                 graph_module.register_buffer(buffer, projection)
                 proj_node = graph.get_attr(buffer)
                 proj_node.meta["val"] = _fake_like(node, projection)
@@ -205,15 +206,6 @@ def attention_entropy(q, k, mask, causal: bool, scale) -> float:
         entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
         visible = keep.sum(-1).clamp_min(2).float()
         return float((entropy / visible.log()).mean())
-
-
-def _unique_attr(graph_module: GraphModule, base: str) -> str:
-    name = "".join(c if c.isalnum() else "_" for c in base)
-    candidate, index = name, 1
-    while hasattr(graph_module, candidate):
-        index += 1
-        candidate = f"{name}_{index}"
-    return candidate
 
 
 def _fake_like(node: Node, tensor: torch.Tensor):

@@ -159,6 +159,17 @@ def value_sources(nodes: Iterable[Node]) -> set[Node]:
     return sources
 
 
+def unique_attr(module, base: str) -> str:
+    """An attribute name for `module` from `base` (non-alphanumerics → "_") that it does not
+    have yet: `base`, else `base_2`, `base_3`, …"""
+    name = "".join(c if c.isalnum() else "_" for c in base)
+    candidate, index = name, 1
+    while hasattr(module, candidate):
+        index += 1
+        candidate = f"{name}_{index}"
+    return candidate
+
+
 def remove_assertions_on(graph: torch.fx.Graph, nodes: Iterable[Node]) -> None:
     """Drop metadata assertions whose subject is about to be removed."""
     for node in nodes:

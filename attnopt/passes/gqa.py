@@ -20,12 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from attnopt.ops import ATTENTION_OP
-from attnopt.passes.canonicalize import SITE_META_KEY
 from attnopt.passes.evaluate import NodeValues
 from attnopt.passes.heads import (
     SurgeryRefused, per_head_mask, replace_out_projection, replace_site, site_args,
-    trace_input, trace_output,
+    trace_input, trace_output, weight_rule_sites,
 )
 from attnopt.passes.manager import PassContext, PassResult
 
@@ -36,28 +34,13 @@ class ConvertToGroupedQuery:
     def __call__(self, graph_module: GraphModule, context: PassContext) -> PassResult:
         changes = []
         values = NodeValues(graph_module, context.args, context.kwargs)
-        for node in list(graph_module.graph.nodes):
-            site = node.meta.get(SITE_META_KEY)
-            if node.target is not ATTENTION_OP or site is None:
-                continue
-            chosen = context.policy.weight_rewrites(site).get("gqa")
-            if chosen is None:
-                continue
-            if context.rolled_back(site.name, "gqa"):
-                if (site.name, "gqa") in context.exact_sites:
-                    context.weight_notes.setdefault(site.name, []).append(
-                        context.exact_sites[(site.name, "gqa")])
-                continue
-            params, why = chosen
+        for node, site, params, why in weight_rule_sites(graph_module, context, "gqa"):
             try:
                 info = self._convert(graph_module, node, site, params, values, context)
             except SurgeryRefused as refused:
-                context.weight_notes.setdefault(site.name, []).append(
-                    f"gqa not applied ({why}): {refused}")
+                context.note_weights(site.name, f"gqa not applied ({why}): {refused}")
                 continue
-            entry = context.approximations.setdefault(
-                site.name, {"variant": "exact", "params": {}})
-            entry.setdefault("weights", {})["gqa"] = info
+            context.record_weights(site.name, "gqa", info)
             changes.append(f"{site.name}: kv heads {info['from_kv_heads']} → "
                            f"{info['kv_heads']} ({info['grouping']})")
         return PassResult(graph_module, bool(changes), changes)
@@ -76,14 +59,13 @@ class ConvertToGroupedQuery:
         calibration = values.names([q, k, v, mask] if isinstance(mask, Node) else [q, k, v])
         k_path = trace_input(node, 1)
         v_path = trace_input(node, 2)
-        q_path = None
-        if k_path.parts > 1 or v_path.parts > 1:  # q shares the packed matmul: rebuilt too
-            q_path = trace_input(node, 0)
+        packed = k_path.parts > 1 or v_path.parts > 1  # q shares the matmul: rebuilt too
+        q_path = trace_input(node, 0) if packed else None
         groups = {"contiguous": contiguous_groups(kv_heads, target)}
         errors, refused = {}, None
         if params["grouping"] in ("clustered", "best"):
             try:
-                q_path = trace_input(node, 0)
+                q_path = q_path or trace_input(node, 0)
                 out_path = trace_output(node)
                 groups["clustered"] = cluster_heads(calibration[k.name],
                                                     calibration[v.name], target)
@@ -97,20 +79,22 @@ class ConvertToGroupedQuery:
             params["grouping"]
         members = groups[grouping]
         query_order = query_permutation(members, heads, kv_heads)
+        permuted = query_order != list(range(heads))
+        rebuilt = [k_path, v_path]
         new_q = q
-        if query_order != list(range(heads)) or q_path is not None:
+        if permuted or packed:
             new_q = q_path.rebuild(graph_module, [[h] for h in query_order], f"{site.name}_q")
+            rebuilt.append(q_path)
         new_k = k_path.rebuild(graph_module, members, f"{site.name}_k")
         new_v = v_path.rebuild(graph_module, members, f"{site.name}_v")
-        permuted = query_order != list(range(heads))
         new = replace_site(graph_module, node, new_q, new_k, new_v, context,
                            query_heads=query_order if permuted else None)
-        if query_order != list(range(heads)):  # permuted heads: measured after the out-proj
+        if permuted:  # the permuted heads are measured after the out-projection
             new_out = out_path.rebuild(graph_module, new,
                                        [[h] for h in query_order], f"{site.name}_out")
             replace_out_projection(out_path, new_out, site.name, context)
-        for path in (k_path, v_path) + ((q_path,) if new_q is not q else ()) + \
-                ((out_path,) if permuted else ()):
+            rebuilt.append(out_path)
+        for path in rebuilt:
             context.replaced_parameters.update(path.core.parameter_names())
         info = {"from_kv_heads": kv_heads, "kv_heads": target, "grouping": grouping,
                 "groups": [list(g) for g in members],

@@ -28,7 +28,7 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
-from attnopt.passes.fx_utils import aten, concrete, is_call, real_users
+from attnopt.passes.fx_utils import ancestors, aten, concrete, is_call, real_users, unique_attr
 
 #: Ops a head path may contain that act on every head alike and keep each element's dims.
 ELEMENTWISE_TARGETS = frozenset({
@@ -318,17 +318,6 @@ def _trace_steps(start: Node, nodes: list[Node],
 # paths
 
 
-def _ancestors(node: Node) -> set[Node]:
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        stack.extend(current.all_input_nodes)
-    return seen
-
-
 def _descendants_within(source: Node, allowed: set[Node]) -> list[Node]:
     """Nodes of `allowed` reachable from `source`, in graph order (source excluded)."""
     reached = {source}
@@ -408,7 +397,7 @@ def trace_input(site_node: Node, index: int) -> InputPath:
                              "computes it")
     if len(real_users(operand)) != 1:
         raise SurgeryRefused(f"`{operand.name}` is also used outside this site")
-    between = _ancestors(operand)
+    between = ancestors([operand])
     nodes = _descendants_within(core.node, between)
     heads, head_dim = _shape(operand)[1], _shape(operand)[-1]
     features = _shape(core.node)[-1]
@@ -429,8 +418,9 @@ def trace_input(site_node: Node, index: int) -> InputPath:
         raise SurgeryRefused(f"the heads of `{core.node.name}` do not reach the attention's "
                              "head dim (features not laid out head-major)")
     taken = [s.node for s in steps if s.extract is not None]
+    shared = ancestors(taken[:1])  # up to the part taken, the other operands read it too
     for step in steps:  # after the part is taken, nothing on the path may have other readers
-        if step.node is operand or (taken and step.node in _ancestors(taken[0])):
+        if step.node is operand or step.node in shared:
             continue
         outside = [u for u in real_users(step.node) if u not in between]
         if outside:
@@ -523,15 +513,6 @@ def _attr(graph_module: GraphModule, target: str) -> torch.Tensor:
     return getattr(owner, leaf)
 
 
-def unique_attr(graph_module: GraphModule, base: str) -> str:
-    name = "".join(c if c.isalnum() else "_" for c in base)
-    candidate, index = name, 1
-    while hasattr(graph_module, candidate):
-        index += 1
-        candidate = f"{name}_{index}"
-    return candidate
-
-
 @dataclass
 class Emitter:
     """Creates nodes with fake values and the module stack of a reference node."""
@@ -541,19 +522,28 @@ class Emitter:
     fake_mode: Any = field(init=False)
 
     def __post_init__(self):
-        self.fake_mode = detect_fake_mode([n.meta.get("val")
-                                           for n in self.graph_module.graph.nodes
-                                           if isinstance(n.meta.get("val"), torch.Tensor)])
+        self.fake_mode = detect_fake_mode([self.reference.meta.get("val")])
 
-    def emit(self, target: Callable, *args) -> Node:
-        node = self.graph_module.graph.call_function(target, args)
-        stack = self.reference.meta.get("nn_module_stack")
+    def emit(self, target: Callable, *args, like: Optional[Node] = None, **kwargs) -> Node:
+        """A call of `target`, with the module stack of `like` (default: the reference)."""
+        node = self.graph_module.graph.call_function(target, args, kwargs)
+        stack = (like or self.reference).meta.get("nn_module_stack")
         if stack is not None:
             node.meta["nn_module_stack"] = dict(stack)
         if self.fake_mode is not None:
-            fake = torch.fx.node.map_arg(args, lambda n: n.meta.get("val"))
+            fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs),
+                                                           lambda n: n.meta.get("val"))
             with self.fake_mode:
-                node.meta["val"] = target(*fake)
+                node.meta["val"] = target(*fake_args, **fake_kwargs)
+        return node
+
+    def buffer(self, tensor: torch.Tensor, base: str) -> Node:
+        """A new buffer of the graph module and the get_attr node reading it."""
+        name = unique_attr(self.graph_module, base)
+        self.graph_module.register_buffer(name, tensor)
+        node = self.graph_module.graph.get_attr(name)
+        if self.fake_mode is not None:
+            node.meta["val"] = self.fake_mode.from_tensor(tensor)
         return node
 
     def parameter(self, tensor: torch.Tensor, base: str, like: Node) -> Node:
@@ -607,20 +597,32 @@ class Emitter:
                 old, new = sizes[factor]
                 shape[index - offset] = _resized(shape[index - offset], old, new, shape)
             args[position] = shape
-        new = self.graph_module.graph.call_function(node.target, tuple(args),
-                                                    dict(node.kwargs))
-        if "nn_module_stack" in node.meta:
-            new.meta["nn_module_stack"] = dict(node.meta["nn_module_stack"])
-        if self.fake_mode is not None:
-            fake_args, fake_kwargs = torch.fx.node.map_arg(
-                (tuple(args), dict(node.kwargs)), lambda n: n.meta.get("val"))
-            with self.fake_mode:
-                new.meta["val"] = node.target(*fake_args, **fake_kwargs)
-        return new
+        return self.emit(node.target, *args, like=node, **node.kwargs)
 
 
 # --------------------------------------------------------------------------------------------
 # the site itself
+
+
+def weight_rule_sites(graph_module: GraphModule, context, kind: str) -> list[tuple]:
+    """(node, site, params, why) of every canonical site a `kind` weights rule selects. Sites
+    whose `kind` rewrite the guard rolled back are left out, the guard's reason noted."""
+    from attnopt.ops import ATTENTION_OP
+    from attnopt.passes.canonicalize import SITE_META_KEY
+    selected = []
+    for node in graph_module.graph.nodes:
+        site = node.meta.get(SITE_META_KEY)
+        if node.target is not ATTENTION_OP or site is None:
+            continue
+        chosen = context.policy.weight_rewrites(site).get(kind)
+        if chosen is None:
+            continue
+        if context.rolled_back(site.name, kind):
+            if (site.name, kind) in context.exact_sites:
+                context.note_weights(site.name, context.exact_sites[(site.name, kind)])
+            continue
+        selected.append((node, site, *chosen))
+    return selected
 
 
 def site_args(node: Node) -> list:
@@ -648,12 +650,8 @@ def replace_site(graph_module: GraphModule, node: Node, q: Node, k: Node, v: Nod
     with graph_module.graph.inserting_before(node):
         mask = args[3]
         if query_heads is not None and per_head_mask(mask):
-            index = unique_attr(graph_module, f"attnopt_{node.name}_mask_heads")
-            graph_module.register_buffer(index, torch.tensor(list(query_heads)))
-            index_node = graph_module.graph.get_attr(index)
-            if emitter.fake_mode is not None:
-                index_node.meta["val"] = emitter.fake_mode.from_tensor(
-                    getattr(graph_module, index))
+            index_node = emitter.buffer(torch.tensor(list(query_heads)),
+                                        f"attnopt_{node.name}_mask_heads")
             args[3] = emitter.emit(aten.index_select.default, mask,
                                    mask.meta["val"].dim() - 3, index_node)
         new = emitter.emit(ATTENTION_OP, *args)

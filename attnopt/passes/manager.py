@@ -61,6 +61,15 @@ class PassContext:
         """Why the guard keeps `component` of `site` exact (None: it does not)."""
         return self.exact_sites.get(site) or self.exact_sites.get((site, component))
 
+    def note_weights(self, site: str, text: str) -> None:
+        """A line for the site's report about its weight rewrites."""
+        self.weight_notes.setdefault(site, []).append(text)
+
+    def record_weights(self, site: str, kind: str, info: dict) -> None:
+        """A weight rewrite applied at `site` (the guard and the report read it)."""
+        entry = self.approximations.setdefault(site, {"variant": "exact", "params": {}})
+        entry.setdefault("weights", {})[kind] = info
+
 
 class GraphPass(Protocol):
     name: str

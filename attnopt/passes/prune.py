@@ -21,12 +21,10 @@ import torch.fx
 from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
-from attnopt.ops import ATTENTION_OP
-from attnopt.passes.canonicalize import SITE_META_KEY
 from attnopt.passes.evaluate import NodeValues, flat_inputs
 from attnopt.passes.heads import (
     SurgeryRefused, replace_out_projection, replace_site, site_args, trace_input,
-    trace_output,
+    trace_output, weight_rule_sites,
 )
 from attnopt.passes.manager import PassContext, PassResult
 
@@ -37,20 +35,7 @@ class PruneHeads:
     def __call__(self, graph_module: GraphModule, context: PassContext) -> PassResult:
         changes = []
         values = NodeValues(graph_module, context.args, context.kwargs)
-        pending = []
-        for node in list(graph_module.graph.nodes):
-            site = node.meta.get(SITE_META_KEY)
-            if node.target is not ATTENTION_OP or site is None:
-                continue
-            chosen = context.policy.weight_rewrites(site).get("prune_heads")
-            if chosen is None:
-                continue
-            if context.rolled_back(site.name, "prune_heads"):
-                if (site.name, "prune_heads") in context.exact_sites:
-                    context.weight_notes.setdefault(site.name, []).append(
-                        context.exact_sites[(site.name, "prune_heads")])
-                continue
-            pending.append((node, site, *chosen))
+        pending = weight_rule_sites(graph_module, context, "prune_heads")
         gradients = {}
         if any(_importance_kind(params, context) == "gradient" for *_, params, _ in pending):
             gradients = gradient_importance(graph_module, context, [p[0] for p in pending])
@@ -59,12 +44,9 @@ class PruneHeads:
                 info = self._prune(graph_module, node, site, params, values, context,
                                    gradients.get(node.name))
             except SurgeryRefused as refused:
-                context.weight_notes.setdefault(site.name, []).append(
-                    f"prune_heads not applied ({why}): {refused}")
+                context.note_weights(site.name, f"prune_heads not applied ({why}): {refused}")
                 continue
-            entry = context.approximations.setdefault(
-                site.name, {"variant": "exact", "params": {}})
-            entry.setdefault("weights", {})["prune_heads"] = info
+            context.record_weights(site.name, "prune_heads", info)
             changes.append(f"{site.name}: heads {info['from_heads']} → {len(info['kept'])}")
         return PassResult(graph_module, bool(changes), changes)
 

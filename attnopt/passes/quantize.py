@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from attnopt.ops import ATTENTION_OP, INT8_LINEAR_OP
+from attnopt.ops import INT8_LINEAR_OP
 from attnopt.ops.int8 import int8_linear_reference, quantize_weight
-from attnopt.passes.canonicalize import SITE_META_KEY
 from attnopt.passes.evaluate import NodeValues
 from attnopt.passes.heads import (
     Core, Emitter, SurgeryRefused, find_core, replace_out_projection, trace_output,
-    unique_attr,
+    weight_rule_sites,
 )
 from attnopt.passes.manager import PassContext, PassResult
 
@@ -36,19 +35,7 @@ class QuantizeProjections:
         values = NodeValues(graph_module, context.args, context.kwargs)
         candidates: dict[Node, tuple[Core, str, str, dict]] = {}  # → (core, site, role, params)
         out_paths = {}
-        for node in list(graph_module.graph.nodes):
-            site = node.meta.get(SITE_META_KEY)
-            if node.target is not ATTENTION_OP or site is None:
-                continue
-            chosen = context.policy.weight_rewrites(site).get("int8")
-            if chosen is None:
-                continue
-            if context.rolled_back(site.name, "int8"):
-                if (site.name, "int8") in context.exact_sites:
-                    context.weight_notes.setdefault(site.name, []).append(
-                        context.exact_sites[(site.name, "int8")])
-                continue
-            params, _ = chosen
+        for node, site, params, _ in weight_rule_sites(graph_module, context, "int8"):
             for role, operand in zip("qkv", node.args[:3]):
                 core = find_core(operand)
                 if core is None:
@@ -112,15 +99,8 @@ class QuantizeProjections:
         weight, _ = core.rows(graph_module)
         weight_int8, scale = quantize_weight(weight, dynamic)
         emitter = Emitter(graph_module, core.node)
-        nodes = []
-        for tensor, suffix in ((weight_int8, "weight_int8"), (scale, "scale")):
-            attr = unique_attr(graph_module, f"attnopt_{name}_{suffix}")
-            graph_module.register_buffer(attr, tensor)
-            with graph_module.graph.inserting_before(core.node):
-                node = graph_module.graph.get_attr(attr)
-            if emitter.fake_mode is not None:
-                node.meta["val"] = emitter.fake_mode.from_tensor(tensor)
-            nodes.append(node)
         with graph_module.graph.inserting_before(core.node):
-            return emitter.emit(INT8_LINEAR_OP, core.input, nodes[0], nodes[1],
+            weight_node = emitter.buffer(weight_int8, f"attnopt_{name}_weight_int8")
+            scale_node = emitter.buffer(scale, f"attnopt_{name}_scale")
+            return emitter.emit(INT8_LINEAR_OP, core.input, weight_node, scale_node,
                                 core.bias_value, dynamic)
