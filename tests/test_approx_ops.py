@@ -332,30 +332,62 @@ def test_half_inputs_are_computed_in_float32():
 # ----------------------------------------------------------------------------------- ONNX
 
 MASK = object()  # stands for the mask input in ONNX_CASES
-ONNX_CASES = {
-    "performer_causal_masked": lambda p: (torch.ops.attnopt.performer,
-                                          (p, MASK, True, None, True, "softmax", 16)),
-    "performer_relu": lambda p: (torch.ops.attnopt.performer,
-                                 (p, MASK, False, None, True, "relu", 16)),
-    "linear_causal": lambda p: (torch.ops.attnopt.linear_attention, (MASK, True, True, 16)),
-    "sparse_bigbird": lambda p: (torch.ops.attnopt.sparse_attention,
-                                 (MASK, False, None, True, 16, 1, 1, 1, 0, 1, 2, 3, -1, -1)),
-    "sparse_strided_dilated_causal": lambda p: (torch.ops.attnopt.sparse_attention,
-                                                (None, True, None, True, 16, 2, 2, 2, 3, 0, 0,
-                                                 0, -1, -1)),
-    "hybrid_causal": lambda p: (torch.ops.attnopt.performer_window,
-                                (p, MASK, True, None, True, 20, 16)),
-    "topk_causal": lambda p: (torch.ops.attnopt.topk_attention,
-                              (None, True, None, True, 16, 2, 1)),
+
+
+def _onnx_mask(kind, seed, length):
+    """The site's mask for the ONNX cases: key padding (B, 1, 1, Sk) float, a boolean
+    (B, 1, Sq, Sk) mask that depends on the query, or a per-head (1, H, Sq, Sk) float bias."""
+    generator = torch.Generator().manual_seed(1000 + seed)
+    if kind == "padding":
+        return _padding_mask(2, length, padded=7, dtype=torch.float32)
+    if kind == "full_bool":
+        mask = torch.rand(2, 1, length, length, generator=generator) > 0.3
+        return mask | torch.eye(length, dtype=torch.bool)
+    return torch.randn(1, 4, length, length, generator=generator)  # "head_bias"
+
+
+ONNX_CASES = {  # name: (op and its arguments after q, k, v, the mask kind)
+    "performer_causal_masked": (lambda p: (torch.ops.attnopt.performer,
+                                           (p, MASK, True, None, True, "softmax", 16)),
+                                "padding"),
+    "performer_relu": (lambda p: (torch.ops.attnopt.performer,
+                                  (p, MASK, False, None, True, "relu", 16)), "padding"),
+    "linear_causal": (lambda p: (torch.ops.attnopt.linear_attention, (MASK, True, True, 16)),
+                      "padding"),
+    "sparse_bigbird": (lambda p: (torch.ops.attnopt.sparse_attention,
+                                  (MASK, False, None, True, 16, 1, 1, 1, 0, 1, 2, 3, -1, -1)),
+                       "padding"),
+    "sparse_strided_dilated_causal": (lambda p: (torch.ops.attnopt.sparse_attention,
+                                                 (None, True, None, True, 16, 2, 2, 2, 3, 0, 0,
+                                                  0, -1, -1)), "padding"),
+    "sparse_window_full_bool_mask": (lambda p: (torch.ops.attnopt.sparse_attention,
+                                                (MASK, False, None, True, 16, -1, -1, 1, 0, 0,
+                                                 0, 0, 20, 9)), "full_bool"),
+    "sparse_longformer_causal_head_bias": (lambda p: (torch.ops.attnopt.sparse_attention,
+                                                      (MASK, True, 0.3, True, 16, 1, 1, 1, 0,
+                                                       2, 0, 0, -1, -1)), "head_bias"),
+    "hybrid_causal": (lambda p: (torch.ops.attnopt.performer_window,
+                                 (p, MASK, True, None, True, 20, 16)), "padding"),
+    "hybrid_full_bool_mask": (lambda p: (torch.ops.attnopt.performer_window,
+                                         (p, MASK, False, None, True, 16, 16)), "full_bool"),
+    "topk_causal": (lambda p: (torch.ops.attnopt.topk_attention,
+                               (None, True, None, True, 16, 2, 1)), "padding"),
+    "topk_masked": (lambda p: (torch.ops.attnopt.topk_attention,
+                               (MASK, False, None, True, 16, 2, 1)), "padding"),
+    "topk_head_bias": (lambda p: (torch.ops.attnopt.topk_attention,
+                                  (MASK, False, None, True, 16, 1, 0)), "head_bias"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(ONNX_CASES))
 def test_ops_export_to_onnx_and_run_in_onnxruntime_at_other_lengths(name, tmp_path):
+    """Every approximate op's ONNX form, in onnxruntime at lengths other than the export's
+    (and not block multiples), against the op itself in float32."""
     import onnxruntime
 
     from attnopt.onnx_export import translation_table
-    op, extra = ONNX_CASES[name](draw_projection(32, 16, seed=0))
+    factory, mask_kind = ONNX_CASES[name]
+    op, extra = factory(draw_projection(32, 16, seed=0))
 
     class Site(torch.nn.Module):
         def __init__(self):
@@ -370,10 +402,11 @@ def test_ops_export_to_onnx_and_run_in_onnxruntime_at_other_lengths(name, tmp_pa
 
     def inputs(seed, length):
         q, k, v = _qkv(seed, q_len=length, dtype=torch.float32)
-        return q, k, v, _padding_mask(2, length, padded=7, dtype=torch.float32)
+        return q, k, v, _onnx_mask(mask_kind, seed, length)
 
     length = torch.export.Dim("length", min=2, max=4096)
-    dims = {"q": {2: length}, "k": {2: length}, "v": {2: length}, "mask": {3: length}}
+    mask_dims = {3: length} if mask_kind == "padding" else {2: length, 3: length}
+    dims = {"q": {2: length}, "k": {2: length}, "v": {2: length}, "mask": mask_dims}
     path = str(tmp_path / f"{name}.onnx")
     model = Site()
     torch.onnx.export(model, inputs(0, 96), path, dynamo=True, opset_version=18,
@@ -384,7 +417,31 @@ def test_ops_export_to_onnx_and_run_in_onnxruntime_at_other_lengths(name, tmp_pa
         feed = inputs(seed, n)
         (got,) = session.run(None, {key: t.numpy() for key, t in zip("q k v mask".split(),
                                                                       feed)})
-        assert abs(got - model(*feed).numpy()).max() < 2e-5
+        expected = model(*feed).numpy()
+        assert abs(got - expected).max() < 2e-5
+    if mask_kind == "padding":  # the O(n) structure survives export: nothing n × n inside
+        shapes = _intermediate_shapes(path, dict(zip("q k v mask".split(), inputs(3, 150))))
+        assert len(shapes) > 20
+        assert not [s for s in shapes if sum(d >= 150 for d in s) >= 2]
+
+
+def _intermediate_shapes(path, feed):
+    """The shape of every value the ONNX graph computes on `feed` (each node output is made a
+    graph output and onnxruntime runs the graph)."""
+    import onnx
+    import onnxruntime
+    model = onnx.load(path)
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        for name in node.output:
+            if name and name not in outputs and name in types:
+                model.graph.output.append(onnx.helper.make_value_info(
+                    name, onnx.helper.make_tensor_type_proto(types[name], None)))
+    session = onnxruntime.InferenceSession(model.SerializeToString())
+    values = session.run(None, {key: t.numpy() for key, t in feed.items()})
+    return [v.shape for v in values if hasattr(v, "shape")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -214,9 +214,10 @@ def onnx_favor_features(op, x, projection, scale, *, is_query: bool, keep=None):
     return phi, h
 
 
-def onnx_kernelized(op, phi_q, phi_k, v, heads, *, causal: bool):
-    """(numerator, denominator) as `kernelized_attention`; causal by a cumulative sum of the
-    per-key outer products (O(n·m·Dv) memory in the exported graph)."""
+def onnx_kernelized(op, phi_q, phi_k, v, heads, *, causal: bool, chunk: int = 64):
+    """(numerator, denominator) as `kernelized_attention`. Causal: the chunked prefix-sum form
+    of `blocked_onnx.causal_kernelized` (per-chunk states, never per-key outer products)."""
+    from attnopt.ops.blocked_onnx import causal_kernelized
     from attnopt.ops.common import onnx_repeat_heads
     v = op.CastLike(v, phi_q)
     ones = op.Expand(op.CastLike(op.Constant(value_float=1.0), v),
@@ -228,13 +229,7 @@ def onnx_kernelized(op, phi_q, phi_k, v, heads, *, causal: bool):
                                   heads)
         out = op.MatMul(phi_q, state)
     else:
-        phi_k = onnx_repeat_heads(op, phi_k, heads)
-        v_ext = onnx_repeat_heads(op, v_ext, heads)
-        outer = op.MatMul(op.Unsqueeze(phi_k, op.Constant(value_ints=[-1])),
-                          op.Unsqueeze(v_ext, op.Constant(value_ints=[-2])))  # (B,H,S,m,Dv+1)
-        prefix = op.CumSum(outer, op.Constant(value_int=2))
-        out = op.Squeeze(op.MatMul(op.Unsqueeze(phi_q, op.Constant(value_ints=[-2])), prefix),
-                         op.Constant(value_ints=[-2]))
+        out = causal_kernelized(op, phi_q, phi_q, phi_k, v_ext, chunk)
     dv = op.Sub(op.Shape(out, start=-1), op.Constant(value_ints=[1]))
     numerator = op.Slice(out, op.Constant(value_ints=[0]), dv, op.Constant(value_ints=[-1]))
     denominator = op.Slice(out, dv, op.Shape(out, start=-1), op.Constant(value_ints=[-1]))

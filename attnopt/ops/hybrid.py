@@ -136,64 +136,62 @@ register_recompute_autograd(performer_window, performer_window_reference)
 
 def onnx_performer_window(q, k, v, projection, attn_mask=None, is_causal=False, scale=None,
                           enable_gqa=False, window=128, block=64):
-    """The same combination in standard opset-18 ops. The window and its complement are
-    evaluated as masked (Sq, Sk) products here: correct in any runtime, quadratic in memory."""
+    """The same combination in standard opset-18 ops, with the reference's structure: the
+    window's key blocks gathered next to each query block (`blocked_onnx`), the complement
+    from prefix sums of per-block feature states — linear in n in the runtime too."""
     from onnxscript import opset18 as op
 
-    from attnopt.ops.common import onnx_dim, onnx_repeat_heads, onnx_scalar
-    from attnopt.ops.features import (
-        onnx_favor_features, onnx_kernelized, onnx_visible_keys,
-    )
+    from attnopt.ops import blocked_onnx as bo
+    from attnopt.ops.features import onnx_favor_features, onnx_visible_keys
     if scale is None:
         scale = q.shape[3] ** -0.5
-    heads = onnx_dim(op, q, 1)
-    qf, kf, vf = op.Cast(q, to=1), op.Cast(k, to=1), op.Cast(v, to=1)
+    causal = bool(is_causal)
+    qf, kf, vf = op.Cast(q, to=bo.FLOAT), op.Cast(k, to=bo.FLOAT), op.Cast(v, to=bo.FLOAT)
     keep = onnx_visible_keys(op, attn_mask, k.shape[1]) if attn_mask is not None else None
     phi_q, h_q = onnx_favor_features(op, qf, projection, scale, is_query=True)
     phi_k, h_k = onnx_favor_features(op, kf, projection, scale, is_query=False, keep=keep)
-    num_all, den_all = onnx_kernelized(op, phi_q, phi_k, vf, heads, causal=bool(is_causal))
 
-    def ints(*values):
-        return op.Constant(value_ints=list(values))
-
-    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
-    rows = op.Unsqueeze(op.Range(zero, op.Squeeze(op.Shape(q, start=2, end=3)), one), ints(1))
-    cols = op.Unsqueeze(op.Range(zero, op.Squeeze(op.Shape(k, start=2, end=3)), one), ints(0))
+    # exact part: the window's blocks, unnormalized (numerator, denominator, row max)
     local = window_blocks(window, block)
-    distance = op.Sub(op.Div(rows, op.Constant(value_int=block)),
-                      op.Div(cols, op.Constant(value_int=block)))  # query block − key block
-    in_window = op.And(op.LessOrEqual(distance, op.Constant(value_int=local)),
-                       op.GreaterOrEqual(distance, op.Constant(value_int=0 if is_causal
-                                                               else -local)))
-    if is_causal:
-        in_window = op.And(in_window, op.LessOrEqual(cols, rows))
-    k_all, v_all = onnx_repeat_heads(op, kf, heads), onnx_repeat_heads(op, vf, heads)
-    scores = op.MatMul(op.Mul(qf, onnx_scalar(op, scale, qf)),
-                       op.Transpose(k_all, perm=[0, 1, 3, 2]))
-    exact_keep = in_window
-    if attn_mask is not None:
-        if attn_mask.dtype == 9:
-            exact_keep = op.And(exact_keep, attn_mask)
-        else:
-            scores = op.Add(scores, op.Cast(attn_mask, to=1))
-    neg_inf = onnx_scalar(op, float("-inf"), scores)
-    scores = op.Where(exact_keep, scores, neg_inf)
-    row_max = op.ReduceMax(scores, ints(-1), keepdims=1)
-    safe_max = op.Where(op.IsInf(row_max), onnx_scalar(op, 0.0, row_max), row_max)
+    pattern = SparsePattern(block=block, local_left=local, local_right=0 if causal else local)
+    q_len, kv_len = bo.length(op, q), bo.length(op, k)
+    layout = bo.pattern_layout(op, pattern, q_len, kv_len, causal)
+    scores, indices, kv_heads = bo.gathered_scores(op, q, k, layout, block, scale,
+                                                   causal=causal, attn_mask=attn_mask)
+    last = bo.ints(op, -1)
+    row_max = op.ReduceMax(scores, last, keepdims=1)                     # (B, Hkv, G, M, b, 1)
+    safe_max = op.Where(op.IsInf(row_max), bo.scalar(op, 0.0, row_max), row_max)
     weights = op.Exp(op.Sub(scores, safe_max))
-    exact_num = op.MatMul(weights, v_all)
-    exact_den = op.ReduceSum(weights, ints(-1), keepdims=1)
-    kappa = op.MatMul(phi_q, op.Transpose(onnx_repeat_heads(op, phi_k, heads),
-                                          perm=[0, 1, 3, 2]))
-    kappa = op.Where(exact_keep, kappa, onnx_scalar(op, 0.0, kappa))
-    rest_num = op.Sub(num_all, op.MatMul(kappa, v_all))
-    rest_den = op.Max(op.Sub(den_all, op.ReduceSum(kappa, ints(-1), keepdims=1)),
-                      onnx_scalar(op, 0.0, kappa))
-    log_rest = op.Add(h_q, onnx_repeat_heads(op, h_k, heads))
+    exact_den = op.ReduceSum(weights, last, keepdims=1)
+    v_gathered = bo.gather_blocks(op, bo.to_blocks(op, vf, block), indices, per_head=False)
+    exact_num = op.MatMul(weights, op.Unsqueeze(v_gathered, bo.ints(op, 2)))
+
+    # the complement: Σ of the block states outside the window, through prefix sums
+    ones = op.Expand(bo.scalar(op, 1.0, vf), op.Concat(op.Shape(vf, start=0, end=3),
+                                                      bo.ints(op, 1), axis=0))
+    v_ext = op.Concat(vf, ones, axis=-1)
+    prefix = bo.exclusive_prefix(op, bo.block_states(op, phi_k, v_ext, block))  # (.., N+1, ..)
+    zero, one = bo.const(op, 0), bo.const(op, 1)
+    k_blocks = bo.block_count(op, kv_len, block)
+    qb = op.Range(zero, bo.block_count(op, q_len, block), one)
+    start = op.Min(op.Max(op.Sub(qb, bo.const(op, local)), zero), k_blocks)
+    outside = op.Gather(prefix, start, axis=2)                           # (B, Hkv, M, m, Dv+1)
+    if not causal:
+        end = op.Min(op.Add(qb, bo.const(op, local + 1)), k_blocks)
+        total = op.Gather(prefix, op.Unsqueeze(k_blocks, bo.ints(op, 0)), axis=2)
+        outside = op.Add(outside, op.Sub(total, op.Gather(prefix, end, axis=2)))
+    phi_q_blocks = bo.group_heads(op, bo.to_blocks(op, phi_q, block), kv_heads)
+    rest = op.MatMul(phi_q_blocks, op.Unsqueeze(outside, bo.ints(op, 2)))  # (.., M, b, Dv+1)
+    dv = op.Sub(op.Shape(rest, start=-1), bo.ints(op, 1))
+    rest_num = op.Slice(rest, bo.ints(op, 0), dv, last)
+    rest_den = op.Slice(rest, dv, op.Shape(rest, start=-1), last)
+
+    log_rest = op.Add(bo.group_heads(op, bo.to_blocks(op, h_q, block), kv_heads),
+                      op.Unsqueeze(h_k, bo.ints(op, 2, 3)))
     top = op.Max(row_max, log_rest)
     exact_weight = op.Exp(op.Sub(row_max, top))
     rest_weight = op.Exp(op.Sub(log_rest, top))
     numerator = op.Add(op.Mul(exact_weight, exact_num), op.Mul(rest_weight, rest_num))
     denominator = op.Add(op.Mul(exact_weight, exact_den), op.Mul(rest_weight, rest_den))
-    out = op.Div(numerator, op.Max(denominator, onnx_scalar(op, MIN_DENOMINATOR, numerator)))
-    return op.CastLike(out, q)
+    out = op.Div(numerator, op.Max(denominator, bo.scalar(op, MIN_DENOMINATOR, numerator)))
+    return op.CastLike(bo.ungroup_rows(op, out, q), q)

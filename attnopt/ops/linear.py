@@ -62,6 +62,6 @@ def onnx_linear_attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=F
     if attn_mask is not None:
         phi_k = op.Mul(phi_k, onnx_visible_keys(op, attn_mask, k.shape[1]))
     numerator, denominator = onnx_kernelized(op, phi_q, phi_k, v, onnx_dim(op, q, 1),
-                                             causal=bool(is_causal))
+                                             causal=bool(is_causal), chunk=chunk)
     floor = op.CastLike(op.Constant(value_float=MIN_DENOMINATOR), denominator)
     return op.CastLike(op.Div(numerator, op.Max(denominator, floor)), q)

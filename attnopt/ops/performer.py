@@ -97,7 +97,8 @@ register_recompute_autograd(performer, performer_reference)
 
 def onnx_performer(q, k, v, projection, attn_mask=None, is_causal=False, scale=None,
                    enable_gqa=False, kernel="softmax", chunk=64):
-    """Standard opset-18 ops; the causal form is a cumulative sum over positions."""
+    """Standard opset-18 ops; the causal form in chunks (per-chunk states and their prefix
+    sums, plus each chunk's own lower triangle)."""
     from onnxscript import opset18 as op
     if scale is None:
         scale = q.shape[3] ** -0.5
@@ -120,7 +121,7 @@ def onnx_performer(q, k, v, projection, attn_mask=None, is_causal=False, scale=N
         if keep is not None:
             phi_k = op.Mul(phi_k, keep)
     numerator, denominator = onnx_kernelized(op, phi_q, phi_k, v, onnx_dim(op, q, 1),
-                                             causal=bool(is_causal))
+                                             causal=bool(is_causal), chunk=chunk)
     floor = op.CastLike(op.Constant(value_float=MIN_DENOMINATOR), denominator)
     return op.CastLike(op.Div(numerator, op.Max(denominator, floor)), q)
 

@@ -8,8 +8,9 @@ with `is_causal` and the site's own mask. Scores, scale and GQA as the canonical
   key blocks per query block — work O(n·w) for windowed patterns, never an n×n mask.
 - CUDA: the generated flash kernel's block-sparse path (empty blocks skipped, full blocks skip
   mask evaluation), the token window as its band.
-- ONNX: the pattern evaluated with integer ops into a (Sq, Sk) mask over decomposed attention
-  (standard opset-18 ops; correct in any runtime, not sparse there).
+- ONNX: the pattern's block layout evaluated with integer ops on the dynamic lengths, then each
+  query block attends its gathered key blocks (`blocked_onnx`, standard opset-18 ops): the
+  O(n·w) structure survives in any runtime.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from attnopt.ops.blocked import blocked_attention
 from attnopt.ops.common import (
     empty_like_query_layout, like_query_layout, register_recompute_autograd,
 )
-from attnopt.ops.sparsity import HASH_MODULUS, HASH_MULTIPLIER, SparsePattern, pattern_layout
+from attnopt.ops.sparsity import SparsePattern, pattern_layout
 
 
 def _pattern(block, local_left, local_right, dilation, stride, global_blocks, random_blocks,
@@ -118,88 +119,20 @@ register_recompute_autograd(sparse_attention, sparse_attention_reference)
 # ----------------------------------------------------------------------------- ONNX
 
 
-def onnx_pattern_keep(op, q_len, kv_len, pattern: SparsePattern, causal: bool, layout=None):
-    """(Sq, Sk) bool: the pattern's element mask from integer ops on the (dynamic) lengths
-    `q_len`, `kv_len` (0-d int64 tensors) — `sparsity.token_keep` in onnxscript."""
-    def const(value):
-        return op.Constant(value_int=int(value))
-
-    zero, one, b = const(0), const(1), const(pattern.block)
-    rows = op.Unsqueeze(op.Range(zero, q_len, one), op.Constant(value_ints=[1]))  # (Sq, 1)
-    cols = op.Unsqueeze(op.Range(zero, kv_len, one), op.Constant(value_ints=[0]))  # (1, Sk)
-    qb, kb = op.Div(rows, b), op.Div(cols, b)
-    false = op.Cast(op.Mul(rows, cols), to=9)
-    false = op.And(false, op.Not(false))  # (Sq, Sk) all False
-    if pattern.has_blocks or layout is not None:
-        keep = false
-        if pattern.local_left >= 0 or pattern.local_right >= 0:
-            distance = op.Sub(qb, kb)
-            near = op.And(
-                op.LessOrEqual(distance, const(max(pattern.local_left, 0) * pattern.dilation)),
-                op.LessOrEqual(op.Neg(distance),
-                               const(max(pattern.local_right, 0) * pattern.dilation)))
-            on_step = op.Equal(op.Mod(distance, const(pattern.dilation)), zero)
-            keep = op.Or(keep, op.And(near, on_step))
-        if pattern.stride > 0:
-            keep = op.Or(keep, op.Equal(op.Mod(op.Add(kb, one), const(pattern.stride)), zero))
-        if pattern.global_blocks > 0:
-            g = const(pattern.global_blocks)
-            keep = op.Or(keep, op.Or(op.Less(qb, g), op.Less(kb, g)))
-        if pattern.random_blocks > 0:
-            k_blocks = op.Div(op.Add(kv_len, const(pattern.block - 1)), b)
-            draws = op.Unsqueeze(op.Range(zero, const(pattern.random_blocks), one),
-                                 op.Constant(value_ints=[0]))              # (1, r)
-            x = op.Mod(op.Add(op.Add(op.Mul(qb, const(1000003)), op.Mul(draws, const(7919))),
-                              const(pattern.seed * 104729 + 1)), const(HASH_MODULUS))
-            x = op.Mod(op.Mul(x, const(HASH_MULTIPLIER)), const(HASH_MODULUS))
-            x = op.Mod(op.Mul(x, const(HASH_MULTIPLIER)), const(HASH_MODULUS))
-            limit = op.Min(op.Add(qb, one), k_blocks) if causal else k_blocks
-            drawn = op.Mod(x, limit)                                        # (Sq, r)
-            hit = op.Equal(op.Unsqueeze(drawn, op.Constant(value_ints=[-1])),
-                           op.Unsqueeze(kb, op.Constant(value_ints=[0])))  # (Sq, r, Sk)
-            keep = op.Or(keep, op.Cast(op.ReduceMax(op.Cast(hit, to=6),
-                                                    op.Constant(value_ints=[1]), keepdims=0),
-                                       to=9))
-        if layout is not None:
-            picked = op.Gather(op.Gather(op.Cast(layout, to=6), op.Squeeze(qb, op.Constant(
-                value_ints=[1])), axis=0), op.Squeeze(kb, op.Constant(value_ints=[0])), axis=1)
-            keep = op.Or(keep, op.Cast(picked, to=9))
-    else:
-        keep = op.Not(false)
-    if pattern.window_left >= 0:
-        keep = op.And(keep, op.GreaterOrEqual(cols, op.Sub(rows, const(pattern.window_left))))
-    if pattern.window_right >= 0:
-        keep = op.And(keep, op.LessOrEqual(cols, op.Add(rows, const(pattern.window_right))))
-    if causal:
-        keep = op.And(keep, op.LessOrEqual(cols, rows))
-    return keep
-
-
-def combine_keep_with_mask(op, keep, attn_mask, like):
-    """The pattern's bool keep and the site's own mask as one additive float mask (like
-    `like`'s type; -inf where either masks). Always float: the tracer does not type the
-    intermediate bool values the decomposed translation would have to branch on."""
-    neg_inf = op.CastLike(op.Constant(value_float=float("-inf")), like)
-    if attn_mask is None:
-        return op.Where(keep, op.CastLike(op.Constant(value_float=0.0), like), neg_inf)
-    if attn_mask.dtype == 9:
-        return op.Where(op.And(keep, attn_mask), op.CastLike(op.Constant(value_float=0.0), like),
-                        neg_inf)
-    return op.Where(keep, op.CastLike(attn_mask, like), neg_inf)
-
-
 def onnx_sparse_attention(q, k, v, attn_mask=None, is_causal=False, scale=None,
                           enable_gqa=False, block=64, local_left=-1, local_right=-1,
                           dilation=1, stride=0, global_blocks=0, random_blocks=0, seed=0,
                           window_left=-1, window_right=-1, layout=None):
+    """The pattern's block layout from integer ops on the dynamic lengths, then attention over
+    each query block's gathered key blocks (`blocked_onnx`): O(n·w) in the runtime too."""
     from onnxscript import opset18 as op
 
-    from attnopt.ops.attention import onnx_attention_decomposed
+    from attnopt.ops import blocked_onnx
     pattern = _pattern(block, local_left, local_right, dilation, stride, global_blocks,
                        random_blocks, seed, window_left, window_right)
-    q_len = op.Squeeze(op.Shape(q, start=2, end=3))
-    kv_len = op.Squeeze(op.Shape(k, start=2, end=3))
-    keep = onnx_pattern_keep(op, q_len, kv_len, pattern, bool(is_causal), layout)
-    mask = combine_keep_with_mask(op, keep, attn_mask, q)
-    out = onnx_attention_decomposed(q, k, v, mask, False, scale, enable_gqa)
-    return op.Where(op.IsNaN(out), op.CastLike(op.Constant(value_float=0.0), out), out)
+    blocks = blocked_onnx.pattern_layout(op, pattern, blocked_onnx.length(op, q),
+                                         blocked_onnx.length(op, k), bool(is_causal), layout)
+    return blocked_onnx.blocked_attention(
+        op, q, k, v, blocks, pattern.block, scale if scale is not None else q.shape[3] ** -0.5,
+        causal=bool(is_causal), window=pattern.window, attn_mask=attn_mask,
+        dense_blocks=pattern.global_blocks)

@@ -8,9 +8,10 @@ The layout depends on the data, per batch and head; causal attention only ever s
 at or before the query block.
 
 Reference: `blocked.blocked_attention` over the selected layout (work O(n·k·block)); CUDA: the
-flash kernel's block-sparse path with that layout; ONNX: the same selection with ReduceMean /
-TopK / ScatterElements into a mask over decomposed attention. Scoring all block pairs costs
-O((n/block)²·D), small next to attention itself.
+flash kernel's block-sparse path with that layout; ONNX: the same selection with TopK /
+ScatterElements into a layout, then each query block's selected key blocks gathered
+(`blocked_onnx`). Scoring all block pairs costs O((n/block)²·D), small next to attention
+itself.
 """
 
 from __future__ import annotations
@@ -108,13 +109,14 @@ register_recompute_autograd(topk_attention, topk_attention_reference)
 
 def onnx_topk_attention(q, k, v, attn_mask=None, is_causal=False, scale=None,
                         enable_gqa=False, block=64, top_k=8, local_blocks=1):
-    """The selection in standard ops, then decomposed attention under the selected mask."""
+    """The selection in standard ops (ReduceMean-like block means, TopK, ScatterElements into a
+    (B, H, M, N) layout), then attention over each query block's selected key blocks
+    (`blocked_onnx`): O(n·k·block) in the runtime too."""
     import onnx
     from onnxscript import opset18 as op
 
-    from attnopt.ops.attention import onnx_attention_decomposed
+    from attnopt.ops import blocked_onnx
     from attnopt.ops.common import onnx_repeat_heads
-    from attnopt.ops.sparse import combine_keep_with_mask
 
     def const(value):
         return op.Constant(value_int=int(value))
@@ -159,15 +161,6 @@ def onnx_topk_attention(q, k, v, attn_mask=None, is_causal=False, scale=None,
     zeros = op.ConstantOfShape(op.Shape(scores), value=onnx.helper.make_tensor(
         "zero", onnx.TensorProto.INT32, [1], [0]))
     layout = op.ScatterElements(zeros, indices, picked, axis=-1)        # (B, H, M, N) int32
-    rows = op.Div(op.Range(zero, q_len, one), b)
-    cols = op.Div(op.Range(zero, op.Squeeze(op.Shape(k, start=2, end=3)), one), b)
-    keep = op.Cast(op.Gather(op.Gather(layout, rows, axis=2), cols, axis=3), to=9)
-    if is_causal:
-        positions = op.Range(zero, q_len, one)
-        keep = op.And(keep, op.LessOrEqual(
-            op.Unsqueeze(op.Range(zero, op.Squeeze(op.Shape(k, start=2, end=3)), one), ints(0)),
-            op.Unsqueeze(positions, ints(1))))
-    out = onnx_attention_decomposed(q, k, v, combine_keep_with_mask(op, keep, attn_mask, q), False,
-                                    scale, enable_gqa)
-    return op.Where(op.IsNaN(out), op.CastLike(op.Constant(value_float=0.0), out), out)
-
+    return blocked_onnx.blocked_attention(op, q, k, v, op.Cast(layout, to=9), block,
+                                          scale_value, causal=bool(is_causal),
+                                          attn_mask=attn_mask, per_head=True)
