@@ -9,8 +9,10 @@
 2. `torch.onnx.export(dynamo=True)` with a translation for every attnopt op (each op module
    owns its translations): with `target="onnx"` exact sites become the standard `Attention` op
    at opset >= 23 and standard decomposed ops (MatMul, Softmax, Where) below; with
-   `target="ort"` onnxruntime's fused `com.microsoft.MultiHeadAttention` where it expresses the
-   call (same head counts, no soft-cap), decomposed ops elsewhere;
+   `target="ort"` onnxruntime's fused `com.microsoft.GroupQueryAttention` (causal, grouped or
+   soft-capped self-attention) or `MultiHeadAttention` (the rest with equal head counts),
+   decomposed ops elsewhere; the approximate ops keep their blocked O(n) forms
+   (`ops.blocked_onnx`) in every target;
 3. `onnx.checker`, then onnxruntime on the examples and fresh random draws, compared with the
    PyTorch model under the verification tolerances. The file is written to a temporary name in
    the target directory and renamed only when every check passed: no partial output, ever.
@@ -158,10 +160,10 @@ def export_onnx(model: nn.Module, path: str, *, example_inputs=None,
 
     program = export(optimize=True)
     workarounds = []
-    if _single_head_rotary(program):
+    if _fused_rotary(program):
         program = export(optimize=False)
-        workarounds.append("exported without torch.onnx's graph optimizer: it fuses RoPE on a "
-                           "single kv head into a RotaryEmbedding node onnxruntime rejects")
+        workarounds.append("exported without torch.onnx's graph optimizer: its RoPE fusion "
+                           "(RotaryEmbedding) makes graphs onnxruntime rejects")
 
     nodes = graph.graph.nodes if isinstance(graph, torch.fx.GraphModule) else ()
     result = ExportResult(path, opset, target, dynamic,
@@ -191,17 +193,14 @@ def export_onnx(model: nn.Module, path: str, *, example_inputs=None,
     return result
 
 
-def _single_head_rotary(program) -> bool:
-    """Whether the exporter fused RoPE on a one-head tensor into `RotaryEmbedding`: with
-    dynamic shapes at opset 23 it does so for MQA (one kv head — what GQA conversion and head
-    pruning can leave), and onnxruntime 1.32 then fails ("cos_cache and sin_cache are expected
-    to have the same shape as input x"). Seen with a plain Llama with one kv head too."""
-    for node in program.model.graph:
-        if node.op_type == "RotaryEmbedding" and node.inputs and node.inputs[0] is not None:
-            shape = node.inputs[0].shape
-            if shape is not None and len(shape) == 4 and shape[1] == 1:
-                return True
-    return False
+def _fused_rotary(program) -> bool:
+    """Whether the exporter's optimizer fused RoPE into `RotaryEmbedding`. onnxruntime 1.32
+    rejects the nodes it writes in two cases met so far ("cos_cache and sin_cache are expected
+    to have the same shape as input x"): dynamic shapes at opset 23 with one kv head (what GQA
+    conversion and head pruning can leave), and a plain Llama exported with a dynamic batch
+    (the cos/sin tables keep the position ids' batch of 1). Graphs without the fusion run, so
+    any fused graph is exported again without it."""
+    return any(node.op_type == "RotaryEmbedding" for node in program.model.graph)
 
 
 def rewritten_graph(model, args, kwargs, dynamic: bool) -> nn.Module:

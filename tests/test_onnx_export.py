@@ -33,7 +33,16 @@ OP_CASES = {
     "gqa_bool_mask": dict(mask="bool", is_causal=False, kv_heads=2, softcap=None),
     "float_mask_causal": dict(mask="float", is_causal=True, kv_heads=4, softcap=None),
     "softcap_float_mask": dict(mask="float", is_causal=False, kv_heads=4, softcap=5.0),
+    "gqa_causal_softcap": dict(mask=None, is_causal=True, kv_heads=1, softcap=3.0),
 }
+
+
+def _fused_op(case, opset, target):
+    """The one node the call should become, or None for the decomposed translation."""
+    if target == "ort":  # GroupQueryAttention: causal, grouped or soft-capped self-attention
+        grouped = case["is_causal"] or case["kv_heads"] != 4 or case["softcap"] is not None
+        return "GroupQueryAttention" if grouped else "MultiHeadAttention"
+    return "Attention" if opset >= 23 and case["softcap"] is None else None
 
 
 @pytest.mark.parametrize("opset,target", [(18, "onnx"), (23, "onnx"), (18, "ort")])
@@ -50,11 +59,9 @@ def test_attention_op_translations_run_in_onnxruntime(name, opset, target):
                                 verbose=False,
                                 custom_translation_table=translation_table(opset, target))
     ops = {node.op_type for node in program.model.graph}
-    fused = case["softcap"] is None and (target == "onnx" and opset >= 23 or target == "ort"
-                                         and case["kv_heads"] == 4
-                                         and not (case["is_causal"] and case["mask"]))
-    fused_op = "MultiHeadAttention" if target == "ort" else "Attention"
-    assert (fused_op in ops) == fused, ops
+    fused = _fused_op(case, opset, target)
+    assert ops & {"Attention", "MultiHeadAttention", "GroupQueryAttention"} == \
+        ({fused} if fused else set()), ops
     actual = program(q, k, v)[0]
     assert (actual - module(q, k, v)).abs().max().item() <= ATOL
 
@@ -83,7 +90,9 @@ def test_zoo_models_export_to_onnxruntime_contrib_ops(name, tmp_path):
     optimized = attnopt.optimize(model, example_inputs=args)
     result = attnopt.export_onnx(optimized, tmp_path / "model.onnx", example_inputs=args,
                                  target="ort", dynamic=False)
-    assert result.passed and result.op_histogram.get("MultiHeadAttention", 0) == case.sites
+    fused = result.op_histogram.get("MultiHeadAttention", 0) + \
+        result.op_histogram.get("GroupQueryAttention", 0)
+    assert result.passed and fused == case.sites
 
 
 def test_dynamic_bert_export_runs_other_shapes(tmp_path):
@@ -126,3 +135,27 @@ def test_bad_arguments_write_nothing(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         attnopt.export_onnx(model, tmp_path / "missing" / "a.onnx", example_inputs=x)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_decoders_export_to_group_query_attention_with_dynamic_shapes(family, tmp_path):
+    """target="ort": Llama's grouped causal sites and Gemma 2's soft-capped ones (one with a
+    sliding-window mask) become onnxruntime's GroupQueryAttention, k/v at their own head
+    count; the file runs at other batch sizes and lengths (export_onnx checks fresh draws)."""
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  attn_implementation="eager")
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            **common, head_dim=8, attn_logit_softcapping=5.0, sliding_window=4))
+    torch.manual_seed(0)
+    model = model.eval()
+    inputs = dict(input_ids=torch.randint(0, 100, (2, 8)), use_cache=False)
+    optimized = attnopt.optimize(model, example_kwargs=inputs)
+    result = attnopt.export_onnx(optimized, tmp_path / "decoder.onnx", example_kwargs=inputs,
+                                 target="ort")
+    assert result.passed and result.op_histogram.get("GroupQueryAttention", 0) == 2
+    assert result.dynamic and len(result.errors) >= 3

@@ -544,7 +544,7 @@ def test_every_weight_rewrite_applies_to_hugging_face_models_and_exports(name, t
     result = attnopt.export_onnx(optimized, str(tmp_path / f"{name}.onnx"),
                                  example_kwargs=inputs)
     assert result.passed and result.op_histogram.get("MatMulInteger") == 8
-    # one kv head left in Llama: torch.onnx's RoPE fusion would break it in onnxruntime
+    # Llama: torch.onnx's RoPE fusion would break it in onnxruntime, so it is left out
     assert bool(result.workarounds) == (name == "llama")
 
 

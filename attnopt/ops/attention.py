@@ -242,66 +242,127 @@ def onnx_attention_standard(q, k, v, attn_mask=None, is_causal=False, scale=None
 
 def onnx_attention_ort(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
                        softcap=None):
-    """onnxruntime's fused `com.microsoft.MultiHeadAttention` (q as (B, S, H·D), k and v as
-    BHSD). Calls it cannot express — GQA, soft-cap, a dynamic head count, causal with a mask,
-    causal over unequal lengths — take the decomposed translation."""
-    heads, kv_heads = q.shape[1], k.shape[1]
-    static = all(isinstance(d, int) for d in (heads, kv_heads, q.shape[3]))
-    equal_lengths = isinstance(q.shape[2], int) and q.shape[2] == k.shape[2]
-    if softcap is not None or not static or heads != kv_heads or \
-            (is_causal and (attn_mask is not None or not equal_lengths)):
+    """onnxruntime's fused contrib ops where they express the call, the decomposed translation
+    elsewhere (a dynamic head count or head dim, or neither op fits):
+
+    - `com.microsoft.GroupQueryAttention` for self-attention (equal lengths) that is causal,
+      grouped (fewer kv heads, never repeated) or soft-capped, with any mask as its
+      `attention_bias`;
+    - `com.microsoft.MultiHeadAttention` for the rest without soft-cap or causality (equal
+      head counts, cross-attention included). Its causal form is slower than
+      GroupQueryAttention's on the CPU (docs/BENCHMARKS.md)."""
+    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[3]
+    static = all(isinstance(d, int) for d in (heads, kv_heads, head_dim, v.shape[3]))
+    if static and _equal_lengths(q, k) and v.shape[3] == head_dim and \
+            (is_causal or heads != kv_heads or softcap is not None):
+        return _onnx_group_query_attention(q, k, v, attn_mask, is_causal, scale, softcap)
+    if not static or softcap is not None or heads != kv_heads or is_causal:
         return onnx_attention_decomposed(q, k, v, attn_mask, is_causal, scale, enable_gqa,
                                          softcap)
-    import onnxscript
     from onnxscript import opset18 as op
-    contrib = onnxscript.values.Opset("com.microsoft", 1)
-    multi_head_attention = onnxscript.values.Op(contrib, "MultiHeadAttention",
-                                                _multi_head_attention_schema())
-    head_dim = q.shape[3]
-    query_BSE = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]),
-                           op.Constant(value_ints=[0, 0, heads * head_dim]))
-    bias = None
-    if attn_mask is not None:
-        if attn_mask.dtype == 9:  # onnx BOOL: True = attend → 0 / -inf
-            attn_mask = op.Where(attn_mask, op.CastLike(op.Constant(value_float=0.0), q),
-                                 op.CastLike(op.Constant(value_float=float("-inf")), q))
-        full = op.Concat(op.Constant(value_ints=[1, 1]), op.Shape(q, start=2, end=3),
-                         op.Shape(k, start=2, end=3), axis=0)
-        bias = op.CastLike(op.Expand(attn_mask, full), q)
-    attributes = {"num_heads": heads, "unidirectional": int(bool(is_causal))}
+    multi_head_attention = _contrib_op("MultiHeadAttention", [
+        ("query", "T"), ("key", "T"), ("value", "T"), ("bias", "T"),
+        ("key_padding_mask", "M"), ("attention_bias", "T")], ["output"],
+        {"num_heads": True, "scale": False, "unidirectional": False,
+         "mask_filter_value": False})
+    bias = _full_bias(op, attn_mask, q, k) if attn_mask is not None else None
+    attributes = {"num_heads": heads}
     if scale is not None:
         attributes["scale"] = float(scale)
-    out_BSE = multi_head_attention(query_BSE, k, v, None, None, bias, **attributes)
-    if isinstance(out_BSE, (tuple, list)):
-        out_BSE = out_BSE[0]
-    out_BSHD = op.Reshape(out_BSE, op.Constant(value_ints=[0, 0, heads, head_dim]))
-    return op.Transpose(out_BSHD, perm=[0, 2, 1, 3])
+    out_BSE = multi_head_attention(_heads_last(op, q), k, v, None, None, bias, **attributes)
+    return _heads_split(op, out_BSE[0] if isinstance(out_BSE, (tuple, list)) else out_BSE,
+                        heads, head_dim)
 
 
-def _multi_head_attention_schema():
-    """The part of onnxruntime's `com.microsoft.MultiHeadAttention` signature attnopt uses,
-    registered with onnx once (onnx ships no schemas for onnxruntime's contrib ops, and the
-    exporter's tracer needs one to tell inputs from attributes)."""
+def _equal_lengths(q, k) -> bool:
+    """Whether q and k are known to have the same sequence length (static, or one named
+    symbolic dimension)."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if isinstance(q_len, int) or isinstance(kv_len, int):
+        return q_len == kv_len
+    return getattr(q_len, "value", None) is not None and q_len == kv_len
+
+
+def _heads_last(op, x_BHSD):
+    """(B, H, S, D) → (B, S, H·D), the contrib ops' layout."""
+    return op.Reshape(op.Transpose(x_BHSD, perm=[0, 2, 1, 3]),
+                      op.Constant(value_ints=[0, 0, x_BHSD.shape[1] * x_BHSD.shape[3]]))
+
+
+def _heads_split(op, out_BSE, heads: int, head_dim: int):
+    return op.Transpose(op.Reshape(out_BSE, op.Constant(value_ints=[0, 0, heads, head_dim])),
+                        perm=[0, 2, 1, 3])
+
+
+def _full_bias(op, attn_mask, q, k):
+    """An SDPA mask as the contrib ops' additive (B|1, H|1, Sq, Sk) bias in q's type (they
+    want the query axis spelled out, not broadcast)."""
+    rank = len(attn_mask.shape)
+    if attn_mask.dtype == 9:  # onnx BOOL: True = attend → 0 / -inf
+        attn_mask = op.Where(attn_mask, op.CastLike(op.Constant(value_float=0.0), q),
+                             op.CastLike(op.Constant(value_float=float("-inf")), q))
+    if rank < 4:
+        attn_mask = op.Unsqueeze(attn_mask, op.Constant(value_ints=list(range(4 - rank))))
+    full = op.Concat(op.Constant(value_ints=[1, 1]), op.Shape(q, start=2, end=3),
+                     op.Shape(k, start=2, end=3), axis=0)
+    return op.CastLike(op.Expand(attn_mask, full), q)
+
+
+def _onnx_group_query_attention(q, k, v, attn_mask, is_causal, scale, softcap):
+    """`com.microsoft.GroupQueryAttention` as a prompt without a cache: every sequence full
+    length (seqlens_k = S − 1), q/k/v as (B, S, heads·D), k and v at their own head count."""
+    from onnxscript import opset18 as op
+    group_query_attention = _contrib_op("GroupQueryAttention", [
+        ("query", "T"), ("key", "T"), ("value", "T"), ("past_key", "T"), ("past_value", "T"),
+        ("seqlens_k", "M"), ("total_sequence_length", "M"), ("cos_cache", "T"),
+        ("sin_cache", "T"), ("position_ids", "P"), ("attention_bias", "T")],
+        ["output", "present_key", "present_value"],
+        {"num_heads": True, "kv_num_heads": True, "scale": False, "softcap": False,
+         "causal": False})
+    total = op.Cast(op.Shape(k, start=2, end=3), to=6)                 # int32 (1,)
+    seqlens_k = op.Expand(op.Sub(total, op.Cast(op.Constant(value_ints=[1]), to=6)),
+                          op.Shape(q, start=0, end=1))                   # (B,): S − 1
+    bias = _full_bias(op, attn_mask, q, k) if attn_mask is not None else None
+    attributes = {"num_heads": q.shape[1], "kv_num_heads": k.shape[1],
+                  "causal": int(bool(is_causal))}
+    if scale is not None:
+        attributes["scale"] = float(scale)
+    if softcap is not None:
+        attributes["softcap"] = float(softcap)
+    outputs = group_query_attention(
+        _heads_last(op, q), _heads_last(op, k), _heads_last(op, v), None, None, seqlens_k,
+        op.Squeeze(total), None, None, None, bias, **attributes)
+    return _heads_split(op, outputs[0], q.shape[1], q.shape[3])
+
+
+def _contrib_op(name: str, inputs: list, outputs: list, attributes: dict):
+    """An onnxscript op for onnxruntime's `com.microsoft` contrib op `name`, with the part of
+    its signature attnopt uses registered with onnx once (onnx ships no schemas for
+    onnxruntime's contrib ops, and the exporter's tracer needs one to tell inputs from
+    attributes). `inputs`: (name, type) in order, all but the first optional; `attributes`:
+    name → required."""
     import onnx
+    import onnxscript
     from onnx.defs import OpSchema
-    name, domain = "MultiHeadAttention", "com.microsoft"
+    domain = "com.microsoft"
     if onnx.defs.has(name, domain):
-        return onnx.defs.get_schema(name, 1, domain)
-    optional = OpSchema.FormalParameterOption.Optional
-    inputs = [OpSchema.FormalParameter("query", "T")] + [
-        OpSchema.FormalParameter(input_name, type_name, param_option=optional)
-        for input_name, type_name in (("key", "T"), ("value", "T"), ("bias", "T"),
-                                      ("key_padding_mask", "M"), ("attention_bias", "T"))]
-    schema = OpSchema(
-        name, domain, 1, doc="onnxruntime contrib multi-head attention (subset used by attnopt)",
-        inputs=inputs, outputs=[OpSchema.FormalParameter("output", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
-                          ("M", ["tensor(int32)"], "")],
-        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "", required=True),
-                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False),
-                    OpSchema.Attribute("unidirectional", OpSchema.AttrType.INT, "",
-                                       required=False),
-                    OpSchema.Attribute("mask_filter_value", OpSchema.AttrType.FLOAT, "",
-                                       required=False)])
-    onnx.defs.register_schema(schema)
-    return schema
+        schema = onnx.defs.get_schema(name, 1, domain)
+    else:
+        kinds = OpSchema.FormalParameterOption
+        formal_inputs = [OpSchema.FormalParameter(
+            input_name, type_name, param_option=kinds.Optional if index else kinds.Single)
+            for index, (input_name, type_name) in enumerate(inputs)]
+        floats = ("scale", "softcap", "mask_filter_value")
+        schema = OpSchema(
+            name, domain, 1, doc=f"onnxruntime contrib {name} (subset used by attnopt)",
+            inputs=formal_inputs,
+            outputs=[OpSchema.FormalParameter(output, "T") for output in outputs],
+            type_constraints=[
+                ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                ("M", ["tensor(int32)"], ""), ("P", ["tensor(int64)"], "")],
+            attributes=[OpSchema.Attribute(
+                attribute, OpSchema.AttrType.FLOAT if attribute in floats
+                else OpSchema.AttrType.INT, "", required=required)
+                for attribute, required in attributes.items()])
+        onnx.defs.register_schema(schema)
+    return onnxscript.values.Op(onnxscript.values.Opset(domain, 1), name, schema)
