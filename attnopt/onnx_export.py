@@ -39,6 +39,7 @@ from attnopt.ops import APPROXIMATE_OPS, ATTENTION_OP, INT8_LINEAR_OP
 from attnopt.ops.hybrid import onnx_performer_window
 from attnopt.ops.linear import onnx_linear_attention
 from attnopt.ops.performer import onnx_performer
+from attnopt.ops.quantized import onnx_int8_qk_attention
 from attnopt.ops.sparse import onnx_sparse_attention
 from attnopt.ops.int8 import onnx_int8_linear
 from attnopt.ops.topk import onnx_topk_attention
@@ -97,6 +98,7 @@ APPROXIMATE_TRANSLATIONS = {
     APPROXIMATE_OPS["sparse"]: onnx_sparse_attention,
     APPROXIMATE_OPS["hybrid"]: onnx_performer_window,
     APPROXIMATE_OPS["topk"]: onnx_topk_attention,
+    APPROXIMATE_OPS["int8_qk"]: onnx_int8_qk_attention,
     INT8_LINEAR_OP: onnx_int8_linear,
 }
 

@@ -39,6 +39,7 @@ REWRITES = {
     "sparse": "exact attention on a sparse pattern (window, Longformer, BigBird, dilated, ...)",
     "hybrid": "exact inside a local window, FAVOR+ outside, one normalizer",
     "topk": "exact attention on the top-k key blocks per query block",
+    "int8_qk": "Q·Kᵀ on int8 q and smoothed k, per-block scales (SageAttention)",
 }
 #: Weight rewrite name → description; chosen by a policy's `weights` rules.
 WEIGHT_REWRITES = {
@@ -47,7 +48,7 @@ WEIGHT_REWRITES = {
     "int8": "int8 weights for the q/k/v/out projections (weight-only or dynamic)",
 }
 #: The rewrites that change what a site computes: guarded by the error budget.
-APPROXIMATE_REWRITES = ("performer", "linear", "sparse", "hybrid", "topk")
+APPROXIMATE_REWRITES = ("performer", "linear", "sparse", "hybrid", "topk", "int8_qk")
 #: Parameters of each approximate rewrite and their defaults (a rule's params override them;
 #: a seed of None is derived from the site name). Sparse patterns: window, longformer,
 #: bigbird, dilated, strided, random (attnopt.ops.sparsity).
@@ -58,6 +59,7 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
                "random_blocks": 0, "dilation": 1, "stride": 0, "window": None, "seed": None},
     "hybrid": {"window": 64, "features": 128, "block": 64, "seed": None},
     "topk": {"block": 64, "top_k": 8, "local": 1},
+    "int8_qk": {},  # blocks of 128 queries and 64 keys per scale (ops/quantized.py)
     # kv_heads: the target count (None: kv heads // group_size); grouping: contiguous,
     # clustered (heads with similar keys and values pooled), or best (the lower error of the
     # two on the examples)

@@ -10,7 +10,11 @@ Correctness first: every implementation's output against a float32 reference on 
 inputs (max abs error printed in the table). Times are medians of `triton.testing.do_bench`;
 TFLOP/s counts 4·B·H·Sq·Sk·D for the forward (half where causal) and 2.5× that for the backward.
 
-    PYTHONPATH=. python benchmarks/bench_attention.py [--parts fwd bwd decode] [--dims 64 128]
+Part `int8`: the int8 Q·Kᵀ op (`ops/quantized.py`, quantization included), the same kernel
+on operands quantized beforehand, and the exact kernel, against the same anchors (bf16, or
+--int8-dtypes); its error column is the quantization's, against the float32 reference of exact attention.
+
+    PYTHONPATH=. python benchmarks/bench_attention.py [--parts fwd bwd decode int8] [--dims 64 128]
         [--seqs 1024 4096 16384] [--json PATH]
 """
 
@@ -54,8 +58,34 @@ def flops(batch, heads, q_len, kv_len, head_dim, causal) -> float:
     return total / 2 if causal and q_len == kv_len else total
 
 
-def implementations(causal: bool, q_len: int, kv_len: int, enable_gqa: bool):
-    """name -> fn(q, k, v) for the kernel and every anchor that runs this shape."""
+def int8_implementations(causal: bool):
+    """The int8 Q·Kᵀ op (quantization included) as "attnopt", the kernel alone on operands
+    quantized beforehand, and the exact kernel."""
+    from attnopt.kernels.flash import flash_forward
+    from attnopt.kernels.params import AttentionParams
+    from attnopt.ops.quantized import K_QUANT_BLOCK, Q_QUANT_BLOCK, int8_qk_kernel, quantize_qk
+    quantized = {}
+
+    def kernel_only(q, k, v):
+        key = (q.data_ptr(), k.data_ptr())
+        if key not in quantized:
+            (q8, qs), (k8, ks) = quantize_qk(q, k)
+            params = AttentionParams.build(q, k, v, causal=causal, scale=None, attn_bias=None,
+                                           kv_lengths=None, window=None, block_mask=None,
+                                           softcap=None, alibi_slopes=None,
+                                           causal_alignment="top_left")
+            quantized[key] = (q8, k8, params, (qs, Q_QUANT_BLOCK, ks, K_QUANT_BLOCK))
+        q8, k8, params, quant = quantized[key]
+        return flash_forward(q8, k8, v, params, quant=quant)[0]
+    return {"attnopt": lambda q, k, v: int8_qk_kernel(q, k, v, None, causal),
+            "int8-kernel-only": kernel_only,
+            "attnopt-exact": lambda q, k, v: flash_attention(q, k, v, causal=causal)}
+
+
+def implementations(causal: bool, q_len: int, kv_len: int, enable_gqa: bool,
+                    int8: bool = False):
+    """name -> fn(q, k, v) for the kernel and every anchor that runs this shape (with `int8`,
+    the int8 Q·Kᵀ op as "attnopt" and the exact kernel as an anchor)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     compiled_flex = torch.compile(flex_attention, dynamic=False)
     block_mask = None
@@ -64,8 +94,9 @@ def implementations(causal: bool, q_len: int, kv_len: int, enable_gqa: bool):
         block_mask = create_block_mask(lambda b, h, qi, kj: kj <= qi + offset, None, None,
                                        q_len, kv_len, device="cuda")
     alignment = "bottom_right" if q_len != kv_len else "top_left"
-    impls = {"attnopt": lambda q, k, v: flash_attention(q, k, v, causal=causal,
-                                                        causal_alignment=alignment)}
+    impls = int8_implementations(causal) if int8 else {
+        "attnopt": lambda q, k, v: flash_attention(q, k, v, causal=causal,
+                                                   causal_alignment=alignment)}
     for name, backend in SDPA_BACKENDS.items():
         if causal and q_len != kv_len:
             continue  # SDPA's is_causal is top-left aligned: a different computation
@@ -90,16 +121,16 @@ def reference(q, k, v, causal):
     return torch.softmax(scores, -1) @ v
 
 
-def measure(shape, causal, backward, rows):
+def measure(shape, causal, backward, rows, int8=False, dtype=torch.bfloat16):
     batch, heads, kv_heads, q_len, kv_len, head_dim = shape
     torch.manual_seed(q_len + kv_len + head_dim)
-    q = torch.randn(batch, heads, q_len, head_dim, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(batch, kv_heads, kv_len, head_dim, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, heads, q_len, head_dim, device="cuda", dtype=dtype)
+    k = torch.randn(batch, kv_heads, kv_len, head_dim, device="cuda", dtype=dtype)
     v = torch.randn_like(k)
     expected = reference(q[:1], k[:1], v[:1], causal) if q_len * kv_len <= 4096 * 16384 else None
     work = flops(batch, heads, q_len, kv_len, head_dim, causal) * (3.5 if backward else 1.0)
     results = {}
-    for name, fn in implementations(causal, q_len, kv_len, kv_heads != heads).items():
+    for name, fn in implementations(causal, q_len, kv_len, kv_heads != heads, int8).items():
         try:
             if backward:
                 qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -127,7 +158,8 @@ def measure(shape, causal, backward, rows):
             if name == "attnopt":
                 raise
             results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"}
-    rows.append({"shape": shape, "causal": causal, "backward": backward, "results": results})
+    rows.append({"shape": shape, "causal": causal, "backward": backward, "results": results,
+                 "kind": f"int8 Q·Kᵀ {str(dtype)[6:]}" if int8 else None})
     _print_row(rows[-1])
 
 
@@ -145,7 +177,7 @@ def _print_row(row):
                 graph = f", graph {r['graph_ms']:.3f} ms ×{r['graph_ms'] / mine['graph_ms']:.2f}"
             cells.append(f"{name} {r['ms']:.3f} ms {r['tflops']:.0f} TF/s "
                          f"(×{ratio:.2f}, err {r['max_abs_err']:.1e}{graph})")
-    kind = "fwd+bwd" if row["backward"] else "fwd"
+    kind = row.get("kind") or ("fwd+bwd" if row["backward"] else "fwd")
     print(f"| {kind} | B{batch} H{heads}/{kv_heads} Sq{q_len} Sk{kv_len} D{head_dim} | "
           f"{'causal' if row['causal'] else 'full'} | " + " | ".join(cells) + " |", flush=True)
 
@@ -158,6 +190,7 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--decode-kv", type=int, nargs="+", default=[32768, 65536, 131072])
+    parser.add_argument("--int8-dtypes", nargs="+", default=["bfloat16"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton "
@@ -172,6 +205,14 @@ def main() -> None:
                         shape = (TOTAL_TOKENS // n, HIDDEN // head_dim, HIDDEN // head_dim, n, n,
                                  head_dim)
                         measure(shape, causal, part == "bwd", rows)
+        elif part == "int8":  # int8 Q·Kᵀ against the exact kernel and the anchors
+            for dtype in (getattr(torch, name) for name in args.int8_dtypes):
+                for head_dim in args.dims:
+                    for n in args.seqs:
+                        for causal in (False, True):
+                            shape = (TOTAL_TOKENS // n, HIDDEN // head_dim,
+                                     HIDDEN // head_dim, n, n, head_dim)
+                            measure(shape, causal, False, rows, int8=True, dtype=dtype)
         elif part == "decode":
             for kv_len in args.decode_kv:
                 for batch in (1, 8):

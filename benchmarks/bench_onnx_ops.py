@@ -5,8 +5,9 @@ docs/BENCHMARKS.md.
 Each variant of `bench_long.variants` (the same patterns and parameters as the PyTorch
 benchmark) is exported once with a dynamic sequence length, through attnopt's translation
 table, and run in onnxruntime at every length in --seqs; exact attention is exported three
-ways (decomposed opset-18 ops, the standard `Attention` op of opset 23, onnxruntime's fused
-`com.microsoft.MultiHeadAttention`). Before timing, each file's output is compared with the
+ways (decomposed opset-18 ops, the standard `Attention` op of opset 23, and target "ort":
+onnxruntime's `MultiHeadAttention`, or `GroupQueryAttention` for the causal and grouped
+calls). Before timing, each file's output is compared with the
 PyTorch op on the same inputs (max abs error). Latency: median of --runs calls after 2
 warm-ups, default session options (all cores), batch 1, float32. The PyTorch time of the same
 call is measured in the same process for reference.
@@ -47,16 +48,17 @@ class Site(torch.nn.Module):
 
 
 def exact_forms():
-    """The canonical op, exported three ways: (label, fn, causal, opset, target)."""
+    """The canonical op exported three ways each, for plain, causal and grouped (8 query heads
+    over 2 kv heads, causal) calls: (label, fn, causal, opset, target)."""
     attention = torch.ops.attnopt.attention
-    return [("exact, decomposed (opset 18)", lambda q, k, v: attention(q, k, v), False, 18,
-             "onnx"),
-            ("exact, Attention (opset 23)", lambda q, k, v: attention(q, k, v), False, 23,
-             "onnx"),
-            ("exact, MultiHeadAttention (ort)", lambda q, k, v: attention(q, k, v), False, 23,
-             "ort"),
-            ("exact causal, MultiHeadAttention (ort)",
-             lambda q, k, v: attention(q, k, v, None, True), True, 23, "ort")]
+    calls = {"exact": lambda q, k, v: attention(q, k, v),
+             "exact causal": lambda q, k, v: attention(q, k, v, None, True),
+             "exact causal GQA 4:1": lambda q, k, v: attention(
+                 q, k[:, ::4], v[:, ::4], None, True, None, True)}
+    forms = (("decomposed (opset 18)", 18, "onnx"), ("Attention (opset 23)", 23, "onnx"),
+             ("target ort", 23, "ort"))
+    return [(f"{name}, {form}", fn, "causal" in name, opset, target)
+            for name, fn in calls.items() for form, opset, target in forms]
 
 
 def export(fn, path: str, heads: int, dim: int, opset: int, target: str) -> None:

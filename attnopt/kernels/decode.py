@@ -149,8 +149,8 @@ def _decode_split_kernel(
         acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         start, unmasked_lo, unmasked_hi, end, offs_m, offs_d, seq_q, seq_k, kv_end, offset,
         window_left, window_right, scale, softcap, bias_rows_ptr, stride_bm, stride_bn,
-        slope_rows, BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-        BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
+        slope_rows, 1.0, k_ptr, BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, HAS_LEFT, HAS_RIGHT,
+        HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, INPUT_PRECISION, False, 1)
 
     # a row whose share held no visible key: output 0, max -inf, sum 0 (weight 0 when reduced)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

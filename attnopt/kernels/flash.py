@@ -52,9 +52,13 @@ def _prune_configs(configs, named_args, **kwargs):
     head_dim = kwargs.get("HEAD_DIM_PADDED", named_args.get("HEAD_DIM_PADDED"))
     layout_block = kwargs.get("LAYOUT_BLOCK", named_args.get("LAYOUT_BLOCK", 0))
     exact_fp32 = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "ieee"
+    quantized = kwargs.get("QUANT_QK", named_args.get("QUANT_QK", False))
+    q_block, k_block = kwargs.get("Q_QBLOCK", 1), kwargs.get("K_QBLOCK", 1)
     kept = []
     for config in configs:
         m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        if quantized and (q_block % m or k_block % n):
+            continue  # each tile must lie inside one quantization block
         if layout_block and (layout_block % m or layout_block % n):
             continue
         if exact_fp32 and (m * n > 64 * 32 or config.num_stages > 2):
@@ -76,12 +80,15 @@ def _prune_configs(configs, named_args, **kwargs):
 @triton.jit
 def attend_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
                  n0, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
-                 scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+                 scale, softcap, bias_ptr, stride_bm, stride_bn, slope, q_scale, ks_ptr,
                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr):
-    """One key tile of the online softmax: returns updated (acc, l_i, m_i)."""
+                 INPUT_PRECISION: tl.constexpr, QUANT_QK: tl.constexpr,
+                 K_QBLOCK: tl.constexpr):
+    """One key tile of the online softmax: returns updated (acc, l_i, m_i). With QUANT_QK, q
+    and the keys are int8 and the scores are their int32 product times the tile's two
+    quantization scales (`q_scale`, and the key block's at `ks_ptr`)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     kt_ptrs = k_ptr + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -92,14 +99,21 @@ def attend_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn,
         kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
     else:
         kt = tl.load(kt_ptrs)
-    qk = tl.dot(q, kt, input_precision=INPUT_PRECISION)
+    if QUANT_QK:
+        qk = tl.dot(q, kt, out_dtype=tl.int32).to(tl.float32)
+        dequant = q_scale * tl.load(ks_ptr + n0 // K_QBLOCK)
+    else:
+        qk = tl.dot(q, kt, input_precision=INPUT_PRECISION)
+        dequant = 1.0
     if not MASKED and BIAS_KIND == BIAS_NONE and not HAS_SOFTCAP and not HAS_ALIBI:
         # the hot path: scale folded into one multiply-add per score, every score finite
-        qk_scale = scale * LOG2E
+        qk_scale = scale * LOG2E * dequant
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
     else:
+        if QUANT_QK:
+            qk = qk * dequant
         s = score_tile(qk, offs_m[:, None], offs_n[None, :], seq_q, seq_k, kv_end, offset,
                        window_left,
                        window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
@@ -124,18 +138,19 @@ def attend_tile(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn,
 @triton.jit
 def attend_range(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
                   lo, hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
-                  scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+                  scale, softcap, bias_ptr, stride_bm, stride_bn, slope, q_scale, ks_ptr,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr):
+                  INPUT_PRECISION: tl.constexpr, QUANT_QK: tl.constexpr,
+                  K_QBLOCK: tl.constexpr):
     for n0 in tl.range(lo, hi, BLOCK_N):
         acc, l_i, m_i = attend_tile(
             acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
             n0, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
-            scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+            scale, softcap, bias_ptr, stride_bm, stride_bn, slope, q_scale, ks_ptr,
             BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-            BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
+            BIAS_KIND, HAS_ALIBI, INPUT_PRECISION, QUANT_QK, K_QBLOCK)
     return acc, l_i, m_i
 
 
@@ -143,40 +158,42 @@ def attend_range(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn
 def attend_band(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
                 lo, full_lo, full_hi, hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset,
                 window_left, window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+                q_scale, ks_ptr,
                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                QUANT_QK: tl.constexpr, K_QBLOCK: tl.constexpr):
     """Keys [lo, hi) as `key_band` splits them: tiles cut by a mask boundary in [lo, full_lo)
     and [full_hi, hi), fully visible tiles (no mask evaluation) in [full_lo, full_hi)."""
     acc, l_i, m_i = attend_range(
         acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         lo, full_lo, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
-        scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+        scale, softcap, bias_ptr, stride_bm, stride_bn, slope, q_scale, ks_ptr,
         BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-        BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
+        BIAS_KIND, HAS_ALIBI, INPUT_PRECISION, QUANT_QK, K_QBLOCK)
     acc, l_i, m_i = attend_range(
         acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         full_lo, full_hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
-        window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+        window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope, q_scale, ks_ptr,
         BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-        BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
+        BIAS_KIND, HAS_ALIBI, INPUT_PRECISION, QUANT_QK, K_QBLOCK)
     return attend_range(
         acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         full_hi, hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
-        scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
+        scale, softcap, bias_ptr, stride_bm, stride_bn, slope, q_scale, ks_ptr,
         BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-        BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
+        BIAS_KIND, HAS_ALIBI, INPUT_PRECISION, QUANT_QK, K_QBLOCK)
 
 
 @triton.autotune(configs=_forward_configs(),
                  key=["seq_q_bucket", "seq_k_bucket", "HEAD_DIM_PADDED", "HAS_LEFT", "HAS_RIGHT",
                       "HAS_SOFTCAP", "BIAS_KIND", "HAS_ALIBI", "HAS_KV_LENS", "HAS_LAYOUT",
-                      "LAYOUT_BLOCK", "INPUT_PRECISION"],
+                      "LAYOUT_BLOCK", "INPUT_PRECISION", "QUANT_QK"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _flash_forward_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bias_ptr, slopes_ptr, kv_lens_ptr,
-        kv_counts_ptr, kv_indices_ptr,
+        kv_counts_ptr, kv_indices_ptr, q_scales_ptr, k_scales_ptr,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -185,14 +202,18 @@ def _flash_forward_kernel(
         stride_sb, stride_sh,
         stride_cb, stride_ch, stride_cm,
         stride_ib, stride_ih, stride_im,
+        stride_qsb, stride_qsh, stride_ksb, stride_ksh,
         num_heads, group, seq_q, seq_k, offset, window_left, window_right, scale, softcap,
         seq_q_bucket, seq_k_bucket,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KV_LENS: tl.constexpr,
         HAS_LAYOUT: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        QUANT_QK: tl.constexpr, Q_QBLOCK: tl.constexpr, K_QBLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(HEAD_DIM <= HEAD_DIM_PADDED)
+    tl.static_assert(not QUANT_QK or Q_QBLOCK % BLOCK_M == 0)  # a tile in one scale block
+    tl.static_assert(not QUANT_QK or K_QBLOCK % BLOCK_N == 0)
     tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_M == 0)
     tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_N == 0)
     pid_m = tl.program_id(0)
@@ -215,6 +236,11 @@ def _flash_forward_kernel(
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(slopes_ptr + b * stride_sb + h * stride_sh)
+    q_scale = 1.0
+    ks_ptr = k_scales_ptr
+    if QUANT_QK:
+        q_scale = tl.load(q_scales_ptr + b * stride_qsb + h * stride_qsh + m0 // Q_QBLOCK)
+        ks_ptr = k_scales_ptr + b * stride_ksb + h_kv * stride_ksh
     kv_end = seq_k
     if HAS_KV_LENS:
         kv_end = tl.minimum(tl.load(kv_lens_ptr + b), seq_k)
@@ -237,24 +263,24 @@ def _flash_forward_kernel(
                             acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn,
                             stride_vd, n0, offs_m, offs_d, seq_q, seq_k, kv_end, offset,
                             window_left, window_right, scale, softcap, bias_ptr, stride_bm,
-                            stride_bn, slope, BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, False,
-                            HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI,
-                            INPUT_PRECISION)
+                            stride_bn, slope, q_scale, ks_ptr, BLOCK_N, HEAD_DIM,
+                            HEAD_DIM_PADDED, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+                            HAS_ALIBI, INPUT_PRECISION, QUANT_QK, K_QBLOCK)
                     else:
                         acc, l_i, m_i = attend_tile(
                             acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn,
                             stride_vd, n0, offs_m, offs_d, seq_q, seq_k, kv_end, offset,
                             window_left, window_right, scale, softcap, bias_ptr, stride_bm,
-                            stride_bn, slope, BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, True,
-                            HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI,
-                            INPUT_PRECISION)
+                            stride_bn, slope, q_scale, ks_ptr, BLOCK_N, HEAD_DIM,
+                            HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+                            HAS_ALIBI, INPUT_PRECISION, QUANT_QK, K_QBLOCK)
     else:
         acc, l_i, m_i = attend_band(
             acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
             lo, full_lo, full_hi, hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset,
             window_left, window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope,
-            BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-            HAS_ALIBI, INPUT_PRECISION)
+            q_scale, ks_ptr, BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, HAS_LEFT, HAS_RIGHT,
+            HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, INPUT_PRECISION, QUANT_QK, K_QBLOCK)
 
     # rows that saw no key produce zeros; their log-sum-exp is +inf so backward weights are 0
     seen = l_i > 0
@@ -319,28 +345,40 @@ def last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> tuple[Tensor, Tensor]:
-    """(out_BHSD, lse_BHS): the kernel's output and base-2 log-sum-exp per row."""
+def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
+                  quant: Optional[tuple[Tensor, int, Tensor, int]] = None
+                  ) -> tuple[Tensor, Tensor]:
+    """(out_BHSD, lse_BHS): the kernel's output and base-2 log-sum-exp per row.
+
+    `quant=(q_scales, q_block, k_scales, k_block)`: q and k are int8, quantized per block of
+    `q_block` queries and `k_block` keys with float32 scales (B, H, ⌈Sq/q_block⌉) and
+    (B, Hkv, ⌈Sk/k_block⌉) (`ops/quantized.py` makes them), and every score is their int32
+    product times the two blocks' scales; v and the output stay in v's dtype."""
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty(q.shape[:-1] + v.shape[-1:], device=q.device, dtype=v.dtype)
     lse = torch.empty((params.batch, params.heads, params.q_len), device=q.device,
                       dtype=torch.float32)
     extra = tensor_args(params, q.device)
+    q_scales, q_block, k_scales, k_block = quant if quant is not None \
+        else (extra["kv_lens"], 1, extra["kv_lens"], 1)
+    scale_strides = (q_scales.stride(0), q_scales.stride(1), k_scales.stride(0),
+                     k_scales.stride(1)) if quant is not None else (0, 0, 0, 0)
 
     def grid(meta):
         return (triton.cdiv(params.q_len, meta["BLOCK_M"]), params.batch * params.heads)
 
     args = (q, k, v, out, lse, extra["bias"], extra["slopes"], extra["kv_lens"],
-            extra["counts"], extra["indices"],
+            extra["counts"], extra["indices"], q_scales, k_scales,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *extra["bias_strides"],
             *extra["slopes_strides"], *extra["counts_strides"], *extra["indices_strides"],
-            params.heads, params.group, params.q_len, params.kv_len, params.offset,
+            *scale_strides, params.heads, params.group, params.q_len, params.kv_len, params.offset,
             params.window_left, params.window_right, params.scale, params.softcap or 1.0,
             _bucket(params.q_len), _bucket(params.kv_len))
     launch(_flash_forward_kernel, grid, args,
            dict(HEAD_DIM=params.head_dim, HEAD_DIM_PADDED=padded_head_dim(params.head_dim),
-                INPUT_PRECISION=input_precision(q.dtype), **params.kernel_flags()),
-           key=(q.dtype, args[-2], args[-1]), tune=params.worth_tuning(q.dtype),
+                INPUT_PRECISION=input_precision(v.dtype), QUANT_QK=quant is not None,
+                Q_QBLOCK=q_block, K_QBLOCK=k_block, **params.kernel_flags()),
+           key=(q.dtype, v.dtype, args[-2], args[-1]), tune=params.worth_tuning(v.dtype),
            prune=_prune_configs)
     return out, lse
 

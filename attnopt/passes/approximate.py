@@ -43,6 +43,8 @@ def variant_params(rewrite: str, params: dict, site: AttentionSite) -> dict:
 
 def skip_reason(rewrite: str, site: AttentionSite, params: dict) -> Optional[str]:
     """Why a site cannot take this variant (None: it can)."""
+    if rewrite == "int8_qk":
+        return None  # every exact site: the scores are only rounded
     if site.softcap is not None:
         return "soft-capped scores have no approximate variant"
     if rewrite in ("performer", "linear", "hybrid"):
@@ -152,10 +154,13 @@ class ApproximateAttention:
             elif rewrite == "hybrid":
                 args = (q, k, v, proj_node, mask, causal, scale, enable_gqa, params["window"],
                         params["block"])
-            else:  # topk
+            elif rewrite == "topk":
                 args = (q, k, v, mask, causal, scale, enable_gqa, params["block"],
                         params["top_k"], params["local"])
-            new = graph.call_function(APPROXIMATE_OPS[rewrite], args)
+            kwargs = {}
+            if rewrite == "int8_qk":  # the same signature: the canonical call's own arguments
+                args, kwargs = tuple(node.args), dict(node.kwargs)
+            new = graph.call_function(APPROXIMATE_OPS[rewrite], args, kwargs)
         new.meta.update({key: node.meta[key] for key in ("val", "nn_module_stack")
                          if key in node.meta})
         return new
