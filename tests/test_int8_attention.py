@@ -46,6 +46,20 @@ def test_block_quantization_rounds_each_block_to_its_own_scale():
     assert (error <= scales.repeat_interleave(64, -1)[..., :150, None] / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_quantizer_gives_the_references_integers(dtype):
+    """kernels/quantize.py (interpreter without a GPU) against quantize_blocks, bit for bit,
+    with and without the key smoothing, on a length and head dim that are not block sizes."""
+    from attnopt.kernels.quantize import quantize_blocks_kernel
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = _qkv(6, dtype=dtype)[1].to(device) * 3
+    mean = x.float().mean(dim=-2, keepdim=True)
+    for kernel_mean, reference_input in ((None, x), (mean, x.float() - mean)):
+        got, got_scales = quantize_blocks_kernel(x, 64, kernel_mean)
+        expected, scales = quantize_blocks(reference_input, 64)
+        assert torch.equal(got, expected) and torch.equal(got_scales, scales)
+
+
 def test_smoothing_keys_leaves_exact_attention_unchanged():
     """Subtracting the mean key shifts every score of a row by one constant: softmax cancels
     it, with causality and a padding mask too."""

@@ -6,7 +6,8 @@ recipe of SageAttention (Zhang et al., 2024):
    exactly, and the offset keys share no longer spends the 8-bit range. (Not with soft-capped
    scores: tanh does not commute with the shift, so those keys are quantized as they are.)
 2. **Per-block int8.** Q in blocks of `Q_QUANT_BLOCK` rows and K in blocks of `K_QUANT_BLOCK`
-   keys, each with one scale max|x| / 127 (round to nearest).
+   keys, each with one scale max|x| / 127; x_int8 = ⌊x / scale + ½⌋ (IEEE divisions, so the
+   torch reference and the Triton quantizer of `kernels/quantize.py` agree bit for bit).
 3. **Scores** = (Q_int8 · K_int8ᵀ) · s_q · s_k, summed in int32 — exact integers; the softmax,
    masks, causality, GQA and P·V are the exact op's, in the input precision.
 
@@ -16,12 +17,13 @@ budget like the others (`policy`: rewrite "int8_qk").
 - Reference (any device): exact attention over the dequantized q and smoothed k — the very
   numbers the kernel multiplies (int8 products summed in int32 are exact in float32 for any
   head dim up to 1040), so reference and kernel differ by float rounding only.
-- CUDA: the generated flash kernel with int8 Q·Kᵀ tiles (`kernels/flash.py`, `QUANT_QK`):
-  tiles are sized to lie inside one quantization block, so each tile's dequantization is one
-  scalar folded into the softmax scale.
+- CUDA: one Triton pass quantizes q and one k (`kernels/quantize.py`), then the generated
+  flash kernel runs with int8 Q·Kᵀ tiles (`kernels/flash.py`, `QUANT_QK`): tiles are sized to
+  lie inside one quantization block, so each tile's dequantization is one scalar folded into
+  the softmax scale.
 - Autograd: straight-through — the gradients of exact attention at the unquantized inputs.
 - ONNX: the same smoothing and block quantization with standard ops (ReduceMean, Abs,
-  ReduceMax, Div, Round, Clip), then decomposed attention.
+  ReduceMax, Div, Floor, Clip), then decomposed attention.
 """
 
 from __future__ import annotations
@@ -52,14 +54,14 @@ def smooth_keys(k: Tensor) -> Tensor:
 
 def quantize_blocks(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
     """(x_int8 (B, H, S, D), scales (B, H, ⌈S/block⌉) float32): per block of `block` rows,
-    scale = max|x| / 127 and x_int8 = round(x / scale)."""
+    scale = max|x| / 127 and x_int8 = ⌊x / scale + ½⌋."""
     xf = x.to(compute_dtype(x.dtype))
     length = xf.shape[-2]
     blocks = -(-length // block)
     padded = F.pad(xf, (0, 0, 0, blocks * block - length)).unflatten(-2, (blocks, block))
     amax = padded.abs().amax(dim=(-2, -1))                              # (B, H, blocks)
     scales = (amax / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-    quantized = torch.round(padded / scales[..., None, None]).clamp(-INT8_MAX, INT8_MAX)
+    quantized = torch.floor(padded / scales[..., None, None] + 0.5).clamp(-INT8_MAX, INT8_MAX)
     quantized = quantized.flatten(-3, -2)[..., :length, :].to(torch.int8)
     return quantized, scales.to(torch.float32)
 
@@ -69,8 +71,15 @@ def dequantize_blocks(x_int8: Tensor, scales: Tensor, block: int) -> Tensor:
     return x_int8.to(torch.float32) * rows
 
 
-def quantize_qk(q: Tensor, k: Tensor, softcap: Optional[float] = None):
-    """((q_int8, q_scales), (k_int8, k_scales)) as the kernel consumes them."""
+def quantize_qk(q: Tensor, k: Tensor, softcap: Optional[float] = None, *,
+                use_kernel: bool = False):
+    """((q_int8, q_scales), (k_int8, k_scales)) as the attention kernel consumes them; with
+    `use_kernel`, by the Triton quantizer (one pass per operand, the same numbers)."""
+    if use_kernel and q.dtype != torch.float64:
+        from attnopt.kernels.quantize import quantize_blocks_kernel
+        mean = k.float().mean(dim=-2, keepdim=True) if softcap is None else None
+        return (quantize_blocks_kernel(q, Q_QUANT_BLOCK),
+                quantize_blocks_kernel(k, K_QUANT_BLOCK, mean))
     keys = smooth_keys(k) if softcap is None else k
     return quantize_blocks(q, Q_QUANT_BLOCK), quantize_blocks(keys, K_QUANT_BLOCK)
 
@@ -115,7 +124,7 @@ def int8_qk_kernel(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_
                                    kv_lengths=None, window=None, block_mask=None,
                                    softcap=softcap, alibi_slopes=None,
                                    causal_alignment="top_left")
-    (q8, q_scales), (k8, k_scales) = quantize_qk(q, k, softcap)
+    (q8, q_scales), (k8, k_scales) = quantize_qk(q, k, softcap, use_kernel=True)
     out, _ = flash_forward(q8, k8, v, params,
                            quant=(q_scales, Q_QUANT_BLOCK, k_scales, K_QUANT_BLOCK))
     return out
@@ -154,8 +163,8 @@ def onnx_int8_qk_attention(q, k, v, attn_mask=None, is_causal=False, scale=None,
         amax = op.ReduceMax(op.Abs(blocks), bo.ints(op, -2, -1), keepdims=1)
         scales = op.Max(op.Div(amax, bo.scalar(op, INT8_MAX, amax)),
                         bo.scalar(op, torch.finfo(torch.float32).tiny, amax))
-        rounded = op.Clip(op.Round(op.Div(blocks, scales)), bo.scalar(op, -INT8_MAX, amax),
-                          bo.scalar(op, INT8_MAX, amax))
+        rounded = op.Clip(op.Floor(op.Add(op.Div(blocks, scales), bo.scalar(op, 0.5, amax))),
+                          bo.scalar(op, -INT8_MAX, amax), bo.scalar(op, INT8_MAX, amax))
         flat = op.Reshape(op.Mul(rounded, scales),
                           op.Concat(op.Shape(x, start=0, end=2), bo.ints(op, -1),
                                     op.Shape(x, start=3), axis=0))
