@@ -60,7 +60,9 @@ def quantize_blocks(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
     blocks = -(-length // block)
     padded = F.pad(xf, (0, 0, 0, blocks * block - length)).unflatten(-2, (blocks, block))
     amax = padded.abs().amax(dim=(-2, -1))                              # (B, H, blocks)
-    scales = (amax / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    # a tensor divisor: PyTorch's CUDA division by a Python number multiplies by its
+    # reciprocal, one rounding away from the IEEE quotient the Triton quantizer computes
+    scales = (amax / torch.full_like(amax, INT8_MAX)).clamp_min(torch.finfo(torch.float32).tiny)
     quantized = torch.floor(padded / scales[..., None, None] + 0.5).clamp(-INT8_MAX, INT8_MAX)
     quantized = quantized.flatten(-3, -2)[..., :length, :].to(torch.int8)
     return quantized, scales.to(torch.float32)
