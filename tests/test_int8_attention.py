@@ -166,3 +166,19 @@ def test_int8_qk_rewrite_is_guarded_and_reported():
                     budget=ErrorBudget(site_rel_err=1e-6, output_rel_err=1e-6))
     rolled_back = attnopt.optimize(model, strict, example_inputs=args)
     assert all(r.rewrite == "exact" for r in rolled_back.report.sites if r.site is not None)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_int8_qk_on_hugging_face_models_is_guarded_and_exports(name, tmp_path):
+    """BERT (padding), GPT-2 (causal, Conv1D) and Llama (GQA, RoPE): every site takes the
+    rewrite under the default budget, and the exported ONNX agrees with PyTorch."""
+    from test_weights import _hf
+    model, inputs = _hf(name)
+    optimized = attnopt.optimize(model, Policy("int8", default="int8_qk"),
+                                 example_kwargs=inputs)
+    records = [r for r in optimized.report.sites if r.site is not None]
+    assert len(records) == 2 and all(r.rewrite == "int8_qk" for r in records)
+    assert optimized.report.verification["passed"]
+    result = attnopt.export_onnx(optimized, str(tmp_path / f"{name}.onnx"),
+                                 example_kwargs=inputs)
+    assert result.passed
