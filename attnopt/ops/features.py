@@ -78,17 +78,24 @@ def favor_features(x_BHSD: Tensor, projection_MD: Tensor, scale: float, *, is_qu
     dtype = compute_dtype(x_BHSD.dtype)
     x = x_BHSD.to(dtype) * math.sqrt(scale)
     omega = projection_MD.to(device=x.device, dtype=dtype)
-    exponent_BHSM = x @ omega.T - (x * x).sum(-1, keepdim=True) / 2
+    # exponent = Ωx − |x|²/2 − h; |x|²/2 is constant along a row, so the row maxima come from
+    # Ωx alone and every row-constant term (with log 1/√m) is subtracted in one pass
+    projected_BHSM = x @ omega.T
+    half_norm = (x * x).sum(-1, keepdim=True) / 2
+    row_max = projected_BHSM.amax(dim=-1, keepdim=True) - half_norm
     if is_query:
-        h = exponent_BHSM.amax(dim=-1, keepdim=True).detach()
+        h = row_max.detach()
     else:
-        row_max = exponent_BHSM.amax(dim=-1, keepdim=True)
         if keep_BHS1 is not None:
             row_max = row_max.masked_fill(keep_BHS1 == 0, float("-inf"))
         h = row_max.amax(dim=-2, keepdim=True).detach()
         h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))  # no visible key at all
     ratio = 1.0 / math.sqrt(omega.shape[0])
-    phi = ratio * (torch.exp(exponent_BHSM - h) + FEATURE_EPS)
+    row_terms = half_norm + h - math.log(ratio)
+    if torch.is_grad_enabled():
+        phi = torch.exp(projected_BHSM - row_terms) + ratio * FEATURE_EPS
+    else:  # inference: three in-place passes over the (S × m) features instead of six
+        phi = projected_BHSM.sub_(row_terms).exp_().add_(ratio * FEATURE_EPS)
     if keep_BHS1 is not None and not is_query:
         phi = phi * keep_BHS1.to(dtype)
     return phi, h

@@ -92,10 +92,10 @@ def performer_window_reference(q: Tensor, k: Tensor, v: Tensor, projection: Tens
     prefix = torch.nn.functional.pad(states.cumsum(dim=2), (0, 0, 0, 0, 1, 0))  # (.., N+1, ..)
     qb = torch.arange(q_blocks, device=q.device)
     start = (qb - local).clamp(min=0, max=k_blocks)
-    outside = prefix[:, :, start]                                      # blocks before the band
+    outside = prefix.index_select(2, start)                            # blocks before the band
     if not is_causal:
         end = (qb + local + 1).clamp(max=k_blocks)
-        outside = outside + prefix[:, :, -1:] - prefix[:, :, end]      # and after it
+        outside = outside + (prefix[:, :, -1:] - prefix.index_select(2, end))  # and after it
     outside = repeat_kv_heads(outside, heads)                          # (B, H, M, m, Dv+1)
     rest = (_blocks(phi_q, q_blocks, block) @ outside).flatten(2, 3)[:, :, :q_len]
     rest_num, rest_den = rest[..., :-1], rest[..., -1:]
