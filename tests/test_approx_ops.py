@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import attnopt  # noqa: F401  (registers the ops)
 from attnopt.ops.features import draw_projection, favor_features, relu_features
-from attnopt.ops.hybrid import performer_window_reference
+from attnopt.ops.hybrid import performer_window_kernel, performer_window_reference
 from attnopt.ops.linear import linear_attention_reference
 from attnopt.ops.performer import performer_reference
 from attnopt.ops.sparse import (
@@ -316,6 +316,23 @@ def test_sparse_and_topk_kernel_paths_match_the_references():
                                      topk_args)):
         expected = reference(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
         assert (kernel(*args).double() - expected).abs().max() < FLOAT32_TOL
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_hybrid_kernel_path_matches_the_reference(causal):
+    """performer_window with its window on the flash kernel's block-sparse path and the
+    kernel's log-sum-exp (Triton interpreter without a GPU), float32: GQA, a padding mask, a
+    length that is not a block multiple."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (t.to(device) for t in _qkv(14, q_len=100, dim=32, dtype=torch.float32))
+    mask = _padding_mask(2, 100, padded=7, dtype=torch.float32).to(device)
+    projection = draw_projection(48, 32, seed=2).to(device)
+    args = (q, k, v, projection, mask, causal, None, True, 32, 32)
+    expected = performer_window_reference(*[a.double() if isinstance(a, torch.Tensor) else a
+                                            for a in args])
+    got = performer_window_kernel(*args)
+    assert got.shape == q.shape and torch.isfinite(got).all()
+    assert (got.double() - expected).abs().max() < FLOAT32_TOL
 
 
 def test_half_inputs_are_computed_in_float32():

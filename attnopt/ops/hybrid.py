@@ -26,6 +26,11 @@ query's own block) it approaches Performer. Work: the exact part O(n·(2L+1)·bl
 `blocked.BlockGather`, the complement O(n·m·Dv) plus (n/block)·m·Dv for the block states —
 linear in n, never an n×n matrix.
 
+On CUDA the exact part runs on the generated flash kernel's block-sparse path instead, which
+returns each row's log-sum-exp lse = log Σ_{j∈W(i)} e^{s·q_i·k_j}: with A_i = e^{lse_i}·out_i
+the same combination holds with M_i replaced by lse_i, and no score, weight or gathered key
+is materialized. The complement stays in torch (batched matmuls over the block states).
+
 Masks: as the Performer op, only key visibility is honoured outside the window; inside it the
 site's mask applies as given.
 """
@@ -65,13 +70,8 @@ def performer_window_reference(q: Tensor, k: Tensor, v: Tensor, projection: Tens
     if is_causal and q_len != kv_len:
         raise ValueError("causal performer_window needs as many keys as queries")
     qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
-    keep_k = keep_for_kv_heads(visible_keys_mask(attn_mask, kv_len), k.shape[1])
-    phi_q, h_q = favor_features(qc, projection, scale, is_query=True)
-    phi_k, h_k = favor_features(kc, projection, scale, is_query=False, keep_BHS1=keep_k)
-
     local = window_blocks(window, block)
-    pattern = SparsePattern(block=block, local_left=local, local_right=0 if is_causal else local)
-    layout = pattern_layout(pattern, q_len, kv_len, causal=is_causal, device=q.device)
+    layout = window_layout(local, block, q_len, kv_len, is_causal, q.device)
     plan = BlockGather(layout, block, q_len, kv_len, causal=is_causal, dense_rows=False)
     mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool \
         else attn_mask.to(dtype)
@@ -83,17 +83,41 @@ def performer_window_reference(q: Tensor, k: Tensor, v: Tensor, projection: Tens
     exact_num = plan.weigh(weights, plan.gather_keys(vc, heads))[:, :, :q_len]
     exact_den = total.flatten(2, 3)[:, :, :q_len]
     row_max = row_max.flatten(2, 3)[:, :, :q_len]
+    # on one scale with the complement: exact_num = e^M · Σ e^{s − M} v, as the kernel path's
+    # e^{lse} · out (lse = M + log Σ e^{s − M})
+    log_exact = row_max + torch.log(exact_den.clamp_min(torch.finfo(dtype).tiny))
+    log_exact = torch.where(exact_den > 0, log_exact, torch.full_like(log_exact, float("-inf")))
+    out_exact = exact_num / exact_den.clamp_min(torch.finfo(dtype).tiny)
+    return _with_complement(qc, kc, vc, projection, attn_mask, is_causal, scale, local, block,
+                            out_exact, log_exact).to(q.dtype)
 
+
+def window_layout(local: int, block: int, q_len: int, kv_len: int, causal: bool, device):
+    """(M, N) bool: each query block's own block and `local` blocks on each side (before it
+    only, when causal)."""
+    pattern = SparsePattern(block=block, local_left=local, local_right=0 if causal else local)
+    return pattern_layout(pattern, q_len, kv_len, causal=causal, device=device)
+
+
+def _with_complement(qc, kc, vc, projection, attn_mask, causal, scale, local, block,
+                     out_exact, log_exact):
+    """The exact window's normalized output and natural log-sum-exp (−inf for rows whose
+    window holds no visible key) combined with FAVOR+ over the blocks outside the window."""
+    heads, q_len = qc.shape[1], qc.shape[2]
+    kv_len = kc.shape[2]
+    keep_k = keep_for_kv_heads(visible_keys_mask(attn_mask, kv_len), kc.shape[1])
+    phi_q, h_q = favor_features(qc, projection, scale, is_query=True)
+    phi_k, h_k = favor_features(kc, projection, scale, is_query=False, keep_BHS1=keep_k)
     # per key block: S_c = Σ_{j∈c} φ(k_j) [v_j, 1]ᵀ; prefix sums over blocks give any range
     v_ext = torch.cat([vc, torch.ones_like(vc[..., :1])], dim=-1)
-    k_blocks, q_blocks = plan.k_blocks, plan.q_blocks
+    k_blocks, q_blocks = -(-kv_len // block), -(-q_len // block)
     phi_k_blocks = _blocks(phi_k, k_blocks, block)                    # (B, Hkv, N, b, m)
     states = phi_k_blocks.transpose(-1, -2) @ _blocks(v_ext, k_blocks, block)  # (.., N, m, Dv+1)
     prefix = torch.nn.functional.pad(states.cumsum(dim=2), (0, 0, 0, 0, 1, 0))  # (.., N+1, ..)
-    qb = torch.arange(q_blocks, device=q.device)
+    qb = torch.arange(q_blocks, device=qc.device)
     start = (qb - local).clamp(min=0, max=k_blocks)
     outside = prefix.index_select(2, start)                            # blocks before the band
-    if not is_causal:
+    if not causal:
         end = (qb + local + 1).clamp(max=k_blocks)
         outside = outside + (prefix[:, :, -1:] - prefix.index_select(2, end))  # and after it
     outside = repeat_kv_heads(outside, heads)                          # (B, H, M, m, Dv+1)
@@ -101,12 +125,42 @@ def performer_window_reference(q: Tensor, k: Tensor, v: Tensor, projection: Tens
     rest_num, rest_den = rest[..., :-1], rest[..., -1:]
 
     log_rest = h_q + repeat_kv_heads(h_k, heads)                      # (B, H, Sq, 1)
-    top = torch.maximum(row_max, log_rest)
-    exact_weight = torch.exp(row_max - top)                            # 0 where no key in W
+    top = torch.maximum(log_exact, log_rest)
+    exact_weight = torch.exp(log_exact - top)                          # 0 where no key in W
     rest_weight = torch.exp(log_rest - top)
-    numerator = exact_weight * exact_num + rest_weight * rest_num
-    denominator = exact_weight * exact_den + rest_weight * rest_den
-    return (numerator / denominator.clamp_min(MIN_DENOMINATOR)).to(q.dtype)
+    numerator = exact_weight * out_exact + rest_weight * rest_num
+    denominator = exact_weight + rest_weight * rest_den
+    return numerator / denominator.clamp_min(MIN_DENOMINATOR)
+
+
+def performer_window_kernel(q, k, v, projection, attn_mask=None, is_causal=False, scale=None,
+                            enable_gqa=False, window=128, block=64) -> Tensor:
+    """The window on the generated flash kernel's block-sparse path, which returns each row's
+    log-sum-exp (so no score, weight or gathered key is materialized), and the complement
+    from per-block feature states in torch (CUDA, or CPU tensors under the interpreter)."""
+    import math
+
+    from attnopt.kernels import BlockSparseLayout
+    from attnopt.kernels.flash import flash_forward
+    from attnopt.kernels.params import AttentionParams
+    dtype = compute_dtype(q.dtype)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if is_causal and q_len != kv_len:
+        raise ValueError("causal performer_window needs as many keys as queries")
+    local = window_blocks(window, block)
+    layout = BlockSparseLayout(window_layout(local, block, q_len, kv_len, is_causal,
+                                             q.device)[None, None], block)
+    params = AttentionParams.build(q, k, v, causal=is_causal, scale=scale, attn_bias=attn_mask,
+                                   kv_lengths=None, window=None, block_mask=layout,
+                                   softcap=None, alibi_slopes=None,
+                                   causal_alignment="top_left")
+    out_exact, lse2 = flash_forward(q, k, v, params)   # lse in base 2, +inf for empty rows
+    lse = lse2.unsqueeze(-1) * math.log(2.0)
+    log_exact = torch.where(torch.isinf(lse), torch.full_like(lse, float("-inf")), lse)
+    return _with_complement(q.to(dtype), k.to(dtype), v.to(dtype), projection, attn_mask,
+                            is_causal, scale, local, block, out_exact.to(dtype),
+                            log_exact).to(q.dtype)
 
 
 def _blocks(x_BHSX: Tensor, blocks: int, block: int) -> Tensor:
@@ -124,6 +178,16 @@ def performer_window(q: Tensor, k: Tensor, v: Tensor, projection: Tensor,
                      window: int = 128, block: int = 64) -> Tensor:
     return like_query_layout(performer_window_reference(
         q, k, v, projection, attn_mask, is_causal, scale, enable_gqa, window, block), q)
+
+
+@performer_window.register_kernel("cuda")
+def _performer_window_cuda(q, k, v, projection, attn_mask=None, is_causal=False, scale=None,
+                           enable_gqa=False, window=128, block=64):
+    from attnopt.ops.attention import kernel_skip_reason
+    run = performer_window_kernel if kernel_skip_reason(
+        q, k, v, attn_mask, sdpa_alternative=False) is None else performer_window_reference
+    return like_query_layout(run(q, k, v, projection, attn_mask, is_causal, scale, enable_gqa,
+                                 window, block), q)
 
 
 @performer_window.register_fake

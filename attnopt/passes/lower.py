@@ -58,6 +58,11 @@ def approximate_backend(variant: str, node) -> tuple[str, str]:
         reason = kernel_skip_reason(q, k, v, args[3], sdpa_alternative=False)
         return (KERNEL_BACKEND, "flash kernel, block-sparse path") if reason is None \
             else ("torch", reason)
+    if variant == "hybrid":
+        reason = kernel_skip_reason(q, k, v, args[4], sdpa_alternative=False)
+        return (KERNEL_BACKEND, "flash kernel for the window (with its log-sum-exp), torch "
+                                "for the FAVOR+ complement") if reason is None \
+            else ("torch", reason)
     if variant == "int8_qk":
         reason = kernel_skip_reason(q, k, v, args[3], args[7] if len(args) > 7 else None,
                                     sdpa_alternative=False)
