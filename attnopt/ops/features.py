@@ -92,9 +92,9 @@ def favor_features(x_BHSD: Tensor, projection_MD: Tensor, scale: float, *, is_qu
         h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))  # no visible key at all
     ratio = 1.0 / math.sqrt(omega.shape[0])
     row_terms = half_norm + h - math.log(ratio)
-    if torch.is_grad_enabled():
+    if projected_BHSM.requires_grad:
         phi = torch.exp(projected_BHSM - row_terms) + ratio * FEATURE_EPS
-    else:  # inference: three in-place passes over the (S × m) features instead of six
+    else:  # no autograd graph: three in-place passes over the (S × m) features, not six
         phi = projected_BHSM.sub_(row_terms).exp_().add_(ratio * FEATURE_EPS)
     if keep_BHS1 is not None and not is_query:
         phi = phi * keep_BHS1.to(dtype)
