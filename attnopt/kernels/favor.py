@@ -233,3 +233,157 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale: 
         V_DIM=v_dim, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_N=block_queries,
         BLOCK_F=block_features, IEEE=ieee, num_warps=num_warps)
     return out
+
+
+# ------------------------------------------------------------------ the hybrid's complement
+
+@triton.jit
+def _window_complement_kernel(Q, OMEGA, PREFIX, PREFIX_Z, EXACT, LSE, HK, OUT,
+                              stride_qb, stride_qh, stride_qn, stride_eb, stride_eh, stride_en,
+                              stride_ob, stride_oh, stride_on,
+                              heads, group, q_len, features, k_blocks, local, root_scale, eps,
+                              ratio,
+                              HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+                              QUERY_BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
+                              IEEE: tl.constexpr):
+    """One tile of BLOCK_N queries (inside one query block of the window layout): FAVOR+ over
+    the key blocks outside the window, from the prefix sums of the block states, combined
+    with the window's exact output and log-sum-exp under one normalizer."""
+    pid_bh, pid_n = tl.program_id(0), tl.program_id(1)
+    batch, head = pid_bh // heads, pid_bh % heads
+    kv = batch * (heads // group) + head // group
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = offs_n < q_len
+    q_block = (pid_n * BLOCK_N) // QUERY_BLOCK
+    start = tl.minimum(tl.maximum(q_block - local, 0), k_blocks)
+    end = tl.minimum(q_block + local + 1, k_blocks)
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_n[:, None] * stride_qn +
+                offs_d[None, :], mask=rows[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    x = q.to(tl.float32) * root_scale
+    half_norm = 0.5 * tl.sum(x * x, axis=1)
+    acc = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+    den = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    eps_num = tl.zeros((BLOCK_DV,), dtype=tl.float32)
+    eps_den = 0.0
+    h_run = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    prefix_base = PREFIX + kv * (k_blocks + 1) * features * BLOCK_DV
+    z_base = PREFIX_Z + kv * (k_blocks + 1) * features
+    for f0 in range(0, features, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        f_ok = offs_f < features
+        omega = tl.load(OMEGA + offs_f[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=f_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        if IEEE:
+            e = tl.dot(x, tl.trans(omega), input_precision="ieee")
+        else:
+            e = tl.dot(x, tl.trans(omega))
+        e = tl.where(f_ok[None, :], e - half_norm[:, None], float("-inf"))
+        h_new = tl.maximum(h_run, tl.max(e, axis=1))
+        alpha = tl.exp(h_run - h_new)
+        p = tl.exp(e - h_new[:, None])                                       # (N, F)
+        state_ptrs = prefix_base + (offs_f[:, None] * BLOCK_DV + offs_dv[None, :])
+        state = tl.load(state_ptrs + start * features * BLOCK_DV, mask=f_ok[:, None], other=0.0)
+        z = tl.load(z_base + start * features + offs_f, mask=f_ok, other=0.0)
+        if not CAUSAL:  # and the blocks after the window: P[N] − P[end]
+            state += tl.load(state_ptrs + k_blocks * features * BLOCK_DV, mask=f_ok[:, None],
+                             other=0.0)
+            state -= tl.load(state_ptrs + end * features * BLOCK_DV, mask=f_ok[:, None],
+                             other=0.0)
+            z += tl.load(z_base + k_blocks * features + offs_f, mask=f_ok, other=0.0)
+            z -= tl.load(z_base + end * features + offs_f, mask=f_ok, other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, state, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, state)
+        den = den * alpha + tl.sum(p * z[None, :], axis=1)
+        eps_num += tl.sum(state, axis=0)
+        eps_den += tl.sum(z, axis=0)
+        h_run = h_new
+    # φ(q)·S with φ(q) = ratio·(e^{e − h_q} + ε), S already holding the keys' ratio·(…)
+    rest_num = ratio * (acc + eps * eps_num[None, :])
+    rest_den = ratio * (den + eps * eps_den)
+    log_rest = h_run + tl.load(HK + kv)
+    lse = tl.load(LSE + pid_bh * q_len + offs_n, mask=rows, other=float("-inf"))
+    exact = tl.load(EXACT + batch * stride_eb + head * stride_eh + offs_n[:, None] * stride_en +
+                    offs_dv[None, :], mask=rows[:, None] & (offs_dv[None, :] < V_DIM),
+                    other=0.0).to(tl.float32)
+    top = tl.maximum(lse, log_rest)
+    exact_weight = tl.exp(lse - top)                                   # 0 where no key in W
+    rest_weight = tl.exp(log_rest - top)
+    numerator = exact_weight[:, None] * exact + rest_weight[:, None] * rest_num
+    denominator = exact_weight + rest_weight * rest_den
+    out = numerator / tl.maximum(denominator, 1.0e-30)[:, None]
+    tl.store(OUT + batch * stride_ob + head * stride_oh + offs_n[:, None] * stride_on +
+             offs_dv[None, :], out.to(OUT.dtype.element_ty),
+             mask=rows[:, None] & (offs_dv[None, :] < V_DIM))
+
+
+def window_complement(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale: float,
+                      keep_BHS1: Optional[Tensor], local: int, block: int, causal: bool,
+                      out_exact: Tensor, lse: Tensor) -> Tensor:
+    """The hybrid op's output (`ops/hybrid.py`) from its window's exact output and natural
+    log-sum-exp (B, H, Sq; −inf where the window holds no visible key), with FAVOR+ over the
+    key blocks outside the window fused: the keys kernel above writes one state per key block
+    (a split of exactly one block), torch puts them on the common key stabilizer and takes
+    their prefix sums, and the complement kernel computes φ(q) per feature tile and combines —
+    the (n × m) feature matrices are never materialized."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len, v_dim = k.shape[1], k.shape[2], v.shape[-1]
+    features = projection.shape[0]
+    device = q.device
+    k, v = k.contiguous() if k.stride(-1) != 1 else k, v.contiguous() if v.stride(-1) != 1 else v
+    q = q.contiguous() if q.stride(-1) != 1 else q
+    omega = projection.to(device=device, dtype=torch.float32).contiguous()
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(v_dim))
+    tile = min(block, 64)        # key and query tiles: one tile never straddles two blocks
+    block_features = 64 if max(block_d, block_dv) <= 64 else 32
+    ieee = q.dtype == torch.float32
+    keep = None
+    if keep_BHS1 is not None:
+        keep = keep_BHS1.reshape(keep_BHS1.shape[0], kv_len).to(device, torch.float32)
+        keep = keep.expand(batch, kv_len).contiguous()
+    k_blocks = triton.cdiv(kv_len, block)
+    feature_tiles = triton.cdiv(features, block_features)
+    programs = batch * kv_heads * k_blocks
+    acc = torch.empty(programs, features, block_dv, device=device, dtype=torch.float32)
+    zsum = torch.empty(programs, features, device=device, dtype=torch.float32)
+    hmax = torch.empty(programs, features, device=device, dtype=torch.float32)
+    vsum = torch.empty(programs, block_dv + 1, device=device, dtype=torch.float32)
+    root_scale = math.sqrt(scale)
+    _favor_keys_kernel[(batch * kv_heads, feature_tiles, k_blocks)](
+        k, v, omega, keep if keep is not None else k, acc, zsum, hmax, vsum,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        keep.stride(0) if keep is not None else 0, kv_heads, kv_len, features, root_scale,
+        block // tile, HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        BLOCK_N=tile, BLOCK_F=block_features, HAS_KEEP=keep is not None, IEEE=ieee,
+        num_warps=4)
+    # every block on the common key stabilizer h_k, ε terms added: S_c and z_c, ratio included
+    acc = acc.view(batch * kv_heads, k_blocks, features, block_dv)
+    zsum = zsum.view(batch * kv_heads, k_blocks, features)
+    hmax = hmax.view(batch * kv_heads, k_blocks, features)
+    h_k = hmax.amax(dim=(1, 2), keepdim=True)
+    h_k = torch.where(torch.isfinite(h_k), h_k, torch.zeros_like(h_k))
+    weight = torch.exp(hmax - h_k)                                      # 0 where no key
+    vsum = vsum.view(batch * kv_heads, k_blocks, block_dv + 1)
+    ratio = features ** -0.5
+    eps = FEATURE_EPS
+    states = ratio * (acc * weight[..., None] + eps * vsum[:, :, None, :block_dv])
+    z = ratio * (zsum * weight + eps * vsum[:, :, None, block_dv])
+    prefix = torch.nn.functional.pad(states.cumsum(dim=1), (0, 0, 0, 0, 1, 0)).contiguous()
+    prefix_z = torch.nn.functional.pad(z.cumsum(dim=1), (0, 0, 1, 0)).contiguous()
+    out = torch.empty(batch, heads, q_len, v_dim, device=device, dtype=q.dtype)
+    out_exact = out_exact if out_exact.stride(-1) == 1 else out_exact.contiguous()
+    _window_complement_kernel[(batch * heads, triton.cdiv(q_len, tile))](
+        q, omega, prefix, prefix_z, out_exact, lse.contiguous(), h_k.reshape(-1).contiguous(),
+        out, q.stride(0), q.stride(1), q.stride(2), out_exact.stride(0), out_exact.stride(1),
+        out_exact.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        heads, heads // kv_heads, q_len, features, k_blocks, local, root_scale, eps,
+        ratio, HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        BLOCK_N=tile, BLOCK_F=block_features, QUERY_BLOCK=block, CAUSAL=causal, IEEE=ieee,
+        num_warps=4)
+    return out

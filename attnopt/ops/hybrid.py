@@ -29,7 +29,8 @@ linear in n, never an n×n matrix.
 On CUDA the exact part runs on the generated flash kernel's block-sparse path instead, which
 returns each row's log-sum-exp lse = log Σ_{j∈W(i)} e^{s·q_i·k_j}: with A_i = e^{lse_i}·out_i
 the same combination holds with M_i replaced by lse_i, and no score, weight or gathered key
-is materialized. The complement stays in torch (batched matmuls over the block states).
+is materialized. The complement is fused too (`kernels/favor.window_complement`): one state
+per key block, their prefix sums, and φ(q) computed per feature tile next to them.
 
 Masks: as the Performer op, only key visibility is honoured outside the window; inside it the
 site's mask applies as given.
@@ -137,7 +138,8 @@ def performer_window_kernel(q, k, v, projection, attn_mask=None, is_causal=False
                             enable_gqa=False, window=128, block=64) -> Tensor:
     """The window on the generated flash kernel's block-sparse path, which returns each row's
     log-sum-exp (so no score, weight or gathered key is materialized), and the complement
-    from per-block feature states in torch (CUDA, or CPU tensors under the interpreter)."""
+    fused (`kernels/favor.window_complement`: per-block feature states, never the (n × m)
+    features; torch for per-head key masks). CUDA, or CPU tensors under the interpreter."""
     import math
 
     from attnopt.kernels import BlockSparseLayout
@@ -156,11 +158,16 @@ def performer_window_kernel(q, k, v, projection, attn_mask=None, is_causal=False
                                    softcap=None, alibi_slopes=None,
                                    causal_alignment="top_left")
     out_exact, lse2 = flash_forward(q, k, v, params)   # lse in base 2, +inf for empty rows
-    lse = lse2.unsqueeze(-1) * math.log(2.0)
+    lse = lse2 * math.log(2.0)
     log_exact = torch.where(torch.isinf(lse), torch.full_like(lse, float("-inf")), lse)
+    keep_k = keep_for_kv_heads(visible_keys_mask(attn_mask, kv_len), k.shape[1])
+    if max(q.shape[-1], v.shape[-1]) <= 256 and (keep_k is None or keep_k.shape[1] == 1):
+        from attnopt.kernels.favor import window_complement
+        return window_complement(q, k, v, projection, scale, keep_k, local, block,
+                                 bool(is_causal), out_exact, log_exact)
     return _with_complement(q.to(dtype), k.to(dtype), v.to(dtype), projection, attn_mask,
                             is_causal, scale, local, block, out_exact.to(dtype),
-                            log_exact).to(q.dtype)
+                            log_exact.unsqueeze(-1)).to(q.dtype)
 
 
 def _blocks(x_BHSX: Tensor, blocks: int, block: int) -> Tensor:
