@@ -372,9 +372,13 @@ def window_complement(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale
     vsum = vsum.view(batch * kv_heads, k_blocks, block_dv + 1)
     ratio = features ** -0.5
     eps = FEATURE_EPS
-    states = ratio * (acc * weight[..., None] + eps * vsum[:, :, None, :block_dv])
+    # in place and into a preallocated prefix: the per-block states are the largest tensors
+    states = acc.mul_(weight[..., None]).add_(vsum[:, :, None, :block_dv], alpha=eps).mul_(ratio)
     z = ratio * (zsum * weight + eps * vsum[:, :, None, block_dv])
-    prefix = torch.nn.functional.pad(states.cumsum(dim=1), (0, 0, 0, 0, 1, 0)).contiguous()
+    prefix = torch.zeros(batch * kv_heads, k_blocks + 1, features, block_dv, device=device,
+                         dtype=torch.float32)
+    torch.cumsum(states, dim=1, out=prefix[:, 1:])
+    del states, acc
     prefix_z = torch.nn.functional.pad(z.cumsum(dim=1), (0, 0, 1, 0)).contiguous()
     out = torch.empty(batch, heads, q_len, v_dim, device=device, dtype=q.dtype)
     out_exact = out_exact if out_exact.stride(-1) == 1 else out_exact.contiguous()
