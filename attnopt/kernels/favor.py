@@ -173,6 +173,48 @@ def favor_skip_reason(q: Tensor, k: Tensor, v: Tensor, keep_BHS1: Optional[Tenso
     return None
 
 
+def _key_states(k: Tensor, v: Tensor, omega: Tensor, keep: Optional[Tensor], root_scale: float,
+                batch: int, splits: int, tiles_per_split: int, block_keys: int,
+                block_features: int, block_d: int, block_dv: int, num_warps: int):
+    """Run the keys kernel over `splits` consecutive runs of keys per (batch, kv head) and put
+    the runs on the common key stabilizer h_k (`features.favor_features`): (acc, zsum) of
+    Σ_j e^{e_j − h_k} [v_j | 1] per run, shapes (B·Hkv, splits, m, BLOCK_DV) and
+    (B·Hkv, splits, m); vsum (B·Hkv, splits, BLOCK_DV + 1) = Σ_j v_j and the visible key
+    count per run (for the ε term); h_k (B·Hkv, 1, 1)."""
+    kv_heads, kv_len, head_dim, v_dim = k.shape[1], k.shape[2], k.shape[3], v.shape[3]
+    features = omega.shape[0]
+    programs = batch * kv_heads * splits
+    device = k.device
+    acc = torch.empty(programs, features, block_dv, device=device, dtype=torch.float32)
+    zsum = torch.empty(programs, features, device=device, dtype=torch.float32)
+    hmax = torch.empty(programs, features, device=device, dtype=torch.float32)
+    vsum = torch.empty(programs, block_dv + 1, device=device, dtype=torch.float32)
+    _favor_keys_kernel[(batch * kv_heads, triton.cdiv(features, block_features), splits)](
+        k, v, omega, keep if keep is not None else k, acc, zsum, hmax, vsum,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        keep.stride(0) if keep is not None else 0, kv_heads, kv_len, features, root_scale,
+        tiles_per_split, HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        BLOCK_N=block_keys, BLOCK_F=block_features, HAS_KEEP=keep is not None,
+        IEEE=k.dtype == torch.float32, num_warps=num_warps)
+    acc = acc.view(batch * kv_heads, splits, features, block_dv)
+    zsum = zsum.view(batch * kv_heads, splits, features)
+    hmax = hmax.view(batch * kv_heads, splits, features)
+    h_k = hmax.amax(dim=(1, 2), keepdim=True)
+    h_k = torch.where(torch.isfinite(h_k), h_k, torch.zeros_like(h_k))
+    weight = torch.exp(hmax - h_k)                                      # 0 where no key
+    acc.mul_(weight[..., None])
+    zsum.mul_(weight)
+    return acc, zsum, vsum.view(batch * kv_heads, splits, block_dv + 1), h_k
+
+
+def _key_mask(keep_BHS1: Optional[Tensor], batch: int, kv_len: int, device) -> Optional[Tensor]:
+    """(B, Sk) float32 key visibility for the keys kernel (None: every key)."""
+    if keep_BHS1 is None:
+        return None
+    keep = keep_BHS1.reshape(keep_BHS1.shape[0], kv_len).to(device, torch.float32)
+    return keep.expand(batch, kv_len).contiguous()
+
+
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale: float,
                     keep_BHS1: Optional[Tensor] = None) -> Tensor:
     """Non-causal FAVOR+ attention (features.favor_features semantics), fused."""
@@ -189,39 +231,21 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale: 
         (BLOCK_KEYS, BLOCK_FEATURES, BLOCK_QUERIES, NUM_WARPS) if max(block_d, block_dv) <= 64 \
         else WIDE_HEAD_CONFIG
     ieee = q.dtype == torch.float32
-    keep = None
-    if keep_BHS1 is not None:
-        keep = keep_BHS1.reshape(keep_BHS1.shape[0], kv_len).to(device, torch.float32)
-        keep = keep.expand(batch, kv_len).contiguous()
+    keep = _key_mask(keep_BHS1, batch, kv_len, device)
     key_tiles = triton.cdiv(kv_len, block_keys)
     feature_tiles = triton.cdiv(features, block_features)
     splits = max(1, min(key_tiles, TARGET_PROGRAMS // max(1, batch * kv_heads * feature_tiles)))
     tiles_per_split = triton.cdiv(key_tiles, splits)
     splits = triton.cdiv(key_tiles, tiles_per_split)
-    programs = batch * kv_heads * splits
-    acc = torch.empty(programs, features, block_dv, device=device, dtype=torch.float32)
-    zsum = torch.empty(programs, features, device=device, dtype=torch.float32)
-    hmax = torch.empty(programs, features, device=device, dtype=torch.float32)
-    vsum = torch.empty(programs, block_dv + 1, device=device, dtype=torch.float32)
     root_scale = math.sqrt(scale)
-    _favor_keys_kernel[(batch * kv_heads, feature_tiles, splits)](
-        k, v, omega, keep if keep is not None else k, acc, zsum, hmax, vsum,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        keep.stride(0) if keep is not None else 0, kv_heads, kv_len, features, root_scale,
-        tiles_per_split, HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        BLOCK_N=block_keys, BLOCK_F=block_features, HAS_KEEP=keep is not None, IEEE=ieee,
-        num_warps=num_warps)
-    # combine the splits on the common key stabilizer h_k (per batch·kv head)
-    acc = acc.view(batch * kv_heads, splits, features, block_dv)
-    zsum = zsum.view(batch * kv_heads, splits, features)
-    hmax = hmax.view(batch * kv_heads, splits, features)
-    h_k = hmax.amax(dim=(1, 2), keepdim=True)
-    h_k = torch.where(torch.isfinite(h_k), h_k, torch.zeros_like(h_k))
-    weight = torch.exp(hmax - h_k)                                      # 0 where no key
-    vsum = vsum.view(batch * kv_heads, splits, block_dv + 1).sum(1)
+    acc, zsum, vsum, _ = _key_states(k, v, omega, keep, root_scale, batch, splits,
+                                     tiles_per_split, block_keys, block_features, block_d,
+                                     block_dv, num_warps)
+    # combine the splits (already on the common key stabilizer)
+    vsum = vsum.sum(1)
     eps = FEATURE_EPS
-    state = (acc * weight[..., None]).sum(1) + eps * vsum[:, None, :block_dv]  # (BHkv, m, Dv)
-    z = (zsum * weight).sum(1) + eps * vsum[:, None, block_dv]               # (BHkv, m)
+    state = acc.sum(1) + eps * vsum[:, None, :block_dv]                 # (BHkv, m, Dv)
+    z = zsum.sum(1) + eps * vsum[:, None, block_dv]                      # (BHkv, m)
     # the ε of the query features multiplies Σ_f state_f and Σ_f z_f
     eps_num = state.sum(1).contiguous()
     eps_den = z.sum(1).contiguous()
@@ -343,38 +367,18 @@ def window_complement(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale
     tile = min(block, 64)        # key and query tiles: one tile never straddles two blocks
     block_features = 64 if max(block_d, block_dv) <= 64 else 32
     ieee = q.dtype == torch.float32
-    keep = None
-    if keep_BHS1 is not None:
-        keep = keep_BHS1.reshape(keep_BHS1.shape[0], kv_len).to(device, torch.float32)
-        keep = keep.expand(batch, kv_len).contiguous()
+    keep = _key_mask(keep_BHS1, batch, kv_len, device)
     k_blocks = triton.cdiv(kv_len, block)
-    feature_tiles = triton.cdiv(features, block_features)
-    programs = batch * kv_heads * k_blocks
-    acc = torch.empty(programs, features, block_dv, device=device, dtype=torch.float32)
-    zsum = torch.empty(programs, features, device=device, dtype=torch.float32)
-    hmax = torch.empty(programs, features, device=device, dtype=torch.float32)
-    vsum = torch.empty(programs, block_dv + 1, device=device, dtype=torch.float32)
     root_scale = math.sqrt(scale)
-    _favor_keys_kernel[(batch * kv_heads, feature_tiles, k_blocks)](
-        k, v, omega, keep if keep is not None else k, acc, zsum, hmax, vsum,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        keep.stride(0) if keep is not None else 0, kv_heads, kv_len, features, root_scale,
-        block // tile, HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        BLOCK_N=tile, BLOCK_F=block_features, HAS_KEEP=keep is not None, IEEE=ieee,
-        num_warps=4)
-    # every block on the common key stabilizer h_k, ε terms added: S_c and z_c, ratio included
-    acc = acc.view(batch * kv_heads, k_blocks, features, block_dv)
-    zsum = zsum.view(batch * kv_heads, k_blocks, features)
-    hmax = hmax.view(batch * kv_heads, k_blocks, features)
-    h_k = hmax.amax(dim=(1, 2), keepdim=True)
-    h_k = torch.where(torch.isfinite(h_k), h_k, torch.zeros_like(h_k))
-    weight = torch.exp(hmax - h_k)                                      # 0 where no key
-    vsum = vsum.view(batch * kv_heads, k_blocks, block_dv + 1)
+    acc, zsum, vsum, h_k = _key_states(k, v, omega, keep, root_scale, batch, k_blocks,
+                                       block // tile, tile, block_features, block_d, block_dv,
+                                       num_warps=4)
+    # S_c and z_c per key block, ε terms added and the keys' ratio included, in place (the
+    # per-block states are the largest tensors), summed into a preallocated prefix
     ratio = features ** -0.5
     eps = FEATURE_EPS
-    # in place and into a preallocated prefix: the per-block states are the largest tensors
-    states = acc.mul_(weight[..., None]).add_(vsum[:, :, None, :block_dv], alpha=eps).mul_(ratio)
-    z = ratio * (zsum * weight + eps * vsum[:, :, None, block_dv])
+    states = acc.add_(vsum[:, :, None, :block_dv], alpha=eps).mul_(ratio)
+    z = ratio * (zsum + eps * vsum[:, :, None, block_dv])
     prefix = torch.zeros(batch * kv_heads, k_blocks + 1, features, block_dv, device=device,
                          dtype=torch.float32)
     torch.cumsum(states, dim=1, out=prefix[:, 1:])

@@ -204,6 +204,20 @@ def gather_mask(op, attn_mask, indices, per_head: bool, block: int, like, kv_hea
     return group_heads(op, bias, kv_heads)                            # (Bm, Hkv, G, M, ·, Kb)
 
 
+def position_keep(op, keep, query_pos, key_pos, causal: bool,
+                  window: Optional[tuple[int, int]]):
+    """`keep` and what causality and the token window allow (`sparsity.position_keep`)."""
+    if causal:
+        keep = op.And(keep, op.LessOrEqual(key_pos, query_pos))
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            keep = op.And(keep, op.GreaterOrEqual(key_pos, op.Sub(query_pos, const(op, left))))
+        if right >= 0:
+            keep = op.And(keep, op.LessOrEqual(key_pos, op.Add(query_pos, const(op, right))))
+    return keep
+
+
 def slot_keep(op, indices, valid, per_head: bool, block: int, kv_len, causal: bool,
               window: Optional[tuple[int, int]]):
     """(…, M, block, K·block) bool: which gathered keys each query row may attend — a kept slot,
@@ -220,14 +234,7 @@ def slot_keep(op, indices, valid, per_head: bool, block: int, kv_len, causal: bo
     q_pos = op.Add(op.Mul(op.Unsqueeze(op.Range(const(op, 0), op.Squeeze(q_blocks),
                                                 const(op, 1)), ints(op, 1, 2)), const(op, b)),
                    op.Unsqueeze(offsets, ints(op, 1)))                         # (M, b, 1)
-    if causal:
-        keep = op.And(keep, op.LessOrEqual(key_pos, q_pos))
-    if window is not None:
-        left, right = window
-        if left >= 0:
-            keep = op.And(keep, op.GreaterOrEqual(key_pos, op.Sub(q_pos, const(op, left))))
-        if right >= 0:
-            keep = op.And(keep, op.LessOrEqual(key_pos, op.Add(q_pos, const(op, right))))
+    keep = position_keep(op, keep, q_pos, key_pos, causal, window)
     if per_head:
         return op.Unsqueeze(keep, ints(op, 2))                        # (B, H, 1, M, b, Kb)
     return keep                                                       # (M, b, Kb)
@@ -287,15 +294,8 @@ def _dense_rows(op, q, k, v, rows: int, scale: float, causal: bool, window, attn
     zero, one = const(op, 0), const(op, 1)
     row_pos = op.Unsqueeze(op.Range(zero, length(op, q_rows), one), ints(op, 1))
     col_pos = op.Unsqueeze(op.Range(zero, length(op, k), one), ints(op, 0))
-    keep = op.GreaterOrEqual(col_pos, const(op, -1))  # (R, Sk) all True
-    if causal:
-        keep = op.And(keep, op.LessOrEqual(col_pos, row_pos))
-    if window is not None:
-        left, right = window
-        if left >= 0:
-            keep = op.And(keep, op.GreaterOrEqual(col_pos, op.Sub(row_pos, const(op, left))))
-        if right >= 0:
-            keep = op.And(keep, op.LessOrEqual(col_pos, op.Add(row_pos, const(op, right))))
+    keep = position_keep(op, op.GreaterOrEqual(col_pos, const(op, -1)),  # (R, Sk) all True
+                         row_pos, col_pos, causal, window)
     bias = op.Where(keep, scalar(op, 0.0, q), scalar(op, float("-inf"), q))
     if attn_mask is not None:
         mask = attn_mask
