@@ -462,6 +462,29 @@ def _intermediate_shapes(path, feed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_causal_favor_kernels_match_the_reference(dtype):
+    """favor_causal_attention (Triton interpreter without a GPU): block prefix states plus the
+    own block's keys j <= i, against the chunked torch reference in float64 — GQA, a key
+    mask, a head dim and feature count that are not powers of two, a length that is not a
+    block multiple."""
+    from attnopt.kernels.favor import favor_causal_attention, favor_skip_reason
+    from attnopt.ops.features import keep_for_kv_heads, visible_keys_mask
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = _qkv(15, batch=2, heads=4, kv_heads=2, q_len=150, dim=40, dtype=torch.float64,
+                   spread=0.5)
+    mask = _padding_mask(2, 150, padded=9)
+    projection = draw_projection(96, 40, seed=5)
+    expected = performer_reference(q, k, v, projection, mask, True)
+    keep = keep_for_kv_heads(visible_keys_mask(mask.to(device), 150), 2)
+    args = [t.to(device, dtype) for t in (q, k, v)]
+    assert favor_skip_reason(*args, keep, True, "softmax") is None
+    out = favor_causal_attention(*args, projection, 40 ** -0.5, keep)
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-3
+    assert out.dtype == dtype
+    assert (out.double().cpu() - expected).abs().max() < tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_favor_kernels_match_the_reference(dtype):
     """attnopt.kernels.favor (Triton interpreter without a GPU): GQA, a key mask, a head dim
     and a feature count that are not powers of two, a length that is not a tile multiple."""

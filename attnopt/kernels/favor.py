@@ -1,5 +1,5 @@
-"""Fused FAVOR+ (non-causal, softmax kernel): Performer attention without materializing the
-(n × m) random-feature matrices.
+"""Fused FAVOR+ (softmax kernel): Performer attention without materializing the (n × m)
+random-feature matrices — non-causal, causal, and the complement of the window + FAVOR+ hybrid.
 
 Two kernels, each reading its inputs once:
 
@@ -14,8 +14,15 @@ Two kernels, each reading its inputs once:
 Between them, torch combines the key splits and puts every feature on the reference's common
 key stabilizer h_k = max_f h_f (features.favor_features: φ(k) = ratio·(exp(e − h_k) + ε)), so
 the result is the reference's up to summation order and tf32 products. The query stabilizer is
-the row max over features, as in the reference; it cancels in num/den. Scope: non-causal, key
-masks as (B, Sk) visibility, head dims up to 256; the op falls back to torch otherwise.
+the row max over features, as in the reference; it cancels in num/den. Scope: key masks as
+(B, Sk) visibility, head dims up to 256; the op falls back to torch otherwise.
+
+Causal (`favor_causal_attention`) and the hybrid's complement (`window_complement`) run the
+keys kernel with splits of exactly one block, so it writes one state per key block; torch
+takes their prefix sums, and a queries kernel reads, per block of queries, the prefix of the
+blocks before it (causal: plus its own block's keys j <= i, φ(k) computed in the kernel) or
+of the blocks outside its window (hybrid: combined with the window's exact output and
+log-sum-exp).
 """
 
 from __future__ import annotations
@@ -158,8 +165,8 @@ def favor_skip_reason(q: Tensor, k: Tensor, v: Tensor, keep_BHS1: Optional[Tenso
                       is_causal: bool, kernel: str) -> Optional[str]:
     """Why a Performer call runs the torch reference rather than these kernels."""
     from attnopt.kernels.params import interpreting
-    if is_causal:
-        return "causal FAVOR+ runs the chunked torch form"
+    if is_causal and q.shape[-2] != k.shape[-2]:
+        return "causal FAVOR+ over unequal lengths runs the torch form"
     if kernel != "softmax":
         return f"{kernel} features run in torch"
     if q.device.type != "cuda" and not interpreting():
@@ -393,5 +400,151 @@ def window_complement(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale
         heads, heads // kv_heads, q_len, features, k_blocks, local, root_scale, eps,
         ratio, HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_D=block_d, BLOCK_DV=block_dv,
         BLOCK_N=tile, BLOCK_F=block_features, QUERY_BLOCK=block, CAUSAL=causal, IEEE=ieee,
+        num_warps=4)
+    return out
+
+
+# ------------------------------------------------------------------------ causal FAVOR+
+
+#: Keys per block of the causal form's states (any size gives the same result; 64 fits the
+#: tiles).
+CAUSAL_BLOCK = 64
+
+
+@triton.jit
+def _favor_causal_queries_kernel(Q, K, V, OMEGA, KEEP, PREFIX, PREFIX_Z, HK, OUT,
+                                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                                 stride_kn, stride_vb, stride_vh, stride_vn, stride_keepb,
+                                 stride_ob, stride_oh, stride_on,
+                                 heads, group, q_len, features, root_scale, eps,
+                                 HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
+                                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+                                 HAS_KEEP: tl.constexpr, IEEE: tl.constexpr):
+    """One block of BLOCK_N queries, causal: the states of the key blocks before it (their
+    prefix sum) plus its own block's keys j <= i, with φ(q) and φ(k) per feature tile —
+    Σ_{j<=i} φ(q_i)·φ(k_j) [v_j, 1], normalized. Query and key blocks coincide (equal
+    lengths)."""
+    pid_bh, pid_n = tl.program_id(0), tl.program_id(1)
+    batch, head = pid_bh // heads, pid_bh % heads
+    kv_head = head // group
+    kv = batch * (heads // group) + kv_head
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = offs_n < q_len
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_n[:, None] * stride_qn +
+                offs_d[None, :], mask=rows[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    x = q.to(tl.float32) * root_scale
+    q_half_norm = 0.5 * tl.sum(x * x, axis=1)
+    kt = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn +
+                 offs_d[None, :], mask=rows[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    y = kt.to(tl.float32) * root_scale
+    k_half_norm = 0.5 * tl.sum(y * y, axis=1)
+    visible = rows
+    if HAS_KEEP:
+        keep = tl.load(KEEP + batch * stride_keepb + offs_n, mask=rows, other=0.0)
+        visible = visible & (keep > 0)
+    h_k = tl.load(HK + kv)
+    acc = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+    den = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    kappa = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)    # Σ_f p_if φ'_jf, own block
+    kappa_eps = tl.zeros((BLOCK_N,), dtype=tl.float32)        # Σ_f φ'_jf (query ε term)
+    eps_num = tl.zeros((BLOCK_DV,), dtype=tl.float32)
+    eps_den = 0.0
+    h_run = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    prefix_base = PREFIX + (kv * (tl.num_programs(1) + 1) + pid_n) * features * BLOCK_DV
+    z_base = PREFIX_Z + (kv * (tl.num_programs(1) + 1) + pid_n) * features
+    for f0 in range(0, features, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        f_ok = offs_f < features
+        omega = tl.load(OMEGA + offs_f[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=f_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        if IEEE:
+            e = tl.dot(x, tl.trans(omega), input_precision="ieee")
+            ek = tl.dot(y, tl.trans(omega), input_precision="ieee")
+        else:
+            e = tl.dot(x, tl.trans(omega))
+            ek = tl.dot(y, tl.trans(omega))
+        e = tl.where(f_ok[None, :], e - q_half_norm[:, None], float("-inf"))
+        h_new = tl.maximum(h_run, tl.max(e, axis=1))
+        alpha = tl.exp(h_run - h_new)
+        p = tl.exp(e - h_new[:, None])                                       # (N, F)
+        # the keys' features sans ratio, φ' = e^{e − h_k} + ε, zero for masked keys
+        phi_k = tl.where(f_ok[None, :] & visible[:, None],
+                         tl.exp(ek - k_half_norm[:, None] - h_k) + eps, 0.0)  # (N, F)
+        state = tl.load(prefix_base + offs_f[:, None] * BLOCK_DV + offs_dv[None, :],
+                        mask=f_ok[:, None], other=0.0)
+        z = tl.load(z_base + offs_f, mask=f_ok, other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, state, input_precision="ieee")
+            kappa = kappa * alpha[:, None] + tl.dot(p, tl.trans(phi_k), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, state)
+            kappa = kappa * alpha[:, None] + tl.dot(p, tl.trans(phi_k))
+        den = den * alpha + tl.sum(p * z[None, :], axis=1)
+        kappa_eps += tl.sum(phi_k, axis=1)
+        eps_num += tl.sum(state, axis=0)
+        eps_den += tl.sum(z, axis=0)
+        h_run = h_new
+    # own block: keys j <= i, with the query ε term
+    kappa = kappa + eps * kappa_eps[None, :]
+    causal = offs_n[None, :] <= offs_n[:, None]
+    kappa = tl.where(causal, kappa, 0.0)
+    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vn +
+                offs_dv[None, :], mask=visible[:, None] & (offs_dv[None, :] < V_DIM),
+                other=0.0).to(tl.float32)
+    if IEEE:
+        own = tl.dot(kappa, v, input_precision="ieee")
+    else:
+        own = tl.dot(kappa, v)
+    numerator = acc + eps * eps_num[None, :] + own
+    denominator = den + eps * eps_den + tl.sum(kappa, axis=1)
+    out = numerator / tl.maximum(denominator, 1.0e-30)[:, None]
+    tl.store(OUT + batch * stride_ob + head * stride_oh + offs_n[:, None] * stride_on +
+             offs_dv[None, :], out.to(OUT.dtype.element_ty),
+             mask=rows[:, None] & (offs_dv[None, :] < V_DIM))
+
+
+def favor_causal_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale: float,
+                           keep_BHS1: Optional[Tensor] = None) -> Tensor:
+    """Causal FAVOR+ (`ops/performer.py` with is_causal, equal lengths), fused: one state per
+    key block from the keys kernel, their exclusive prefix sums, and the queries kernel above
+    — O(n) memory, never the (n × m) feature matrices."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len, v_dim = k.shape[1], k.shape[2], v.shape[-1]
+    if q_len != kv_len:
+        raise ValueError("causal FAVOR+ needs as many keys as queries")
+    features = projection.shape[0]
+    device = q.device
+    k, v = k.contiguous() if k.stride(-1) != 1 else k, v.contiguous() if v.stride(-1) != 1 else v
+    q = q.contiguous() if q.stride(-1) != 1 else q
+    omega = projection.to(device=device, dtype=torch.float32).contiguous()
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_dv = max(16, triton.next_power_of_2(v_dim))
+    block = CAUSAL_BLOCK if max(block_d, block_dv) <= 64 else CAUSAL_BLOCK // 2
+    block_features = 64 if max(block_d, block_dv) <= 64 else 32
+    keep = _key_mask(keep_BHS1, batch, kv_len, device)
+    k_blocks = triton.cdiv(kv_len, block)
+    root_scale = math.sqrt(scale)
+    acc, zsum, vsum, h_k = _key_states(k, v, omega, keep, root_scale, batch, k_blocks, 1,
+                                       block, block_features, block_d, block_dv, num_warps=4)
+    # per-block states of φ' = e^{e − h_k} + ε (the ratios cancel in the normalization)
+    states = acc.add_(vsum[:, :, None, :block_dv], alpha=FEATURE_EPS)
+    z = zsum + FEATURE_EPS * vsum[:, :, None, block_dv]
+    prefix = torch.zeros(batch * kv_heads, k_blocks + 1, features, block_dv, device=device,
+                         dtype=torch.float32)
+    torch.cumsum(states, dim=1, out=prefix[:, 1:])
+    del states, acc
+    prefix_z = torch.nn.functional.pad(z.cumsum(dim=1), (0, 0, 1, 0)).contiguous()
+    out = torch.empty(batch, heads, q_len, v_dim, device=device, dtype=q.dtype)
+    _favor_causal_queries_kernel[(batch * heads, k_blocks)](
+        q, k, v, omega, keep if keep is not None else k, prefix, prefix_z,
+        h_k.reshape(-1).contiguous(), out, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+        k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        keep.stride(0) if keep is not None else 0, out.stride(0), out.stride(1), out.stride(2),
+        heads, heads // kv_heads, q_len, features, root_scale, FEATURE_EPS, HEAD_DIM=head_dim,
+        V_DIM=v_dim, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_N=block,
+        BLOCK_F=block_features, HAS_KEEP=keep is not None, IEEE=q.dtype == torch.float32,
         num_warps=4)
     return out

@@ -14,8 +14,8 @@
 - GQA: k and v may have fewer heads (`enable_gqa`); their (m × Dv) states are shared by the
   query heads of a group.
 
-The op owns its reference (plain torch), its CUDA implementation (non-causal softmax-kernel
-calls on the fused FAVOR+ kernels of `attnopt.kernels.favor`, which never materialize the
+The op owns its reference (plain torch), its CUDA implementation (softmax-kernel calls,
+causal or not, on the fused FAVOR+ kernels of `attnopt.kernels.favor`, which never materialize the
 (n × m) feature matrices; the rest on the reference), fake, autograd (recomputation through
 the reference) and ONNX translation (standard opset-18 ops).
 """
@@ -71,10 +71,11 @@ def performer(q: Tensor, k: Tensor, v: Tensor, projection: Tensor,
 @performer.register_kernel("cuda")
 def _performer_cuda(q, k, v, projection, attn_mask=None, is_causal=False, scale=None,
                     enable_gqa=False, kernel="softmax", chunk=64):
-    """Non-causal softmax-kernel calls run the fused FAVOR+ kernels (attnopt.kernels.favor);
-    the rest, and machines without Triton, the torch reference."""
+    """Softmax-kernel calls run the fused FAVOR+ kernels (attnopt.kernels.favor), causal or
+    not; the rest, and machines without Triton, the torch reference."""
     try:
-        from attnopt.kernels.favor import favor_attention, favor_skip_reason
+        from attnopt.kernels.favor import favor_attention, favor_causal_attention, \
+            favor_skip_reason
     except ImportError:
         favor_attention = favor_skip_reason = None
     keep = keep_for_kv_heads(visible_keys_mask(attn_mask, k.shape[-2]), k.shape[1])
@@ -83,7 +84,8 @@ def _performer_cuda(q, k, v, projection, attn_mask=None, is_causal=False, scale=
         return like_query_layout(performer_reference(q, k, v, projection, attn_mask, is_causal,
                                                      scale, enable_gqa, kernel, chunk), q)
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    return like_query_layout(favor_attention(q, k, v, projection, scale, keep), q)
+    fused = favor_causal_attention if is_causal else favor_attention
+    return like_query_layout(fused(q, k, v, projection, scale, keep), q)
 
 
 @performer.register_fake
