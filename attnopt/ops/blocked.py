@@ -201,8 +201,17 @@ def _attend_gathered(plan: BlockGather, qc: Tensor, kc: Tensor, vc: Tensor,
     if k_gathered.shape[1] != heads:  # a layout shared by all heads gathers per kv head
         k_gathered = k_gathered.repeat_interleave(heads // k_gathered.shape[1], dim=1)
         v_gathered = v_gathered.repeat_interleave(heads // v_gathered.shape[1], dim=1)
-    out = F.scaled_dot_product_attention(plan.query_blocks(qc), k_gathered, v_gathered,
-                                         attn_mask=allowed, scale=scale)
+    # 4-d operands and a float mask: SDPA's fused CPU kernel takes them, while 5-d operands
+    # (or a bool mask) fall to its math path, about 3× slower here
+    q_blocks = plan.query_blocks(qc)
+    batch, _, blocks, rows, _ = q_blocks.shape
+    if allowed.dtype == torch.bool:
+        allowed = torch.zeros_like(allowed, dtype=qc.dtype).masked_fill_(~allowed,
+                                                                         float("-inf"))
+    allowed = allowed.expand(batch, heads, blocks, rows, allowed.shape[-1]).flatten(1, 2)
+    out = F.scaled_dot_product_attention(q_blocks.flatten(1, 2), k_gathered.flatten(1, 2),
+                                         v_gathered.flatten(1, 2), attn_mask=allowed,
+                                         scale=scale).unflatten(1, (heads, blocks))
     return torch.nan_to_num(out.flatten(2, 3), nan=0.0)  # a row that sees no key: zeros
 
 
