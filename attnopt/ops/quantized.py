@@ -48,8 +48,14 @@ Q_QUANT_BLOCK, K_QUANT_BLOCK = 128, 64
 
 def smooth_keys(k: Tensor) -> Tensor:
     """k minus its mean over the sequence (float32 or wider)."""
-    kf = k.to(compute_dtype(k.dtype))
-    return kf - kf.mean(dim=-2, keepdim=True)
+    dtype = compute_dtype(k.dtype)
+    return k.to(dtype) - key_mean(k)
+
+
+def key_mean(k: Tensor) -> Tensor:
+    """The mean key (B, Hkv, 1, D), accumulated in float32 or wider without a widened copy of
+    k — the expression the CUDA path uses too, so both smooth to the same bits."""
+    return k.mean(dim=-2, keepdim=True, dtype=compute_dtype(k.dtype))
 
 
 def quantize_blocks(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
@@ -79,7 +85,7 @@ def quantize_qk(q: Tensor, k: Tensor, softcap: Optional[float] = None, *,
     `use_kernel`, by the Triton quantizer (one pass per operand, the same numbers)."""
     if use_kernel and q.dtype != torch.float64:
         from attnopt.kernels.quantize import quantize_blocks_kernel
-        mean = k.float().mean(dim=-2, keepdim=True) if softcap is None else None
+        mean = key_mean(k) if softcap is None else None
         return (quantize_blocks_kernel(q, Q_QUANT_BLOCK),
                 quantize_blocks_kernel(k, K_QUANT_BLOCK, mean))
     keys = smooth_keys(k) if softcap is None else k
