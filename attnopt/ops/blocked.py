@@ -190,9 +190,12 @@ def softmax_parts(scores: Tensor, keep: Tensor, bias: Optional[Tensor]
     return weights, weights.sum(-1, keepdim=True), row_max
 
 
-def _attend_gathered(plan: BlockGather, qc: Tensor, kc: Tensor, vc: Tensor,
-                     mask: Optional[Tensor], heads: int, scale: float) -> Tensor:
-    """Fused SDPA over one chunk's gathered key blocks: (B, H, M·block, Dv)."""
+def attend_gathered(plan: BlockGather, qc: Tensor, kc: Tensor, vc: Tensor,
+                    mask: Optional[Tensor], heads: int, scale: float, *,
+                    with_lse: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """Fused SDPA over one chunk's gathered key blocks: (out (B, H, M·block, Dv), and with
+    `with_lse` each row's natural log-sum-exp (B, H, M·block, 1), −inf for a row that sees no
+    key). Rows that see no key give zeros."""
     keep, bias = plan.keep(mask)
     if bias is not None and bias.dtype == torch.bool:
         keep, bias = keep & bias, None
@@ -209,10 +212,38 @@ def _attend_gathered(plan: BlockGather, qc: Tensor, kc: Tensor, vc: Tensor,
         allowed = torch.zeros_like(allowed, dtype=qc.dtype).masked_fill_(~allowed,
                                                                          float("-inf"))
     allowed = allowed.expand(batch, heads, blocks, rows, allowed.shape[-1]).flatten(1, 2)
-    out = F.scaled_dot_product_attention(q_blocks.flatten(1, 2), k_gathered.flatten(1, 2),
-                                         v_gathered.flatten(1, 2), attn_mask=allowed,
-                                         scale=scale).unflatten(1, (heads, blocks))
-    return torch.nan_to_num(out.flatten(2, 3), nan=0.0)  # a row that sees no key: zeros
+    q4, k4, v4 = q_blocks.flatten(1, 2), k_gathered.flatten(1, 2), v_gathered.flatten(1, 2)
+    if not with_lse:
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=allowed, scale=scale)
+        out = out.unflatten(1, (heads, blocks))
+        return torch.nan_to_num(out.flatten(2, 3), nan=0.0), None  # no key seen: zeros
+    out, lse = _attention_with_lse(q4, k4, v4, allowed, scale)
+    lse = torch.where((allowed > float("-inf")).any(-1), lse, float("-inf"))
+    out = torch.nan_to_num(out.unflatten(1, (heads, blocks)).flatten(2, 3), nan=0.0)
+    return out, lse.unflatten(1, (heads, blocks)).flatten(2, 3).unsqueeze(-1)
+
+
+def _attention_with_lse(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float
+                        ) -> tuple[Tensor, Tensor]:
+    """(softmax(q·kᵀ·scale + bias)·v, logsumexp of the scores) for 4-d operands: PyTorch's
+    fused CPU flash kernel when no gradient is needed (it returns both; rows it finds fully
+    masked come back as out 0 and lse 0, which the caller masks), else plain autograd ops."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
+    fused = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if q.device.type == "cpu" and not needs_grad and fused is not None and \
+            q.dtype in (torch.float32, torch.float64):
+        out, lse = fused(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        return out, lse
+    scores = (q @ k.transpose(-1, -2)) * scale + bias
+    row_max = scores.amax(dim=-1, keepdim=True)
+    safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - safe_max)
+    total = weights.sum(-1, keepdim=True)
+    tiny = torch.finfo(scores.dtype).tiny
+    # a row without keys: out 0 and lse −inf, with zero (not NaN) gradients through both
+    lse = torch.where(total > 0, safe_max + torch.log(total.clamp_min(tiny)),
+                      torch.full_like(total, float("-inf")))
+    return (weights @ v) / total.clamp_min(tiny), lse.squeeze(-1)
 
 
 def blocked_attention(q: Tensor, k: Tensor, v: Tensor, layout_BHMN: Tensor, block: int, *,
@@ -231,8 +262,8 @@ def blocked_attention(q: Tensor, k: Tensor, v: Tensor, layout_BHMN: Tensor, bloc
         else attn_mask.to(dtype)
     per_block = batch * heads * plan.slots * block * (k.shape[-1] + v.shape[-1])
     group = max(1, GATHER_BUDGET // per_block)
-    outs = [_attend_gathered(plan.chunk(start, min(start + group, plan.q_blocks)), qc, kc, vc,
-                             mask, heads, scale)
+    outs = [attend_gathered(plan.chunk(start, min(start + group, plan.q_blocks)), qc, kc, vc,
+                            mask, heads, scale)[0]
             for start in range(0, plan.q_blocks, group)]
     out = torch.cat(outs, dim=2)[:, :, :q_len]
     rows = plan.heavy_rows()

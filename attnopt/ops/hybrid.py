@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnopt.ops.blocked import BlockGather, softmax_parts
+from attnopt.ops.blocked import BlockGather, attend_gathered
 from attnopt.ops.common import (
     empty_like_query_layout, like_query_layout, register_recompute_autograd,
 )
@@ -76,19 +76,9 @@ def performer_window_reference(q: Tensor, k: Tensor, v: Tensor, projection: Tens
     plan = BlockGather(layout, block, q_len, kv_len, causal=is_causal, dense_rows=False)
     mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool \
         else attn_mask.to(dtype)
-    keep, bias = plan.keep(mask)
-    if bias is not None and bias.dtype == torch.bool:
-        keep, bias = keep & bias, None
-    scores = plan.scores(qc * scale, plan.gather_keys(kc, heads))
-    weights, total, row_max = softmax_parts(scores, keep, bias)
-    exact_num = plan.weigh(weights, plan.gather_keys(vc, heads))[:, :, :q_len]
-    exact_den = total.flatten(2, 3)[:, :, :q_len]
-    row_max = row_max.flatten(2, 3)[:, :, :q_len]
-    # on one scale with the complement: exact_num = e^M · Σ e^{s − M} v, as the kernel path's
-    # e^{lse} · out (lse = M + log Σ e^{s − M})
-    log_exact = row_max + torch.log(exact_den.clamp_min(torch.finfo(dtype).tiny))
-    log_exact = torch.where(exact_den > 0, log_exact, torch.full_like(log_exact, float("-inf")))
-    out_exact = exact_num / exact_den.clamp_min(torch.finfo(dtype).tiny)
+    # the window's normalized output and log-sum-exp, as the kernel path's flash kernel
+    out_exact, log_exact = attend_gathered(plan, qc, kc, vc, mask, heads, scale, with_lse=True)
+    out_exact, log_exact = out_exact[:, :, :q_len], log_exact[:, :, :q_len]
     return _with_complement(qc, kc, vc, projection, attn_mask, is_causal, scale, local, block,
                             out_exact, log_exact).to(q.dtype)
 
