@@ -22,15 +22,20 @@ Both on one scale, with H_i = h_i + h_k and T_i = max(M_i, H_i):
 
 Every term is a ratio of non-negative sums, so no exponent overflows; as the window covers all
 keys P_i = 0 and the result is exact attention, and with no window (window=0 still keeps the
-query's own block) it approaches Performer. Work: the exact part O(n·(2L+1)·block) through
-`blocked.BlockGather`, the complement O(n·m·Dv) plus (n/block)·m·Dv for the block states —
-linear in n, never an n×n matrix.
+query's own block) it approaches Performer.
 
-On CUDA the exact part runs on the generated flash kernel's block-sparse path instead, which
-returns each row's log-sum-exp lse = log Σ_{j∈W(i)} e^{s·q_i·k_j}: with A_i = e^{lse_i}·out_i
-the same combination holds with M_i replaced by lse_i, and no score, weight or gathered key
-is materialized. The complement is fused too (`kernels/favor.window_complement`): one state
-per key block, their prefix sums, and φ(q) computed per feature tile next to them.
+Both implementations carry the exact part as the window's normalized output out_i and its
+log-sum-exp lse_i = log Σ_{j∈W(i)} e^{s·q_i·k_j}: then e^{M_i}·A_i = e^{lse_i}·[out_i, 1], so
+the combination above holds with M_i replaced by lse_i and A_i by [out_i, 1] (lse_i = −inf
+where the window holds no visible key).
+
+- Reference (CPU): the window by SDPA over gathered key blocks (`blocked.attend_gathered`,
+  O(n·(2L+1)·block)), the complement O(n·m·Dv) plus (n/block)·m·Dv for the block states —
+  linear in n, never an n×n matrix.
+- CUDA: the window on the generated flash kernel's block-sparse path, which returns lse with
+  its output (no score, weight or gathered key materialized), and the complement fused
+  (`kernels/favor.window_complement`): one state per key block, their prefix sums, and φ(q)
+  computed per feature tile next to them.
 
 Masks: as the Performer op, only key visibility is honoured outside the window; inside it the
 site's mask applies as given.
