@@ -222,6 +222,37 @@ def _key_mask(keep_BHS1: Optional[Tensor], batch: int, kv_len: int, device) -> O
     return keep.expand(batch, kv_len).contiguous()
 
 
+def _operands(q: Tensor, k: Tensor, v: Tensor, projection: Tensor):
+    """(q, k, v with unit last stride, Ω as float32, BLOCK_D, BLOCK_DV) for the kernels."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    omega = projection.to(device=q.device, dtype=torch.float32).contiguous()
+    return (q, k, v, omega, max(16, triton.next_power_of_2(q.shape[-1])),
+            max(16, triton.next_power_of_2(v.shape[-1])))
+
+
+def _block_prefixes(k: Tensor, v: Tensor, omega: Tensor, keep: Optional[Tensor],
+                    root_scale: float, batch: int, block: int, tile: int, block_features: int,
+                    block_d: int, block_dv: int, ratio: float):
+    """Per block of `block` keys, S_c = ratio·Σ_{j∈c} φ'(k_j) [v_j | 1] with φ' = e^{e − h_k} + ε
+    (zero for masked keys), and their exclusive prefix sums over blocks: (prefix (B·Hkv, N+1,
+    m, BLOCK_DV), prefix_z (B·Hkv, N+1, m), h_k (B·Hkv,)). The states are rescaled in place
+    and summed into a preallocated prefix: they are the largest tensors of these paths."""
+    features, k_blocks = omega.shape[0], triton.cdiv(k.shape[2], block)
+    acc, zsum, vsum, h_k = _key_states(k, v, omega, keep, root_scale, batch, k_blocks,
+                                       block // tile, tile, block_features, block_d, block_dv,
+                                       num_warps=4)
+    states = acc.add_(vsum[:, :, None, :block_dv], alpha=FEATURE_EPS)
+    z = zsum + FEATURE_EPS * vsum[:, :, None, block_dv]
+    if ratio != 1.0:
+        states.mul_(ratio)
+        z = z * ratio
+    prefix = torch.zeros(acc.shape[0], k_blocks + 1, features, block_dv, device=k.device,
+                         dtype=torch.float32)
+    torch.cumsum(states, dim=1, out=prefix[:, 1:])
+    prefix_z = torch.nn.functional.pad(z.cumsum(dim=1), (0, 0, 1, 0)).contiguous()
+    return prefix, prefix_z, h_k.reshape(-1).contiguous()
+
+
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale: float,
                     keep_BHS1: Optional[Tensor] = None) -> Tensor:
     """Non-causal FAVOR+ attention (features.favor_features semantics), fused."""
@@ -229,11 +260,7 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale: 
     kv_heads, kv_len, v_dim = k.shape[1], k.shape[2], v.shape[-1]
     features = projection.shape[0]
     device = q.device
-    k, v = k.contiguous() if k.stride(-1) != 1 else k, v.contiguous() if v.stride(-1) != 1 else v
-    q = q.contiguous() if q.stride(-1) != 1 else q
-    omega = projection.to(device=device, dtype=torch.float32).contiguous()
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_dv = max(16, triton.next_power_of_2(v_dim))
+    q, k, v, omega, block_d, block_dv = _operands(q, k, v, projection)
     block_keys, block_features, block_queries, num_warps = \
         (BLOCK_KEYS, BLOCK_FEATURES, BLOCK_QUERIES, NUM_WARPS) if max(block_d, block_dv) <= 64 \
         else WIDE_HEAD_CONFIG
@@ -366,38 +393,23 @@ def window_complement(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale
     kv_heads, kv_len, v_dim = k.shape[1], k.shape[2], v.shape[-1]
     features = projection.shape[0]
     device = q.device
-    k, v = k.contiguous() if k.stride(-1) != 1 else k, v.contiguous() if v.stride(-1) != 1 else v
-    q = q.contiguous() if q.stride(-1) != 1 else q
-    omega = projection.to(device=device, dtype=torch.float32).contiguous()
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_dv = max(16, triton.next_power_of_2(v_dim))
+    q, k, v, omega, block_d, block_dv = _operands(q, k, v, projection)
     tile = min(block, 64)        # key and query tiles: one tile never straddles two blocks
     block_features = 64 if max(block_d, block_dv) <= 64 else 32
     ieee = q.dtype == torch.float32
     keep = _key_mask(keep_BHS1, batch, kv_len, device)
     k_blocks = triton.cdiv(kv_len, block)
     root_scale = math.sqrt(scale)
-    acc, zsum, vsum, h_k = _key_states(k, v, omega, keep, root_scale, batch, k_blocks,
-                                       block // tile, tile, block_features, block_d, block_dv,
-                                       num_warps=4)
-    # S_c and z_c per key block, ε terms added and the keys' ratio included, in place (the
-    # per-block states are the largest tensors), summed into a preallocated prefix
-    ratio = features ** -0.5
-    eps = FEATURE_EPS
-    states = acc.add_(vsum[:, :, None, :block_dv], alpha=eps).mul_(ratio)
-    z = ratio * (zsum + eps * vsum[:, :, None, block_dv])
-    prefix = torch.zeros(batch * kv_heads, k_blocks + 1, features, block_dv, device=device,
-                         dtype=torch.float32)
-    torch.cumsum(states, dim=1, out=prefix[:, 1:])
-    del states, acc
-    prefix_z = torch.nn.functional.pad(z.cumsum(dim=1), (0, 0, 1, 0)).contiguous()
+    ratio = features ** -0.5  # the keys' φ carries it here: the window's scale is absolute
+    prefix, prefix_z, h_k = _block_prefixes(k, v, omega, keep, root_scale, batch, block, tile,
+                                            block_features, block_d, block_dv, ratio)
     out = torch.empty(batch, heads, q_len, v_dim, device=device, dtype=q.dtype)
     out_exact = out_exact if out_exact.stride(-1) == 1 else out_exact.contiguous()
     _window_complement_kernel[(batch * heads, triton.cdiv(q_len, tile))](
-        q, omega, prefix, prefix_z, out_exact, lse.contiguous(), h_k.reshape(-1).contiguous(),
+        q, omega, prefix, prefix_z, out_exact, lse.contiguous(), h_k,
         out, q.stride(0), q.stride(1), q.stride(2), out_exact.stride(0), out_exact.stride(1),
         out_exact.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        heads, heads // kv_heads, q_len, features, k_blocks, local, root_scale, eps,
+        heads, heads // kv_heads, q_len, features, k_blocks, local, root_scale, FEATURE_EPS,
         ratio, HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_D=block_d, BLOCK_DV=block_dv,
         BLOCK_N=tile, BLOCK_F=block_features, QUERY_BLOCK=block, CAUSAL=causal, IEEE=ieee,
         num_warps=4)
@@ -517,30 +529,18 @@ def favor_causal_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, 
         raise ValueError("causal FAVOR+ needs as many keys as queries")
     features = projection.shape[0]
     device = q.device
-    k, v = k.contiguous() if k.stride(-1) != 1 else k, v.contiguous() if v.stride(-1) != 1 else v
-    q = q.contiguous() if q.stride(-1) != 1 else q
-    omega = projection.to(device=device, dtype=torch.float32).contiguous()
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_dv = max(16, triton.next_power_of_2(v_dim))
+    q, k, v, omega, block_d, block_dv = _operands(q, k, v, projection)
     block = CAUSAL_BLOCK if max(block_d, block_dv) <= 64 else CAUSAL_BLOCK // 2
     block_features = 64 if max(block_d, block_dv) <= 64 else 32
     keep = _key_mask(keep_BHS1, batch, kv_len, device)
     k_blocks = triton.cdiv(kv_len, block)
     root_scale = math.sqrt(scale)
-    acc, zsum, vsum, h_k = _key_states(k, v, omega, keep, root_scale, batch, k_blocks, 1,
-                                       block, block_features, block_d, block_dv, num_warps=4)
-    # per-block states of φ' = e^{e − h_k} + ε (the ratios cancel in the normalization)
-    states = acc.add_(vsum[:, :, None, :block_dv], alpha=FEATURE_EPS)
-    z = zsum + FEATURE_EPS * vsum[:, :, None, block_dv]
-    prefix = torch.zeros(batch * kv_heads, k_blocks + 1, features, block_dv, device=device,
-                         dtype=torch.float32)
-    torch.cumsum(states, dim=1, out=prefix[:, 1:])
-    del states, acc
-    prefix_z = torch.nn.functional.pad(z.cumsum(dim=1), (0, 0, 1, 0)).contiguous()
+    # the ratios cancel in the normalization
+    prefix, prefix_z, h_k = _block_prefixes(k, v, omega, keep, root_scale, batch, block, block,
+                                            block_features, block_d, block_dv, ratio=1.0)
     out = torch.empty(batch, heads, q_len, v_dim, device=device, dtype=q.dtype)
     _favor_causal_queries_kernel[(batch * heads, k_blocks)](
-        q, k, v, omega, keep if keep is not None else k, prefix, prefix_z,
-        h_k.reshape(-1).contiguous(), out, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+        q, k, v, omega, keep if keep is not None else k, prefix, prefix_z, h_k, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
         k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         keep.stride(0) if keep is not None else 0, out.stride(0), out.stride(1), out.stride(2),
         heads, heads // kv_heads, q_len, features, root_scale, FEATURE_EPS, HEAD_DIM=head_dim,

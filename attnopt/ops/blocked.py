@@ -211,14 +211,17 @@ def attend_gathered(plan: BlockGather, qc: Tensor, kc: Tensor, vc: Tensor,
     if allowed.dtype == torch.bool:
         allowed = torch.zeros_like(allowed, dtype=qc.dtype).masked_fill_(~allowed,
                                                                          float("-inf"))
-    allowed = allowed.expand(batch, heads, blocks, rows, allowed.shape[-1]).flatten(1, 2)
+    full = (batch, heads, blocks, rows)
+    # rows that see a key, from the mask before it is broadcast over batch and heads
+    seen = (allowed > float("-inf")).any(-1).expand(full).flatten(1, 2) if with_lse else None
+    allowed = allowed.expand(*full, allowed.shape[-1]).flatten(1, 2)
     q4, k4, v4 = q_blocks.flatten(1, 2), k_gathered.flatten(1, 2), v_gathered.flatten(1, 2)
     if not with_lse:
         out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=allowed, scale=scale)
         out = out.unflatten(1, (heads, blocks))
         return torch.nan_to_num(out.flatten(2, 3), nan=0.0), None  # no key seen: zeros
     out, lse = _attention_with_lse(q4, k4, v4, allowed, scale)
-    lse = torch.where((allowed > float("-inf")).any(-1), lse, float("-inf"))
+    lse = torch.where(seen, lse, float("-inf"))
     out = torch.nan_to_num(out.unflatten(1, (heads, blocks)).flatten(2, 3), nan=0.0)
     return out, lse.unflatten(1, (heads, blocks)).flatten(2, 3).unsqueeze(-1)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from attnopt.ops.common import onnx_repeat_heads
+from attnopt.ops.common import onnx_repeat_heads, onnx_scalar
 from attnopt.ops.sparsity import HASH_MODULUS, HASH_MULTIPLIER, SparsePattern
 
 FLOAT, INT64, BOOL = 1, 7, 9  # onnx.TensorProto element types
@@ -38,10 +38,6 @@ def ints(op, *values):
 
 def const(op, value):
     return op.Constant(value_int=int(value))
-
-
-def scalar(op, value, like):
-    return op.CastLike(op.Constant(value_float=float(value)), like)
 
 
 def length(op, x, axis=2):
@@ -146,7 +142,7 @@ def layout_slots(op, layout, light_from: int = 0):
     counts = op.Concat(op.Reshape(counts, ints(op, -1)), ints(op, 1), axis=0)  # never empty
     slots = op.Reshape(op.ReduceMax(counts, ints(op, 0), keepdims=1), ints(op, 1))
     values, indices = op.TopK(op.Cast(layout, to=FLOAT), slots, axis=-1)
-    return indices, op.Greater(values, scalar(op, 0.0, values))
+    return indices, op.Greater(values, onnx_scalar(op, 0.0, values))
 
 
 # ------------------------------------------------------------------------------ gathering
@@ -173,7 +169,7 @@ def gather_mask(op, attn_mask, indices, per_head: bool, block: int, like, kv_hea
     if rank < 4:
         mask = op.Unsqueeze(mask, ints(op, *range(4 - rank)))
     if attn_mask.dtype == BOOL:  # True = attend
-        mask = op.Where(mask, scalar(op, 0.0, like), scalar(op, float("-inf"), like))
+        mask = op.Where(mask, onnx_scalar(op, 0.0, like), onnx_scalar(op, float("-inf"), like))
     else:
         mask = op.CastLike(mask, like)
     mask_heads = attn_mask.shape[-3] if rank >= 3 else 1
@@ -240,18 +236,19 @@ def slot_keep(op, indices, valid, per_head: bool, block: int, kv_len, causal: bo
     return keep                                                       # (M, b, Kb)
 
 
-def gathered_scores(op, q, k, layout, block: int, scale: float, *, causal: bool,
-                    window=None, attn_mask=None, light_from: int = 0, per_head: bool = False):
-    """Everything before the softmax: (scores (B, Hkv, G, M, block, K·block) with -inf where a
-    key is not visible, the slot plan (indices, valid), kv_heads) in float32."""
+def gathered_scores(op, q, k, slots, block: int, scale: float, *, causal: bool,
+                    window=None, attn_mask=None, per_head: bool = False):
+    """Everything before the softmax, for the key-block `slots` (indices, valid) of
+    `layout_slots` — (M, K), or (B, H, M, K) with `per_head`: (scores (B, Hkv, G, M, block,
+    K·block) with -inf where a key is not visible, kv_heads) in float32."""
     qf, kf = op.Cast(q, to=FLOAT), op.Cast(k, to=FLOAT)
     heads = op.Shape(q, start=1, end=2)
-    indices, valid = layout_slots(op, layout, light_from)
+    indices, valid = slots
     if per_head:  # a (B, H, M, N) layout gathers per query head
         kf = onnx_repeat_heads(op, kf, heads)
     kv_heads = op.Shape(kf, start=1, end=2)
     k_gathered = gather_blocks(op, to_blocks(op, kf, block), indices, per_head)  # (B, Hx, M, Kb, D)
-    q_grouped = group_heads(op, to_blocks(op, op.Mul(qf, scalar(op, scale, qf)), block),
+    q_grouped = group_heads(op, to_blocks(op, op.Mul(qf, onnx_scalar(op, scale, qf)), block),
                             kv_heads)                                   # (B, Hx, G, M, b, D)
     scores = op.MatMul(q_grouped, op.Transpose(op.Unsqueeze(k_gathered, ints(op, 2)),
                                                perm=[0, 1, 2, 3, 5, 4]))
@@ -259,19 +256,19 @@ def gathered_scores(op, q, k, layout, block: int, scale: float, *, causal: bool,
     if attn_mask is not None:
         scores = op.Add(scores, gather_mask(op, attn_mask, indices, per_head, block, scores,
                                             kv_heads))
-    scores = op.Where(keep, scores, scalar(op, float("-inf"), scores))
-    return scores, indices, kv_heads
+    scores = op.Where(keep, scores, onnx_scalar(op, float("-inf"), scores))
+    return scores, kv_heads
 
 
-def blocked_attention(op, q, k, v, layout, block: int, scale: float, *, causal: bool,
+def blocked_attention(op, q, k, v, slots, block: int, scale: float, *, causal: bool,
                       window=None, attn_mask=None, dense_blocks: int = 0,
                       per_head: bool = False):
-    """Exact attention restricted to `layout` (M, N), or (B, H, M, N) with `per_head`, as
+    """Exact attention restricted to the key-block `slots` (`gathered_scores`), as
     `blocked.blocked_attention`: (B, H, Sq, Dv) in q's type. The first `dense_blocks` query
     blocks keep every key block and are computed over all keys."""
-    scores, indices, kv_heads = gathered_scores(op, q, k, layout, block, scale, causal=causal,
-                                                window=window, attn_mask=attn_mask,
-                                                light_from=dense_blocks, per_head=per_head)
+    indices = slots[0]
+    scores, _ = gathered_scores(op, q, k, slots, block, scale, causal=causal, window=window,
+                                attn_mask=attn_mask, per_head=per_head)
     vf = op.Cast(v, to=FLOAT)
     if per_head:
         vf = onnx_repeat_heads(op, vf, op.Shape(q, start=1, end=2))
@@ -283,7 +280,7 @@ def blocked_attention(op, q, k, v, layout, block: int, scale: float, *, causal: 
                                     attn_mask),
                         op.Slice(out, ints(op, dense_blocks * block), ints(op, INT64_MAX),
                                  ints(op, 2)), axis=2)
-    out = op.Where(op.IsNaN(out), scalar(op, 0.0, out), out)  # rows that see no key
+    out = op.Where(op.IsNaN(out), onnx_scalar(op, 0.0, out), out)  # rows that see no key
     return op.CastLike(out, q)
 
 
@@ -296,13 +293,13 @@ def _dense_rows(op, q, k, v, rows: int, scale: float, causal: bool, window, attn
     col_pos = op.Unsqueeze(op.Range(zero, length(op, k), one), ints(op, 0))
     keep = position_keep(op, op.GreaterOrEqual(col_pos, const(op, -1)),  # (R, Sk) all True
                          row_pos, col_pos, causal, window)
-    bias = op.Where(keep, scalar(op, 0.0, q), scalar(op, float("-inf"), q))
+    bias = op.Where(keep, onnx_scalar(op, 0.0, q), onnx_scalar(op, float("-inf"), q))
     if attn_mask is not None:
         mask = attn_mask
         if len(attn_mask.shape) >= 2 and attn_mask.shape[-2] != 1:
             mask = op.Slice(mask, ints(op, 0), ints(op, rows), ints(op, -2))
         if mask.dtype == BOOL:
-            mask = op.Where(mask, scalar(op, 0.0, q), scalar(op, float("-inf"), q))
+            mask = op.Where(mask, onnx_scalar(op, 0.0, q), onnx_scalar(op, float("-inf"), q))
         bias = op.Add(bias, op.CastLike(mask, q))
     return op.Cast(onnx_attention_decomposed(q_rows, k, v, bias, False, scale, True), to=FLOAT)
 
@@ -335,6 +332,6 @@ def causal_kernelized(op, q, phi_q, phi_k, v_ext, block: int):
     positions = op.Range(const(op, 0), const(op, block), const(op, 1))
     lower = op.LessOrEqual(op.Unsqueeze(positions, ints(op, 0)),
                            op.Unsqueeze(positions, ints(op, 1)))           # (b, b): j <= i
-    kappa = op.Where(lower, kappa, scalar(op, 0.0, kappa))
+    kappa = op.Where(lower, kappa, onnx_scalar(op, 0.0, kappa))
     out = op.Add(out, op.MatMul(kappa, op.Unsqueeze(to_blocks(op, v_ext, block), ints(op, 2))))
     return ungroup_rows(op, out, q)

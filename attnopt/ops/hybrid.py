@@ -50,7 +50,7 @@ from torch import Tensor
 
 from attnopt.ops.blocked import BlockGather, attend_gathered
 from attnopt.ops.common import (
-    empty_like_query_layout, like_query_layout, register_recompute_autograd,
+    empty_like_query_layout, like_query_layout, onnx_scalar, register_recompute_autograd,
 )
 from attnopt.ops.features import (
     compute_dtype, favor_features, keep_for_kv_heads, repeat_kv_heads,
@@ -71,7 +71,7 @@ def performer_window_reference(q: Tensor, k: Tensor, v: Tensor, projection: Tens
                                window: int = 128, block: int = 64) -> Tensor:
     dtype = compute_dtype(q.dtype)
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    batch, heads, q_len, _ = q.shape
+    heads, q_len = q.shape[1], q.shape[2]
     kv_len = k.shape[2]
     if is_causal and q_len != kv_len:
         raise ValueError("causal performer_window needs as many keys as queries")
@@ -222,18 +222,19 @@ def onnx_performer_window(q, k, v, projection, attn_mask=None, is_causal=False, 
     pattern = SparsePattern(block=block, local_left=local, local_right=0 if causal else local)
     q_len, kv_len = bo.length(op, q), bo.length(op, k)
     layout = bo.pattern_layout(op, pattern, q_len, kv_len, causal)
-    scores, indices, kv_heads = bo.gathered_scores(op, q, k, layout, block, scale,
-                                                   causal=causal, attn_mask=attn_mask)
+    indices, valid = bo.layout_slots(op, layout)
+    scores, kv_heads = bo.gathered_scores(op, q, k, (indices, valid), block, scale,
+                                          causal=causal, attn_mask=attn_mask)
     last = bo.ints(op, -1)
     row_max = op.ReduceMax(scores, last, keepdims=1)                     # (B, Hkv, G, M, b, 1)
-    safe_max = op.Where(op.IsInf(row_max), bo.scalar(op, 0.0, row_max), row_max)
+    safe_max = op.Where(op.IsInf(row_max), onnx_scalar(op, 0.0, row_max), row_max)
     weights = op.Exp(op.Sub(scores, safe_max))
     exact_den = op.ReduceSum(weights, last, keepdims=1)
     v_gathered = bo.gather_blocks(op, bo.to_blocks(op, vf, block), indices, per_head=False)
     exact_num = op.MatMul(weights, op.Unsqueeze(v_gathered, bo.ints(op, 2)))
 
     # the complement: Σ of the block states outside the window, through prefix sums
-    ones = op.Expand(bo.scalar(op, 1.0, vf), op.Concat(op.Shape(vf, start=0, end=3),
+    ones = op.Expand(onnx_scalar(op, 1.0, vf), op.Concat(op.Shape(vf, start=0, end=3),
                                                       bo.ints(op, 1), axis=0))
     v_ext = op.Concat(vf, ones, axis=-1)
     prefix = bo.exclusive_prefix(op, bo.block_states(op, phi_k, v_ext, block))  # (.., N+1, ..)
@@ -259,5 +260,5 @@ def onnx_performer_window(q, k, v, projection, attn_mask=None, is_causal=False, 
     rest_weight = op.Exp(op.Sub(log_rest, top))
     numerator = op.Add(op.Mul(exact_weight, exact_num), op.Mul(rest_weight, rest_num))
     denominator = op.Add(op.Mul(exact_weight, exact_den), op.Mul(rest_weight, rest_den))
-    out = op.Div(numerator, op.Max(denominator, bo.scalar(op, MIN_DENOMINATOR, numerator)))
+    out = op.Div(numerator, op.Max(denominator, onnx_scalar(op, MIN_DENOMINATOR, numerator)))
     return op.CastLike(bo.ungroup_rows(op, out, q), q)

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from attnopt.ops.attention import attention_reference, kernel_skip_reason
 from attnopt.ops.common import (
-    empty_like_query_layout, like_query_layout, register_recompute_autograd,
+    empty_like_query_layout, like_query_layout, onnx_scalar, register_recompute_autograd,
 )
 from attnopt.ops.features import compute_dtype
 
@@ -107,13 +107,6 @@ def int8_qk_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tenso
     return out.to(q.dtype)
 
 
-def exact_reference(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-                    softcap=None) -> Tensor:
-    """What backward differentiates (straight-through: quantization's rounding has no useful
-    gradient, so the gradient is exact attention's)."""
-    return attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
-
-
 @torch.library.custom_op("attnopt::int8_qk_attention", mutates_args=())
 def int8_qk_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
                       is_causal: bool = False, scale: Optional[float] = None,
@@ -152,7 +145,9 @@ def _int8_qk_attention_fake(q, k, v, *args, **kwargs):
     return empty_like_query_layout(q, v.shape[-1])
 
 
-register_recompute_autograd(int8_qk_attention, exact_reference)
+# straight-through: quantization's rounding has no useful gradient, so backward differentiates
+# exact attention (the canonical op's reference has the same signature)
+register_recompute_autograd(int8_qk_attention, attention_reference)
 
 
 # ----------------------------------------------------------------------------- ONNX
@@ -169,10 +164,10 @@ def onnx_int8_qk_attention(q, k, v, attn_mask=None, is_causal=False, scale=None,
     def fake_quantize(x, block):
         blocks = bo.to_blocks(op, x, block)                             # (B, H, N, b, D)
         amax = op.ReduceMax(op.Abs(blocks), bo.ints(op, -2, -1), keepdims=1)
-        scales = op.Max(op.Div(amax, bo.scalar(op, INT8_MAX, amax)),
-                        bo.scalar(op, torch.finfo(torch.float32).tiny, amax))
-        rounded = op.Clip(op.Floor(op.Add(op.Div(blocks, scales), bo.scalar(op, 0.5, amax))),
-                          bo.scalar(op, -INT8_MAX, amax), bo.scalar(op, INT8_MAX, amax))
+        scales = op.Max(op.Div(amax, onnx_scalar(op, INT8_MAX, amax)),
+                        onnx_scalar(op, torch.finfo(torch.float32).tiny, amax))
+        rounded = op.Clip(op.Floor(op.Add(op.Div(blocks, scales), onnx_scalar(op, 0.5, amax))),
+                          onnx_scalar(op, -INT8_MAX, amax), onnx_scalar(op, INT8_MAX, amax))
         flat = op.Reshape(op.Mul(rounded, scales),
                           op.Concat(op.Shape(x, start=0, end=2), bo.ints(op, -1),
                                     op.Shape(x, start=3), axis=0))

@@ -132,7 +132,8 @@ def onnx_sparse_attention(q, k, v, attn_mask=None, is_causal=False, scale=None,
                        random_blocks, seed, window_left, window_right)
     blocks = blocked_onnx.pattern_layout(op, pattern, blocked_onnx.length(op, q),
                                          blocked_onnx.length(op, k), bool(is_causal), layout)
+    slots = blocked_onnx.layout_slots(op, blocks, light_from=pattern.global_blocks)
     return blocked_onnx.blocked_attention(
-        op, q, k, v, blocks, pattern.block, scale if scale is not None else q.shape[3] ** -0.5,
+        op, q, k, v, slots, pattern.block, scale if scale is not None else q.shape[3] ** -0.5,
         causal=bool(is_causal), window=pattern.window, attn_mask=attn_mask,
         dense_blocks=pattern.global_blocks)

@@ -8,10 +8,9 @@ The layout depends on the data, per batch and head; causal attention only ever s
 at or before the query block.
 
 Reference: `blocked.blocked_attention` over the selected layout (work O(n·k·block)); CUDA: the
-flash kernel's block-sparse path with that layout; ONNX: the same selection with TopK /
-ScatterElements into a layout, then each query block's selected key blocks gathered
-(`blocked_onnx`). Scoring all block pairs costs O((n/block)²·D), small next to attention
-itself.
+flash kernel's block-sparse path with that layout; ONNX: the same selection with TopK, whose
+indices are the key-block slots each query block gathers (`blocked_onnx`). Scoring all block
+pairs costs O((n/block)²·D), small next to attention itself.
 """
 
 from __future__ import annotations
@@ -109,10 +108,9 @@ register_recompute_autograd(topk_attention, topk_attention_reference)
 
 def onnx_topk_attention(q, k, v, attn_mask=None, is_causal=False, scale=None,
                         enable_gqa=False, block=64, top_k=8, local_blocks=1):
-    """The selection in standard ops (ReduceMean-like block means, TopK, ScatterElements into a
-    (B, H, M, N) layout), then attention over each query block's selected key blocks
-    (`blocked_onnx`): O(n·k·block) in the runtime too."""
-    import onnx
+    """The selection in standard ops (block means, then TopK, whose indices are the key-block
+    slots), then attention over each query block's selected key blocks (`blocked_onnx`):
+    O(n·k·block) in the runtime too."""
     from onnxscript import opset18 as op
 
     from attnopt.ops import blocked_onnx
@@ -156,11 +154,8 @@ def onnx_topk_attention(q, k, v, attn_mask=None, is_causal=False, scale=None,
         last_q = op.Min(op.Add(op.Mul(qb, b), const(block - 1)), op.Sub(q_len, one))
         scores = op.Where(op.LessOrEqual(op.Mul(kb, b), last_q), scores, op.Neg(inf))
     count = op.Min(op.Unsqueeze(k_blocks, ints(0)), ints(top_k + 1 + 2 * local_blocks))
-    values, indices = op.TopK(scores, count, axis=-1)
-    picked = op.Cast(op.Greater(values, op.Neg(inf)), to=6)
-    zeros = op.ConstantOfShape(op.Shape(scores), value=onnx.helper.make_tensor(
-        "zero", onnx.TensorProto.INT32, [1], [0]))
-    layout = op.ScatterElements(zeros, indices, picked, axis=-1)        # (B, H, M, N) int32
-    return blocked_onnx.blocked_attention(op, q, k, v, op.Cast(layout, to=9), block,
-                                          scale_value, causal=bool(is_causal),
-                                          attn_mask=attn_mask, per_head=True)
+    values, indices = op.TopK(scores, count, axis=-1)                  # the slots themselves
+    slots = (indices, op.Greater(values, op.Neg(inf)))                  # (B, H, M, K)
+    return blocked_onnx.blocked_attention(op, q, k, v, slots, block, scale_value,
+                                          causal=bool(is_causal), attn_mask=attn_mask,
+                                          per_head=True)
