@@ -13,7 +13,8 @@ output, on the examples and fresh draws), and rolls back what breaks the policy'
 
 until the region passes or nothing approximate is left. Each round rebuilds the region from
 the captured program with the rollbacks pinned, so what is installed is exactly what was last
-verified. If the rounds run out, every remaining approximation goes back to exact.
+verified; the original graph's side of the verification is the same every round and is
+recorded once (`OriginalRecordings`, within a memory budget). If the rounds run out, every remaining approximation goes back to exact.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Optional
 
 from attnopt.capture import CapturedProgram
 from attnopt.policy import ErrorBudget, Policy
-from attnopt.region import Region, build_region, verify_region
+from attnopt.region import OriginalRecordings, Region, build_region, verify_region
 from attnopt.report import approximation_label
 from attnopt.verify import ErrorStats
 
@@ -74,8 +75,9 @@ def guarded_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
     """
     pinned = dict(exact_sites or {})
     rolled_back: dict[str, dict] = {}
+    recordings = OriginalRecordings()  # the original side of every round is the same
     region = build_region(captured, policy, verify_each, pinned, loss)
-    verify_region(region, draws)
+    verify_region(region, draws, recordings)
     for _ in range(MAX_ROUNDS):
         if not region.approximations or region.passed:
             break
@@ -95,7 +97,7 @@ def guarded_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
         for name, why in over.items():
             _roll_back_one(region, name, why, pinned, rolled_back)
         region = build_region(captured, policy, verify_each, pinned, loss)
-        verify_region(region, draws)
+        verify_region(region, draws, recordings)
     else:
         if region.approximations and not region.passed:
             for name in list(region.approximations):
@@ -103,7 +105,7 @@ def guarded_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
                                f"{MAX_ROUNDS} rounds of rollbacks", pinned, rolled_back,
                                whole_site=True)
             region = build_region(captured, policy, verify_each, pinned, loss)
-            verify_region(region, draws)
+            verify_region(region, draws, recordings)
     region.rolled_back = {**region.rolled_back, **rolled_back}
     return region
 

@@ -182,29 +182,75 @@ def build_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
     return Region(captured, original, rewritten, context, manager.records, signature)
 
 
+#: Bytes of original-graph values `OriginalRecordings` keeps across the guard's rounds (past
+#: it, later rounds run the original graph again).
+RECORDINGS_BUDGET = 1 << 30
+
+
+class OriginalRecordings:
+    """The original graph's outputs and watched values per verification input set, kept across
+    the guard's rebuild-and-verify rounds: the original graph, its weights and the (seeded)
+    draws are the same every round, so only the rewritten side needs running again. A round
+    that watches a node no earlier round recorded records that input set again."""
+
+    def __init__(self, budget: int = RECORDINGS_BUDGET):
+        self.budget = budget
+        self.bytes = 0
+        # input set index -> (watched names, their values, outputs, bytes); None: it failed
+        self.entries: dict[int, Optional[tuple[frozenset, dict, list, int]]] = {}
+        self.runs = 0  # original-graph runs (what keeping them saves)
+
+    def get(self, graph: GraphModule, index: int, args: tuple, kwargs: dict,
+            watch: set) -> Optional[tuple[dict, list]]:
+        """(watched values, outputs); None where the input set fails in the original graph."""
+        entry = self.entries.get(index, ())
+        if entry is None:
+            return None
+        if entry and watch <= entry[0]:
+            return entry[1], entry[2]
+        try:
+            self.runs += 1
+            old, reference = record_values(graph, args, kwargs, watch)
+        except Exception:  # noqa: BLE001 - a draw outside what the capture accepts
+            if index == 0:
+                raise
+            self.entries[index] = None
+            return None
+        if entry:  # recorded before, for fewer nodes: replaced
+            self.bytes -= entry[3]
+            del self.entries[index]
+        size = sum(t.numel() * t.element_size() for t in pytree.tree_leaves((old, reference))
+                   if isinstance(t, torch.Tensor))
+        if self.bytes + size <= self.budget:
+            self.entries[index] = (frozenset(watch), old, reference, size)
+            self.bytes += size
+        return old, reference
+
+
 @torch.no_grad()
-def verify_region(region: Region, draws: int) -> None:
+def verify_region(region: Region, draws: int,
+                  recordings: Optional[OriginalRecordings] = None) -> None:
     """Original vs rewritten on the examples and fresh draws: outputs, and every site alone.
 
     Per input set the original graph runs once (through an Interpreter that keeps each site's
-    output and the inputs of its replacement) and the rewritten graph runs as users call it.
-    Each site's error is measured in isolation: its replacement is replayed on the original
-    run's values, so an upstream site's error never counts against a downstream one.
+    output and the inputs of its replacement; `recordings` keeps those across calls) and the
+    rewritten graph runs as users call it. Each site's error is measured in isolation: its
+    replacement is replayed on the original run's values, so an upstream site's error never
+    counts against a downstream one.
     """
     names = region.context.site_nodes
     sync_state(region.rewritten, region.captured.module)
     replays = {site: replay_plan(region, new, site) for site, (_, new) in names.items()}
     watch = {old for old, _ in names.values()} | \
         {name for plan in replays.values() for name in plan.input_names}
+    recordings = recordings or OriginalRecordings(budget=0)
     draws_list = input_draws(region.captured.args, region.captured.kwargs, draws=draws)
     for index, (args, kwargs) in enumerate(draws_list):
-        try:
-            old, reference = record_values(region.original, args, kwargs, watch)
-        except Exception:  # noqa: BLE001 - a draw outside what the capture accepts
-            if index == 0:
-                raise
-            region.skipped_draws += 1  # (e.g. values a data-dependent branch specialized on)
+        recorded = recordings.get(region.original, index, args, kwargs, watch)
+        if recorded is None:  # (e.g. values a data-dependent branch specialized on)
+            region.skipped_draws += 1
             continue
+        old, reference = recorded
         candidate = call_graph(region, args, kwargs)
         region.output_error = compare_outputs(candidate, reference).worst(region.output_error)
         for site_name, (old_name, _) in names.items():

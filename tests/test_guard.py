@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attnopt
-from attnopt import ErrorBudget, Policy
+from attnopt import ErrorBudget, Policy, guard, region
 
 import trained
 
@@ -64,6 +64,32 @@ def test_guard_keeps_approximations_only_where_attention_allows(task, policy, ke
         with torch.no_grad():
             assert torch.allclose(optimized(tokens), model(tokens), atol=1e-5, rtol=1e-4)
     assert optimized.report.verification["passed"]
+
+
+def test_guard_records_the_original_graph_once_per_input_set(monkeypatch):
+    """Rounds after the first reuse the original graph's recorded values (the rollback below
+    takes two rounds), and measure what recording again would."""
+    made = []
+
+    def recordings(budget):
+        class Counting(region.OriginalRecordings):
+            def __init__(self):
+                super().__init__(budget)
+                made.append(self)
+        return Counting
+
+    monkeypatch.setattr(guard, "OriginalRecordings", recordings(region.RECORDINGS_BUDGET))
+    _, kept = _optimized("retrieval", PERFORMER)
+    monkeypatch.setattr(guard, "OriginalRecordings", recordings(0))
+    _, again = _optimized("retrieval", PERFORMER)
+    (cached, uncached) = made
+    input_sets = len(cached.entries)
+    assert input_sets > 1 and cached.runs == input_sets
+    assert uncached.runs >= 2 * input_sets and not uncached.entries
+    first, second = _site(kept), _site(again)
+    assert first.rewrite == second.rewrite == "exact"
+    for key in ("rel_err", "cosine"):
+        assert first.rolled_back[key] == second.rolled_back[key]
 
 
 def test_report_measures_attention_entropy():
