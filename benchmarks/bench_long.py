@@ -17,7 +17,9 @@ Part 2 (`e2e`): a 4-layer, 256-wide encoder (4 heads) at n=4096: the original ag
 the output error, the same graph under `policy="exact"` (the captured graph with every site
 exact: what the approximations are measured against, apart from leaving PyTorch's eager
 encoder path), and the time that graph spends outside attention (the ceiling on any speedup
-from attention rewrites).
+from attention rewrites). Two models: `random` (random weights, post-norm) and `trained`
+(`local_encoder.py`: trained on a local task, pre-norm); for the trained one also `long` with
+the guard's budget lifted (every site rewritten) and each model's task accuracy.
 
 Peak memory: CUDA's allocator peak above what was allocated before the call; on CPU the peak
 resident set (VmHWM) of a fresh process running the one call, above its resident set before
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import time
 
@@ -180,33 +183,64 @@ def run_ops(args, device: str, dtype) -> list[dict]:
 
 
 def run_e2e(args, device: str, dtype) -> dict:
+    """`long` end to end on each model in --e2e-models: the original, `long` with the guard,
+    the same graph under `exact`; for the trained model also `long` with the guard's budget
+    lifted (every site rewritten) and the task accuracy of each."""
+    return {name: run_e2e_model(args, name, device, dtype) for name in args.e2e_models}
+
+
+def run_e2e_model(args, name: str, device: str, dtype) -> dict:
     torch.manual_seed(0)
-    layer = torch.nn.TransformerEncoderLayer(256, 4, 1024, batch_first=True, dropout=0.0)
-    model = torch.nn.TransformerEncoder(layer, 4, enable_nested_tensor=False).eval()
+    n = args.e2e_len
+    if name == "random":
+        layer = torch.nn.TransformerEncoderLayer(256, 4, 1024, batch_first=True, dropout=0.0)
+        model = torch.nn.TransformerEncoder(layer, 4, enable_nested_tensor=False).eval()
+        x = torch.randn(1, n, 256)
+        task = None
+    else:  # trained on a local task (benchmarks/local_encoder.py)
+        import local_encoder
+        model = local_encoder.load_or_train(args.trained_path)
+        x, _ = local_encoder.draw(1, n, torch.Generator().manual_seed(1))
+        task = local_encoder.draw(4, n, torch.Generator().manual_seed(2))
     model = model.to(device, dtype)
-    x = torch.randn(1, args.e2e_len, 256, device=device, dtype=dtype)
+    x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
     started = time.perf_counter()
     optimized = attnopt.optimize(model, "long", example_inputs=(x,))
     seconds = time.perf_counter() - started
     sites = [r for r in optimized.report.sites if r.site is not None]
     exact = attnopt.optimize(model, "exact", example_inputs=(x,))
+    models = {"original": model, "long": optimized, "exact_policy": exact}
+    if task is not None:
+        from attnopt.presets import long_policy
+        lifted = long_policy(budget=attnopt.ErrorBudget(site_rel_err=math.inf,
+                                                        site_min_cosine=-1.0,
+                                                        output_rel_err=math.inf))
+        models["long_unguarded"] = attnopt.optimize(model, lifted, example_inputs=(x,))
     with torch.no_grad():
-        original_ms = _timed(lambda: model(x), device, args.runs)
-        optimized_ms = _timed(lambda: optimized(x), device, args.runs)
-        exact_graph_ms = _timed(lambda: exact(x), device, args.runs)
+        times = {key: _timed(lambda m=m: m(x), device, args.runs) for key, m in models.items()}
         exact_ms = _timed(lambda: F.scaled_dot_product_attention(
-            *(torch.randn(1, 4, args.e2e_len, 64, device=device, dtype=dtype)
-              for _ in range(3))), device, args.runs)
-    result = {"n": args.e2e_len, "original_ms": original_ms, "long_ms": optimized_ms,
-              "exact_policy_ms": exact_graph_ms,
-              "speedup": original_ms / optimized_ms,
-              "speedup_over_exact_policy": exact_graph_ms / optimized_ms, "optimize_s": seconds,
-              "sites": len(sites), "rewritten": sum(r.rewrite != "exact" for r in sites),
+            *(torch.randn(1, 4, n, 64, device=device, dtype=dtype) for _ in range(3))),
+            device, args.runs)
+    result = {"model": name, "n": n, **{f"{key}_ms": ms for key, ms in times.items()},
+              "speedup": times["original"] / times["long"],
+              "speedup_over_exact_policy": times["exact_policy"] / times["long"],
+              "optimize_s": seconds, "sites": len(sites),
+              "rewritten": sum(r.rewrite != "exact" for r in sites),
               "rolled_back": [r.reason for r in sites if r.rolled_back],
               "output_rel_err": optimized.report.verification.get("rel_err"),
               "attention_ms_per_layer": exact_ms,
               # the captured graph without its attention: the ceiling of any attention rewrite
-              "non_attention_ms": exact_graph_ms - 4 * exact_ms}
+              "non_attention_ms": times["exact_policy"] - 4 * exact_ms}
+    if task is not None:
+        import local_encoder
+        tokens, targets = (t.to(device) for t in task)
+        result["accuracy"] = {key: local_encoder.accuracy(m, tokens, targets)
+                              for key, m in models.items()}
+        unguarded = models["long_unguarded"]
+        result["unguarded_speedup"] = times["original"] / times["long_unguarded"]
+        result["unguarded_site_errors"] = [
+            r.rel_err for r in unguarded.report.sites if r.site is not None]
+        result["unguarded_output_rel_err"] = unguarded.report.verification.get("rel_err")
     print(optimized.report)
     print(json.dumps(result, indent=1))
     return result
@@ -223,6 +257,11 @@ def main():
                         help="skip exact attention above this length (CPU: ~70 s at 64K)")
     parser.add_argument("--only", nargs="+", help="variants whose name contains one of these")
     parser.add_argument("--e2e-len", type=int, default=4096)
+    parser.add_argument("--e2e-models", nargs="+", default=["random", "trained"],
+                        choices=["random", "trained"])
+    parser.add_argument("--trained-path", default=os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), ".cache", "local_encoder.pt"),
+        help="weights of the trained encoder (trained, ~4 min on CPU, when missing)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args()
