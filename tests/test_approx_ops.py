@@ -485,6 +485,29 @@ def test_fused_causal_favor_kernels_match_the_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_linear_attention_kernels_match_the_reference(dtype, causal):
+    """attnopt.kernels.linear (Triton interpreter without a GPU) against the torch reference in
+    float64: GQA, a key mask, a head dim that is not a power of two, a length that is not a
+    block multiple; causal through per-block prefix states plus the own block."""
+    from attnopt.kernels.linear import linear_attention_fused, linear_skip_reason
+    from attnopt.ops.features import keep_for_kv_heads, visible_keys_mask
+    from attnopt.ops.performer import MIN_DENOMINATOR
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = _qkv(17, batch=2, heads=4, kv_heads=2, q_len=150, dim=40, dtype=torch.float64,
+                   spread=0.5)
+    mask = _padding_mask(2, 150, padded=9)
+    expected = linear_attention_reference(q, k, v, mask, causal)
+    keep = keep_for_kv_heads(visible_keys_mask(mask.to(device), 150), 2)
+    args = [t.to(device, dtype) for t in (q, k, v)]
+    assert linear_skip_reason(*args, keep, causal) is None
+    out = linear_attention_fused(*args, causal, keep, MIN_DENOMINATOR)
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-3
+    assert out.dtype == dtype
+    assert (out.double().cpu() - expected).abs().max() < tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_favor_kernels_match_the_reference(dtype):
     """attnopt.kernels.favor (Triton interpreter without a GPU): GQA, a key mask, a head dim
     and a feature count that are not powers of two, a length that is not a tile multiple."""

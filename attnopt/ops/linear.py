@@ -5,7 +5,9 @@
 A different attention than softmax (no scale, no estimator): the cheapest O(n) form, for the
 "edge" preset and sites where the guard measures it close enough. Causal in chunked
 prefix-sum (RNN) form; masks as for `attnopt.performer` (only key visibility is honoured);
-GQA by sharing kv states. Reference (also CUDA), fake, autograd, ONNX in this module.
+GQA by sharing kv states. Reference, fake, autograd, ONNX in this module; on CUDA the fused
+kernels of `attnopt.kernels.linear` (φ never materialized), the reference where they do not
+apply.
 """
 
 from __future__ import annotations
@@ -41,6 +43,23 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
                      chunk: int = 64) -> Tensor:
     return like_query_layout(linear_attention_reference(q, k, v, attn_mask, is_causal,
                                                         enable_gqa, chunk), q)
+
+
+@linear_attention.register_kernel("cuda")
+def _linear_attention_cuda(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False,
+                           chunk=64):
+    """The fused kernels (attnopt.kernels.linear) where they apply; else the reference."""
+    try:
+        from attnopt.kernels.linear import linear_attention_fused, linear_skip_reason
+    except ImportError:  # no Triton
+        return like_query_layout(linear_attention_reference(q, k, v, attn_mask, is_causal,
+                                                            enable_gqa, chunk), q)
+    keep = keep_for_kv_heads(visible_keys_mask(attn_mask, k.shape[-2]), k.shape[1])
+    if linear_skip_reason(q, k, v, keep, is_causal) is not None:
+        return like_query_layout(linear_attention_reference(q, k, v, attn_mask, is_causal,
+                                                            enable_gqa, chunk), q)
+    return like_query_layout(linear_attention_fused(q, k, v, is_causal, keep,
+                                                    MIN_DENOMINATOR), q)
 
 
 @linear_attention.register_fake
