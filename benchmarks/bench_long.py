@@ -123,6 +123,9 @@ def variants(device: str, heads: int, dim: int, window: int):
             q, k, v, projection, None, False, None, False, "softmax", 64), False),
         f"performer causal m={features}": (lambda q, k, v: ops.performer(
             q, k, v, projection, None, True, None, False, "softmax", 64), True),
+        "linear (elu+1)": (lambda q, k, v: ops.linear_attention(q, k, v, None, False), False),
+        "linear causal (elu+1)": (lambda q, k, v: ops.linear_attention(q, k, v, None, True),
+                                  True),
         "sparse longformer (64, ±1 block, 1 global)": (lambda q, k, v: ops.sparse_attention(
             q, k, v, None, False, None, False, *longformer), False),
         f"sparse causal window {window}": (lambda q, k, v: ops.sparse_attention(
@@ -132,7 +135,12 @@ def variants(device: str, heads: int, dim: int, window: int):
         "top-k (block 64, k=8)": (lambda q, k, v: ops.topk_attention(
             q, k, v, None, False, None, False, 64, 8, 1), False),
     }
-    if device == "cuda":
+    if device == "cuda":  # the op runs fused kernels there; its torch form for comparison
+        from attnopt.ops.linear import linear_attention_reference
+        table["linear (elu+1), torch form"] = (
+            lambda q, k, v: linear_attention_reference(q, k, v), False)
+        table["linear causal (elu+1), torch form"] = (
+            lambda q, k, v: linear_attention_reference(q, k, v, is_causal=True), True)
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         compiled = torch.compile(flex_attention, dynamic=False)
         masks = {}

@@ -507,6 +507,34 @@ def test_fused_linear_attention_kernels_match_the_reference(dtype, causal):
     assert (out.double().cpu() - expected).abs().max() < tolerance
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_attention_op_runs_the_fused_kernels_on_cuda(dtype, causal, monkeypatch):
+    """The op on CUDA takes the fused kernels (counted), on BSHD-strided operands as models
+    pass them, matches the float64 reference, and its gradient is the reference's."""
+    import attnopt.kernels.linear as linear_kernels
+    calls = []
+    fused = linear_kernels.linear_attention_fused
+    monkeypatch.setattr(linear_kernels, "linear_attention_fused",
+                        lambda *a, **k: calls.append(1) or fused(*a, **k))
+    q, k, v = _qkv(19, batch=2, heads=4, kv_heads=2, q_len=300, dim=64, spread=0.5)
+    mask = _padding_mask(2, 300, padded=20)
+    expected = linear_attention_reference(q, k, v, mask, causal)
+    args = [t.transpose(1, 2).contiguous().transpose(1, 2).to("cuda", dtype).requires_grad_()
+            for t in (q, k, v)]
+    out = torch.ops.attnopt.linear_attention(*args, mask.to("cuda"), causal, False)
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    assert calls and out.dtype == dtype
+    assert (out.double().cpu() - expected).abs().max() < tolerance
+    out.float().square().sum().backward()
+    reference_args = [t.detach().double().requires_grad_() for t in args]
+    linear_attention_reference(*reference_args, mask.to("cuda").double(), causal) \
+        .square().sum().backward()
+    for got, want in zip(args, reference_args):
+        assert (got.grad.double() - want.grad).abs().max() < 10 * tolerance
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_favor_kernels_match_the_reference(dtype):
     """attnopt.kernels.favor (Triton interpreter without a GPU): GQA, a key mask, a head dim

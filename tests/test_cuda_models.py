@@ -146,6 +146,7 @@ def test_auto_mode_uses_the_kernel_only_where_sdpa_has_no_fused_path(name, kerne
     ("sparse", {"pattern": "longformer", "block": 16}),
     ("sparse", {"pattern": "window", "window": 24, "block": 16}),
     ("performer", {"features": 64}),
+    ("linear", {}),
     ("hybrid", {"window": 16, "block": 16, "features": 64}),
     ("topk", {"block": 16, "top_k": 2}),
     ("int8_qk", {}),
