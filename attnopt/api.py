@@ -26,7 +26,7 @@ from attnopt.capture import (
 )
 from attnopt.errors import AttnoptError, CaptureError, VerificationError
 from attnopt.costmodel import flop_ratio
-from attnopt.guard import guarded_region
+from attnopt.guard import TaskMetric, guarded_region
 from attnopt.integrations import huggingface
 from attnopt.passes.fx_utils import eliminate_dead_code
 from attnopt.passes.detect import find_attention
@@ -104,7 +104,8 @@ class OptimizedModule(nn.Module):
 
     def __init__(self, model: nn.Module, policy: Policy, *, verify: bool = True,
                  capture: str = "auto", verify_each: bool = False, draws: int = DEFAULT_DRAWS,
-                 dynamic: Optional[bool] = None, loss: Optional[Callable] = None):
+                 dynamic: Optional[bool] = None, loss: Optional[Callable] = None,
+                 metric: Optional[TaskMetric] = None):
         super().__init__()
         if capture not in CAPTURE_STRATEGIES:
             raise ValueError(f"unknown capture strategy {capture!r}; valid: "
@@ -112,7 +113,7 @@ class OptimizedModule(nn.Module):
         self._orig_mod = model
         object.__setattr__(self, "_attnopt_state", _State(policy, verify, capture,
                                                           verify_each, draws, dynamic=dynamic,
-                                                          loss=loss))
+                                                          loss=loss, metric=metric))
 
     # attribute access falls through to the user's model; its methods (generate(), …) run with
     # rewritten attention functions dispatched (Hugging Face models, see integrations/)
@@ -293,7 +294,7 @@ class OptimizedModule(nn.Module):
         state = self._attnopt_state
         if state.verify and state.policy.approximates:
             region = guarded_region(captured, state.policy, state.verify_each, state.draws,
-                                    state.rollbacks, state.loss)
+                                    state.rollbacks, state.loss, state.metric)
             state.rollbacks.update(region.context.exact_sites)
             return region
         region = build_region(captured, state.policy, state.verify_each, state.rollbacks,
@@ -353,6 +354,9 @@ class OptimizedModule(nn.Module):
             report.verification = {"draws": draws, **worst.to_dict(), "passed": output_passed}
             if any(r.approximations or r.rolled_back for r in regions):
                 report.verification["budget"] = self._attnopt_state.policy.budget.to_dict()
+            metrics = [r.metric for r in regions if r.metric is not None]
+            if metrics:
+                report.verification["metric"] = metrics[0]  # (a metric needs one region)
 
     def _install(self, regions: list[Region], strategy: str) -> None:
         state = self._attnopt_state
@@ -390,6 +394,7 @@ class _State:
     dynamic: Optional[bool] = None
     rollbacks: dict = field(default_factory=dict)  # site → why the guard kept it exact
     loss: Optional[Callable] = None  # scores heads for pruning by gradient
+    metric: Optional[TaskMetric] = None  # the guard's gate instead of the error budget
 
     @property
     def dynamic_now(self) -> bool:
@@ -460,7 +465,8 @@ def optimize(model: nn.Module, policy: Union[str, Policy, dict] = "exact", *,
              example_inputs=None, example_kwargs: Optional[dict] = None, verify: bool = True,
              capture: str = "auto", verify_each: bool = False,
              draws: int = DEFAULT_DRAWS, dynamic: Optional[bool] = None,
-             loss: Optional[Callable] = None) -> OptimizedModule:
+             loss: Optional[Callable] = None, metric: Optional[Callable] = None,
+             metric_drop: float = 0.0) -> OptimizedModule:
     """Find every attention in `model` and rewrite it as `policy` says; verified.
 
     With example inputs (a tuple of positional args and/or a dict of keyword args) the work
@@ -472,6 +478,11 @@ def optimize(model: nn.Module, policy: Union[str, Policy, dict] = "exact", *,
 
     `loss`: a function of the model's output (as the model returns it) to a scalar, e.g. the
     task loss on the example batch; head pruning then scores heads by its gradient.
+
+    `metric`: a function of a model (called as the original is) to a number, higher is better
+    — e.g. accuracy on a held-out batch shaped like the examples. The guard then keeps the
+    approximations that keep it within `metric_drop` of the original model's value, instead of
+    holding each site and the output to the policy's error budget (attnopt/guard.py).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes an nn.Module, not {type(model).__name__}")
@@ -481,11 +492,15 @@ def optimize(model: nn.Module, policy: Union[str, Policy, dict] = "exact", *,
     if loss is not None and not callable(loss):
         raise TypeError(f"loss must be a function of the model's output, not "
                         f"{type(loss).__name__}")
+    task_metric = TaskMetric(metric, metric_drop) if metric is not None else None
+    if task_metric is not None and not verify:
+        raise AttnoptError("a metric guards the rewrites, which verify=False turns off; pass "
+                           "verify=True (the default) or drop the metric")
     device, dtype = _model_device(model, example_inputs, example_kwargs)
     resolved = resolve_policy(policy, device, dtype)
     optimized = OptimizedModule(model, resolved, verify=verify, capture=capture,
                                 verify_each=verify_each, draws=draws, dynamic=dynamic,
-                                loss=loss)
+                                loss=loss, metric=task_metric)
     if example_inputs is not None or example_kwargs is not None:
         optimized._optimize(_as_args(example_inputs), dict(example_kwargs or {}))
     return optimized

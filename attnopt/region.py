@@ -106,6 +106,9 @@ class Region:
     draws: int = 0
     skipped_draws: int = 0
     rolled_back: dict[str, dict] = field(default_factory=dict)  # guard: site → measurement
+    #: guard with a task metric: {original, optimized, max_drop, passed}; it replaces the
+    #: error budget as the gate for the approximate sites (their values must stay finite)
+    metric: Optional[dict] = None
 
     @property
     def approximations(self) -> dict[str, dict]:
@@ -118,6 +121,8 @@ class Region:
             return True
         if name not in self.approximations:
             return stats.passed
+        if self.metric is not None:
+            return stats.finite_ok
         budget = self.context.policy.budget
         return stats.finite_ok and stats.rel_err <= budget.site_rel_err and \
             stats.cosine >= budget.site_min_cosine
@@ -128,6 +133,8 @@ class Region:
             return True
         if not self.approximations:
             return self.output_error.passed
+        if self.metric is not None:
+            return self.output_error.finite_ok and self.metric["passed"]
         return self.output_error.finite_ok and \
             self.output_error.rel_err <= self.context.policy.budget.output_rel_err
 

@@ -126,6 +126,11 @@ class Report:
                 lines.append(f"error budget (normwise): site rel err <= {b['site_rel_err']:g}, "
                              f"cosine >= {b['site_min_cosine']:g}; output rel err <= "
                              f"{b['output_rel_err']:g}")
+            if v.get("metric"):
+                m = v["metric"]
+                lines.append(f"task metric (the gate instead of the budget): original "
+                             f"{m['original']:.4g}, optimized {m['optimized']:.4g}, allowed "
+                             f"drop {m['max_drop']:g} — {'kept' if m['passed'] else 'NOT kept'}")
             lines.append(f"verification: {'passed' if v.get('passed') else 'FAILED'} on "
                          f"{v.get('draws', 0)} input set(s); output max_abs_err "
                          f"{v.get('max_abs_err', 0):.2e}, cosine {v.get('cosine', 1):.6f}")

@@ -92,6 +92,60 @@ def test_guard_records_the_original_graph_once_per_input_set(monkeypatch):
         assert first.rolled_back[key] == second.rolled_back[key]
 
 
+TWO_FEATURES = Policy("performer-2", default="performer", default_params={"features": 2})
+
+
+def _task_accuracy(task: str):
+    """A user's metric: accuracy on a held-out batch shaped like the examples."""
+    tokens, targets = trained.draw(task, 8, torch.Generator().manual_seed(11))
+
+    def accuracy(model) -> float:
+        with torch.no_grad():
+            return float((model(tokens).argmax(-1) == targets).float().mean())
+    return accuracy
+
+
+def test_task_metric_keeps_what_the_budget_refuses_where_the_task_allows_it():
+    """Two random features on the diffuse task: over the site budget (rolled back by default),
+    kept when the user accepts a 0.2 drop of their metric, which it stays within."""
+    model, budgeted = _optimized("diffuse", TWO_FEATURES)
+    assert _site(budgeted).rewrite == "exact"
+    metric = _task_accuracy("diffuse")
+    _, kept = _optimized("diffuse", TWO_FEATURES, metric=metric, metric_drop=0.2)
+    record = _site(kept)
+    assert record.rewrite == "performer" and record.rolled_back is None
+    assert record.rel_err > TWO_FEATURES.budget.site_rel_err
+    measured = kept.report.verification["metric"]
+    assert measured["original"] == metric(model) and measured["max_drop"] == 0.2
+    assert measured["passed"] and measured["optimized"] >= measured["original"] - 0.2
+    assert measured["optimized"] == metric(kept)  # what is installed is what was measured
+    assert kept.report.verification["passed"] and "task metric" in str(kept.report)
+
+
+def test_task_metric_rolls_back_what_costs_the_task():
+    model, optimized = _optimized("local", PERFORMER, metric=_task_accuracy("local"),
+                                  metric_drop=0.02)
+    record = _site(optimized)
+    assert record.rewrite == "exact" and "task metric" in record.reason
+    assert optimized.report.verification["passed"]
+    tokens, _ = trained.draw("local", 8, torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.allclose(optimized(tokens), model(tokens), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(metric=3), TypeError, "metric must be a function"),
+    (dict(metric=lambda m: 1.0, metric_drop=-0.1), ValueError, "metric_drop"),
+    (dict(metric=lambda m: 1.0, verify=False), attnopt.AttnoptError, "verify=False"),
+    (dict(metric=lambda m: "high"), TypeError, "finite number"),
+    (dict(metric=lambda m: float(m(torch.zeros(3, trained.LENGTH, dtype=torch.long))
+                                 .detach().sum())), attnopt.AttnoptError, "does not accept"),
+])
+def test_task_metric_bad_input_is_named(options, error, match):
+    with pytest.raises(error, match=match):
+        _optimized("diffuse", PERFORMER, **options)
+
+
 def test_report_measures_attention_entropy():
     """Peaked heads have low row entropy, diffuse ones high: the report says which is which."""
     unguarded = dict(budget=ErrorBudget(site_rel_err=10, site_min_cosine=-1, output_rel_err=10))

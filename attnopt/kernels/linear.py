@@ -9,8 +9,8 @@ Two kernels, each reading its inputs once, φ computed in registers (never store
 2. `_linear_queries_kernel` — per (batch·head, query block): φ(q) S / φ(q)·z. Non-causal, S
    and z are the sums over all keys (torch adds the runs). Causal, the runs are the query
    blocks themselves: S and z are the exclusive prefix sums over the blocks before (torch's
-   cumsum after a zero state), and the kernel adds its own block's keys j <= i as a masked (block × block)
-   product — the chunked form of the reference, with the chunk's states fused away.
+   cumsum after a zero state), and the kernel adds its own block's keys j <= i as a masked
+   (block × block) product — the chunked form of the reference, its chunk states fused away.
 
 GQA: query heads of a group read their kv head's states. States are float32 (D × Dv per run),
 so memory is O(n/block · D · Dv) causal and O(splits · D · Dv) otherwise. Scope: head dims up
