@@ -293,8 +293,11 @@ class OptimizedModule(nn.Module):
         captures and exports)."""
         state = self._attnopt_state
         if state.verify and state.policy.approximates:
+            # the metric gates the first capture (the inputs it is measured on are shaped like
+            # those); captures for other input signatures are held to the error budget
+            metric, state.metric = state.metric, None
             region = guarded_region(captured, state.policy, state.verify_each, state.draws,
-                                    state.rollbacks, state.loss, state.metric)
+                                    state.rollbacks, state.loss, metric)
             state.rollbacks.update(region.context.exact_sites)
             return region
         region = build_region(captured, state.policy, state.verify_each, state.rollbacks,
@@ -394,7 +397,7 @@ class _State:
     dynamic: Optional[bool] = None
     rollbacks: dict = field(default_factory=dict)  # site → why the guard kept it exact
     loss: Optional[Callable] = None  # scores heads for pruning by gradient
-    metric: Optional[TaskMetric] = None  # the guard's gate instead of the error budget
+    metric: Optional[TaskMetric] = None  # the first capture's guard gate, instead of the budget
 
     @property
     def dynamic_now(self) -> bool:
@@ -482,7 +485,9 @@ def optimize(model: nn.Module, policy: Union[str, Policy, dict] = "exact", *,
     `metric`: a function of a model (called as the original is) to a number, higher is better
     — e.g. accuracy on a held-out batch shaped like the examples. The guard then keeps the
     approximations that keep it within `metric_drop` of the original model's value, instead of
-    holding each site and the output to the policy's error budget (attnopt/guard.py).
+    holding each site and the output to the policy's error budget (attnopt/guard.py). It
+    gates the capture of the example inputs; graphs captured later for other input shapes are
+    held to the budget.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes an nn.Module, not {type(model).__name__}")
