@@ -25,7 +25,7 @@ outputs move (docs/APPROXIMATION.md).
 Each round rebuilds the region from the captured program with the rollbacks pinned, so what
 is installed is exactly what was last verified; the original graph's side of the
 verification is the same every round and is recorded once (`OriginalRecordings`, within a
-memory budget). If the rounds run out, every remaining approximation goes back to exact.
+memory budget), as are the sites' attention entropies while the weight rewrites are. If the rounds run out, every remaining approximation goes back to exact.
 """
 
 from __future__ import annotations
@@ -142,7 +142,8 @@ def guarded_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
     pinned = dict(exact_sites or {})
     rolled_back: dict[str, dict] = {}
     recordings = OriginalRecordings()  # the original side of every round is the same
-    region = build_region(captured, policy, verify_each, pinned, loss)
+    entropies: dict = {}  # and so are the sites' attention entropies, for the same weights
+    region = build_region(captured, policy, verify_each, pinned, loss, entropies)
     verify_region(region, draws, recordings)
     for _ in range(MAX_ROUNDS):
         if not region.approximations:
@@ -157,7 +158,7 @@ def guarded_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
                 break
         for name, why in over.items():
             _roll_back_one(region, name, why, pinned, rolled_back)
-        region = build_region(captured, policy, verify_each, pinned, loss)
+        region = build_region(captured, policy, verify_each, pinned, loss, entropies)
         verify_region(region, draws, recordings)
     else:
         if region.approximations and (
@@ -167,7 +168,7 @@ def guarded_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
                 _roll_back_one(region, name, "still over budget after "
                                f"{MAX_ROUNDS} rounds of rollbacks", pinned, rolled_back,
                                whole_site=True)
-            region = build_region(captured, policy, verify_each, pinned, loss)
+            region = build_region(captured, policy, verify_each, pinned, loss, entropies)
             verify_region(region, draws, recordings)
     region.rolled_back = {**region.rolled_back, **rolled_back}
     return region

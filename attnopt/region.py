@@ -161,16 +161,19 @@ def pass_pipeline(policy: Policy) -> list:
 
 def build_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
                  exact_sites: Optional[dict] = None,
-                 loss: Optional[Callable] = None) -> Region:
+                 loss: Optional[Callable] = None,
+                 entropy_cache: Optional[dict] = None) -> Region:
     """Run the pass pipeline on a captured program. `exact_sites` (site name, or (site,
     rewrite) → why) keeps those exact whatever the policy says: the guard's rollbacks. `loss`
-    (the model's output → a scalar) lets head pruning score heads by gradient."""
+    (the model's output → a scalar) lets head pruning score heads by gradient.
+    `entropy_cache` carries the sites' attention entropies from one guard round to the next."""
     original = captured.exported.module()
     eliminate_dead_code(original)
     original.recompile()
     rewritten = captured.exported.module()
     context = PassContext(captured.args, captured.kwargs, policy, name_prefix=captured.path,
-                          exact_sites=dict(exact_sites or {}), loss=loss)
+                          exact_sites=dict(exact_sites or {}), loss=loss,
+                          entropy_cache=entropy_cache)
 
     def check(graph_module: GraphModule) -> None:  # verify_each: the examples only
         stats = compare_outputs(graph_module(*captured.args, **captured.kwargs),

@@ -150,6 +150,26 @@ def test_task_metric_bad_input_is_named(options, error, match):
         _optimized("diffuse", PERFORMER, **options)
 
 
+def test_guard_rounds_share_the_sites_attention_entropies(monkeypatch):
+    """A rebuild under the same weight rewrites reads the entropies the first build measured
+    (they need the graph run up to each site)."""
+    from attnopt.capture import export_module
+    from attnopt.passes.approximate import ApproximateAttention
+    calls = []
+    measure = ApproximateAttention._measure_entropies
+    monkeypatch.setattr(ApproximateAttention, "_measure_entropies",
+                        lambda *a: calls.append(1) or measure(*a))
+    model = trained.train("diffuse")
+    tokens, _ = trained.draw("diffuse", 8, torch.Generator().manual_seed(5))
+    captured = export_module(model, (tokens,), {}, dynamic=False)
+    cache: dict = {}
+    first = region.build_region(captured, PERFORMER, False, entropy_cache=cache)
+    again = region.build_region(captured, PERFORMER, False, entropy_cache=cache)
+    (name,) = first.approximations
+    assert len(calls) == 1 and 0.7 < first.approximations[name]["entropy"] <= 1.0
+    assert again.approximations[name]["entropy"] == first.approximations[name]["entropy"]
+
+
 def test_report_measures_attention_entropy():
     """Peaked heads have low row entropy, diffuse ones high: the report says which is which."""
     unguarded = dict(budget=ErrorBudget(site_rel_err=10, site_min_cosine=-1, output_rel_err=10))

@@ -55,6 +55,9 @@ class PassContext:
     # keep their original names (verification recomputes what depends on them)
     site_members: dict[str, set[str]] = field(default_factory=dict)
     loss: Optional[Callable] = None  # optimize(loss=...): the model's output → a scalar
+    # the guard's rounds share the exact attention's row entropies (a diagnostic that needs
+    # the graph run up to each site): (site, weight rewrites applied) → entropy
+    entropy_cache: Optional[dict] = None
 
 
     def rolled_back(self, site: str, component: str) -> Optional[str]:
