@@ -191,6 +191,30 @@ def test_sparse_pattern_rejects_bad_blocks():
         SparsePattern(block=24)
 
 
+def test_a_window_as_wide_as_the_sequence_runs_dense_sdpa(monkeypatch):
+    """A sliding window no shorter than the sequence is dense attention: SDPA runs it, not the
+    block-gathering path; a narrower window, or one with a mask, keeps its own path."""
+    import attnopt.ops.sparse as sparse
+
+    def blocked(*args, **kwargs):
+        raise AssertionError("blocked path taken")
+    monkeypatch.setattr(sparse, "blocked_attention", blocked)
+    q, k, v = _qkv(21, q_len=100, dim=16)
+    op = torch.ops.attnopt.sparse_attention
+    for causal, (left, right) in ((True, (99, 0)), (False, (128, 128)), (False, (99, -1))):
+        wide = SparsePattern.sliding_window(left, right, 64).to_dict().values()
+        out = op(q, k, v, None, causal, None, True, *wide)
+        expected = F.scaled_dot_product_attention(q, _repeat(k, 4), _repeat(v, 4),
+                                                  is_causal=causal)
+        assert (out - expected).abs().max() < 1e-12
+    narrow = SparsePattern.sliding_window(98, 0, 64).to_dict().values()
+    with pytest.raises(AssertionError, match="blocked path"):
+        op(q, k, v, None, True, None, True, *narrow)
+    wide = SparsePattern.sliding_window(99, 0, 64).to_dict().values()
+    with pytest.raises(AssertionError, match="blocked path"):
+        op(q, k, v, _padding_mask(2, 100, padded=5), True, None, True, *wide)
+
+
 def test_windowed_sparse_work_grows_linearly():
     """The gathered form holds O(n·w) scores: each query block gathers a fixed number of key
     blocks however long the sequence is."""

@@ -8,6 +8,8 @@ with `is_causal` and the site's own mask. Scores, scale and GQA as the canonical
   key blocks per query block — work O(n·w) for windowed patterns, never an n×n mask.
 - CUDA: the generated flash kernel's block-sparse path (empty blocks skipped, full blocks skip
   mask evaluation), the token window as its band.
+- A pure token window at least as wide as the sequences, without a mask, is dense attention:
+  both run SDPA (`covers_every_key`).
 - ONNX: the pattern's block layout evaluated with integer ops on the dynamic lengths, then each
   query block attends its gathered key blocks (`blocked_onnx`, standard opset-18 ops): the
   O(n·w) structure survives in any runtime.
@@ -34,6 +36,23 @@ def _pattern(block, local_left, local_right, dilation, stride, global_blocks, ra
                          random_blocks, seed, window_left, window_right)
 
 
+def covers_every_key(pattern: SparsePattern, q_len: int, kv_len: int, causal: bool,
+                     layout: Optional[Tensor] = None) -> bool:
+    """Whether the pattern is a token window at least as wide as the sequences (a sliding-window
+    model run on inputs no longer than its window): then it is dense attention, which SDPA's
+    fused kernels run faster than any block-sparse path."""
+    if layout is not None or pattern.has_blocks:
+        return False
+    left, right = pattern.window or (-1, -1)
+    return (left < 0 or left >= q_len - 1) and (causal or right < 0 or right >= kv_len - 1)
+
+
+def _dense(q, k, v, is_causal, scale, enable_gqa) -> Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=is_causal, scale=scale,
+        enable_gqa=bool(enable_gqa) or q.shape[1] != k.shape[1])
+
+
 def sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor,
                                attn_mask: Optional[Tensor] = None, is_causal: bool = False,
                                scale: Optional[float] = None, enable_gqa: bool = False,
@@ -44,6 +63,9 @@ def sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor,
                                layout: Optional[Tensor] = None) -> Tensor:
     pattern = _pattern(block, local_left, local_right, dilation, stride, global_blocks,
                        random_blocks, seed, window_left, window_right)
+    if attn_mask is None and covers_every_key(pattern, q.shape[-2], k.shape[-2], is_causal,
+                                              layout):
+        return _dense(q, k, v, is_causal, scale, enable_gqa)
     blocks = pattern_layout(pattern, q.shape[-2], k.shape[-2], causal=is_causal,
                             user_layout=layout, device=q.device)
     return blocked_attention(q, k, v, blocks, block, scale=scale, causal=is_causal,
@@ -74,6 +96,8 @@ def sparse_attention_kernel(q, k, v, attn_mask=None, is_causal=False, scale=None
     pattern = _pattern(block, local_left, local_right, dilation, stride, global_blocks,
                        random_blocks, seed, window_left, window_right)
     q_len, kv_len = q.shape[-2], k.shape[-2]
+    if attn_mask is None and covers_every_key(pattern, q_len, kv_len, is_causal, layout):
+        return _dense(q, k, v, is_causal, scale, enable_gqa)
     if layout is None and not pattern.has_blocks:  # a pure window: the kernel's own band
         block_mask = None                              # skips the blocks outside it
     elif layout is None:  # a pure function of the pattern and lengths: built once, reused
