@@ -214,8 +214,9 @@ def _key_states(k: Tensor, v: Tensor, omega: Tensor, keep: Optional[Tensor], roo
     return acc, zsum, vsum.view(batch * kv_heads, splits, block_dv + 1), h_k
 
 
-def _key_mask(keep_BHS1: Optional[Tensor], batch: int, kv_len: int, device) -> Optional[Tensor]:
-    """(B, Sk) float32 key visibility for the keys kernel (None: every key)."""
+def key_visibility(keep_BHS1: Optional[Tensor], batch: int, kv_len: int,
+                   device) -> Optional[Tensor]:
+    """(B, Sk) float32 key visibility for the keys kernels (None: every key)."""
     if keep_BHS1 is None:
         return None
     keep = keep_BHS1.reshape(keep_BHS1.shape[0], kv_len).to(device, torch.float32)
@@ -265,7 +266,7 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale: 
         (BLOCK_KEYS, BLOCK_FEATURES, BLOCK_QUERIES, NUM_WARPS) if max(block_d, block_dv) <= 64 \
         else WIDE_HEAD_CONFIG
     ieee = q.dtype == torch.float32
-    keep = _key_mask(keep_BHS1, batch, kv_len, device)
+    keep = key_visibility(keep_BHS1, batch, kv_len, device)
     key_tiles = triton.cdiv(kv_len, block_keys)
     feature_tiles = triton.cdiv(features, block_features)
     splits = max(1, min(key_tiles, TARGET_PROGRAMS // max(1, batch * kv_heads * feature_tiles)))
@@ -397,7 +398,7 @@ def window_complement(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale
     tile = min(block, 64)        # key and query tiles: one tile never straddles two blocks
     block_features = 64 if max(block_d, block_dv) <= 64 else 32
     ieee = q.dtype == torch.float32
-    keep = _key_mask(keep_BHS1, batch, kv_len, device)
+    keep = key_visibility(keep_BHS1, batch, kv_len, device)
     k_blocks = triton.cdiv(kv_len, block)
     root_scale = math.sqrt(scale)
     ratio = features ** -0.5  # the keys' φ carries it here: the window's scale is absolute
@@ -532,7 +533,7 @@ def favor_causal_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, 
     q, k, v, omega, block_d, block_dv = _operands(q, k, v, projection)
     block = CAUSAL_BLOCK if max(block_d, block_dv) <= 64 else CAUSAL_BLOCK // 2
     block_features = 64 if max(block_d, block_dv) <= 64 else 32
-    keep = _key_mask(keep_BHS1, batch, kv_len, device)
+    keep = key_visibility(keep_BHS1, batch, kv_len, device)
     k_blocks = triton.cdiv(kv_len, block)
     root_scale = math.sqrt(scale)
     # the ratios cancel in the normalization
@@ -540,7 +541,8 @@ def favor_causal_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, 
                                             block_features, block_d, block_dv, ratio=1.0)
     out = torch.empty(batch, heads, q_len, v_dim, device=device, dtype=q.dtype)
     _favor_causal_queries_kernel[(batch * heads, k_blocks)](
-        q, k, v, omega, keep if keep is not None else k, prefix, prefix_z, h_k, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+        q, k, v, omega, keep if keep is not None else k, prefix, prefix_z, h_k, out,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0),
         k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         keep.stride(0) if keep is not None else 0, out.stride(0), out.stride(1), out.stride(2),
         heads, heads // kv_heads, q_len, features, root_scale, FEATURE_EPS, HEAD_DIM=head_dim,

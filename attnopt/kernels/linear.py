@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnopt.kernels.favor import TARGET_PROGRAMS, _key_mask
+from attnopt.kernels.favor import TARGET_PROGRAMS, key_visibility
 
 #: Keys per state of the causal form (= queries per program), and per tile of the non-causal
 #: keys pass.
@@ -166,7 +166,7 @@ def linear_attention_fused(q: Tensor, k: Tensor, v: Tensor, is_causal: bool,
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_dv = max(16, triton.next_power_of_2(v_dim))
     num_warps = 4 if max(block_d, block_dv) <= 64 else 8
-    keep = _key_mask(keep_BHS1, batch, kv_len, q.device)
+    keep = key_visibility(keep_BHS1, batch, kv_len, q.device)
     key_tiles = triton.cdiv(kv_len, BLOCK)
     if is_causal:  # one run per query block
         runs, tiles_per_run = key_tiles, 1
