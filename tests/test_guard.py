@@ -150,6 +150,31 @@ def test_task_metric_bad_input_is_named(options, error, match):
         _optimized("diffuse", PERFORMER, **options)
 
 
+def test_original_recordings_stay_within_their_budget_and_remember_failures():
+    class Tiny(torch.nn.Module):
+        def forward(self, x):
+            return x.view(4, 4) * 2 + 1
+
+    graph = torch.fx.symbolic_trace(Tiny())
+    view, mul, add = [n.name for n in graph.graph.nodes if n.op in ("call_method",
+                                                                    "call_function")]
+    x = torch.randn(16)
+    kept = region.OriginalRecordings()
+    first, _ = kept.get(graph, 0, (x,), {}, {mul})
+    again, _ = kept.get(graph, 0, (x,), {}, {mul})
+    assert kept.runs == 1 and again is first and torch.equal(first[mul], x.view(4, 4) * 2)
+    kept.get(graph, 0, (x,), {}, {mul, add})  # a node no round recorded: recorded again
+    assert kept.runs == 2 and kept.bytes == 3 * 16 * 4  # mul, add and the output
+    tight = region.OriginalRecordings(budget=16)
+    tight.get(graph, 0, (x,), {}, {mul})
+    tight.get(graph, 0, (x,), {}, {mul})
+    assert tight.runs == 2 and not tight.entries and tight.bytes == 0
+    assert kept.get(graph, 1, (torch.randn(5),), {}, {mul}) is None  # rejected: remembered
+    assert kept.get(graph, 1, (torch.randn(5),), {}, {mul}) is None and kept.runs == 3
+    with pytest.raises(RuntimeError):  # the examples themselves must run
+        region.OriginalRecordings().get(graph, 0, (torch.randn(5),), {}, {mul})
+
+
 def test_guard_rounds_share_the_sites_attention_entropies(monkeypatch):
     """A rebuild under the same weight rewrites reads the entropies the first build measured
     (they need the graph run up to each site)."""
