@@ -23,9 +23,10 @@ metric measures the task, which an approximation can keep (or even improve) whil
 outputs move (docs/APPROXIMATION.md).
 
 Each round rebuilds the region from the captured program with the rollbacks pinned, so what
-is installed is exactly what was last verified; the original graph's side of the
+is installed is exactly what was last verified. The original graph's side of the
 verification is the same every round and is recorded once (`OriginalRecordings`, within a
-memory budget), as are the sites' attention entropies while the weight rewrites are. If the rounds run out, every remaining approximation goes back to exact.
+memory budget); so are the sites' attention entropies while the weight rewrites stay the same.
+If the rounds run out, every remaining approximation goes back to exact.
 """
 
 from __future__ import annotations
