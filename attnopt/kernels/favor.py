@@ -164,15 +164,23 @@ def _favor_queries_kernel(Q, OMEGA, STATE, Z, EPS_NUM, EPS_DEN, OUT,
 def favor_skip_reason(q: Tensor, k: Tensor, v: Tensor, keep_BHS1: Optional[Tensor],
                       is_causal: bool, kernel: str) -> Optional[str]:
     """Why a Performer call runs the torch reference rather than these kernels."""
-    from attnopt.kernels.params import interpreting
-    if is_causal and q.shape[-2] != k.shape[-2]:
-        return "causal FAVOR+ over unequal lengths runs the torch form"
     if kernel != "softmax":
         return f"{kernel} features run in torch"
+    return kernelized_skip_reason(q, k, v, keep_BHS1, is_causal, max_head_dim=256)
+
+
+def kernelized_skip_reason(q: Tensor, k: Tensor, v: Tensor, keep_BHS1: Optional[Tensor],
+                           is_causal: bool, max_head_dim: int) -> Optional[str]:
+    """What the fused kernelized-attention kernels (FAVOR+ here, elu + 1 in linear.py) need:
+    CUDA (or the interpreter), equal lengths when causal, head dims up to `max_head_dim`,
+    half or single precision, key masks shared by the heads. None when they apply."""
+    from attnopt.kernels.params import interpreting
     if q.device.type != "cuda" and not interpreting():
         return "not on CUDA"
-    if q.dim() != 4 or q.shape[-1] > 256 or v.shape[-1] > 256:
-        return "head dims above 256"
+    if is_causal and q.shape[-2] != k.shape[-2]:
+        return "causal over unequal lengths runs the torch form"
+    if q.dim() != 4 or q.shape[-1] > max_head_dim or v.shape[-1] > max_head_dim:
+        return f"head dims above {max_head_dim}"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {q.dtype}"
     if keep_BHS1 is not None and keep_BHS1.shape[1] != 1:

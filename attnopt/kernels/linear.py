@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnopt.kernels.favor import TARGET_PROGRAMS, key_visibility
+from attnopt.kernels.favor import TARGET_PROGRAMS, kernelized_skip_reason, key_visibility
 
 #: Keys per state of the causal form (= queries per program), and per tile of the non-causal
 #: keys pass.
@@ -139,18 +139,7 @@ def _linear_queries_kernel(Q, K, V, KEEP, STATES, Z, OUT,
 def linear_skip_reason(q: Tensor, k: Tensor, v: Tensor, keep_BHS1: Optional[Tensor],
                        is_causal: bool) -> Optional[str]:
     """Why a linear-attention call runs the torch reference rather than these kernels."""
-    from attnopt.kernels.params import interpreting
-    if q.device.type != "cuda" and not interpreting():
-        return "not on CUDA"
-    if is_causal and q.shape[-2] != k.shape[-2]:
-        return "causal linear attention over unequal lengths"
-    if q.dim() != 4 or q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return f"head dims above {MAX_HEAD_DIM}"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {q.dtype}"
-    if keep_BHS1 is not None and keep_BHS1.shape[1] != 1:
-        return "per-head key masks"
-    return None
+    return kernelized_skip_reason(q, k, v, keep_BHS1, is_causal, MAX_HEAD_DIM)
 
 
 def linear_attention_fused(q: Tensor, k: Tensor, v: Tensor, is_causal: bool,

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from attnopt.ops.attention import attention_reference
 from attnopt.ops.blocked import blocked_attention
 from attnopt.ops.common import (
     empty_like_query_layout, like_query_layout, register_recompute_autograd,
@@ -47,12 +48,6 @@ def covers_every_key(pattern: SparsePattern, q_len: int, kv_len: int, causal: bo
     return (left < 0 or left >= q_len - 1) and (causal or right < 0 or right >= kv_len - 1)
 
 
-def _dense(q, k, v, is_causal, scale, enable_gqa) -> Tensor:
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=is_causal, scale=scale,
-        enable_gqa=bool(enable_gqa) or q.shape[1] != k.shape[1])
-
-
 def sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor,
                                attn_mask: Optional[Tensor] = None, is_causal: bool = False,
                                scale: Optional[float] = None, enable_gqa: bool = False,
@@ -65,7 +60,8 @@ def sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor,
                        random_blocks, seed, window_left, window_right)
     if attn_mask is None and covers_every_key(pattern, q.shape[-2], k.shape[-2], is_causal,
                                               layout):
-        return _dense(q, k, v, is_causal, scale, enable_gqa)
+        return attention_reference(q, k, v, None, is_causal, scale,
+                                   bool(enable_gqa) or q.shape[1] != k.shape[1])
     blocks = pattern_layout(pattern, q.shape[-2], k.shape[-2], causal=is_causal,
                             user_layout=layout, device=q.device)
     return blocked_attention(q, k, v, blocks, block, scale=scale, causal=is_causal,
@@ -97,7 +93,8 @@ def sparse_attention_kernel(q, k, v, attn_mask=None, is_causal=False, scale=None
                        random_blocks, seed, window_left, window_right)
     q_len, kv_len = q.shape[-2], k.shape[-2]
     if attn_mask is None and covers_every_key(pattern, q_len, kv_len, is_causal, layout):
-        return _dense(q, k, v, is_causal, scale, enable_gqa)
+        return attention_reference(q, k, v, None, is_causal, scale,
+                                   bool(enable_gqa) or q.shape[1] != k.shape[1])
     if layout is None and not pattern.has_blocks:  # a pure window: the kernel's own band
         block_mask = None                              # skips the blocks outside it
     elif layout is None:  # a pure function of the pattern and lengths: built once, reused
