@@ -219,7 +219,7 @@ def main() -> None:
                     measure((batch, 32, 8, 1, kv_len, 128), False, False, rows)
     print("configs chosen (kernel, dtype and shape buckets, tuned?): config")
     chosen = []
-    for (kernel_id, key, constexprs, tuned), config in tuning._chosen.items():
+    for (kernel_id, key, constexprs, _), (config, _, tuned) in tuning._chosen.items():
         flags = {k: v for k, v in constexprs if v not in (False, 0, "tf32")}
         chosen.append({"key": [str(x) for x in key], "flags": flags, "tuned": tuned,
                        "config": str(config)})

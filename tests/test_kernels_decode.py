@@ -151,13 +151,13 @@ def test_single_split_writes_output_directly(monkeypatch):
 
 def test_flash_attention_routes_decode_shapes(monkeypatch):
     calls = []
-    real_decode_attention = decode.decode_attention
+    real_decode_forward = decode.decode_forward
 
-    def counting_decode_attention(*args):
+    def counting_decode_forward(*args):
         calls.append(args[3])
-        return real_decode_attention(*args)
+        return real_decode_forward(*args)
 
-    monkeypatch.setattr(decode, "decode_attention", counting_decode_attention)
+    monkeypatch.setattr(decode, "decode_forward", counting_decode_forward)
     q, k, v = make_qkv(batch=1, heads=4, kv_heads=2, q_len=2, kv_len=decode.MIN_DECODE_KV_LEN,
                        seed=12)
     options = dict(causal=True, causal_alignment="bottom_right")

@@ -42,8 +42,8 @@ from torch import Tensor
 
 from attnopt.kernels.flash import DECODE_MAX_QUERIES, INTERPRETER_BLOCK, attend_band, \
     input_precision, last_dim_contiguous, tensor_args
-from attnopt.kernels.params import AttentionParams, interpreting, padded_head_dim, \
-    unsupported_reason
+from attnopt.kernels.params import AttentionParams, cdiv, interpreting, next_power_of_2, \
+    padded_head_dim, unsupported_reason
 from attnopt.kernels.tiles import NEG_INF, key_band
 from attnopt.kernels.tuning import launch
 
@@ -216,7 +216,7 @@ def _sm_count(device_index: int) -> int:
 
 def _packed_rows(params: AttentionParams) -> int:
     """BLOCK_M of the split kernel: the group's rows, padded to a power of two, capped."""
-    return min(max(triton.next_power_of_2(params.group * params.q_len), MIN_PACKED_ROWS),
+    return min(max(next_power_of_2(params.group * params.q_len), MIN_PACKED_ROWS),
                MAX_PACKED_ROWS)
 
 
@@ -233,10 +233,10 @@ def split_count(params: AttentionParams, device: torch.device) -> int:
     if interpreting() or device.type != "cuda":
         return INTERPRETER_SPLITS
     by_len = max(1, min(_visible_span(params) // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
-    programs = params.batch * params.kv_heads * triton.cdiv(params.group * params.q_len,
+    programs = params.batch * params.kv_heads * cdiv(params.group * params.q_len,
                                                             _packed_rows(params))
     index = device.index if device.index is not None else torch.cuda.current_device()
-    wanted = triton.cdiv(WAVES_PER_SM * _sm_count(index), programs)
+    wanted = cdiv(WAVES_PER_SM * _sm_count(index), programs)
     return max(1, min(wanted, by_len))
 
 
@@ -260,7 +260,7 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> 
                     dtype=torch.float32) for _ in range(2))
     flags = params.kernel_flags()
     grid = (splits, params.batch * params.kv_heads,
-            triton.cdiv(params.group * params.q_len, block_m))
+            cdiv(params.group * params.q_len, block_m))
     launch(_decode_split_kernel, grid, (
         q, k, v, partial_out, partial_max_BHSP, partial_sum_BHSP, extra["bias"], extra["slopes"],
         extra["kv_lens"],
@@ -268,14 +268,14 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> 
         *extra["bias_strides"], *extra["slopes_strides"],
         params.kv_heads, params.group, params.q_len, params.kv_len, params.offset,
         params.window_left, params.window_right, params.scale, params.softcap or 1.0,
-        splits, triton.next_power_of_2(params.kv_len)), dict(
+        splits, next_power_of_2(params.kv_len)), dict(
         HEAD_DIM=params.head_dim, HEAD_DIM_PADDED=head_dim_padded,
-        QUERY_SPAN=triton.next_power_of_2(params.q_len),
+        QUERY_SPAN=next_power_of_2(params.q_len),
         HAS_LEFT=flags["HAS_LEFT"], HAS_RIGHT=flags["HAS_RIGHT"],
         HAS_SOFTCAP=flags["HAS_SOFTCAP"], BIAS_KIND=flags["BIAS_KIND"],
         HAS_ALIBI=flags["HAS_ALIBI"], HAS_KV_LENS=flags["HAS_KV_LENS"],
         INPUT_PRECISION=input_precision(q.dtype), BLOCK_M=block_m),
-        key=(q.dtype, splits, triton.next_power_of_2(params.kv_len)),
+        key=(q.dtype, splits, next_power_of_2(params.kv_len)),
         tune=params.worth_tuning(q.dtype), prune=_prune_split_configs)
     if splits > 1:
         _decode_reduce_kernel[(params.batch * params.heads * params.q_len,)](
@@ -283,7 +283,7 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> 
             *partial_out.stride(), *partial_max_BHSP.stride(), *out_BHSD.stride(),
             params.heads, params.q_len, splits,
             HEAD_DIM=params.head_dim, HEAD_DIM_PADDED=head_dim_padded,
-            SPLITS_PADDED=triton.next_power_of_2(splits), SPLIT_BLOCK=SPLIT_BLOCK, num_warps=4)
+            SPLITS_PADDED=next_power_of_2(splits), SPLIT_BLOCK=SPLIT_BLOCK, num_warps=4)
     return out_BHSD
 
 

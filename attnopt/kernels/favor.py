@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from attnopt.kernels.params import cdiv, next_power_of_2
 from attnopt.ops.features import FEATURE_EPS
 
 #: Tiles and warps: swept on the H100 (bf16, 16 heads, head dim 64, m = 256, n = 1K–64K;
@@ -204,7 +205,7 @@ def _key_states(k: Tensor, v: Tensor, omega: Tensor, keep: Optional[Tensor], roo
     zsum = torch.empty(programs, features, device=device, dtype=torch.float32)
     hmax = torch.empty(programs, features, device=device, dtype=torch.float32)
     vsum = torch.empty(programs, block_dv + 1, device=device, dtype=torch.float32)
-    _favor_keys_kernel[(batch * kv_heads, triton.cdiv(features, block_features), splits)](
+    _favor_keys_kernel[(batch * kv_heads, cdiv(features, block_features), splits)](
         k, v, omega, keep if keep is not None else k, acc, zsum, hmax, vsum,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         keep.stride(0) if keep is not None else 0, kv_heads, kv_len, features, root_scale,
@@ -235,8 +236,8 @@ def _operands(q: Tensor, k: Tensor, v: Tensor, projection: Tensor):
     """(q, k, v with unit last stride, Ω as float32, BLOCK_D, BLOCK_DV) for the kernels."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     omega = projection.to(device=q.device, dtype=torch.float32).contiguous()
-    return (q, k, v, omega, max(16, triton.next_power_of_2(q.shape[-1])),
-            max(16, triton.next_power_of_2(v.shape[-1])))
+    return (q, k, v, omega, max(16, next_power_of_2(q.shape[-1])),
+            max(16, next_power_of_2(v.shape[-1])))
 
 
 def _block_prefixes(k: Tensor, v: Tensor, omega: Tensor, keep: Optional[Tensor],
@@ -246,7 +247,7 @@ def _block_prefixes(k: Tensor, v: Tensor, omega: Tensor, keep: Optional[Tensor],
     (zero for masked keys), and their exclusive prefix sums over blocks: (prefix (B·Hkv, N+1,
     m, BLOCK_DV), prefix_z (B·Hkv, N+1, m), h_k (B·Hkv,)). The states are rescaled in place
     and summed into a preallocated prefix: they are the largest tensors of these paths."""
-    features, k_blocks = omega.shape[0], triton.cdiv(k.shape[2], block)
+    features, k_blocks = omega.shape[0], cdiv(k.shape[2], block)
     acc, zsum, vsum, h_k = _key_states(k, v, omega, keep, root_scale, batch, k_blocks,
                                        block // tile, tile, block_features, block_d, block_dv,
                                        num_warps=4)
@@ -275,11 +276,11 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale: 
         else WIDE_HEAD_CONFIG
     ieee = q.dtype == torch.float32
     keep = key_visibility(keep_BHS1, batch, kv_len, device)
-    key_tiles = triton.cdiv(kv_len, block_keys)
-    feature_tiles = triton.cdiv(features, block_features)
+    key_tiles = cdiv(kv_len, block_keys)
+    feature_tiles = cdiv(features, block_features)
     splits = max(1, min(key_tiles, TARGET_PROGRAMS // max(1, batch * kv_heads * feature_tiles)))
-    tiles_per_split = triton.cdiv(key_tiles, splits)
-    splits = triton.cdiv(key_tiles, tiles_per_split)
+    tiles_per_split = cdiv(key_tiles, splits)
+    splits = cdiv(key_tiles, tiles_per_split)
     root_scale = math.sqrt(scale)
     acc, zsum, vsum, _ = _key_states(k, v, omega, keep, root_scale, batch, splits,
                                      tiles_per_split, block_keys, block_features, block_d,
@@ -293,7 +294,7 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale: 
     eps_num = state.sum(1).contiguous()
     eps_den = z.sum(1).contiguous()
     out = torch.empty(batch, heads, q_len, v_dim, device=device, dtype=q.dtype)
-    _favor_queries_kernel[(batch * heads, triton.cdiv(q_len, block_queries))](
+    _favor_queries_kernel[(batch * heads, cdiv(q_len, block_queries))](
         q, omega, state.contiguous(), z.contiguous(), eps_num, eps_den, out,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         heads, heads // kv_heads, q_len, features, root_scale, eps, HEAD_DIM=head_dim,
@@ -407,14 +408,14 @@ def window_complement(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, scale
     block_features = 64 if max(block_d, block_dv) <= 64 else 32
     ieee = q.dtype == torch.float32
     keep = key_visibility(keep_BHS1, batch, kv_len, device)
-    k_blocks = triton.cdiv(kv_len, block)
+    k_blocks = cdiv(kv_len, block)
     root_scale = math.sqrt(scale)
     ratio = features ** -0.5  # the keys' φ carries it here: the window's scale is absolute
     prefix, prefix_z, h_k = _block_prefixes(k, v, omega, keep, root_scale, batch, block, tile,
                                             block_features, block_d, block_dv, ratio)
     out = torch.empty(batch, heads, q_len, v_dim, device=device, dtype=q.dtype)
     out_exact = out_exact if out_exact.stride(-1) == 1 else out_exact.contiguous()
-    _window_complement_kernel[(batch * heads, triton.cdiv(q_len, tile))](
+    _window_complement_kernel[(batch * heads, cdiv(q_len, tile))](
         q, omega, prefix, prefix_z, out_exact, lse.contiguous(), h_k,
         out, q.stride(0), q.stride(1), q.stride(2), out_exact.stride(0), out_exact.stride(1),
         out_exact.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -542,7 +543,7 @@ def favor_causal_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, 
     block = CAUSAL_BLOCK if max(block_d, block_dv) <= 64 else CAUSAL_BLOCK // 2
     block_features = 64 if max(block_d, block_dv) <= 64 else 32
     keep = key_visibility(keep_BHS1, batch, kv_len, device)
-    k_blocks = triton.cdiv(kv_len, block)
+    k_blocks = cdiv(kv_len, block)
     root_scale = math.sqrt(scale)
     # the ratios cancel in the normalization
     prefix, prefix_z, h_k = _block_prefixes(k, v, omega, keep, root_scale, batch, block, block,

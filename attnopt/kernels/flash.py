@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from attnopt.kernels.layout import BlockSparseLayout
-from attnopt.kernels.params import AttentionParams, interpreting, padded_head_dim, \
+from attnopt.kernels.params import AttentionParams, cdiv, interpreting, padded_head_dim, \
     unsupported_reason
 from attnopt.kernels.reference import flash_attention_reference
 from attnopt.kernels.tiles import BIAS_NONE, LOG2E, NEG_INF, key_band, score_tile
@@ -365,7 +365,7 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
                      k_scales.stride(1)) if quant is not None else (0, 0, 0, 0)
 
     def grid(meta):
-        return (triton.cdiv(params.q_len, meta["BLOCK_M"]), params.batch * params.heads)
+        return (cdiv(params.q_len, meta["BLOCK_M"]), params.batch * params.heads)
 
     args = (q, k, v, out, lse, extra["bias"], extra["slopes"], extra["kv_lens"],
             extra["counts"], extra["indices"], q_scales, k_scales,
@@ -434,12 +434,14 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                                          block_mask=block_mask, softcap=softcap,
                                          alibi_slopes=alibi_slopes,
                                          causal_alignment=causal_alignment)
-    if params.q_len <= DECODE_MAX_QUERIES and params.layout is None \
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        from attnopt.kernels.decode import decode_attention, use_decode_kernel
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FlashAttention.apply(q, k, v, params)
+    # no autograd graph to record: skip the autograd.Function's per-call cost
+    if params.q_len <= DECODE_MAX_QUERIES and params.layout is None:
+        from attnopt.kernels.decode import decode_forward, use_decode_kernel
         if use_decode_kernel(params):
-            return decode_attention(q, k, v, params)
-    return _FlashAttention.apply(q, k, v, params)
+            return decode_forward(q, k, v, params)
+    return flash_forward(q, k, v, params)[0]
 
 
 DECODE_MAX_QUERIES = 16

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from attnopt.kernels.flash import INTERPRETER_BLOCK, broadcast_strides, _bucket, \
     input_precision, last_dim_contiguous, tensor_args
-from attnopt.kernels.params import AttentionParams, interpreting, padded_head_dim
+from attnopt.kernels.params import AttentionParams, cdiv, interpreting, padded_head_dim
 from attnopt.kernels.tiles import key_band, score_tile, stable_tanh
 from attnopt.kernels.tuning import launch
 
@@ -501,7 +501,7 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     delta = torch.empty((batch, heads, params.q_len), device=device, dtype=torch.float32)
 
     delta_block = INTERPRETER_BLOCK if interpreting() else DELTA_BLOCK
-    _delta_kernel[(triton.cdiv(params.q_len, delta_block), batch * heads)](
+    _delta_kernel[(cdiv(params.q_len, delta_block), batch * heads)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, params.q_len,
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_M=delta_block)
 
@@ -520,7 +520,7 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    INPUT_PRECISION=input_precision(q.dtype), **params.kernel_flags())
 
     def dkdv_grid(meta):
-        return (triton.cdiv(params.kv_len, meta["BLOCK_N"]), batch * kv_heads)
+        return (cdiv(params.kv_len, meta["BLOCK_N"]), batch * kv_heads)
 
     tune = params.worth_tuning(q.dtype)
     key = (q.dtype, scalars["seq_q_bucket"], scalars["seq_k_bucket"])
@@ -532,7 +532,7 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         heads, kv_heads, params.group), scalars, key=key, tune=tune, prune=_prune_configs)
 
     def dq_grid(meta):
-        return (triton.cdiv(params.q_len, meta["BLOCK_M"]), batch * heads)
+        return (cdiv(params.q_len, meta["BLOCK_M"]), batch * heads)
 
     launch(_dq_kernel, dq_grid, (
         q, k, v, grad_out, lse, delta, dq,

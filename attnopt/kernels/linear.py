@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from attnopt.kernels.favor import TARGET_PROGRAMS, kernelized_skip_reason, key_visibility
+from attnopt.kernels.params import cdiv, next_power_of_2
 
 #: Keys per state of the causal form (= queries per program), and per tile of the non-causal
 #: keys pass.
@@ -152,17 +153,17 @@ def linear_attention_fused(q: Tensor, k: Tensor, v: Tensor, is_causal: bool,
     if is_causal and q_len != kv_len:
         raise ValueError("causal linear attention needs as many keys as queries")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_dv = max(16, triton.next_power_of_2(v_dim))
+    block_d = max(16, next_power_of_2(head_dim))
+    block_dv = max(16, next_power_of_2(v_dim))
     num_warps = 4 if max(block_d, block_dv) <= 64 else 8
     keep = key_visibility(keep_BHS1, batch, kv_len, q.device)
-    key_tiles = triton.cdiv(kv_len, BLOCK)
+    key_tiles = cdiv(kv_len, BLOCK)
     if is_causal:  # one run per query block
         runs, tiles_per_run = key_tiles, 1
     else:  # enough runs to fill the GPU
         runs = max(1, min(key_tiles, TARGET_PROGRAMS // max(1, batch * kv_heads)))
-        tiles_per_run = triton.cdiv(key_tiles, runs)
-        runs = triton.cdiv(key_tiles, tiles_per_run)
+        tiles_per_run = cdiv(key_tiles, runs)
+        runs = cdiv(key_tiles, tiles_per_run)
     programs = batch * kv_heads
     states = torch.empty(programs, runs, block_d, block_dv, device=q.device,
                          dtype=torch.float32)
@@ -183,7 +184,7 @@ def linear_attention_fused(q: Tensor, k: Tensor, v: Tensor, is_causal: bool,
     else:
         states, z = states.sum(1, keepdim=True), z.sum(1, keepdim=True)
     out = torch.empty(batch, heads, q_len, v_dim, device=q.device, dtype=q.dtype)
-    _linear_queries_kernel[(batch * heads, triton.cdiv(q_len, BLOCK))](
+    _linear_queries_kernel[(batch * heads, cdiv(q_len, BLOCK))](
         q, k, v, keep if keep is not None else k, states.contiguous(), z.contiguous(), out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), keep.stride(0) if keep is not None else 0,

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnopt.kernels.params import padded_head_dim
+from attnopt.kernels.params import cdiv, padded_head_dim
 
 INT8_MAX = tl.constexpr(127.0)
 TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: scale of a zero block
@@ -55,7 +55,7 @@ def quantize_blocks_kernel(x: Tensor, block: int, mean: Optional[Tensor] = None
     """(x_int8 (B, H, S, D), scales (B, H, ⌈S/block⌉) float32) of x (B, H, S, D) minus `mean`
     (B, H, 1, D) float32 when given — `ops.quantized.quantize_blocks`' numbers."""
     batch, heads, length, dim = x.shape
-    blocks = triton.cdiv(length, block)
+    blocks = cdiv(length, block)
     out = torch.empty(x.shape, device=x.device, dtype=torch.int8)
     scales = torch.empty(batch, heads, blocks, device=x.device, dtype=torch.float32)
     mean_arg = mean.contiguous() if mean is not None else scales

@@ -19,7 +19,8 @@ import os
 
 AUTOTUNE_ENV = "ATTNOPT_AUTOTUNE"
 
-_chosen: dict = {}  # (kernel, caller key, tuned?) -> triton.Config
+#: (kernel, caller key, constexprs, tuning requested) -> (config, its launch options, tuned?)
+_chosen: dict = {}
 
 
 def autotuning_enabled() -> bool:
@@ -30,19 +31,19 @@ def launch(kernel, grid, args: tuple, kwargs: dict, *, key: tuple, tune: bool, p
     """Run an `@triton.autotune` kernel with the config chosen for `key`: autotuned on first
     sight when `tune` (and enabled), else the first config `prune(configs, named, **kwargs)`
     keeps. `key` (with the UPPER_CASE constexpr kwargs, added here) must determine everything the
-    kernel's own autotune key reads: dtypes and shape buckets."""
-    tune = tune and autotuning_enabled()
-    constexprs = tuple((name, value) for name, value in kwargs.items() if name.isupper())
+    kernel's own autotune key reads: dtypes and shape buckets. `ATTNOPT_AUTOTUNE` is read when a
+    key is first launched."""
+    constexprs = tuple(item for item in kwargs.items() if item[0].isupper())
     cache_key = (id(kernel), key, constexprs, tune)
-    config = _chosen.get(cache_key)
-    if config is None:
-        if tune:
+    chosen = _chosen.get(cache_key)
+    if chosen is None:
+        if tune and autotuning_enabled():
             kernel[grid](*args, **kwargs)
-            _chosen[cache_key] = kernel.best_config
+            _chosen[cache_key] = (kernel.best_config, _launch_options(kernel.best_config), True)
             return
         config = prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)[0]
-        _chosen[cache_key] = config
-    kernel.fn[grid](*args, **kwargs, **_launch_options(config))
+        chosen = _chosen[cache_key] = (config, _launch_options(config), False)
+    kernel.fn[grid](*args, **kwargs, **chosen[1])
 
 
 def _launch_options(config) -> dict:
