@@ -175,3 +175,27 @@ def test_backend_choice_by_mode(monkeypatch):
     cpu = torch.randn(2, 4, 16, 64)
     monkeypatch.setenv(KERNELS_ENV, "always")
     assert "cpu" in kernel_skip_reason(cpu, cpu, cpu)
+
+
+def test_calls_without_a_graph_skip_autograd_and_match_calls_with_one():
+    """Under no_grad (or with inputs that need no gradient) the forward runs without the
+    autograd.Function; the output is the one a differentiable call returns."""
+    q, k, v = _inputs(17, q_len=64, kv_len=64, head_dim=32)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with_graph = flash_attention(*leaves, causal=True)
+    assert with_graph.grad_fn is not None
+    with torch.no_grad():
+        without = flash_attention(*leaves, causal=True)
+    assert without.grad_fn is None and not without.requires_grad
+    assert torch.equal(without, with_graph.detach())
+    assert torch.equal(flash_attention(q, k, v, causal=True), without)
+
+
+def test_host_integer_helpers_match_triton():
+    import triton
+
+    from attnopt.kernels.params import cdiv, next_power_of_2
+    for n in range(0, 1100):
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
+        for block in (1, 16, 48, 64):
+            assert cdiv(n, block) == triton.cdiv(n, block)
