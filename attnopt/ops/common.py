@@ -7,7 +7,8 @@ exactly the function the forward computed, at the cost of a second forward.
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -77,16 +78,29 @@ def like_query_layout(out: Tensor, q: Tensor) -> Tensor:
     """`out` (B, H, Sq, Dv) laid out in memory as `q` is (SDPA's convention: a BSHD-strided
     query gives a BSHD-strided output). Graphs captured around SDPA view its output through
     transposes that are only contiguous in that layout, so a replacement op must keep it."""
-    order = sorted(range(q.dim()), key=lambda d: (-q.stride(d), d))
-    order.remove(q.dim() - 1)
-    order.append(q.dim() - 1)  # the head dim stays innermost
-    if order == list(range(q.dim())):
+    strides = q.stride()
+    if all(type(s) is int for s in strides):
+        order = _memory_order(strides)  # per call on every op: cached by stride tuple
+    else:
+        order = _memory_order.__wrapped__(strides)  # symbolic strides (tracing): not hashable
+    if order is None:
         return out.contiguous()
     if out.permute(order).is_contiguous():
         return out  # already so (SDPA's own kernels do it)
     inverse = [order.index(d) for d in range(q.dim())]
     laid_out = out.new_empty([out.shape[d] for d in order]).permute(inverse)
     return laid_out.copy_(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _memory_order(strides: tuple) -> Optional[tuple]:
+    """Dims from outermost to innermost in memory, the last dim kept innermost; None when
+    that is the natural order (contiguous layout)."""
+    ndim = len(strides)
+    order = sorted(range(ndim), key=lambda d: (-strides[d], d))
+    order.remove(ndim - 1)
+    order.append(ndim - 1)  # the head dim stays innermost
+    return None if order == list(range(ndim)) else tuple(order)
 
 
 def empty_like_query_layout(q: Tensor, v_dim: int) -> Tensor:
