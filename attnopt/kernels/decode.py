@@ -259,6 +259,7 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> 
         torch.empty((params.batch, params.heads, params.q_len, splits), device=q.device,
                     dtype=torch.float32) for _ in range(2))
     flags = params.kernel_flags()
+    kv_bucket = next_power_of_2(params.kv_len)
     grid = (splits, params.batch * params.kv_heads,
             cdiv(params.group * params.q_len, block_m))
     launch(_decode_split_kernel, grid, (
@@ -268,14 +269,14 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> 
         *extra["bias_strides"], *extra["slopes_strides"],
         params.kv_heads, params.group, params.q_len, params.kv_len, params.offset,
         params.window_left, params.window_right, params.scale, params.softcap or 1.0,
-        splits, next_power_of_2(params.kv_len)), dict(
+        splits, kv_bucket), dict(
         HEAD_DIM=params.head_dim, HEAD_DIM_PADDED=head_dim_padded,
         QUERY_SPAN=next_power_of_2(params.q_len),
         HAS_LEFT=flags["HAS_LEFT"], HAS_RIGHT=flags["HAS_RIGHT"],
         HAS_SOFTCAP=flags["HAS_SOFTCAP"], BIAS_KIND=flags["BIAS_KIND"],
         HAS_ALIBI=flags["HAS_ALIBI"], HAS_KV_LENS=flags["HAS_KV_LENS"],
         INPUT_PRECISION=input_precision(q.dtype), BLOCK_M=block_m),
-        key=(q.dtype, splits, next_power_of_2(params.kv_len)),
+        key=(q.dtype, splits, kv_bucket),
         tune=params.worth_tuning(q.dtype), prune=_prune_split_configs)
     if splits > 1:
         _decode_reduce_kernel[(params.batch * params.heads * params.q_len,)](

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnopt.kernels.params import cdiv, next_power_of_2
+from attnopt.kernels.params import cdiv, interpreting, padded_head_dim
 from attnopt.ops.features import FEATURE_EPS
 
 #: Tiles and warps: swept on the H100 (bf16, 16 heads, head dim 64, m = 256, n = 1K–64K;
@@ -175,7 +175,6 @@ def kernelized_skip_reason(q: Tensor, k: Tensor, v: Tensor, keep_BHS1: Optional[
     """What the fused kernelized-attention kernels (FAVOR+ here, elu + 1 in linear.py) need:
     CUDA (or the interpreter), equal lengths when causal, head dims up to `max_head_dim`,
     half or single precision, key masks shared by the heads. None when they apply."""
-    from attnopt.kernels.params import interpreting
     if q.device.type != "cuda" and not interpreting():
         return "not on CUDA"
     if is_causal and q.shape[-2] != k.shape[-2]:
@@ -236,8 +235,7 @@ def _operands(q: Tensor, k: Tensor, v: Tensor, projection: Tensor):
     """(q, k, v with unit last stride, Ω as float32, BLOCK_D, BLOCK_DV) for the kernels."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     omega = projection.to(device=q.device, dtype=torch.float32).contiguous()
-    return (q, k, v, omega, max(16, next_power_of_2(q.shape[-1])),
-            max(16, next_power_of_2(v.shape[-1])))
+    return q, k, v, omega, padded_head_dim(q.shape[-1]), padded_head_dim(v.shape[-1])
 
 
 def _block_prefixes(k: Tensor, v: Tensor, omega: Tensor, keep: Optional[Tensor],

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from attnopt.kernels.favor import TARGET_PROGRAMS, kernelized_skip_reason, key_visibility
-from attnopt.kernels.params import cdiv, next_power_of_2
+from attnopt.kernels.params import cdiv, padded_head_dim
 
 #: Keys per state of the causal form (= queries per program), and per tile of the non-causal
 #: keys pass.
@@ -153,8 +153,7 @@ def linear_attention_fused(q: Tensor, k: Tensor, v: Tensor, is_causal: bool,
     if is_causal and q_len != kv_len:
         raise ValueError("causal linear attention needs as many keys as queries")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    block_d = max(16, next_power_of_2(head_dim))
-    block_dv = max(16, next_power_of_2(v_dim))
+    block_d, block_dv = padded_head_dim(head_dim), padded_head_dim(v_dim)
     num_warps = 4 if max(block_d, block_dv) <= 64 else 8
     keep = key_visibility(keep_BHS1, batch, kv_len, q.device)
     key_tiles = cdiv(kv_len, BLOCK)
