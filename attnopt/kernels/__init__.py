@@ -2,7 +2,7 @@
 
 - `flash.py` — the exact forward kernel, specialized per site (bands, masks, bias, ALiBi, GQA,
   block layouts, soft-cap) and `flash_attention`, the public entry with autograd;
-- `flash_backward.py` — dq, dk, dv kernels;
+- `flash_backward.py` — the backward (dq, dk, dv) in one launch;
 - `decode.py` — split-KV (Flash-Decoding) for a few queries over a long KV cache;
 - `favor.py` — fused FAVOR+ (non-causal Performer) without the (n × m) feature matrices;
 - `tiles.py` — the score/mask semantics every kernel shares; `reference.py` — the same

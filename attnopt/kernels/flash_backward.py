@@ -5,12 +5,15 @@ time on the same constexpr flags as the forward (`flash.py`), with the scores re
 tile by the shared `tiles.score_tile` so both directions see one semantics (`reference.py`):
 
 1. `_delta_kernel`: delta_BHS = rowsum(dO * O) in float32, the softmax's correction term;
-2. `_dkdv_kernel`: one program per (key block, batch, kv head) holds its k, v tile and dk, dv
-   accumulators in registers, and walks the query tiles that can see the key block (the
-   transpose of the forward's key band, `_query_band`; with a block layout only the query
-   blocks listed by `BlockSparseLayout.by_key_block`), for each of the `group` query heads
-   that share the kv head (GQA: no atomics, k and v never repeated);
-3. `_dq_kernel`: one program per (query block, batch, head) over the forward's key band.
+2. `_backward_kernel`, one launch of two kinds of program per (batch, kv head):
+   - `_dkdv_program`, one per key block, holds its k, v tile and dk, dv accumulators in
+     registers and walks the query tiles that can see the key block (the transpose of the
+     forward's key band, `_query_band`; with a block layout only the query blocks listed by
+     `BlockSparseLayout.by_key_block`), for each of the `group` query heads that share the kv
+     head (GQA: no atomics, k and v never repeated), last tiles first;
+   - `_dq_program`, one per (query block, query head of the group), over the forward's key
+     band.
+   Both kinds share the GPU's waves: one launch, one tail (as FlexAttention's backward does).
 
 Per tile, with base-2 scores s and the forward's base-2 lse_BHS: p = exp2(s - lse) is the
 softmax probability, dv += pᵀ dO, dp = dO vᵀ, ds = p (dp - delta) (the gradient of the natural
@@ -43,16 +46,17 @@ FALLBACK_TILE = 32  # the tile of the one config left when a layout block rules 
 POS_INF = tl.constexpr(float("inf"))  # lse of padding rows: p = exp2(s - lse) = 0 there
 
 
-def _backward_configs(block_name: str, step_name: str) -> list[triton.Config]:
-    """(block: the rows a program owns, step: the tile it walks the other side with)."""
+def _backward_configs() -> list[triton.Config]:
+    """BLOCK_OWN: the rows a program owns (keys for dk/dv, queries for dq); BLOCK_STEP: the
+    tile it walks the other side with."""
     if interpreting():
-        return [triton.Config({block_name: INTERPRETER_BLOCK, step_name: INTERPRETER_BLOCK},
+        return [triton.Config({"BLOCK_OWN": INTERPRETER_BLOCK, "BLOCK_STEP": INTERPRETER_BLOCK},
                               num_warps=4, num_stages=1)]
     shapes = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 4, 3),
               (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 4), (64, 32, 4, 2), (64, 64, 8, 2),
               (64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 1)]
-    return [triton.Config({block_name: block, step_name: step}, num_warps=w, num_stages=s)
-            for block, step, w, s in shapes]
+    return [triton.Config({"BLOCK_OWN": own, "BLOCK_STEP": step}, num_warps=w, num_stages=s)
+            for own, step, w, s in shapes]
 
 
 def _fits(tile: int, head_dim: int, exact_fp32: bool, warps: int, stages: int) -> bool:
@@ -75,16 +79,16 @@ def _prune_configs(configs, named_args, **kwargs):
     exact_fp32 = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "ieee"
     kept = []
     for config in configs:
-        m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-        if layout_block and (layout_block % m or layout_block % n):
+        own, step = config.kwargs["BLOCK_OWN"], config.kwargs["BLOCK_STEP"]
+        if layout_block and (layout_block % own or layout_block % step):
             continue
-        if _fits(m * n, head_dim, exact_fp32, config.num_warps, config.num_stages):
+        if _fits(own * step, head_dim, exact_fp32, config.num_warps, config.num_stages):
             kept.append(config)
     if kept:
         return kept
     # a layout block smaller than (or not divisible by) every kept tile
     block = min(layout_block or FALLBACK_TILE, FALLBACK_TILE)
-    return [triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=4, num_stages=2)]
+    return [triton.Config({"BLOCK_OWN": block, "BLOCK_STEP": block}, num_warps=4, num_stages=2)]
 
 
 _TUNING_KEY = ["seq_q_bucket", "seq_k_bucket", "HEAD_DIM_PADDED", "HAS_LEFT", "HAS_RIGHT",
@@ -202,7 +206,10 @@ def _key_block_range(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr,
                      INPUT_PRECISION: tl.constexpr):
-    for m0 in tl.range(lo, hi, BLOCK_M):
+    """Query tiles starting at lo, lo + BLOCK_M, ... below hi, walked from the last down (see
+    `_dkdv_program` for why)."""
+    for step in tl.range(0, (hi - lo + BLOCK_M - 1) // BLOCK_M):
+        m0 = lo + ((hi - lo + BLOCK_M - 1) // BLOCK_M - 1 - step) * BLOCK_M
         dk, dv = _key_block_tile(
             dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qm, stride_qd,
             stride_dom, stride_dod, m0, offs_n, offs_d, seq_q, seq_k, kv_end, offset,
@@ -212,10 +219,9 @@ def _key_block_range(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
     return dk, dv
 
 
-@triton.autotune(configs=_backward_configs("BLOCK_N", "BLOCK_M"), key=_TUNING_KEY,
-                 prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
-def _dkdv_kernel(
+def _dkdv_program(
+        pid_n, b, h_kv,
         q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
         bias_ptr, slopes_ptr, kv_lens_ptr, q_counts_ptr, q_indices_ptr,
         stride_qb, stride_qh, stride_qm, stride_qd,
@@ -228,20 +234,20 @@ def _dkdv_kernel(
         stride_sb, stride_sh,
         stride_cb, stride_ch, stride_cn,
         stride_ib, stride_ih, stride_in,
-        num_heads, kv_heads, group, seq_q, seq_k, offset, window_left, window_right, scale,
-        softcap, seq_q_bucket, seq_k_bucket,
+        num_heads, group, seq_q, seq_k, offset, window_left, window_right, scale, softcap,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KV_LENS: tl.constexpr,
         HAS_LAYOUT: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    tl.static_assert(HEAD_DIM <= HEAD_DIM_PADDED)
-    tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_M == 0)
-    tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_N == 0)
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // kv_heads
-    h_kv = pid_bh % kv_heads
+    """dk, dv of keys [pid_n * BLOCK_N, + BLOCK_N) of kv head h_kv, stepping BLOCK_M queries
+    through each of the `group` query heads that read it.
+
+    The query tiles are walked from the last down. Under a causal mask the key blocks of one
+    head see different query ranges, [n0, seq_q): walked upwards, the programs running side by
+    side would each read a different q/dO tile at any moment; walked downwards they read the
+    same tile at about the same time, and it comes from L2 (as the dq and forward programs,
+    which all start at key 0, do)."""
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PADDED)
@@ -296,9 +302,10 @@ def _dkdv_kernel(
                                 HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI,
                                 INPUT_PRECISION)
         else:
+            # last query tiles first: see the docstring
             dk, dv = _key_block_range(
                 dk, dv, k, v, q_head_ptr, do_head_ptr, lse_head_ptr, delta_head_ptr,
-                stride_qm, stride_qd, stride_dom, stride_dod, lo, full_lo, offs_n, offs_d,
+                stride_qm, stride_qd, stride_dom, stride_dod, full_hi, hi, offs_n, offs_d,
                 seq_q, seq_k, kv_end, offset, window_left, window_right, scale, softcap,
                 bias_head_ptr, stride_bm, stride_bn, slope, BLOCK_M, HEAD_DIM, HEAD_DIM_PADDED,
                 True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
@@ -310,7 +317,7 @@ def _dkdv_kernel(
                 False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
             dk, dv = _key_block_range(
                 dk, dv, k, v, q_head_ptr, do_head_ptr, lse_head_ptr, delta_head_ptr,
-                stride_qm, stride_qd, stride_dom, stride_dod, full_hi, hi, offs_n, offs_d,
+                stride_qm, stride_qd, stride_dom, stride_dod, lo, full_lo, offs_n, offs_d,
                 seq_q, seq_k, kv_end, offset, window_left, window_right, scale, softcap,
                 bias_head_ptr, stride_bm, stride_bn, slope, BLOCK_M, HEAD_DIM, HEAD_DIM_PADDED,
                 True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
@@ -378,10 +385,9 @@ def _query_block_range(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kn, stride_kd
     return dq
 
 
-@triton.autotune(configs=_backward_configs("BLOCK_M", "BLOCK_N"), key=_TUNING_KEY,
-                 prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
-def _dq_kernel(
+def _dq_program(
+        pid_m, b, h,
         q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         bias_ptr, slopes_ptr, kv_lens_ptr, kv_counts_ptr, kv_indices_ptr,
         stride_qb, stride_qh, stride_qm, stride_qd,
@@ -394,21 +400,13 @@ def _dq_kernel(
         stride_cb, stride_ch, stride_cm,
         stride_ib, stride_ih, stride_im,
         num_heads, group, seq_q, seq_k, offset, window_left, window_right, scale, softcap,
-        seq_q_bucket, seq_k_bucket,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KV_LENS: tl.constexpr,
         HAS_LAYOUT: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    tl.static_assert(HEAD_DIM <= HEAD_DIM_PADDED)
-    tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_M == 0)
-    tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_N == 0)
-    pid_m = tl.program_id(0)
-    if HAS_RIGHT:  # causal-like: late query blocks see the most keys; schedule them first
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
+    """dq of queries [pid_m * BLOCK_M, + BLOCK_M) of query head h, stepping BLOCK_N keys
+    through the forward's key band."""
     h_kv = h // group
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -420,8 +418,9 @@ def _dq_kernel(
                 + offs_d[None, :] * stride_qd, mask=in_bounds, other=0.0)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
                  + offs_d[None, :] * stride_dod, mask=in_bounds, other=0.0)
-    lse = tl.load(lse_ptr + pid_bh * seq_q + offs_m, mask=row_ok, other=POS_INF)
-    delta = tl.load(delta_ptr + pid_bh * seq_q + offs_m, mask=row_ok, other=0.0)
+    row_base = (b * num_heads + h) * seq_q
+    lse = tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=POS_INF)
+    delta = tl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
     k_ptr += b * stride_kb + h_kv * stride_kh
     v_ptr += b * stride_vb + h_kv * stride_vh
     bias_ptr += b * stride_bb + h * stride_bh
@@ -484,6 +483,77 @@ def _dq_kernel(
              + offs_d[None, :] * stride_dqd, dq.to(dq_ptr.dtype.element_ty), mask=in_bounds)
 
 
+@triton.autotune(configs=_backward_configs(), key=_TUNING_KEY,
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _backward_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
+        bias_ptr, slopes_ptr, kv_lens_ptr, kv_counts_ptr, kv_indices_ptr, q_counts_ptr,
+        q_indices_ptr,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+        stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+        stride_bb, stride_bh, stride_bm, stride_bn,
+        stride_sb, stride_sh,
+        stride_kvcb, stride_kvch, stride_kvcm,
+        stride_kvib, stride_kvih, stride_kvim,
+        stride_qcb, stride_qch, stride_qcn,
+        stride_qib, stride_qih, stride_qin,
+        num_heads, kv_heads, group, seq_q, seq_k, offset, window_left, window_right, scale,
+        softcap, seq_q_bucket, seq_k_bucket,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+        HAS_LAYOUT: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_OWN: tl.constexpr, BLOCK_STEP: tl.constexpr):
+    """Grid (key blocks + group * query blocks, B * Hkv): the first programs of each kv head
+    compute dk, dv for BLOCK_OWN keys, the rest dq for BLOCK_OWN queries of one of its query
+    heads, both stepping BLOCK_STEP rows of the other side. One launch instead of two: the
+    two kinds of program share the GPU's waves (one tail instead of two)."""
+    tl.static_assert(HEAD_DIM <= HEAD_DIM_PADDED)
+    tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_OWN == 0)
+    tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_STEP == 0)
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // kv_heads
+    h_kv = pid_bh % kv_heads
+    key_blocks = tl.cdiv(seq_k, BLOCK_OWN)
+    if pid < key_blocks:
+        _dkdv_program(
+            pid, b, h_kv, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+            bias_ptr, slopes_ptr, kv_lens_ptr, q_counts_ptr, q_indices_ptr,
+            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn,
+            stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh,
+            stride_dom, stride_dod, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+            stride_dvb, stride_dvh, stride_dvn, stride_dvd, stride_bb, stride_bh, stride_bm,
+            stride_bn, stride_sb, stride_sh, stride_qcb, stride_qch, stride_qcn, stride_qib,
+            stride_qih, stride_qin, num_heads, group, seq_q, seq_k, offset, window_left,
+            window_right, scale, softcap, HEAD_DIM, HEAD_DIM_PADDED, HAS_LEFT, HAS_RIGHT,
+            HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, HAS_KV_LENS, HAS_LAYOUT, LAYOUT_BLOCK,
+            INPUT_PRECISION, BLOCK_STEP, BLOCK_OWN)
+    else:
+        query_blocks = tl.cdiv(seq_q, BLOCK_OWN)
+        pid_q = pid - key_blocks
+        pid_m = pid_q % query_blocks
+        if HAS_RIGHT:  # causal-like: late query blocks see the most keys; schedule them first
+            pid_m = query_blocks - 1 - pid_m
+        _dq_program(
+            pid_m, b, h_kv * group + pid_q // query_blocks, q_ptr, k_ptr, v_ptr, do_ptr,
+            lse_ptr, delta_ptr, dq_ptr, bias_ptr, slopes_ptr, kv_lens_ptr, kv_counts_ptr,
+            kv_indices_ptr, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
+            stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_dob,
+            stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh, stride_dqm,
+            stride_dqd, stride_bb, stride_bh, stride_bm, stride_bn, stride_sb, stride_sh,
+            stride_kvcb, stride_kvch, stride_kvcm, stride_kvib, stride_kvih, stride_kvim,
+            num_heads, group, seq_q, seq_k, offset, window_left, window_right, scale, softcap,
+            HEAD_DIM, HEAD_DIM_PADDED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI,
+            HAS_KV_LENS, HAS_LAYOUT, LAYOUT_BLOCK, INPUT_PRECISION, BLOCK_OWN, BLOCK_STEP)
+
+
 # --------------------------------------------------------------------------- launcher
 
 def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -519,26 +589,19 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
                    INPUT_PRECISION=input_precision(q.dtype), **params.kernel_flags())
 
-    def dkdv_grid(meta):
-        return (cdiv(params.kv_len, meta["BLOCK_N"]), batch * kv_heads)
+    def grid(meta):
+        own = meta["BLOCK_OWN"]
+        return (cdiv(params.kv_len, own) + params.group * cdiv(params.q_len, own),
+                batch * kv_heads)
 
-    tune = params.worth_tuning(q.dtype)
-    key = (q.dtype, scalars["seq_q_bucket"], scalars["seq_k_bucket"])
-    launch(_dkdv_kernel, dkdv_grid, (
-        q, k, v, grad_out, lse, delta, dk, dv,
-        extra["bias"], extra["slopes"], extra["kv_lens"], q_counts, q_indices,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
-        *extra["bias_strides"], *extra["slopes_strides"], *q_counts_strides, *q_indices_strides,
-        heads, kv_heads, params.group), scalars, key=key, tune=tune, prune=_prune_configs)
-
-    def dq_grid(meta):
-        return (cdiv(params.q_len, meta["BLOCK_M"]), batch * heads)
-
-    launch(_dq_kernel, dq_grid, (
-        q, k, v, grad_out, lse, delta, dq,
+    launch(_backward_kernel, grid, (
+        q, k, v, grad_out, lse, delta, dq, dk, dv,
         extra["bias"], extra["slopes"], extra["kv_lens"], extra["counts"], extra["indices"],
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        *extra["bias_strides"], *extra["slopes_strides"], *extra["counts_strides"],
-        *extra["indices_strides"], heads, params.group), scalars, key=key, tune=tune,
-        prune=_prune_configs)
+        q_counts, q_indices,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(),
+        *dv.stride(), *extra["bias_strides"], *extra["slopes_strides"], *extra["counts_strides"],
+        *extra["indices_strides"], *q_counts_strides, *q_indices_strides,
+        heads, kv_heads, params.group), scalars,
+        key=(q.dtype, scalars["seq_q_bucket"], scalars["seq_k_bucket"]),
+        tune=params.worth_tuning(q.dtype), prune=_prune_configs)
     return dq, dk, dv
