@@ -10,7 +10,10 @@ Semantics are those of `F.scaled_dot_product_attention` without dropout:
 - `q` (B, H, Sq, D); `k` (B, Hkv, Sk, D); `v` (B, Hkv, Sk, Dv). With `enable_gqa`, H is a
   multiple of Hkv and query head h reads kv head h // (H // Hkv) (`repeat_interleave` order).
 - `attn_mask` broadcastable to (B, H, Sq, Sk): bool (True = attend) or float (added to scores).
-- `is_causal`: query i attends keys j <= i (top-left aligned, as SDPA).
+- `is_causal`: query i attends keys j <= i (top-left aligned, as SDPA). Unlike SDPA, the op takes
+  a mask and `is_causal` together: both apply. Canonicalization emits the pair for masks that
+  are causal by construction and carry padding (Hugging Face decoders' attention_mask), so that
+  the kernel skips the key blocks above the diagonal instead of reading the mask there.
 - `scale`: defaults to 1/sqrt(D).
 - `softcap`: when given, scores are soft-capped before the mask: `softcap * tanh(s / softcap)`
   (Gemma 2 style).
@@ -56,11 +59,13 @@ def kernel_mode() -> str:
 
 
 def kernel_skip_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
-                       softcap: Optional[float] = None, *,
+                       softcap: Optional[float] = None, *, is_causal: bool = False,
                        sdpa_alternative: bool = True) -> Optional[str]:
     """Why a call runs SDPA (or a reference) rather than the Triton flash kernel (None: the
     kernel runs it). `sdpa_alternative=False` for calls PyTorch has no fused kernel for (sparse
-    layouts), which "auto" then sends to the kernel too.
+    layouts), which "auto" then sends to the kernel too. A mask with `is_causal` is one: SDPA
+    would need the two merged into a dense mask, and reads all of it, where the kernel skips
+    the blocks above the diagonal.
 
     Reads only metadata, so it answers for fake tensors at optimize time exactly as it does for
     real ones at run time.
@@ -84,7 +89,9 @@ def kernel_skip_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tens
         return "the mask needs a gradient (the kernels do not produce one)"
     from attnopt.kernels.params import unsupported_reason
     reason = unsupported_reason(q, k, v)
-    if reason is None and mode == "auto" and softcap is None and sdpa_alternative:
+    causal_mask = is_causal and attn_mask is not None
+    if reason is None and mode == "auto" and softcap is None and sdpa_alternative \
+            and not causal_mask:
         return ("PyTorch's fused SDPA runs this call and measured faster than the generated "
                 f"kernel (docs/BENCHMARKS.md); {KERNELS_ENV}=always forces the kernel")
     return reason
@@ -94,11 +101,21 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
                         is_causal: bool = False, scale: Optional[float] = None,
                         enable_gqa: bool = False, softcap: Optional[float] = None) -> Tensor:
     """Plain-torch semantics of the canonical op (used by every backend without a kernel)."""
+    if is_causal and attn_mask is not None and softcap is None:  # SDPA takes one or the other
+        attn_mask, is_causal = with_causal_mask(attn_mask, q.shape[-2], k.shape[-2]), False
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0,
                                               is_causal=is_causal, scale=scale,
                                               enable_gqa=enable_gqa)
     return _softcapped_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
+
+
+def with_causal_mask(attn_mask: Tensor, q_len: int, kv_len: int) -> Tensor:
+    """`attn_mask` with SDPA's top-left causal mask folded in: keys j > i masked out."""
+    keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=attn_mask.device).tril()
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return attn_mask.masked_fill(~keep, float("-inf"))
 
 
 def _softcapped_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask, is_causal, scale, enable_gqa,
@@ -135,7 +152,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
 @attention.register_kernel("cuda")
 def _attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
                     softcap=None):
-    if kernel_skip_reason(q, k, v, attn_mask, softcap) is not None:
+    if kernel_skip_reason(q, k, v, attn_mask, softcap, is_causal=is_causal) is not None:
         return like_query_layout(
             attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap), q)
     from attnopt.kernels import flash_attention
@@ -166,7 +183,8 @@ def _backward(ctx, grad_out):
         mask_ = attn_mask
         if mask_needs_grad:
             mask_ = attn_mask.detach().requires_grad_(True)
-        if not mask_needs_grad and kernel_skip_reason(q, k, v, attn_mask, ctx.softcap) is None:
+        if not mask_needs_grad and kernel_skip_reason(q, k, v, attn_mask, ctx.softcap,
+                                                      is_causal=ctx.is_causal) is None:
             from attnopt.kernels import flash_attention
             out = flash_attention(q_, k_, v_, causal=ctx.is_causal, scale=ctx.scale,
                                   attn_bias=attn_mask, softcap=ctx.softcap)

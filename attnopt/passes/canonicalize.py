@@ -3,8 +3,10 @@
 Inputs are the nodes detection found, viewed through their recipes (transpose of k, a lift of
 (B·H, S, D) operands to 4-d, einsum permutations); the mask is built from its terms by the same
 `build_mask` that classification evaluated. An input-independent mask that is empty is dropped
-and one that is causal (equal q and kv lengths) becomes `is_causal=True`. The old nodes are left
-without users and removed by the pass manager's dead-code elimination.
+and one that is causal (equal q and kv lengths) becomes `is_causal=True`; a boolean mask that is
+causal by construction but depends on inputs (padding) is kept and the call marked
+`is_causal=True` as well (both apply; see `ops/attention.py`). The old nodes are left without users and removed
+by the pass manager's dead-code elimination.
 """
 
 from __future__ import annotations
@@ -63,6 +65,13 @@ class CanonicalizeAttention:
             dtype = dtype_of(match.q.node)
             mask = build_mask(match.mask_terms, [t.node for t in match.mask_terms], q, dtype,
                               emitter.emit)
+            # a boolean mask causal by construction (a decoder's, with padding) keeps its
+            # tensor and marks the call causal too: the kernel skips the blocks above the
+            # diagonal rather than reading the mask there. Only boolean masks: a float mask
+            # filled with a finite minimum averages a row with no allowed key over every key,
+            # and the causal mark would change which keys those are
+            is_causal = is_causal or (info.causal_by_construction and equal_lengths
+                                      and dtype_of(mask) == torch.bool)
         site.causal = site.causal or is_causal
         extra = (float(match.softcap),) if match.softcap is not None else ()
         return emitter.emit(ATTENTION_OP, q, k, v, mask, is_causal, float(match.scale),

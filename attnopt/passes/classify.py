@@ -5,10 +5,19 @@ Runs after detection. One run of the graph on the examples gives every mask term
 A mask that depends on no graph input and looks causal (or empty) at the example length is
 probed once more at a long length (when the sequence is dynamic), so a sliding window wider
 than the example is not mistaken for plain causal masking.
+
+A mask that depends on inputs and looks causal at the example (a Hugging Face decoder's
+causal mask with its attention_mask's padding) is causal for those inputs only. It is
+re-evaluated with its mask-like inputs drawn at random (0/1 integer or boolean inputs, 0/-inf
+float ones) a few times; only a producer that stays on or below the diagonal every time counts
+as causal by construction, which lets canonicalization keep the mask *and* mark the call
+causal (the kernel then skips the blocks above the diagonal). A prefix-LM mask that lets a
+token_type_ids prefix see ahead is caught this way.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -21,13 +30,16 @@ from attnopt.passes.fx_utils import (
 )
 from attnopt.passes.manager import PassContext, PassResult
 from attnopt.passes.masks import (
-    MASKED_THRESHOLD, MaskInfo, build_mask, classify_mask, eager_emit,
+    CAUSAL_KINDS, MASKED_THRESHOLD, MaskInfo, build_mask, classify_mask, eager_emit,
+    stays_causal,
 )
 
 #: Sequence length at which input-independent masks are re-checked when the length is dynamic:
 #: just above the widest common sliding window (4096: Mistral, Gemma 2). A wider window that
 #: looks causal at this length would be missed; the probe costs O(PROBE_LENGTH²) mask elements.
 PROBE_LENGTH = 4100
+#: randomized evaluations an input-dependent causal-looking mask must stay causal through
+CAUSAL_PROBES = 3
 
 
 class ClassifyMasks:
@@ -75,6 +87,10 @@ class ClassifyMasks:
                           torch.zeros((), dtype=dtype), dtype, eager_emit)
         info = classify_mask(mask, is_causal=match.is_causal, q_len=q_len, kv_len=kv_len,
                              depends_on_input=depends_on_input, depends_on_data=depends_on_data)
+        if not info.constant and info.kind in CAUSAL_KINDS and not match.is_causal:
+            causal = self._stays_causal_when_randomized(graph_module, match, sources, inputs,
+                                                        dtype, q_len, kv_len)
+            info = replace(info, causal_by_construction=causal)
         if info.constant and info.kind in ("none", "causal"):
             symbolic = [d for d in (q_shape[2], k_shape[2]) if is_symbolic(d)]
             if symbolic:
@@ -87,6 +103,29 @@ class ClassifyMasks:
                 if probed.kind != info.kind:  # e.g. a window wider than the example
                     return MaskInfo(probed.kind, probed.window, constant=False)
         return info
+
+    def _stays_causal_when_randomized(self, graph_module, match, sources, inputs, dtype,
+                                      q_len: int, kv_len: int) -> bool:
+        """Whether the mask stays on or below the causal diagonal with its mask-like inputs
+        drawn at random, CAUSAL_PROBES times (False when it has no such input to vary)."""
+        term_nodes = [t.node for t in match.mask_terms]
+        generator = torch.Generator().manual_seed(0)
+        varied = [n for n in sources if _is_mask_like(inputs.get(n.name))]
+        if not varied:
+            return False
+        for _ in range(CAUSAL_PROBES):
+            probe_inputs = dict(inputs)
+            for node in varied:
+                probe_inputs[node.name] = _random_mask_like(inputs[node.name], generator)
+            try:
+                probed = evaluate_subgraph(graph_module, term_nodes, probe_inputs)
+            except Exception:  # noqa: BLE001 - a producer that cannot be probed is not trusted
+                return False
+            mask = build_mask(match.mask_terms, [p.cpu() for p in probed],
+                              torch.zeros((), dtype=dtype), dtype, eager_emit)
+            if not stays_causal(mask, q_len, kv_len):
+                return False
+        return True
 
     def _probe(self, graph_module, match, symbolic_dims, dtype) -> Optional[MaskInfo]:
         """The mask producer re-evaluated and classified at PROBE_LENGTH (None: cannot)."""
@@ -127,6 +166,24 @@ def _is_mask_input(value) -> bool:
         return False
     value = value.float()
     return bool(((value == 0) | (value <= MASKED_THRESHOLD)).all())
+
+
+def _is_mask_like(value) -> bool:
+    """An input that is a mask itself: 0/1 integers or booleans, or a 0 / masked-out float."""
+    if not isinstance(value, torch.Tensor) or value.numel() == 0:
+        return False
+    if value.is_floating_point():
+        return _is_mask_input(value)
+    return bool(((value == 0) | (value == 1)).all())
+
+
+def _random_mask_like(value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A fresh random mask of `value`'s shape, dtype and kind (about half the positions off)."""
+    keep = torch.rand(value.shape, generator=generator) < 0.5
+    if value.is_floating_point():
+        masked = torch.finfo(value.dtype).min
+        return torch.where(keep, 0.0, masked).to(device=value.device, dtype=value.dtype)
+    return keep.to(device=value.device, dtype=value.dtype)
 
 
 def _is_float(node: Node) -> bool:

@@ -36,10 +36,12 @@ class SelectBackends:
             q, k, v, mask = (arg.meta.get("val") if arg is not None else None
                              for arg in (list(node.args) + [None] * 4)[:4])
             softcap = node.args[7] if len(node.args) > 7 else node.kwargs.get("softcap")
+            is_causal = bool(node.args[4]) if len(node.args) > 4 \
+                else bool(node.kwargs.get("is_causal", False))
             if q is None or k is None or v is None:
                 reason = "operands carry no traced values"
             else:
-                reason = kernel_skip_reason(q, k, v, mask, softcap)
+                reason = kernel_skip_reason(q, k, v, mask, softcap, is_causal=is_causal)
             if reason is None:
                 context.backends[site.name] = (KERNEL_BACKEND, "generated Triton flash kernel")
             else:

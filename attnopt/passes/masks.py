@@ -74,6 +74,10 @@ class MaskInfo:
     kind: str
     window: Optional[int] = None
     constant: bool = False  # depends on no graph input: a fact of the graph
+    #: every position the mask allows lies on or below the (bottom-right) causal diagonal, for
+    #: every input: constant masks of a causal kind, and input-dependent ones whose producer
+    #: stayed causal under randomized inputs (`classify.ClassifyMasks`)
+    causal_by_construction: bool = False
 
     @property
     def droppable(self) -> bool:
@@ -83,6 +87,18 @@ class MaskInfo:
     @property
     def causal_only(self) -> bool:
         return self.constant and self.kind == "causal"
+
+
+#: kinds whose allowed positions all lie on or below the causal diagonal (at the example)
+CAUSAL_KINDS = ("causal", "causal+padding", "window")
+
+
+def stays_causal(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
+    """Whether every position `mask` allows lies on or below the bottom-right causal diagonal."""
+    allowed, _ = allowed_positions(mask)
+    rows = torch.arange(q_len, device=allowed.device).unsqueeze(-1)
+    above = torch.arange(kv_len, device=allowed.device) > rows + (kv_len - q_len)
+    return not bool((allowed & above).any())
 
 
 def allowed_positions(mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -119,7 +135,8 @@ def classify_mask(mask: Optional[torch.Tensor], *, is_causal: bool, q_len: int, 
     if depends_on_input and structure[0] in ("none", "causal"):
         kind = "padding" if structure[0] == "none" else "causal+padding"
         return MaskInfo(kind, constant=False)
-    return MaskInfo(structure[0], window=structure[1], constant=constant)
+    return MaskInfo(structure[0], window=structure[1], constant=constant,
+                    causal_by_construction=constant and structure[0] in CAUSAL_KINDS)
 
 
 def _structure(allowed: torch.Tensor, causal: torch.Tensor, rows, cols, offset
