@@ -7,9 +7,10 @@ its producer on random attention masks) and emits `attention(q, k, v, mask, is_c
 the generated kernel skips the key blocks above the diagonal and reads the mask only below it.
 
 Two parts, anchors in the same run, correctness before timing:
-- `ops`: the kernel (`flash_attention(causal=True, attn_bias=mask)`) against SDPA's default
-  dispatch and its efficient backend on the same boolean mask; bf16, B2 H16 D128, one row
-  right-padded by a quarter. Medians of `triton.testing.do_bench`.
+- `ops`: the kernel (`flash_attention(causal=True, attn_bias=mask)`, GQA 16/8 heads) against
+  SDPA's default dispatch and its efficient backend on the same boolean mask, k/v repeated to
+  16 heads as Hugging Face passes them with a mask; bf16, B2 D128, one row right-padded by a
+  quarter. Medians of `triton.testing.do_bench`.
 - `e2e`: a Llama config (hidden 2048, 16 heads, 8 kv heads, 4 layers, random weights, bf16,
   `attn_implementation="sdpa"`, `use_cache=False`), batch 2 with the same padding, before and
   after `attnopt.optimize(policy="exact")`. Logits on real tokens against a float32 copy;
@@ -61,8 +62,12 @@ def ops(seqs: list[int]) -> None:
         def ours():
             return flash_attention(q, k, v, causal=True, attn_bias=mask)
 
+        # SDPA's fused kernels take a mask only with k/v at q's head count, which is how
+        # Hugging Face passes them when there is a mask (repeated beforehand)
+        k_rep, v_rep = (t.repeat_interleave(HEADS // KV_HEADS, 1) for t in (k, v))
+
         def default():
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask)
 
         def efficient():
             with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
