@@ -31,6 +31,8 @@ OP_CASES = {
     "plain": dict(mask=None, is_causal=False, kv_heads=4, softcap=None),
     "causal": dict(mask=None, is_causal=True, kv_heads=4, softcap=None),
     "gqa_bool_mask": dict(mask="bool", is_causal=False, kv_heads=2, softcap=None),
+    # a padded decoder's call after canonicalization: its boolean mask and the causal mark
+    "gqa_bool_mask_causal": dict(mask="bool", is_causal=True, kv_heads=2, softcap=None),
     "float_mask_causal": dict(mask="float", is_causal=True, kv_heads=4, softcap=None),
     "softcap_float_mask": dict(mask="float", is_causal=False, kv_heads=4, softcap=5.0),
     "gqa_causal_softcap": dict(mask=None, is_causal=True, kv_heads=1, softcap=3.0),
@@ -54,6 +56,10 @@ def test_attention_op_translations_run_in_onnxruntime(name, opset, target):
     k, v = (torch.randn(2, case["kv_heads"], 12, 16, generator=generator) for _ in range(2))
     mask = {None: None, "bool": torch.rand(12, 12, generator=generator) > 0.3,
             "float": torch.randn(2, 1, 12, 12, generator=generator)}[case["mask"]]
+    if case["mask"] == "bool" and case["is_causal"]:
+        # every query sees itself (a row that sees no key is 0 in torch, NaN in the
+        # decomposed translation: a difference these cases do not cover)
+        mask |= torch.eye(12, dtype=torch.bool)
     module = _CanonicalCall(mask, case["is_causal"], 0.3, case["kv_heads"] != 4, case["softcap"])
     program = torch.onnx.export(module, (q, k, v), dynamo=True, opset_version=opset,
                                 verbose=False,

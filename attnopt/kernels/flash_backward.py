@@ -60,9 +60,10 @@ def _backward_configs() -> list[triton.Config]:
 
 
 def _fits(tile: int, head_dim: int, exact_fp32: bool, warps: int, stages: int) -> bool:
-    """Whether a (block x step) tile fits registers and shared memory (sm_90 ptxas, checked
-    offline): dk, dv (or dq) fp32 accumulators of (block, head dim) stay in registers, and
-    fp32 without tensor cores ("ieee") needs far smaller tiles than fp16/bf16."""
+    """Whether an (own x step) tile fits registers and shared memory (sm_90 ptxas, checked
+    offline) in both kinds of program: dk, dv (or dq) fp32 accumulators of (own, head dim)
+    stay in registers, and fp32 without tensor cores ("ieee") needs far smaller tiles than
+    fp16/bf16."""
     if exact_fp32:  # FMA dots: only 32-row steps; at head dim 256 one 32 x 32 tile
         return (tile <= 32 * 32 and stages == 1) if head_dim >= LARGE_HEAD_DIM \
             else (tile <= 64 * 32 and warps == 8 and stages == 2)
