@@ -57,9 +57,7 @@ def test_attention_op_translations_run_in_onnxruntime(name, opset, target):
     mask = {None: None, "bool": torch.rand(12, 12, generator=generator) > 0.3,
             "float": torch.randn(2, 1, 12, 12, generator=generator)}[case["mask"]]
     if case["mask"] == "bool" and case["is_causal"]:
-        # every query sees itself (a row that sees no key is 0 in torch, NaN in the
-        # decomposed translation: a difference these cases do not cover)
-        mask |= torch.eye(12, dtype=torch.bool)
+        mask[0] = False  # a query that sees no key (a left-padded row): 0, as in torch
     module = _CanonicalCall(mask, case["is_causal"], 0.3, case["kv_heads"] != 4, case["softcap"])
     program = torch.onnx.export(module, (q, k, v), dynamo=True, opset_version=opset,
                                 verbose=False,
@@ -165,3 +163,25 @@ def test_decoders_export_to_group_query_attention_with_dynamic_shapes(family, tm
                                  target="ort")
     assert result.passed and result.op_histogram.get("GroupQueryAttention", 0) == 2
     assert result.dynamic and len(result.errors) >= 3
+
+
+@pytest.mark.parametrize("opset,target", [(18, "onnx"), (23, "onnx"), (18, "ort")])
+def test_padded_decoder_exports_with_rows_that_see_no_key(opset, target, tmp_path):
+    """A left-padded batch (HF's SDPA path: a boolean causal mask, marked causal by
+    canonicalization): export_onnx's fresh draws of the attention_mask leave some query rows
+    with no key to see, which every translation must return as 0, as torch does."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    inputs = dict(input_ids=torch.randint(3, 100, (2, 8)), attention_mask=mask,
+                  use_cache=False)
+    optimized = attnopt.optimize(model, example_kwargs=inputs)
+    result = attnopt.export_onnx(optimized, tmp_path / "decoder.onnx", example_kwargs=inputs,
+                                 opset=opset, target=target, dynamic=False)
+    assert result.passed

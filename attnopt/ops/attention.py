@@ -236,7 +236,12 @@ def onnx_attention_decomposed(q, k, v, attn_mask=None, is_causal=False, scale=No
             scores_BHSS = op.Where(attn_mask, scores_BHSS, neg_inf)
         else:
             scores_BHSS = op.Add(scores_BHSS, op.CastLike(attn_mask, scores_BHSS))
-    return op.MatMul(op.Softmax(scores_BHSS, axis=-1), v)
+        # a row that sees no key: Softmax gives NaN, SDPA's definition 0 (left padding)
+        probs_BHSS = op.Softmax(scores_BHSS, axis=-1)
+        probs_BHSS = op.Where(op.IsNaN(probs_BHSS), scalar(0.0, probs_BHSS), probs_BHSS)
+    else:
+        probs_BHSS = op.Softmax(scores_BHSS, axis=-1)
+    return op.MatMul(probs_BHSS, v)
 
 
 def onnx_attention_standard(q, k, v, attn_mask=None, is_causal=False, scale=None,
