@@ -88,9 +88,11 @@ class ClassifyMasks:
         info = classify_mask(mask, is_causal=match.is_causal, q_len=q_len, kv_len=kv_len,
                              depends_on_input=depends_on_input, depends_on_data=depends_on_data)
         if not info.constant and info.kind in CAUSAL_KINDS and not match.is_causal:
-            causal = self._stays_causal_when_randomized(graph_module, match, sources, inputs,
-                                                        dtype, q_len, kv_len)
-            info = replace(info, causal_by_construction=causal)
+            key = ("causal", tuple(n.name for n in term_nodes), q_len, kv_len)
+            if key not in self._probes:  # layers share their mask producer: once per producer
+                self._probes[key] = self._stays_causal_when_randomized(
+                    graph_module, match, sources, inputs, dtype, q_len, kv_len)
+            info = replace(info, causal_by_construction=self._probes[key])
         if info.constant and info.kind in ("none", "causal"):
             symbolic = [d for d in (q_shape[2], k_shape[2]) if is_symbolic(d)]
             if symbolic:
