@@ -244,9 +244,9 @@ def verify_region(region: Region, draws: int,
 
     Per input set the original graph runs once (through an Interpreter that keeps each site's
     output and the inputs of its replacement; `recordings` keeps those across calls) and the
-    rewritten graph runs as users call it, both with SDPA on `reference_sdpa_backends`. Each site's error is measured in isolation: its
-    replacement is replayed on the original run's values, so an upstream site's error never
-    counts against a downstream one.
+    rewritten graph runs as users call it, both with SDPA on `reference_sdpa_backends`. Each
+    site's error is measured in isolation: its replacement is replayed on the original run's
+    values, so an upstream site's error never counts against a downstream one.
     """
     names = region.context.site_nodes
     sync_state(region.rewritten, region.captured.module)

@@ -27,9 +27,10 @@ Which backend runs a call on CUDA (`ATTNOPT_KERNELS`):
 - "auto" (default): the Triton kernel where PyTorch has no fused kernel for the call — soft-capped
   scores, which SDPA can only run on its math path (the full score matrix in memory), and a mask
   together with `is_causal`, where SDPA would read the whole mask and the kernel skips the blocks
-  above the diagonal (1.5–2× at 2K–8K, docs/BENCHMARKS.md) — and SDPA everywhere else. Measured on an H100 (docs/BENCHMARKS.md): for plain, causal and masked
-  attention SDPA's default backend (cuDNN) is 0–25% faster than the generated kernel in GPU time
-  and its launch is ~0.1 ms cheaper, which dominates short sequences and decode steps.
+  above the diagonal (1.5–2× at 2K–8K) — and SDPA everywhere else. Measured on an H100
+  (docs/BENCHMARKS.md): for plain, causal and masked attention SDPA's default backend (cuDNN)
+  is 0–25% faster than the generated kernel in GPU time and its launch is ~0.1 ms cheaper,
+  which dominates short sequences and decode steps.
 - "always": the Triton kernel wherever it can run (comparisons, and features SDPA lacks).
 - "never" (or "0"): SDPA everywhere.
 """

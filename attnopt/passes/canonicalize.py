@@ -5,8 +5,8 @@ Inputs are the nodes detection found, viewed through their recipes (transpose of
 `build_mask` that classification evaluated. An input-independent mask that is empty is dropped
 and one that is causal (equal q and kv lengths) becomes `is_causal=True`; a boolean mask that is
 causal by construction but depends on inputs (padding) is kept and the call marked
-`is_causal=True` as well (both apply; see `ops/attention.py`). The old nodes are left without users and removed
-by the pass manager's dead-code elimination.
+`is_causal=True` as well (both apply; see `ops/attention.py`). The old nodes are left without
+users and removed by the pass manager's dead-code elimination.
 """
 
 from __future__ import annotations
