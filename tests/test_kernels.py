@@ -158,12 +158,24 @@ def _fake_cuda(*shape, dtype=torch.float16):
 
 
 def test_backend_choice_by_mode(monkeypatch):
-    """auto: the kernel only where SDPA has no fused kernel (soft-cap); always / never force."""
-    from attnopt.ops.attention import KERNELS_ENV, kernel_skip_reason
+    """auto: the kernel only where SDPA has no fused kernel (soft-cap, long masked calls marked
+    causal); always / never force."""
+    from attnopt.ops.attention import (
+        KERNELS_ENV, MIN_CAUSAL_MASK_KERNEL_QUERIES, kernel_skip_reason,
+    )
     q = _fake_cuda(2, 4, 16, 64)
     monkeypatch.delenv(KERNELS_ENV, raising=False)
     assert "fused SDPA" in kernel_skip_reason(q, q, q)
     assert kernel_skip_reason(q, q, q, softcap=30.0) is None
+    # a mask marked causal: the kernel from MIN_CAUSAL_MASK_KERNEL_QUERIES queries on
+    mask = _fake_cuda(2, 1, 16, 16, dtype=torch.bool)
+    assert "16 queries" in kernel_skip_reason(q, q, q, mask, is_causal=True)
+    assert "fused SDPA" in kernel_skip_reason(q, q, q, mask)
+    long_q = _fake_cuda(2, 4, MIN_CAUSAL_MASK_KERNEL_QUERIES, 64)
+    long_mask = _fake_cuda(2, 1, MIN_CAUSAL_MASK_KERNEL_QUERIES, MIN_CAUSAL_MASK_KERNEL_QUERIES,
+                           dtype=torch.bool)
+    assert kernel_skip_reason(long_q, long_q, long_q, long_mask, is_causal=True) is None
+    assert "fused SDPA" in kernel_skip_reason(long_q, long_q, long_q, long_mask)
     monkeypatch.setenv(KERNELS_ENV, "always")
     assert kernel_skip_reason(q, q, q) is None
     assert "dtype" in kernel_skip_reason(*(_fake_cuda(2, 4, 16, 64, dtype=torch.float64),) * 3)

@@ -26,8 +26,9 @@ of q, k, v and of a float mask; through the Triton backward kernels where the fo
 Which backend runs a call on CUDA (`ATTNOPT_KERNELS`):
 - "auto" (default): the Triton kernel where PyTorch has no fused kernel for the call — soft-capped
   scores, which SDPA can only run on its math path (the full score matrix in memory), and a mask
-  together with `is_causal`, where SDPA would read the whole mask and the kernel skips the blocks
-  above the diagonal (1.5–2× at 2K–8K) — and SDPA everywhere else. Measured on an H100
+  together with `is_causal` from `MIN_CAUSAL_MASK_KERNEL_QUERIES` queries on, where SDPA would
+  read the whole mask and the kernel skips the blocks above the diagonal (1.5–2× at 2K–8K) —
+  and SDPA everywhere else. Measured on an H100
   (docs/BENCHMARKS.md): for plain, causal and masked attention SDPA's default backend (cuDNN)
   is 0–25% faster than the generated kernel in GPU time and its launch is ~0.1 ms cheaper,
   which dominates short sequences and decode steps.
@@ -51,6 +52,10 @@ from attnopt.ops.common import empty_like_query_layout, like_query_layout
 KERNELS_ENV = "ATTNOPT_KERNELS"
 KERNEL_MODES = ("auto", "always", "never", "0")
 KERNEL_BACKEND, FALLBACK_BACKEND = "triton", "sdpa"
+#: "auto" runs a mask + is_causal call on the kernel from this many queries on: measured end
+#: to end on an H100 (docs/BENCHMARKS.md, padded prefill), parity at 2K and 1.09x at 4K; below,
+#: the kernel's launch costs more than the blocks it skips save
+MIN_CAUSAL_MASK_KERNEL_QUERIES = 2048
 
 
 def kernel_mode() -> str:
@@ -91,11 +96,15 @@ def kernel_skip_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tens
         return "the mask needs a gradient (the kernels do not produce one)"
     from attnopt.kernels.params import unsupported_reason
     reason = unsupported_reason(q, k, v)
-    causal_mask = is_causal and attn_mask is not None
-    if reason is None and mode == "auto" and softcap is None and sdpa_alternative \
-            and not causal_mask:
-        return ("PyTorch's fused SDPA runs this call and measured faster than the generated "
-                f"kernel (docs/BENCHMARKS.md); {KERNELS_ENV}=always forces the kernel")
+    if reason is None and mode == "auto" and softcap is None and sdpa_alternative:
+        queries = q.shape[-2]
+        if not (is_causal and attn_mask is not None):
+            return ("PyTorch's fused SDPA runs this call and measured faster than the generated "
+                    f"kernel (docs/BENCHMARKS.md); {KERNELS_ENV}=always forces the kernel")
+        if isinstance(queries, int) and queries < MIN_CAUSAL_MASK_KERNEL_QUERIES:
+            return (f"a causal mask over {queries} queries: below "
+                    f"{MIN_CAUSAL_MASK_KERNEL_QUERIES} the kernel's launch costs more than the "
+                    f"blocks it skips (docs/BENCHMARKS.md); {KERNELS_ENV}=always forces it")
     return reason
 
 
