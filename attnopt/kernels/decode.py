@@ -19,6 +19,7 @@ Here the work is laid out the other way:
    batch row still spreads over every split.
 2. `_decode_reduce_kernel`, one program per (b, h, query): weighs split s by
    sum_s * 2^(max_s - max), combines, and writes q's dtype. Rows that see no key produce zeros.
+   On Hopper it is a programmatic dependent launch of the split kernel (`_dependent_launch`).
 
 With one split the first kernel writes the final output itself and the reduction is skipped.
 
@@ -102,7 +103,8 @@ def _decode_split_kernel(
         HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, QUERY_SPAN: tl.constexpr,
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KV_LENS: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        INPUT_PRECISION: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr):
     tl.static_assert(HEAD_DIM <= HEAD_DIM_PADDED)
     tl.static_assert(BLOCK_M >= 16)
     pid_s = tl.program_id(0)
@@ -161,6 +163,8 @@ def _decode_split_kernel(
     stats_offsets = b * stride_lb + h * stride_lh + offs_m * stride_lm + pid_s * stride_ls
     tl.store(partial_max_ptr + stats_offsets, m_i, mask=row_ok)
     tl.store(partial_sum_ptr + stats_offsets, l_i, mask=row_ok)
+    if LAUNCH_DEPENDENTS:  # the reduction may be scheduled now; it waits for this grid's writes
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -171,11 +175,13 @@ def _decode_reduce_kernel(
         stride_ob, stride_oh, stride_om, stride_od,
         num_heads, seq_q, num_splits,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, SPLITS_PADDED: tl.constexpr,
-        SPLIT_BLOCK: tl.constexpr):
+        SPLIT_BLOCK: tl.constexpr, WAIT_FOR_SPLITS: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // (num_heads * seq_q)
     h = (pid // seq_q) % num_heads
     m = pid % seq_q
+    if WAIT_FOR_SPLITS:  # launched early (programmatic dependent launch): wait for the partials
+        tl.extra.cuda.gdc_wait()
     partial_out_ptr += b * stride_pb + h * stride_ph + m * stride_pm
     stats_offset = b * stride_lb + h * stride_lh + m * stride_lm
     partial_max_ptr += stats_offset
@@ -212,6 +218,16 @@ def _decode_reduce_kernel(
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _dependent_launch(device: torch.device) -> bool:
+    """Whether the reduction is launched as a programmatic dependent of the split kernel
+    (Hopper and later): it is scheduled while the last splits finish and waits for their
+    writes, so the gap between the two launches is hidden."""
+    if interpreting() or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _packed_rows(params: AttentionParams) -> int:
@@ -260,6 +276,7 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> 
                     dtype=torch.float32) for _ in range(2))
     flags = params.kernel_flags()
     kv_bucket = next_power_of_2(params.kv_len)
+    pdl = splits > 1 and _dependent_launch(q.device)
     grid = (splits, params.batch * params.kv_heads,
             cdiv(params.group * params.q_len, block_m))
     launch(_decode_split_kernel, grid, (
@@ -275,7 +292,7 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> 
         HAS_LEFT=flags["HAS_LEFT"], HAS_RIGHT=flags["HAS_RIGHT"],
         HAS_SOFTCAP=flags["HAS_SOFTCAP"], BIAS_KIND=flags["BIAS_KIND"],
         HAS_ALIBI=flags["HAS_ALIBI"], HAS_KV_LENS=flags["HAS_KV_LENS"],
-        INPUT_PRECISION=input_precision(q.dtype), BLOCK_M=block_m),
+        INPUT_PRECISION=input_precision(q.dtype), LAUNCH_DEPENDENTS=pdl, BLOCK_M=block_m),
         key=(q.dtype, splits, kv_bucket),
         tune=params.worth_tuning(q.dtype), prune=_prune_split_configs)
     if splits > 1:
@@ -284,7 +301,8 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> 
             *partial_out.stride(), *partial_max_BHSP.stride(), *out_BHSD.stride(),
             params.heads, params.q_len, splits,
             HEAD_DIM=params.head_dim, HEAD_DIM_PADDED=head_dim_padded,
-            SPLITS_PADDED=next_power_of_2(splits), SPLIT_BLOCK=SPLIT_BLOCK, num_warps=4)
+            SPLITS_PADDED=next_power_of_2(splits), SPLIT_BLOCK=SPLIT_BLOCK,
+            WAIT_FOR_SPLITS=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return out_BHSD
 
 
