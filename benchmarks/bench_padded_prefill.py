@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -80,36 +79,13 @@ def ops(seqs: list[int]) -> None:
               f"{times[1] / times[0]:.2f} | {errors[0]:.1e}, {errors[1]:.1e} |", flush=True)
 
 
-@torch.no_grad()
-def median_ms(fn, warmup: int = 5, runs: int = 25) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def e2e(seqs: list[int]) -> None:
-    import transformers
-
     import attnopt
     from attnopt.ops import ATTENTION_OP
+    # the same Llama config and CUDA-event medians as the eager-decoder benchmark next to this
+    from bench_exact_cuda import build, median_ms
 
-    def build(dtype):
-        config = transformers.LlamaConfig(
-            vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=4,
-            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-            max_position_embeddings=16384, attn_implementation="sdpa")
-        torch.manual_seed(0)
-        return transformers.LlamaForCausalLM(config).to("cuda", dtype).eval()
-
-    model, reference = build(torch.bfloat16), build(torch.float32)
+    model, reference = build("sdpa", torch.bfloat16), build("sdpa", torch.float32)
     print("| seq | HF sdpa ms | attnopt exact ms | sdpa / attnopt | canonical calls causal "
           "| max abs err on real tokens vs fp32 (sdpa, attnopt) |")
     print("|---|---|---|---|---|---|")

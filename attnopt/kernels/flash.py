@@ -24,8 +24,8 @@ import triton.language as tl
 from torch import Tensor
 
 from attnopt.kernels.layout import BlockSparseLayout
-from attnopt.kernels.params import AttentionParams, cdiv, interpreting, padded_head_dim, \
-    unsupported_reason
+from attnopt.kernels.params import AttentionParams, cdiv, interpreting, next_power_of_2, \
+    padded_head_dim, unsupported_reason
 from attnopt.kernels.reference import flash_attention_reference
 from attnopt.kernels.tiles import BIAS_NONE, LOG2E, NEG_INF, key_band, score_tile
 from attnopt.kernels.tuning import launch
@@ -296,10 +296,6 @@ def _flash_forward_kernel(
 
 # --------------------------------------------------------------------------- launcher
 
-def _bucket(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def input_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get exact fp32 products (tf32 would miss fp32 verification tolerances)
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -373,7 +369,7 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
             *extra["slopes_strides"], *extra["counts_strides"], *extra["indices_strides"],
             *scale_strides, params.heads, params.group, params.q_len, params.kv_len, params.offset,
             params.window_left, params.window_right, params.scale, params.softcap or 1.0,
-            _bucket(params.q_len), _bucket(params.kv_len))
+            next_power_of_2(params.q_len), next_power_of_2(params.kv_len))
     launch(_flash_forward_kernel, grid, args,
            dict(HEAD_DIM=params.head_dim, HEAD_DIM_PADDED=padded_head_dim(params.head_dim),
                 INPUT_PRECISION=input_precision(v.dtype), QUANT_QK=quant is not None,

@@ -32,9 +32,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnopt.kernels.flash import INTERPRETER_BLOCK, broadcast_strides, _bucket, \
+from attnopt.kernels.flash import INTERPRETER_BLOCK, broadcast_strides, \
     input_precision, last_dim_contiguous, tensor_args
-from attnopt.kernels.params import AttentionParams, cdiv, interpreting, padded_head_dim
+from attnopt.kernels.params import AttentionParams, cdiv, interpreting, next_power_of_2, \
+    padded_head_dim
 from attnopt.kernels.tiles import key_band, score_tile, stable_tanh
 from attnopt.kernels.tuning import launch
 
@@ -209,8 +210,9 @@ def _key_block_range(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
                      INPUT_PRECISION: tl.constexpr):
     """Query tiles starting at lo, lo + BLOCK_M, ... below hi, walked from the last down (see
     `_dkdv_program` for why)."""
+    last = lo + ((hi - lo + BLOCK_M - 1) // BLOCK_M - 1) * BLOCK_M
     for step in tl.range(0, (hi - lo + BLOCK_M - 1) // BLOCK_M):
-        m0 = lo + ((hi - lo + BLOCK_M - 1) // BLOCK_M - 1 - step) * BLOCK_M
+        m0 = last - step * BLOCK_M
         dk, dv = _key_block_tile(
             dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qm, stride_qd,
             stride_dom, stride_dod, m0, offs_n, offs_d, seq_q, seq_k, kv_end, offset,
@@ -586,7 +588,8 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     scalars = dict(seq_q=params.q_len, seq_k=params.kv_len, offset=params.offset,
                    window_left=params.window_left, window_right=params.window_right,
                    scale=params.scale, softcap=params.softcap or 1.0,
-                   seq_q_bucket=_bucket(params.q_len), seq_k_bucket=_bucket(params.kv_len),
+                   seq_q_bucket=next_power_of_2(params.q_len),
+                   seq_k_bucket=next_power_of_2(params.kv_len),
                    HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded,
                    INPUT_PRECISION=input_precision(q.dtype), **params.kernel_flags())
 
