@@ -55,6 +55,9 @@ class AttentionSite:
     dtype: str = "float32"
     device: str = "cpu"  # device type of the traced operands
     causal: bool = False
+    #: the canonical call carries the sliding window as `window_left` (the kernel reads the
+    #: band alone); set by canonicalization
+    window_band: bool = False
     softcap: Optional[float] = None
     dynamic_dims: tuple[str, ...] = ()
     projections: dict[str, Projection] = field(default_factory=dict)

@@ -4,7 +4,8 @@ Skipped without a GPU (the kernels' semantics are covered on CPU by the interpre
 Tiny Hugging Face models built from configs, head dim 32 so the kernel applies. With
 `ATTNOPT_KERNELS=always` each site's report says backend "triton", verification passes, the
 kernel is really called (counted), and outputs match the untouched model within the verification
-tolerances of the dtype. In the default mode only soft-capped sites (Gemma 2) take the kernel.
+tolerances of the dtype. In the default mode only soft-capped sites (Gemma 2) and sliding-window
+bands (Gemma 2, Mistral) take the kernel.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 import attnopt  # noqa: E402
 import attnopt.kernels.flash as flash  # noqa: E402
+from attnopt.region import reference_sdpa_backends  # noqa: E402
 from attnopt.verify import TOLERANCES, compare_tensors  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -64,6 +66,19 @@ def _gemma2():
         input_ids=torch.randint(0, 100, (2, 40)), use_cache=False)
 
 
+def _mistral():
+    """HF's sdpa path with a padded batch: a boolean sliding-window mask, kept, with the causal
+    mark and the window band on the call."""
+    config = transformers.MistralConfig(
+        vocab_size=100, hidden_size=HIDDEN, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=128,
+        sliding_window=16, attn_implementation="sdpa")
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :7] = 0
+    return transformers.MistralForCausalLM(config), dict(
+        input_ids=torch.randint(3, 100, (2, 40)), attention_mask=mask, use_cache=False)
+
+
 def _t5():
     config = transformers.T5Config(
         vocab_size=100, d_model=HIDDEN, d_kv=32, d_ff=256, num_layers=1, num_decoder_layers=1,
@@ -75,7 +90,8 @@ def _t5():
         decoder_input_ids=torch.randint(0, 100, (2, 24)), use_cache=False)
 
 
-MODELS = {"bert": _bert, "llama-gqa": _llama, "gpt2": _gpt2, "gemma2": _gemma2, "t5": _t5}
+MODELS = {"bert": _bert, "llama-gqa": _llama, "gpt2": _gpt2, "gemma2": _gemma2, "t5": _t5,
+          "mistral-window": _mistral}
 
 
 def _outputs(output):
@@ -105,7 +121,9 @@ def test_exact_policy_runs_the_triton_kernel(name, dtype, kernel_calls, monkeypa
     model, inputs = MODELS[name]()
     model = model.to("cuda", dtype).eval()
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    with torch.no_grad():
+    # cuDNN's SDPA returns other values than the definition's zeros on query rows that see no
+    # key (a left-padded row's padding, Mistral's case): the expectation runs without it
+    with torch.no_grad(), reference_sdpa_backends():
         expected = _outputs(model(**inputs))
     optimized = attnopt.optimize(model, example_kwargs=inputs)
     report = optimized.report
@@ -124,7 +142,8 @@ def test_exact_policy_runs_the_triton_kernel(name, dtype, kernel_calls, monkeypa
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_auto_mode_uses_the_kernel_only_where_sdpa_has_no_fused_path(name, kernel_calls,
                                                                      monkeypatch):
-    """Default: soft-capped sites (Gemma 2) on the kernel, plain ones on SDPA, reasons given."""
+    """Default: soft-capped sites (Gemma 2) and window bands (Gemma 2, Mistral) on the kernel,
+    plain ones on SDPA, reasons given."""
     monkeypatch.delenv("ATTNOPT_KERNELS", raising=False)
     torch.manual_seed(0)
     model, inputs = MODELS[name]()
@@ -133,7 +152,8 @@ def test_auto_mode_uses_the_kernel_only_where_sdpa_has_no_fused_path(name, kerne
     optimized = attnopt.optimize(model, example_kwargs=inputs)
     sites = [r for r in optimized.report.sites if r.rewrite == "exact"]
     for record in sites:
-        want = "triton" if record.site.softcap is not None else "sdpa"
+        want = "triton" if record.site.softcap is not None or record.site.window_band \
+            else "sdpa"
         assert record.backend == want, str(optimized.report)
         assert want == "triton" or "fused SDPA" in record.backend_reason
     kernel_calls.clear()

@@ -158,8 +158,8 @@ def _fake_cuda(*shape, dtype=torch.float16):
 
 
 def test_backend_choice_by_mode(monkeypatch):
-    """auto: the kernel only where SDPA has no fused kernel (soft-cap, long masked calls marked
-    causal); always / never force."""
+    """auto: the kernel only where SDPA has no fused kernel (soft-cap, sliding windows, long
+    masked calls marked causal); always / never force."""
     from attnopt.ops.attention import (
         KERNELS_ENV, MIN_CAUSAL_MASK_KERNEL_QUERIES, kernel_skip_reason,
     )
@@ -176,6 +176,9 @@ def test_backend_choice_by_mode(monkeypatch):
                            dtype=torch.bool)
     assert kernel_skip_reason(long_q, long_q, long_q, long_mask, is_causal=True) is None
     assert "fused SDPA" in kernel_skip_reason(long_q, long_q, long_q, long_mask)
+    # a sliding window: SDPA could only read it as a dense mask, at any length
+    assert kernel_skip_reason(q, q, q, is_causal=True, window_left=3) is None
+    assert kernel_skip_reason(q, q, q, mask, is_causal=True, window_left=3) is None
     monkeypatch.setenv(KERNELS_ENV, "always")
     assert kernel_skip_reason(q, q, q) is None
     assert "dtype" in kernel_skip_reason(*(_fake_cuda(2, 4, 16, 64, dtype=torch.float64),) * 3)

@@ -19,9 +19,9 @@ ATOL = 1e-5
 class _CanonicalCall(torch.nn.Module):
     """One call of the canonical op with fixed non-tensor arguments."""
 
-    def __init__(self, mask, is_causal, scale, enable_gqa, softcap):
+    def __init__(self, mask, is_causal, scale, enable_gqa, softcap, window_left=None):
         super().__init__()
-        self.mask, self.options = mask, (is_causal, scale, enable_gqa, softcap)
+        self.mask, self.options = mask, (is_causal, scale, enable_gqa, softcap, window_left)
 
     def forward(self, q, k, v):
         return torch.ops.attnopt.attention(q, k, v, self.mask, *self.options)
@@ -36,6 +36,12 @@ OP_CASES = {
     "float_mask_causal": dict(mask="float", is_causal=True, kv_heads=4, softcap=None),
     "softcap_float_mask": dict(mask="float", is_causal=False, kv_heads=4, softcap=5.0),
     "gqa_causal_softcap": dict(mask=None, is_causal=True, kv_heads=1, softcap=3.0),
+    # sliding windows after canonicalization: a constant one as a band alone, a padded one as
+    # its boolean mask with the causal mark and the band
+    "causal_window": dict(mask=None, is_causal=True, kv_heads=4, softcap=None, window=3),
+    "gqa_bool_mask_causal_window": dict(mask="bool", is_causal=True, kv_heads=2, softcap=None,
+                                        window=4),
+    "causal_window_softcap": dict(mask=None, is_causal=True, kv_heads=2, softcap=3.0, window=2),
 }
 
 
@@ -58,7 +64,8 @@ def test_attention_op_translations_run_in_onnxruntime(name, opset, target):
             "float": torch.randn(2, 1, 12, 12, generator=generator)}[case["mask"]]
     if case["mask"] == "bool" and case["is_causal"]:
         mask[0] = False  # a query that sees no key (a left-padded row): 0, as in torch
-    module = _CanonicalCall(mask, case["is_causal"], 0.3, case["kv_heads"] != 4, case["softcap"])
+    module = _CanonicalCall(mask, case["is_causal"], 0.3, case["kv_heads"] != 4, case["softcap"],
+                            case.get("window"))
     program = torch.onnx.export(module, (q, k, v), dynamo=True, opset_version=opset,
                                 verbose=False,
                                 custom_translation_table=translation_table(opset, target))
@@ -165,23 +172,28 @@ def test_decoders_export_to_group_query_attention_with_dynamic_shapes(family, tm
     assert result.dynamic and len(result.errors) >= 3
 
 
+@pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("opset,target", [(18, "onnx"), (23, "onnx"), (18, "ort")])
-def test_padded_decoder_exports_with_rows_that_see_no_key(opset, target, tmp_path):
+def test_padded_decoder_exports_with_rows_that_see_no_key(opset, target, window, tmp_path):
     """A left-padded batch (HF's SDPA path: a boolean causal mask, marked causal by
     canonicalization): export_onnx's fresh draws of the attention_mask leave some query rows
-    with no key to see, which every translation must return as 0, as torch does."""
+    with no key to see, which every translation must return as 0, as torch does. With a
+    sliding window (Mistral) the calls carry the band too, which every translation applies."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
+    config_class = transformers.MistralConfig if window else transformers.LlamaConfig
+    config = config_class(
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        attn_implementation="sdpa")
+        attn_implementation="sdpa", **({"sliding_window": window} if window else {}))
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    mask = torch.ones(2, 8, dtype=torch.long)
+    model = (transformers.MistralForCausalLM if window else
+             transformers.LlamaForCausalLM)(config).eval()
+    mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, :3] = 0
-    inputs = dict(input_ids=torch.randint(3, 100, (2, 8)), attention_mask=mask,
+    inputs = dict(input_ids=torch.randint(3, 100, (2, 12)), attention_mask=mask,
                   use_cache=False)
     optimized = attnopt.optimize(model, example_kwargs=inputs)
+    assert [r.site.window_band for r in optimized.report.sites] == [bool(window)] * 2
     result = attnopt.export_onnx(optimized, tmp_path / "decoder.onnx", example_kwargs=inputs,
                                  opset=opset, target=target, dynamic=False)
     assert result.passed

@@ -153,7 +153,8 @@ def test_window_wider_than_the_example_is_not_mistaken_for_causal():
     assert (record.site.mask_kind, record.site.window) == ("window", 16)
     (region,) = optimized._attnopt_state.whole_regions
     (call,) = [n for n in region.rewritten.graph.nodes if n.target is ATTENTION_OP]
-    assert call.args[3] is not None and call.args[4] is False  # the mask stays
+    # the mask is gone: the call is causal with a window band of 16 keys
+    assert call.args[3] is None and call.args[4] is True and call.args[8] == 15
     long_inputs = tuple(torch.randn(2, 4, 40, 8) for _ in range(3))
     with torch.no_grad():
         torch.testing.assert_close(optimized(*long_inputs), model(*long_inputs),

@@ -17,6 +17,11 @@ Semantics are those of `F.scaled_dot_product_attention` without dropout:
 - `scale`: defaults to 1/sqrt(D).
 - `softcap`: when given, scores are soft-capped before the mask: `softcap * tanh(s / softcap)`
   (Gemma 2 style).
+- `window_left`: when given, query i attends only keys j >= i - window_left (aligned as
+  `is_causal`, top-left): a sliding window of `window_left + 1` keys with `is_causal`.
+  Canonicalization emits it for masks that are sliding windows by construction (Mistral,
+  Gemma 2/3), dropping a constant window mask altogether, so the kernel reads only the band
+  instead of every key block up to the diagonal.
 
 The op owns its reference implementation (SDPA, runs on every device), its CUDA implementation
 (the generated Triton flash kernel from `attnopt.kernels` where `kernel_skip_reason` finds
@@ -27,8 +32,9 @@ Which backend runs a call on CUDA (`ATTNOPT_KERNELS`):
 - "auto" (default): the Triton kernel where PyTorch has no fused kernel for the call — soft-capped
   scores, which SDPA can only run on its math path (the full score matrix in memory), and a mask
   together with `is_causal` from `MIN_CAUSAL_MASK_KERNEL_QUERIES` queries on, where SDPA would
-  read the whole mask and the kernel skips the blocks above the diagonal (1.5–2× at 2K–8K) —
-  and SDPA everywhere else. Measured on an H100
+  read the whole mask and the kernel skips the blocks above the diagonal (1.5–2× at 2K–8K);
+  and every call with `window_left`, which SDPA can only run as a dense mask (the kernel
+  reads the band alone: 2.7–46× SDPA with the mask at 1K–16K) — and SDPA everywhere else. Measured on an H100
   (docs/BENCHMARKS.md): for plain, causal and masked attention SDPA's default backend (cuDNN)
   is 0–25% faster than the generated kernel in GPU time and its launch is ~0.1 ms cheaper,
   which dominates short sequences and decode steps.
@@ -67,12 +73,14 @@ def kernel_mode() -> str:
 
 def kernel_skip_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
                        softcap: Optional[float] = None, *, is_causal: bool = False,
+                       window_left: Optional[int] = None,
                        sdpa_alternative: bool = True) -> Optional[str]:
     """Why a call runs SDPA (or a reference) rather than the Triton flash kernel (None: the
     kernel runs it). `sdpa_alternative=False` for calls PyTorch has no fused kernel for (sparse
-    layouts), which "auto" then sends to the kernel too. A mask with `is_causal` is one: SDPA
-    would need the two merged into a dense mask, and reads all of it, where the kernel skips
-    the blocks above the diagonal.
+    layouts), which "auto" then sends to the kernel too. A sliding window is one (SDPA would
+    read a dense mask where the kernel reads the band); a mask with `is_causal` is one from
+    MIN_CAUSAL_MASK_KERNEL_QUERIES queries on: SDPA would need the two merged into a dense
+    mask, and reads all of it, where the kernel skips the blocks above the diagonal.
 
     Reads only metadata, so it answers for fake tensors at optimize time exactly as it does for
     real ones at run time.
@@ -96,7 +104,8 @@ def kernel_skip_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tens
         return "the mask needs a gradient (the kernels do not produce one)"
     from attnopt.kernels.params import unsupported_reason
     reason = unsupported_reason(q, k, v)
-    if reason is None and mode == "auto" and softcap is None and sdpa_alternative:
+    if reason is None and mode == "auto" and softcap is None and window_left is None \
+            and sdpa_alternative:
         queries = q.shape[-2]
         if not (is_causal and attn_mask is not None):
             return ("PyTorch's fused SDPA runs this call and measured faster than the generated "
@@ -110,10 +119,13 @@ def kernel_skip_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tens
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
                         is_causal: bool = False, scale: Optional[float] = None,
-                        enable_gqa: bool = False, softcap: Optional[float] = None) -> Tensor:
+                        enable_gqa: bool = False, softcap: Optional[float] = None,
+                        window_left: Optional[int] = None) -> Tensor:
     """Plain-torch semantics of the canonical op (used by every backend without a kernel)."""
-    if is_causal and attn_mask is not None and softcap is None:  # SDPA takes one or the other
-        attn_mask, is_causal = with_causal_mask(attn_mask, q.shape[-2], k.shape[-2]), False
+    if window_left is not None or (is_causal and attn_mask is not None):
+        # SDPA takes a mask or is_causal, and knows no window: fold them into one mask
+        keep = band_keep(q.shape[-2], k.shape[-2], is_causal, window_left, q.device)
+        attn_mask, is_causal = with_keep_mask(attn_mask, keep), False
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0,
                                               is_causal=is_causal, scale=scale,
@@ -121,9 +133,24 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
     return _softcapped_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
 
 
-def with_causal_mask(attn_mask: Tensor, q_len: int, kv_len: int) -> Tensor:
-    """`attn_mask` with SDPA's top-left causal mask folded in: keys j > i masked out."""
-    keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=attn_mask.device).tril()
+def band_keep(q_len: int, kv_len: int, is_causal: bool, window_left: Optional[int],
+              device) -> Tensor:
+    """(Sq, Sk) bool, True where the op's causal edge and window let query i see key j: j <= i
+    when causal, j >= i - window_left when windowed (top-left aligned, as SDPA's causal)."""
+    rows = torch.arange(q_len, device=device).unsqueeze(-1)
+    cols = torch.arange(kv_len, device=device)
+    keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    if is_causal:
+        keep &= cols <= rows
+    if window_left is not None:
+        keep &= cols >= rows - window_left
+    return keep
+
+
+def with_keep_mask(attn_mask: Optional[Tensor], keep: Tensor) -> Tensor:
+    """`attn_mask` (bool, float or None) restricted to the positions `keep` allows."""
+    if attn_mask is None:
+        return keep
     if attn_mask.dtype == torch.bool:
         return attn_mask & keep
     return attn_mask.masked_fill(~keep, float("-inf"))
@@ -155,34 +182,43 @@ def _softcapped_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask, is_causal, scale, e
 @torch.library.custom_op("attnopt::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
               is_causal: bool = False, scale: Optional[float] = None,
-              enable_gqa: bool = False, softcap: Optional[float] = None) -> Tensor:
-    return like_query_layout(
-        attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap), q)
+              enable_gqa: bool = False, softcap: Optional[float] = None,
+              window_left: Optional[int] = None) -> Tensor:
+    return like_query_layout(attention_reference(q, k, v, attn_mask, is_causal, scale,
+                                                 enable_gqa, softcap, window_left), q)
+
+
+def kernel_window(k: Tensor, window_left: Optional[int]) -> Optional[tuple[int, int]]:
+    """The flash kernels' (left, right) window for the op's `window_left` (no right bound)."""
+    return None if window_left is None else (window_left, k.shape[-2])
 
 
 @attention.register_kernel("cuda")
 def _attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-                    softcap=None):
-    if kernel_skip_reason(q, k, v, attn_mask, softcap, is_causal=is_causal) is not None:
-        return like_query_layout(
-            attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap), q)
+                    softcap=None, window_left=None):
+    if kernel_skip_reason(q, k, v, attn_mask, softcap, is_causal=is_causal,
+                          window_left=window_left) is not None:
+        return like_query_layout(attention_reference(
+            q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap, window_left), q)
     from attnopt.kernels import flash_attention
     return like_query_layout(flash_attention(q, k, v, causal=is_causal, scale=scale,
-                                             attn_bias=attn_mask, softcap=softcap), q)
+                                             attn_bias=attn_mask, softcap=softcap,
+                                             window=kernel_window(k, window_left)), q)
 
 
 @attention.register_fake
 def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-                    softcap=None):
+                    softcap=None, window_left=None):
     # SDPA's convention, which graphs captured around it rely on: output laid out like q
     return empty_like_query_layout(q, v.shape[-1])
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap = inputs
+    q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap, window_left = inputs
     ctx.save_for_backward(q, k, v, attn_mask)
     ctx.has_mask = attn_mask is not None
     ctx.is_causal, ctx.scale, ctx.enable_gqa, ctx.softcap = is_causal, scale, enable_gqa, softcap
+    ctx.window_left = window_left
 
 
 def _backward(ctx, grad_out):
@@ -194,18 +230,20 @@ def _backward(ctx, grad_out):
         mask_ = attn_mask
         if mask_needs_grad:
             mask_ = attn_mask.detach().requires_grad_(True)
-        if not mask_needs_grad and kernel_skip_reason(q, k, v, attn_mask, ctx.softcap,
-                                                      is_causal=ctx.is_causal) is None:
+        if not mask_needs_grad and kernel_skip_reason(
+                q, k, v, attn_mask, ctx.softcap, is_causal=ctx.is_causal,
+                window_left=ctx.window_left) is None:
             from attnopt.kernels import flash_attention
             out = flash_attention(q_, k_, v_, causal=ctx.is_causal, scale=ctx.scale,
-                                  attn_bias=attn_mask, softcap=ctx.softcap)
+                                  attn_bias=attn_mask, softcap=ctx.softcap,
+                                  window=kernel_window(k, ctx.window_left))
         else:
             out = attention_reference(q_, k_, v_, mask_, ctx.is_causal, ctx.scale,
-                                      ctx.enable_gqa, ctx.softcap)
+                                      ctx.enable_gqa, ctx.softcap, ctx.window_left)
         wrt = [q_, k_, v_] + ([mask_] if mask_needs_grad else [])
         grads = torch.autograd.grad(out, wrt, grad_out)
     grad_mask = grads[3] if mask_needs_grad else None
-    return grads[0], grads[1], grads[2], grad_mask, None, None, None, None
+    return grads[0], grads[1], grads[2], grad_mask, None, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -216,7 +254,7 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 # as above; scores_BHSS is (B, H, Sq, Sk).
 
 def onnx_attention_decomposed(q, k, v, attn_mask=None, is_causal=False, scale=None,
-                              enable_gqa=False, softcap=None):
+                              enable_gqa=False, softcap=None, window_left=None):
     """Standard ops only (opset 18+): MatMul, Softmax, Where; runs in every ONNX runtime."""
     from onnxscript import opset18 as op
 
@@ -235,12 +273,9 @@ def onnx_attention_decomposed(q, k, v, attn_mask=None, is_causal=False, scale=No
         cap = scalar(softcap, scores_BHSS)
         scores_BHSS = op.Mul(op.Tanh(op.Div(scores_BHSS, cap)), cap)
     neg_inf = scalar(float("-inf"), scores_BHSS)
-    if is_causal:
-        rows = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Squeeze(dim(q, 2)),
-                                     op.Constant(value_int=1)), op.Constant(value_ints=[1]))
-        cols = op.Range(op.Constant(value_int=0), op.Squeeze(dim(k, 2)),
-                        op.Constant(value_int=1))
-        scores_BHSS = op.Where(op.LessOrEqual(cols, rows), scores_BHSS, neg_inf)
+    keep_SS = _onnx_band_keep(op, q, k, is_causal, window_left)
+    if keep_SS is not None:
+        scores_BHSS = op.Where(keep_SS, scores_BHSS, neg_inf)
     if attn_mask is not None:
         if attn_mask.dtype == 9:  # onnx BOOL: True = attend
             scores_BHSS = op.Where(attn_mask, scores_BHSS, neg_inf)
@@ -254,14 +289,37 @@ def onnx_attention_decomposed(q, k, v, attn_mask=None, is_causal=False, scale=No
     return op.MatMul(probs_BHSS, v)
 
 
+def _onnx_band_keep(op, q, k, is_causal: bool, window_left: Optional[int]):
+    """`band_keep` in ONNX: (Sq, Sk) bool from the dynamic lengths, or None (no restriction)."""
+    if not is_causal and window_left is None:
+        return None
+    from attnopt.ops.common import onnx_dim
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    rows_S1 = op.Unsqueeze(op.Range(zero, op.Squeeze(onnx_dim(op, q, 2)), one),
+                           op.Constant(value_ints=[1]))
+    cols_S = op.Range(zero, op.Squeeze(onnx_dim(op, k, 2)), one)
+    keep_SS = op.LessOrEqual(cols_S, rows_S1) if is_causal else None
+    if window_left is not None:
+        in_window = op.GreaterOrEqual(cols_S, op.Sub(rows_S1, op.Constant(value_int=window_left)))
+        keep_SS = in_window if keep_SS is None else op.And(keep_SS, in_window)
+    return keep_SS
+
+
 def onnx_attention_standard(q, k, v, attn_mask=None, is_causal=False, scale=None,
-                            enable_gqa=False, softcap=None):
+                            enable_gqa=False, softcap=None, window_left=None):
     """The standard `Attention` op (opset 23), one node. ONNX applies its soft-cap after the
-    mask (a masked score would come back finite), so soft-capped sites are decomposed."""
+    mask (a masked score would come back finite), so soft-capped sites are decomposed. The op
+    has no window: a sliding window is folded into its mask."""
     if softcap is not None:
         return onnx_attention_decomposed(q, k, v, attn_mask, is_causal, scale, enable_gqa,
-                                         softcap)
+                                         softcap, window_left)
     from onnxscript import opset23 as op
+    if window_left is not None:
+        keep_SS = _onnx_band_keep(op, q, k, False, window_left)
+        attn_mask = keep_SS if attn_mask is None else (
+            op.And(attn_mask, keep_SS) if attn_mask.dtype == 9 else
+            op.Where(keep_SS, attn_mask, op.CastLike(op.Constant(value_float=float("-inf")),
+                                                    attn_mask)))
     attributes = {"is_causal": int(bool(is_causal))}
     if scale is not None:
         attributes["scale"] = float(scale)
@@ -275,24 +333,27 @@ def onnx_attention_standard(q, k, v, attn_mask=None, is_causal=False, scale=None
 
 
 def onnx_attention_ort(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-                       softcap=None):
+                       softcap=None, window_left=None):
     """onnxruntime's fused contrib ops where they express the call, the decomposed translation
     elsewhere (a dynamic head count or head dim, or neither op fits):
 
     - `com.microsoft.GroupQueryAttention` for self-attention (equal lengths) that is causal,
       grouped (fewer kv heads, never repeated) or soft-capped, with any mask as its
-      `attention_bias`;
+      `attention_bias` and a causal sliding window as its `local_window_size`;
     - `com.microsoft.MultiHeadAttention` for the rest without soft-cap or causality (equal
       head counts, cross-attention included). Its causal form is slower than
       GroupQueryAttention's on the CPU (docs/BENCHMARKS.md)."""
     heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[3]
     static = all(isinstance(d, int) for d in (heads, kv_heads, head_dim, v.shape[3]))
+    windowed = window_left is not None
     if static and _equal_lengths(q, k) and v.shape[3] == head_dim and \
+            (is_causal or not windowed) and \
             (is_causal or heads != kv_heads or softcap is not None):
-        return _onnx_group_query_attention(q, k, v, attn_mask, is_causal, scale, softcap)
-    if not static or softcap is not None or heads != kv_heads or is_causal:
+        return _onnx_group_query_attention(q, k, v, attn_mask, is_causal, scale, softcap,
+                                           window_left)
+    if not static or softcap is not None or heads != kv_heads or is_causal or windowed:
         return onnx_attention_decomposed(q, k, v, attn_mask, is_causal, scale, enable_gqa,
-                                         softcap)
+                                         softcap, window_left)
     from onnxscript import opset18 as op
     multi_head_attention = _contrib_op("MultiHeadAttention", [
         ("query", "T"), ("key", "T"), ("value", "T"), ("bias", "T"),
@@ -342,9 +403,12 @@ def _full_bias(op, attn_mask, q, k):
     return op.CastLike(op.Expand(attn_mask, full), q)
 
 
-def _onnx_group_query_attention(q, k, v, attn_mask, is_causal, scale, softcap):
+def _onnx_group_query_attention(q, k, v, attn_mask, is_causal, scale, softcap, window_left):
     """`com.microsoft.GroupQueryAttention` as a prompt without a cache: every sequence full
-    length (seqlens_k = S − 1), q/k/v as (B, S, heads·D), k and v at their own head count."""
+    length (seqlens_k = S − 1), q/k/v as (B, S, heads·D), k and v at their own head count.
+    Its `local_window_size` L lets query i see the L keys i - L + 1 .. i (measured on
+    onnxruntime's CPU provider; the semantics ONNX's Attention adopts in opset 25): the op's
+    `window_left + 1`."""
     from onnxscript import opset18 as op
     group_query_attention = _contrib_op("GroupQueryAttention", [
         ("query", "T"), ("key", "T"), ("value", "T"), ("past_key", "T"), ("past_value", "T"),
@@ -352,7 +416,7 @@ def _onnx_group_query_attention(q, k, v, attn_mask, is_causal, scale, softcap):
         ("sin_cache", "T"), ("position_ids", "P"), ("attention_bias", "T")],
         ["output", "present_key", "present_value"],
         {"num_heads": True, "kv_num_heads": True, "scale": False, "softcap": False,
-         "causal": False})
+         "causal": False, "local_window_size": False})
     total = op.Cast(op.Shape(k, start=2, end=3), to=6)                 # int32 (1,)
     seqlens_k = op.Expand(op.Sub(total, op.Cast(op.Constant(value_ints=[1]), to=6)),
                           op.Shape(q, start=0, end=1))                   # (B,): S − 1
@@ -363,6 +427,8 @@ def _onnx_group_query_attention(q, k, v, attn_mask, is_causal, scale, softcap):
         attributes["scale"] = float(scale)
     if softcap is not None:
         attributes["softcap"] = float(softcap)
+    if window_left is not None:
+        attributes["local_window_size"] = int(window_left) + 1
     outputs = group_query_attention(
         _heads_last(op, q), _heads_last(op, k), _heads_last(op, v), None, None, seqlens_k,
         op.Squeeze(total), None, None, None, bias, **attributes)

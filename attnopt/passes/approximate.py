@@ -23,6 +23,7 @@ from attnopt.ops.features import draw_projection
 from attnopt.passes.canonicalize import SITE_META_KEY
 from attnopt.passes.evaluate import evaluate_subgraph, placeholder_values
 from attnopt.passes.fx_utils import unique_attr
+from attnopt.passes.heads import site_args
 from attnopt.passes.manager import PassContext, PassResult
 from attnopt.policy import VARIANT_DEFAULTS
 from attnopt.site import AttentionSite
@@ -45,6 +46,9 @@ def skip_reason(rewrite: str, site: AttentionSite, params: dict) -> Optional[str
     """Why a site cannot take this variant (None: it can)."""
     if rewrite == "int8_qk":
         return None  # every exact site: the scores are only rounded
+    if site.window_band:
+        return (f"its sliding window of {site.window} keys already runs as a band: the exact "
+                "kernel reads only the keys inside it")
     if site.softcap is not None:
         return "soft-capped scores have no approximate variant"
     if rewrite in ("performer", "linear", "hybrid"):
@@ -201,12 +205,12 @@ class ApproximateAttention:
             site = node.meta[SITE_META_KEY]
             if q is None or k is None:
                 continue
-            result[node.name] = attention_entropy(q, k, mask, site.causal,
-                                                  node.args[5] if len(node.args) > 5 else None)
+            args = site_args(node)
+            result[node.name] = attention_entropy(q, k, mask, site.causal, args[5], args[8])
         return result
 
 
-def attention_entropy(q, k, mask, causal: bool, scale) -> float:
+def attention_entropy(q, k, mask, causal: bool, scale, window_left=None) -> float:
     """Mean over sampled query rows of H(row) / log(#visible keys)."""
     with torch.no_grad():
         q, k = q.detach().float(), k.detach().float()
@@ -218,6 +222,8 @@ def attention_entropy(q, k, mask, causal: bool, scale) -> float:
         keep = torch.ones_like(scores, dtype=torch.bool)
         if causal:
             keep &= torch.arange(k.shape[-2])[None, :] <= rows[:, None]
+        if window_left is not None:
+            keep &= torch.arange(k.shape[-2])[None, :] >= rows[:, None] - window_left
         if mask is not None:
             rows_mask = mask[..., rows, :] if mask.dim() >= 2 and mask.shape[-2] > 1 else mask
             keep &= rows_mask if rows_mask.dtype == torch.bool else rows_mask > -1.0e4

@@ -3,10 +3,11 @@
 Inputs are the nodes detection found, viewed through their recipes (transpose of k, a lift of
 (B·H, S, D) operands to 4-d, einsum permutations); the mask is built from its terms by the same
 `build_mask` that classification evaluated. An input-independent mask that is empty is dropped
-and one that is causal (equal q and kv lengths) becomes `is_causal=True`; a boolean mask that is
-causal by construction but depends on inputs (padding) is kept and the call marked
-`is_causal=True` as well (both apply; see `ops/attention.py`). The old nodes are left without
-users and removed by the pass manager's dead-code elimination.
+and one that is causal (equal q and kv lengths) becomes `is_causal=True`, one that is a sliding
+window of W keys `is_causal=True, window_left=W-1`; a boolean mask that is causal (or a
+window) by construction but depends on inputs (padding) is kept and the call marked
+`is_causal=True` (and given `window_left`) as well: all apply (see `ops/attention.py`). The old
+nodes are left without users and removed by the pass manager's dead-code elimination.
 """
 
 from __future__ import annotations
@@ -55,12 +56,15 @@ class CanonicalizeAttention:
 
     def _emit_canonical(self, emitter: "_Emitter", match: SiteMatch, info, site) -> Node:
         q, k, v = (emitter.recipe(r) for r in (match.q, match.k, match.v))
-        is_causal, mask = match.is_causal, None
+        is_causal, mask, window_left = match.is_causal, None, None
         equal_lengths = same_dim(match.q.shape[2], match.k.shape[2])
         if info.droppable:
             pass
         elif info.causal_only and (equal_lengths or match.is_causal):
             is_causal = True
+        elif info.constant and info.kind == "window" and info.window_by_construction \
+                and equal_lengths:  # every row sees its diagonal: a finite fill is exact too
+            is_causal, window_left = True, info.window - 1
         else:
             dtype = dtype_of(match.q.node)
             mask = build_mask(match.mask_terms, [t.node for t in match.mask_terms], q, dtype,
@@ -70,10 +74,16 @@ class CanonicalizeAttention:
             # diagonal rather than reading the mask there. Only boolean masks: a float mask
             # filled with a finite minimum averages a row with no allowed key over every key,
             # and the causal mark would change which keys those are
-            is_causal = is_causal or (info.causal_by_construction and equal_lengths
-                                      and dtype_of(mask) == torch.bool)
+            marked = info.causal_by_construction and equal_lengths \
+                and dtype_of(mask) == torch.bool
+            is_causal = is_causal or marked
+            if marked and info.window_by_construction:
+                window_left = info.window - 1
         site.causal = site.causal or is_causal
-        extra = (float(match.softcap),) if match.softcap is not None else ()
+        site.window_band = window_left is not None
+        extra = (float(match.softcap) if match.softcap is not None else None, window_left)
+        while extra and extra[-1] is None:  # trailing defaults stay implicit
+            extra = extra[:-1]
         return emitter.emit(ATTENTION_OP, q, k, v, mask, is_causal, float(match.scale),
                             bool(match.enable_gqa), *extra)
 

@@ -12,7 +12,9 @@ re-evaluated with its mask-like inputs drawn at random (0/1 integer or boolean i
 float ones) a few times; only a producer that stays on or below the diagonal every time counts
 as causal by construction, which lets canonicalization keep the mask *and* mark the call
 causal (the kernel then skips the blocks above the diagonal). A prefix-LM mask that lets a
-token_type_ids prefix see ahead is caught this way.
+token_type_ids prefix see ahead is caught this way. A sliding window (Mistral, Gemma) is held
+to the same test: only a producer that stays within its window every time is a window by
+construction, which gives the call a window band as well.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from attnopt.passes.fx_utils import (
 from attnopt.passes.manager import PassContext, PassResult
 from attnopt.passes.masks import (
     CAUSAL_KINDS, MASKED_THRESHOLD, MaskInfo, build_mask, classify_mask, eager_emit,
-    stays_causal,
+    outside_band,
 )
 
 #: Sequence length at which input-independent masks are re-checked when the length is dynamic:
@@ -63,7 +65,7 @@ class ClassifyMasks:
             name = qualified if names[qualified] == 1 else f"{qualified}#{names[qualified]}"
             site = describe_site(match, name=name, module=qualified, module_type=module_type,
                                  mask_kind=info.kind, window=info.window,
-                                 causal=info.kind in ("causal", "causal+padding", "window"))
+                                 causal=info.kind in CAUSAL_KINDS)
             context.sites.append(site)
             changes.append(f"{name}: mask {info.kind}"
                            + (f" (window {info.window})" if info.window else "")
@@ -88,12 +90,13 @@ class ClassifyMasks:
         info = classify_mask(mask, is_causal=match.is_causal, q_len=q_len, kv_len=kv_len,
                              depends_on_input=depends_on_input, depends_on_data=depends_on_data)
         if not info.constant and info.kind in CAUSAL_KINDS and not match.is_causal:
-            key = ("causal", tuple(n.name for n in term_nodes), q_len, kv_len)
+            key = ("causal", tuple(n.name for n in term_nodes), q_len, kv_len, info.window)
             if key not in self._probes:  # layers share their mask producer: once per producer
-                self._probes[key] = self._stays_causal_when_randomized(
-                    graph_module, match, sources, inputs, dtype, q_len, kv_len)
-            info = replace(info, causal_by_construction=self._probes[key])
-        if info.constant and info.kind in ("none", "causal"):
+                self._probes[key] = self._band_when_randomized(
+                    graph_module, match, sources, inputs, dtype, q_len, kv_len, info.window)
+            causal, windowed = self._probes[key]
+            info = replace(info, causal_by_construction=causal, window_by_construction=windowed)
+        if info.constant and info.kind in ("none", "causal", "window"):
             symbolic = [d for d in (q_shape[2], k_shape[2]) if is_symbolic(d)]
             if symbolic:
                 key = (tuple(n.name for n in term_nodes), info.kind, match.is_causal)
@@ -102,19 +105,24 @@ class ClassifyMasks:
                 probed = self._probes[key]
                 if probed is None:  # could not probe: keep the mask tensor
                     return MaskInfo(info.kind, info.window, constant=False)
-                if probed.kind != info.kind:  # e.g. a window wider than the example
+                if info.kind == "causal" and probed.kind == "window":
+                    # a window wider than the example: causal there, the window at length
+                    return probed
+                if (probed.kind, probed.window) != (info.kind, info.window):
                     return MaskInfo(probed.kind, probed.window, constant=False)
         return info
 
-    def _stays_causal_when_randomized(self, graph_module, match, sources, inputs, dtype,
-                                      q_len: int, kv_len: int) -> bool:
-        """Whether the mask stays on or below the causal diagonal with its mask-like inputs
-        drawn at random, CAUSAL_PROBES times (False when it has no such input to vary)."""
+    def _band_when_randomized(self, graph_module, match, sources, inputs, dtype, q_len: int,
+                              kv_len: int, window: Optional[int]) -> tuple[bool, bool]:
+        """(whether the mask stays on or below the causal diagonal, whether it also stays
+        within `window` keys of it) with its mask-like inputs drawn at random, CAUSAL_PROBES
+        times ((False, False) when it has no such input to vary)."""
         term_nodes = [t.node for t in match.mask_terms]
         generator = torch.Generator().manual_seed(0)
         varied = [n for n in sources if _is_mask_like(inputs.get(n.name))]
         if not varied:
-            return False
+            return False, False
+        windowed = window is not None
         for _ in range(CAUSAL_PROBES):
             probe_inputs = dict(inputs)
             for node in varied:
@@ -122,12 +130,14 @@ class ClassifyMasks:
             try:
                 probed = evaluate_subgraph(graph_module, term_nodes, probe_inputs)
             except Exception:  # noqa: BLE001 - a producer that cannot be probed is not trusted
-                return False
+                return False, False
             mask = build_mask(match.mask_terms, [p.cpu() for p in probed],
                               torch.zeros((), dtype=dtype), dtype, eager_emit)
-            if not stays_causal(mask, q_len, kv_len):
-                return False
-        return True
+            above, past_window = outside_band(mask, q_len, kv_len, window)
+            if above:
+                return False, False
+            windowed = windowed and not past_window
+        return True, windowed
 
     def _probe(self, graph_module, match, symbolic_dims, dtype) -> Optional[MaskInfo]:
         """The mask producer re-evaluated and classified at PROBE_LENGTH (None: cannot)."""

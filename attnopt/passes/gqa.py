@@ -17,9 +17,9 @@ report records both.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from attnopt.ops.attention import attention_reference
 from attnopt.passes.evaluate import NodeValues
 from attnopt.passes.heads import (
     SurgeryRefused, per_head_mask, replace_out_projection, replace_site, site_args,
@@ -142,19 +142,15 @@ def query_permutation(groups: list[list[int]], heads: int, kv_heads: int) -> lis
 def pooled_error(node: Node, calibration: dict, groups: list[list[int]], heads: int) -> float:
     """Normwise relative error of the site's output with k/v pooled per `groups` (query heads,
     and a per-head mask with them, permuted to match) against the original, on the examples."""
-    q, k, v, mask = site_args(node)[:4]
+    q, k, v, mask, is_causal, scale, _, softcap, window_left = site_args(node)
     q_value, k_value, v_value = (calibration[n.name].double() for n in (q, k, v))
     mask_value = calibration.get(mask.name) if isinstance(mask, Node) else mask
     if isinstance(mask_value, torch.Tensor) and mask_value.is_floating_point():
         mask_value = mask_value.double()
-    is_causal, scale = bool(node.args[4]), node.args[5]
 
-    def attend(q_, k_, v_, mask_):
-        if q_.shape[1] != k_.shape[1]:
-            k_ = k_.repeat_interleave(q_.shape[1] // k_.shape[1], 1)
-            v_ = v_.repeat_interleave(q_.shape[1] // v_.shape[1], 1)
-        return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask_,
-                                              is_causal=is_causal, scale=scale)
+    def attend(q_, k_, v_, mask_):  # the canonical op's own semantics, every argument
+        return attention_reference(q_, k_, v_, mask_, bool(is_causal), scale, True, softcap,
+                                   window_left)
 
     order = query_permutation(groups, heads, k_value.shape[1])
     reference = attend(q_value, k_value, v_value, mask_value)[:, order]

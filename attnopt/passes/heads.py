@@ -627,9 +627,15 @@ def weight_rule_sites(graph_module: GraphModule, context, kind: str) -> list[tup
 
 def site_args(node: Node) -> list:
     """A canonical site's arguments, padded: q, k, v, mask, is_causal, scale, enable_gqa,
-    softcap."""
-    defaults = [None, None, None, None, False, None, False, None]
-    return list(node.args) + defaults[len(node.args):]
+    softcap, window_left."""
+    names = ("q", "k", "v", "attn_mask", "is_causal", "scale", "enable_gqa", "softcap",
+             "window_left")
+    defaults = [None, None, None, None, False, None, False, None, None]
+    args = list(node.args) + defaults[len(node.args):]
+    for index, name in enumerate(names):
+        if name in node.kwargs:
+            args[index] = node.kwargs[name]
+    return args
 
 
 def replace_site(graph_module: GraphModule, node: Node, q: Node, k: Node, v: Node,
@@ -644,8 +650,8 @@ def replace_site(graph_module: GraphModule, node: Node, q: Node, k: Node, v: Nod
     args[0:3] = q, k, v
     args[6] = concrete(k.meta["val"].shape[1]) != concrete(q.meta["val"].shape[1]) or \
         bool(args[6])
-    if args[7] is None:
-        args = args[:7]
+    while len(args) > 7 and args[-1] is None:  # trailing defaults (softcap, window) stay implicit
+        args = args[:-1]
     emitter = Emitter(graph_module, node)
     with graph_module.graph.inserting_before(node):
         mask = args[3]

@@ -16,6 +16,7 @@ from torch.fx import GraphModule
 from attnopt.ops import APPROXIMATE_OPS, ATTENTION_OP
 from attnopt.ops.attention import FALLBACK_BACKEND, KERNEL_BACKEND, kernel_skip_reason
 from attnopt.passes.canonicalize import SITE_META_KEY
+from attnopt.passes.heads import site_args
 from attnopt.passes.manager import PassContext, PassResult
 
 
@@ -35,15 +36,18 @@ class SelectBackends:
                 continue
             q, k, v, mask = (arg.meta.get("val") if arg is not None else None
                              for arg in (list(node.args) + [None] * 4)[:4])
-            softcap = node.args[7] if len(node.args) > 7 else node.kwargs.get("softcap")
-            is_causal = bool(node.args[4]) if len(node.args) > 4 \
-                else bool(node.kwargs.get("is_causal", False))
+            args = site_args(node)
+            softcap, is_causal, window_left = args[7], bool(args[4]), args[8]
             if q is None or k is None or v is None:
                 reason = "operands carry no traced values"
             else:
-                reason = kernel_skip_reason(q, k, v, mask, softcap, is_causal=is_causal)
+                reason = kernel_skip_reason(q, k, v, mask, softcap, is_causal=is_causal,
+                                            window_left=window_left)
             if reason is None:
-                context.backends[site.name] = (KERNEL_BACKEND, "generated Triton flash kernel")
+                band = f", sliding-window band of {window_left + 1} keys" \
+                    if window_left is not None else ""
+                context.backends[site.name] = (KERNEL_BACKEND,
+                                               f"generated Triton flash kernel{band}")
             else:
                 context.backends[site.name] = (FALLBACK_BACKEND, reason)
             changes.append(f"{site.name}: {context.backends[site.name][0]}")
@@ -67,6 +71,7 @@ def approximate_backend(variant: str, node) -> tuple[str, str]:
             else ("torch", reason)
     if variant == "int8_qk":
         reason = kernel_skip_reason(q, k, v, args[3], args[7] if len(args) > 7 else None,
+                                    window_left=args[8] if len(args) > 8 else None,
                                     sdpa_alternative=False)
         return (KERNEL_BACKEND, "flash kernel, int8 Q·Kᵀ") if reason is None \
             else ("torch", reason)

@@ -5,7 +5,7 @@ evaluates a mask eagerly on example values (for classification) and emits graph 
 canonicalization).
 
 `classify_mask` looks at an evaluated mask and names its kind — none, causal, padding,
-causal+padding, window, additive or bool. Hugging Face models pass materialized masks and
+causal+padding, window, window+padding, additive or bool. Hugging Face models pass materialized masks and
 never `is_causal`; kernels need to know which structure a mask has. A mask that depends only on
 shapes and constants (no graph input) is a fact of the graph, and `none`/`causal` masks of
 that kind are dropped in favour of `is_causal` at canonicalization. A mask that depends on an
@@ -78,6 +78,8 @@ class MaskInfo:
     #: every input: constant masks of a causal kind, and input-dependent ones whose producer
     #: stayed causal under randomized inputs (`classify.ClassifyMasks`)
     causal_by_construction: bool = False
+    #: likewise, every allowed position lies within `window` keys up to the diagonal
+    window_by_construction: bool = False
 
     @property
     def droppable(self) -> bool:
@@ -90,15 +92,20 @@ class MaskInfo:
 
 
 #: kinds whose allowed positions all lie on or below the causal diagonal (at the example)
-CAUSAL_KINDS = ("causal", "causal+padding", "window")
+CAUSAL_KINDS = ("causal", "causal+padding", "window", "window+padding")
 
 
-def stays_causal(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
-    """Whether every position `mask` allows lies on or below the bottom-right causal diagonal."""
+def outside_band(mask: torch.Tensor, q_len: int, kv_len: int,
+                 window: Optional[int] = None) -> tuple[bool, bool]:
+    """(whether `mask` allows a position above the bottom-right causal diagonal, whether it
+    allows one more than `window` keys below it)."""
     allowed, _ = allowed_positions(mask)
     rows = torch.arange(q_len, device=allowed.device).unsqueeze(-1)
-    above = torch.arange(kv_len, device=allowed.device) > rows + (kv_len - q_len)
-    return not bool((allowed & above).any())
+    cols = torch.arange(kv_len, device=allowed.device)
+    above = cols > rows + (kv_len - q_len)
+    past_window = cols <= rows + (kv_len - q_len) - window if window is not None else None
+    return (bool((allowed & above).any()),
+            past_window is not None and bool((allowed & past_window).any()))
 
 
 def allowed_positions(mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -136,7 +143,8 @@ def classify_mask(mask: Optional[torch.Tensor], *, is_causal: bool, q_len: int, 
         kind = "padding" if structure[0] == "none" else "causal+padding"
         return MaskInfo(kind, constant=False)
     return MaskInfo(structure[0], window=structure[1], constant=constant,
-                    causal_by_construction=constant and structure[0] in CAUSAL_KINDS)
+                    causal_by_construction=constant and structure[0] in CAUSAL_KINDS,
+                    window_by_construction=constant and structure[1] is not None)
 
 
 def _structure(allowed: torch.Tensor, causal: torch.Tensor, rows, cols, offset
@@ -157,4 +165,6 @@ def _structure(allowed: torch.Tensor, causal: torch.Tensor, rows, cols, offset
         return "padding", None
     if bool((allowed == (causal & keys)).all()):
         return "causal+padding", None
+    if bool((allowed == (windowed & keys)).all()):
+        return "window+padding", window
     return "bool", None

@@ -1,0 +1,211 @@
+"""Sliding-window masks become a band on the canonical call: `window_left`.
+
+A constant window mask of W keys (Gemma 2/3, Mistral without padding) is dropped and the call
+becomes `attention(q, k, v, None, is_causal=True, window_left=W-1)`; a boolean window mask that
+carries padding (Hugging Face's sdpa path with an attention_mask) is kept, and the call marked
+causal with the band as well, once classification has seen the producer stay within its window
+under random attention masks. On CUDA the kernel then reads only the key blocks in the band.
+A mask that only looks like a window on the example (global tokens picked by an input) keeps
+its causal mark but gets no band; a float mask with a finite fill gets neither.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attnopt
+from attnopt.kernels.reference import flash_attention_reference
+from attnopt.ops import ATTENTION_OP
+from attnopt.ops.attention import kernel_window
+from attnopt.ops.quantized import int8_qk_reference
+from attnopt.policy import Policy
+
+B, S, E, H, W = 2, 12, 32, 4, 4
+TOL = 1e-5  # max |optimized - original|, fp32
+EXACT = 1e-12  # float64 against a dense-mask reference
+
+
+class _CanonicalCalls(TorchDispatchMode):
+    """Records (is_causal, has a mask, window_left) of every canonical attention call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func == ATTENTION_OP:
+            window = args[8] if len(args) > 8 else (kwargs or {}).get("window_left")
+            self.calls.append((bool(args[4]), args[3] is not None, window))
+        return func(*args, **(kwargs or {}))
+
+
+class WindowedDecoder(nn.Module):
+    """One attention layer with a causal sliding window of W keys built the way Hugging Face
+    builds it: from positions and (`padded`) an attention_mask input. `global_tokens`: keys
+    marked in `token_types` stay visible beyond the window (Longformer-style global keys).
+    `fill`: None hands SDPA the boolean mask, a number fills masked scores with it."""
+
+    def __init__(self, padded: bool = True, global_tokens: bool = False, fill=None):
+        super().__init__()
+        self.qkv = nn.Linear(E, 3 * E)
+        self.padded, self.global_tokens, self.fill = padded, global_tokens, fill
+
+    def forward(self, x, attention_mask, token_types):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, H, E // H).permute(2, 0, 3, 1, 4)
+        i = torch.arange(x.shape[1], device=x.device)[:, None]
+        j = torch.arange(x.shape[1], device=x.device)[None, :]
+        in_window = j > i - W
+        if self.global_tokens:
+            in_window = in_window | token_types.bool()[:, None, :]            # (B, S, S)
+        allowed = (j <= i) & in_window
+        if self.padded:
+            allowed = allowed & attention_mask.bool()[:, None, :]
+        allowed = allowed.expand(x.shape[0], -1, -1)
+        if self.fill is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(E // H)
+            out = torch.softmax(scores.masked_fill(~allowed[:, None], self.fill), -1) @ v
+        return out.transpose(1, 2).reshape(x.shape)
+
+
+def _inputs(batch: int, length: int, padded_rows: dict, global_keys=(), seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, E, generator=generator)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    for row, (start, stop) in padded_rows.items():
+        attention_mask[row, start:stop] = 0
+    token_types = torch.zeros(batch, length, dtype=torch.long)
+    token_types[:, list(global_keys)] = 1
+    return x, attention_mask, token_types
+
+
+def _optimize(model, example, policy="exact"):
+    return attnopt.optimize(model, policy=policy, example_inputs=example, capture="whole")
+
+
+def _run(module, inputs):
+    """The output and the canonical calls of one call (the first call of a new signature is
+    captured and verified, which runs the op too: not counted)."""
+    with torch.no_grad():
+        module(*inputs)
+        with _CanonicalCalls() as spy:
+            out = module(*inputs)
+    return out, spy.calls
+
+
+def _band(q_len, kv_len, causal, window_left):
+    i, j = torch.arange(q_len)[:, None], torch.arange(kv_len)[None, :]
+    keep = j >= i - window_left
+    return keep & (j <= i) if causal else keep
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_op_window_is_a_band_of_keys(mask_kind, causal):
+    """window_left w: query i sees keys i-w .. (i, or every later key without is_causal), on
+    top of the mask; the kernels' (left, right) window means the same; so does the int8 op."""
+    generator = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 10, 8, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 10, 8, generator=generator, dtype=torch.float64)
+            for _ in range(2))
+    mask = {None: None,
+            "bool": torch.rand(2, 1, 10, 10, generator=generator) > 0.3,
+            "float": torch.randn(2, 1, 10, 10, generator=generator, dtype=torch.float64)}[mask_kind]
+    if mask_kind == "bool":
+        mask[..., torch.arange(10), torch.arange(10)] = True  # every row sees its own key
+    band = _band(10, 10, causal, 3)
+    dense = band if mask is None else (mask & band if mask.dtype == torch.bool
+                                       else mask.masked_fill(~band, float("-inf")))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+    got = ATTENTION_OP(q, k, v, mask, causal, None, True, None, 3)
+    torch.testing.assert_close(got, expected, rtol=0, atol=EXACT)
+    kernel_semantics = flash_attention_reference(q, k, v, causal=causal, attn_bias=mask,
+                                                 window=kernel_window(k, 3))
+    torch.testing.assert_close(kernel_semantics, expected, rtol=0, atol=EXACT)
+    int8 = int8_qk_reference(q.float(), k.float(), v.float(), None if mask is None else
+                             mask if mask.dtype == torch.bool else mask.float(), causal, None,
+                             True, None, 3)
+    int8_dense = int8_qk_reference(q.float(), k.float(), v.float(), dense if dense.dtype ==
+                                   torch.bool else dense.float(), False, None, True)
+    torch.testing.assert_close(int8, int8_dense, rtol=0, atol=TOL)
+
+
+def test_op_window_with_softcap():
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=generator, dtype=torch.float64)
+               for _ in range(3))
+    scores = 2.0 * torch.tanh(q @ k.transpose(-2, -1) / math.sqrt(8) / 2.0)
+    expected = torch.softmax(scores.masked_fill(~_band(9, 9, True, 2), float("-inf")), -1) @ v
+    got = ATTENTION_OP(q, k, v, None, True, None, False, 2.0, 2)
+    torch.testing.assert_close(got, expected, rtol=0, atol=EXACT)
+
+
+def test_constant_window_mask_becomes_a_band_without_its_tensor():
+    torch.manual_seed(0)
+    model = WindowedDecoder(padded=False).eval()
+    optimized = _optimize(model, _inputs(B, S, {}))
+    (record,) = optimized.report.sites
+    assert (record.site.mask_kind, record.site.window, record.site.window_band) == \
+        ("window", W, True)
+    inputs = _inputs(B, S, {}, seed=1)
+    out, calls = _run(optimized, inputs)
+    assert calls == [(True, False, W - 1)]
+    assert (out - model(*inputs)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("example_padding", [{}, {1: (0, 3)}])
+def test_padded_window_mask_is_kept_and_the_call_gets_causal_and_band(example_padding):
+    torch.manual_seed(0)
+    model = WindowedDecoder().eval()
+    optimized = _optimize(model, _inputs(B, S, example_padding))
+    (record,) = optimized.report.sites
+    assert record.site.mask_kind == ("window+padding" if example_padding else "window")
+    assert record.site.window_band
+    # fresh inputs, other padding on both sides: the mask's tensor still decides
+    inputs = _inputs(B, S, {0: (0, 2), 1: (9, 12)}, seed=1)
+    out, calls = _run(optimized, inputs)
+    assert calls == [(True, True, W - 1)]
+    assert (out - model(*inputs)).abs().max() <= TOL
+
+
+def test_window_with_global_keys_from_an_input_gets_no_band():
+    # no global key on the example, so the mask looks like a window there; random token_types
+    # let keys outside the window through: causal by construction, a window not
+    torch.manual_seed(0)
+    model = WindowedDecoder(global_tokens=True).eval()
+    optimized = _optimize(model, _inputs(B, S, {1: (0, 3)}))
+    (record,) = optimized.report.sites
+    assert not record.site.window_band
+    inputs = _inputs(B, S, {1: (0, 3)}, global_keys=(3, 4), seed=2)
+    out, calls = _run(optimized, inputs)
+    assert calls == [(True, True, None)]
+    assert (out - model(*inputs)).abs().max() <= TOL
+
+
+def test_float_window_mask_with_a_finite_fill_gets_neither_mark():
+    # a left-padded row sees no key and averages over every key: a band would change which
+    torch.manual_seed(0)
+    model = WindowedDecoder(fill=torch.finfo(torch.float32).min).eval()
+    optimized = _optimize(model, _inputs(B, S, {1: (0, 3)}))
+    inputs = _inputs(B, S, {0: (0, 5)}, seed=1)
+    out, calls = _run(optimized, inputs)
+    assert calls == [(False, True, None)]
+    assert (out - model(*inputs)).abs().max() <= TOL
+
+
+def test_sparse_rewrites_leave_a_window_band_exact():
+    torch.manual_seed(0)
+    model = WindowedDecoder(padded=False).eval()
+    policy = Policy("sparse-everything", default="sparse", default_params={"block": 16})
+    optimized = _optimize(model, _inputs(B, S, {}), policy=policy)
+    (record,) = optimized.report.sites
+    assert record.rewrite == "exact" and "already runs as a band" in record.reason
+    out, calls = _run(optimized, _inputs(B, S, {}, seed=3))
+    assert calls == [(True, False, W - 1)]
