@@ -149,6 +149,15 @@ def test_single_split_writes_output_directly(monkeypatch):
     assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+def test_reduction_combines_splits_over_several_steps(monkeypatch):
+    """More splits than the reduction loads per step (some of them empty): the steps' partial
+    sums add up to the dense result."""
+    monkeypatch.setattr(decode, "split_count", lambda params, device: 9)
+    monkeypatch.setattr(decode, "MAX_SPLIT_BLOCK", 4)
+    q, k, v = make_qkv(q_len=2, seed=12)
+    check_decode(q, k, v, causal=True, causal_alignment="bottom_right")
+
+
 def test_flash_attention_routes_decode_shapes(monkeypatch):
     calls = []
     real_decode_forward = decode.decode_forward

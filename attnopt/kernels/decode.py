@@ -19,6 +19,8 @@ Here the work is laid out the other way:
    batch row still spreads over every split.
 2. `_decode_reduce_kernel`, one program per (b, h, query): weighs split s by
    sum_s * 2^(max_s - max), combines, and writes q's dtype. Rows that see no key produce zeros.
+   It loads every split's partial in one step (up to MAX_SPLIT_BLOCK): its time is the latency
+   of its rounds of loads, not their bytes.
    On Hopper it is a programmatic dependent launch of the split kernel (`_dependent_launch`).
 
 With one split the first kernel writes the final output itself and the reduction is skipped.
@@ -56,7 +58,9 @@ MAX_PACKED_ROWS = 64         # packed rows per program; larger groups take more 
 MIN_KEYS_PER_SPLIT = 256     # a split should amortize its query load and partial write
 MAX_SPLITS = 128
 WAVES_PER_SM = 2             # programs per SM the split count aims for (two resident per SM)
-SPLIT_BLOCK = 16             # splits the reduction combines per step
+#: splits the reduction combines per step: all of them up to 64 (one round of loads; 3.6 vs
+#: 5.4 us for 16 per step at 33 splits on an H100, docs/BENCHMARKS.md), 64 at a time beyond
+MAX_SPLIT_BLOCK = 64
 SHARED_MEMORY_BYTES = 227 * 1024  # per block on an H100; prunes configs whose K/V buffers overflow
 INTERPRETER_SPLITS = 3       # a fixed split count under the interpreter (no SMs to fill)
 
@@ -301,7 +305,8 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> 
             *partial_out.stride(), *partial_max_BHSP.stride(), *out_BHSD.stride(),
             params.heads, params.q_len, splits,
             HEAD_DIM=params.head_dim, HEAD_DIM_PADDED=head_dim_padded,
-            SPLITS_PADDED=next_power_of_2(splits), SPLIT_BLOCK=SPLIT_BLOCK,
+            SPLITS_PADDED=next_power_of_2(splits),
+            SPLIT_BLOCK=min(next_power_of_2(splits), MAX_SPLIT_BLOCK),
             WAIT_FOR_SPLITS=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return out_BHSD
 
