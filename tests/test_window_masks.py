@@ -47,22 +47,23 @@ class _CanonicalCalls(TorchDispatchMode):
 
 class WindowedDecoder(nn.Module):
     """One attention layer with a causal sliding window of W keys built the way Hugging Face
-    builds it: from positions and (`padded`) an attention_mask input. `global_tokens`: keys
-    marked in `token_types` stay visible beyond the window (Longformer-style global keys).
+    builds it: from positions and (`padded`) an attention_mask input. `global_marker` (0 or 1):
+    keys whose `token_types` equal it stay visible beyond the window (Longformer-style global
+    keys; with 0, an example of zeros makes every key global).
     `fill`: None hands SDPA the boolean mask, a number fills masked scores with it."""
 
-    def __init__(self, padded: bool = True, global_tokens: bool = False, fill=None):
+    def __init__(self, padded: bool = True, global_marker=None, fill=None):
         super().__init__()
         self.qkv = nn.Linear(E, 3 * E)
-        self.padded, self.global_tokens, self.fill = padded, global_tokens, fill
+        self.padded, self.global_marker, self.fill = padded, global_marker, fill
 
     def forward(self, x, attention_mask, token_types):
         q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, H, E // H).permute(2, 0, 3, 1, 4)
         i = torch.arange(x.shape[1], device=x.device)[:, None]
         j = torch.arange(x.shape[1], device=x.device)[None, :]
         in_window = j > i - W
-        if self.global_tokens:
-            in_window = in_window | token_types.bool()[:, None, :]            # (B, S, S)
+        if self.global_marker is not None:
+            in_window = in_window | (token_types == self.global_marker)[:, None, :]  # (B, S, S)
         allowed = (j <= i) & in_window
         if self.padded:
             allowed = allowed & attention_mask.bool()[:, None, :]
@@ -179,7 +180,7 @@ def test_window_with_global_keys_from_an_input_gets_no_band():
     # no global key on the example, so the mask looks like a window there; random token_types
     # let keys outside the window through: causal by construction, a window not
     torch.manual_seed(0)
-    model = WindowedDecoder(global_tokens=True).eval()
+    model = WindowedDecoder(global_marker=1).eval()
     optimized = _optimize(model, _inputs(B, S, {1: (0, 3)}))
     (record,) = optimized.report.sites
     assert not record.site.window_band
@@ -209,3 +210,51 @@ def test_sparse_rewrites_leave_a_window_band_exact():
     assert record.rewrite == "exact" and "already runs as a band" in record.reason
     out, calls = _run(optimized, _inputs(B, S, {}, seed=3))
     assert calls == [(True, False, W - 1)]
+
+
+@pytest.mark.parametrize("global_marker", [None, 1, 0])
+def test_window_wider_than_a_dynamic_example_is_found_at_length(global_marker):
+    # at the example's 3 tokens a window of 4 looks causal; the producer re-run at a long
+    # length shows the window. Global keys escape it: with marker 1 as soon as token_types are
+    # all on, with marker 0 only when they are drawn at random
+    torch.manual_seed(0)
+    model = WindowedDecoder(global_marker=global_marker).eval()
+    global_tokens = global_marker is not None
+    optimized = attnopt.optimize(model, policy="exact", example_inputs=_inputs(B, 3, {1: (0, 1)}),
+                                 capture="whole", dynamic=True)
+    (record,) = optimized.report.sites
+    if global_tokens:
+        assert (record.site.mask_kind, record.site.window_band) == ("causal+padding", False)
+    else:
+        assert (record.site.mask_kind, record.site.window) == ("window+padding", W)
+        assert record.site.window_band
+    inputs = _inputs(B, S, {1: (0, 3)}, global_keys=(2,) if global_tokens else (), seed=4)
+    if global_marker == 0:
+        inputs[2][:] = 1 - inputs[2]  # key 2 global, the rest local
+    out, calls = _run(optimized, inputs)
+    assert calls == [(True, True, None if global_tokens else W - 1)]
+    assert (out - model(*inputs)).abs().max() <= TOL
+
+
+def test_hf_mistral_window_wider_than_a_dynamic_example_gets_its_band():
+    """Hugging Face's sdpa path, an example of 8 tokens under a window of 16, captured with
+    dynamic lengths: the band is found at length and a 40-token padded batch matches."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MistralConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+        sliding_window=16, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(config).eval()
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    example = dict(input_ids=torch.randint(3, 100, (2, 8)), attention_mask=mask, use_cache=False)
+    optimized = attnopt.optimize(model, policy="exact", example_kwargs=example, dynamic=True)
+    assert [(r.site.mask_kind, r.site.window, r.site.window_band)
+            for r in optimized.report.sites] == [("window+padding", 16, True)] * 2
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :5] = 0
+    fresh = dict(input_ids=torch.randint(3, 100, (2, 40)), attention_mask=mask, use_cache=False)
+    with torch.no_grad():
+        got, expected = optimized(**fresh).logits, model(**fresh).logits
+    assert (got - expected)[mask.bool()].abs().max() <= TOL

@@ -34,10 +34,10 @@ Which backend runs a call on CUDA (`ATTNOPT_KERNELS`):
   together with `is_causal` from `MIN_CAUSAL_MASK_KERNEL_QUERIES` queries on, where SDPA would
   read the whole mask and the kernel skips the blocks above the diagonal (1.5–2× at 2K–8K);
   and every call with `window_left`, which SDPA can only run as a dense mask (the kernel
-  reads the band alone: 2.7–46× SDPA with the mask at 1K–16K) — and SDPA everywhere else. Measured on an H100
-  (docs/BENCHMARKS.md): for plain, causal and masked attention SDPA's default backend (cuDNN)
-  is 0–25% faster than the generated kernel in GPU time and its launch is ~0.1 ms cheaper,
-  which dominates short sequences and decode steps.
+  reads the band alone: 2.6–22× SDPA with the mask at 1K–16K) — and SDPA everywhere else.
+  Measured on an H100 (docs/BENCHMARKS.md): for plain, causal and masked attention SDPA's
+  default backend (cuDNN) is 0–25% faster than the generated kernel in GPU time and its
+  launch is ~0.1 ms cheaper, which dominates short sequences and decode steps.
 - "always": the Triton kernel wherever it can run (comparisons, and features SDPA lacks).
 - "never" (or "0"): SDPA everywhere.
 """

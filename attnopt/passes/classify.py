@@ -4,7 +4,8 @@ Runs after detection. One run of the graph on the examples gives every mask term
 `build_mask` combines them as canonicalization will, and `classify_mask` names the result.
 A mask that depends on no graph input and looks causal (or empty) at the example length is
 probed once more at a long length (when the sequence is dynamic), so a sliding window wider
-than the example is not mistaken for plain causal masking.
+than the example is not mistaken for plain causal masking. So is an input-dependent one that
+stays causal (below), with its mask-like inputs all on and then drawn at random.
 
 A mask that depends on inputs and looks causal at the example (a Hugging Face decoder's
 causal mask with its attention_mask's padding) is causal for those inputs only. It is
@@ -96,6 +97,17 @@ class ClassifyMasks:
                     graph_module, match, sources, inputs, dtype, q_len, kv_len, info.window)
             causal, windowed = self._probes[key]
             info = replace(info, causal_by_construction=causal, window_by_construction=windowed)
+            symbolic = [d for d in (q_shape[2], k_shape[2]) if is_symbolic(d)]
+            if causal and info.window is None and symbolic:
+                # a window wider than the example: look for it at PROBE_LENGTH
+                key = ("window at length", tuple(n.name for n in term_nodes))
+                if key not in self._probes:
+                    self._probes[key] = self._window_at_length(
+                        graph_module, match, sources, inputs, symbolic, dtype)
+                window = self._probes[key]
+                if window is not None:
+                    kind = "window+padding" if info.kind == "causal+padding" else "window"
+                    info = replace(info, kind=kind, window=window, window_by_construction=True)
         if info.constant and info.kind in ("none", "causal", "window"):
             symbolic = [d for d in (q_shape[2], k_shape[2]) if is_symbolic(d)]
             if symbolic:
@@ -141,35 +153,87 @@ class ClassifyMasks:
 
     def _probe(self, graph_module, match, symbolic_dims, dtype) -> Optional[MaskInfo]:
         """The mask producer re-evaluated and classified at PROBE_LENGTH (None: cannot)."""
+        zeros = self._inputs_at_length(match, symbolic_dims, lambda node, empty: empty.zero_())
+        mask = self._mask_at(graph_module, match, zeros, dtype)
+        if mask is None:
+            return None
+        q_len, kv_len = self._lengths_at(match, symbolic_dims)
+        return classify_mask(mask, is_causal=match.is_causal, q_len=q_len, kv_len=kv_len,
+                             depends_on_input=False, depends_on_data=False)
+
+    def _window_at_length(self, graph_module, match, sources, inputs, symbolic_dims,
+                          dtype) -> Optional[int]:
+        """The width of an input-dependent causal mask's window at PROBE_LENGTH, when it has
+        one by construction: a window with every mask-like input all on (no padding), and
+        inside that window with them drawn at random, CAUSAL_PROBES times. None otherwise."""
+        mask_like = {n.name for n in sources if _is_mask_like(inputs.get(n.name))}
+        if not mask_like:
+            return None
+        q_len, kv_len = self._lengths_at(match, symbolic_dims)
+
+        def all_on(node, empty):
+            return empty.fill_(1) if node.name in mask_like and not empty.is_floating_point() \
+                else empty.zero_()  # float mask-like inputs: 0 = attend
+        mask = self._mask_at(graph_module, match,
+                             self._inputs_at_length(match, symbolic_dims, all_on), dtype)
+        if mask is None:
+            return None
+        info = classify_mask(mask, is_causal=False, q_len=q_len, kv_len=kv_len,
+                             depends_on_input=True, depends_on_data=False)
+        if info.kind not in ("window", "window+padding"):
+            return None
+        generator = torch.Generator().manual_seed(0)
+
+        def random(node, empty):
+            return _random_mask_like(empty, generator) if node.name in mask_like \
+                else empty.zero_()
+        for _ in range(CAUSAL_PROBES):
+            mask = self._mask_at(graph_module, match,
+                                 self._inputs_at_length(match, symbolic_dims, random), dtype)
+            if mask is None or any(outside_band(mask, q_len, kv_len, info.window)):
+                return None
+        return info.window
+
+    @staticmethod
+    def _inputs_at_length(match, symbolic_dims, fill) -> Optional[dict]:
+        """Values for the mask producer's placeholders with the site's dynamic lengths at
+        PROBE_LENGTH (other dynamic dims, the batch: 1), each `fill(node, empty tensor)`."""
         exprs = {str(d.node.expr) for d in symbolic_dims}
-        term_nodes = [t.node for t in match.mask_terms]
-        probe_inputs = {}
-        for node in ancestors(term_nodes):
+        values = {}
+        for node in ancestors([t.node for t in match.mask_terms]):
             if node.op != "placeholder":
                 continue
             val = node.meta.get("val")
             if not isinstance(val, torch.Tensor):
                 return None
             shape = [(PROBE_LENGTH if str(d.node.expr) in exprs else 1) if is_symbolic(d)
-                     else concrete(d) for d in val.shape]  # other dynamic dims (batch): 1
-            probe_inputs[node.name] = torch.zeros(shape, dtype=val.dtype,
-                                                        device=val.device)
-        try:
-            probed = [p.cpu() for p in
-                      evaluate_subgraph(graph_module, term_nodes, probe_inputs)]
-        except Exception:  # noqa: BLE001 - a producer that cannot be probed is not trusted
-            return None
+                     else concrete(d) for d in val.shape]
+            values[node.name] = fill(node, torch.empty(shape, dtype=val.dtype,
+                                                       device=val.device))
+        return values
 
-        def probe_len(dim) -> int:
+    @staticmethod
+    def _lengths_at(match, symbolic_dims) -> tuple[int, int]:
+        exprs = {str(d.node.expr) for d in symbolic_dims}
+
+        def length(dim) -> int:
             if is_symbolic(dim) and str(dim.node.expr) in exprs:
                 return PROBE_LENGTH
             return concrete(dim)
+        return length(match.q.shape[2]), length(match.k.shape[2])
 
-        q_len, kv_len = probe_len(match.q.shape[2]), probe_len(match.k.shape[2])
-        mask = build_mask(match.mask_terms, probed, torch.zeros((), dtype=dtype), dtype,
+    @staticmethod
+    def _mask_at(graph_module, match, values: Optional[dict], dtype) -> Optional[torch.Tensor]:
+        """The site's mask built from its producer evaluated on `values` (None: cannot)."""
+        if values is None:
+            return None
+        term_nodes = [t.node for t in match.mask_terms]
+        try:
+            probed = [p.cpu() for p in evaluate_subgraph(graph_module, term_nodes, values)]
+        except Exception:  # noqa: BLE001 - a producer that cannot be probed is not trusted
+            return None
+        return build_mask(match.mask_terms, probed, torch.zeros((), dtype=dtype), dtype,
                           eager_emit)
-        return classify_mask(mask, is_causal=match.is_causal, q_len=q_len, kv_len=kv_len,
-                             depends_on_input=False, depends_on_data=False)
 
 
 def _is_mask_input(value) -> bool:

@@ -5,11 +5,12 @@ evaluates a mask eagerly on example values (for classification) and emits graph 
 canonicalization).
 
 `classify_mask` looks at an evaluated mask and names its kind — none, causal, padding,
-causal+padding, window, window+padding, additive or bool. Hugging Face models pass materialized masks and
-never `is_causal`; kernels need to know which structure a mask has. A mask that depends only on
-shapes and constants (no graph input) is a fact of the graph, and `none`/`causal` masks of
-that kind are dropped in favour of `is_causal` at canonicalization. A mask that depends on an
-integer input (an attention_mask) keeps its tensor; its kind adds `padding`.
+causal+padding, window, window+padding, additive or bool. Hugging Face models pass
+materialized masks and never `is_causal`; kernels need to know which structure a mask has. A
+mask that depends only on shapes and constants (no graph input) is a fact of the graph, and
+`none`/`causal`/`window` masks of that kind are dropped in favour of `is_causal` (and a window
+band) at canonicalization. A mask that depends on an integer input (an attention_mask) keeps
+its tensor; its kind adds `padding`.
 """
 
 from __future__ import annotations
