@@ -214,3 +214,30 @@ def test_host_integer_helpers_match_triton():
         assert next_power_of_2(n) == triton.next_power_of_2(n)
         for block in (1, 16, 48, 64):
             assert cdiv(n, block) == triton.cdiv(n, block)
+
+
+def test_repeated_launches_follow_alignment_and_divisibility():
+    """Calls with one launch key but arguments Triton specializes differently: lengths in one
+    power-of-two bucket with and without 16 | n, and operands 16-byte aligned or not (on CUDA
+    the second launch of a key skips Triton's binding: `tuning._DirectLaunch`)."""
+    for q_len in (64, 40, 64, 40):
+        _check(*_inputs(31, q_len=q_len, kv_len=q_len, head_dim=32), causal=True)
+    q, k, v = _inputs(32, q_len=48, kv_len=48, head_dim=32)
+    storage = torch.empty(q.numel() + 1, device=DEVICE, dtype=q.dtype)
+    shifted = storage[1:].view(q.shape)  # 4 bytes past an aligned address
+    shifted.copy_(q)
+    for q_ in (q, shifted, q, shifted):
+        _check(q_, k, v)
+
+
+def test_launch_properties_separate_what_triton_specializes():
+    from attnopt.kernels.tuning import _properties
+    aligned = torch.empty(8)
+    shifted = torch.empty(9)[1:]
+    base = [aligned, 32, 1.5]
+    variants = [[shifted, 32, 1.5], [aligned, 33, 1.5], [aligned, 1, 1.5],
+                [aligned, 2 ** 31, 1.5], [aligned.half(), 32, 1.5]]
+    keys = {_properties(values, [0, 1, 2]) for values in [base] + variants}
+    assert len(keys) == 1 + len(variants)
+    assert _properties([aligned, 32, 2.5], [0, 1, 2]) == _properties(base, [0, 1, 2])
+    assert _properties([object()], [0]) is None

@@ -11,6 +11,15 @@ Either way the chosen config is remembered under the caller's key (dtype, flags,
 buckets), and later calls launch the kernel directly with it: Triton's autotuner re-derives
 its key from every argument on every call, which for kernels with ~60 arguments costs more
 CPU time than a decode step's GPU time.
+
+Past the autotuner, Triton's `JITFunction.run` still binds every argument and specializes it
+in Python on every call (56–84 µs of host time per launch of the forward kernel on the H100's
+host, docs/BENCHMARKS.md). So the compiled kernel it returns is kept too (`_DirectLaunch`),
+under the argument properties Triton specializes on — each tensor's dtype and 16-byte
+alignment, each integer's equality to 1, divisibility by 16 and width — and a later call whose
+arguments have the same properties launches that kernel straight away. A call with new
+properties goes through Triton (which compiles or finds its kernel) and is kept in turn.
+`ATTNOPT_DIRECT_LAUNCH=0` turns this off; the Triton interpreter never uses it.
 """
 
 from __future__ import annotations
@@ -18,9 +27,12 @@ from __future__ import annotations
 import os
 
 AUTOTUNE_ENV = "ATTNOPT_AUTOTUNE"
+DIRECT_LAUNCH_ENV = "ATTNOPT_DIRECT_LAUNCH"
 
 #: (kernel, caller key, constexprs, tuning requested) -> (config, its launch options, tuned?)
 _chosen: dict = {}
+#: the same keys -> _DirectLaunch (None where direct launches are off)
+_direct: dict = {}
 
 
 def autotuning_enabled() -> bool:
@@ -43,7 +55,92 @@ def launch(kernel, grid, args: tuple, kwargs: dict, *, key: tuple, tune: bool, p
             return
         config = prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)[0]
         chosen = _chosen[cache_key] = (config, _launch_options(config), False)
-    kernel.fn[grid](*args, **kwargs, **chosen[1])
+    direct = _direct.get(cache_key)
+    if direct is None and cache_key not in _direct:
+        direct = _direct[cache_key] = _DirectLaunch.create(kernel.fn, len(args), kwargs,
+                                                            chosen[1])
+    if direct is not None and direct.launch(grid, args, kwargs):
+        return
+    compiled = kernel.fn[grid](*args, **kwargs, **chosen[1])
+    if direct is not None:
+        direct.keep(compiled, args, kwargs)
+
+
+class _DirectLaunch:
+    """Launches of one kernel and config, past Triton's per-call binding (module docstring).
+
+    `names`: the kernel's parameters in order; the first `positional` come as positional
+    arguments, the rest by keyword or from `fixed` (the config's and launch options' values,
+    and defaults). `runtime`: the indices of parameters that are not constexprs, whose
+    properties (`_properties`) select a compiled kernel."""
+
+    def __init__(self, names, positional, runtime, fixed, meta):
+        self.names, self.positional, self.runtime = names, positional, runtime
+        self.fixed, self.meta = fixed, meta
+        self.compiled: dict = {}
+
+    @classmethod
+    def create(cls, fn, positional: int, kwargs: dict, options: dict):
+        if os.environ.get(DIRECT_LAUNCH_ENV, "1") == "0" or not hasattr(fn, "params"):
+            return None  # turned off, or the interpreter's function
+        from attnopt.kernels.params import interpreting
+        if interpreting():
+            return None
+        names = [p.name for p in fn.params]
+        fixed = {p.name: p.default for p in fn.params
+                 if getattr(p, "has_default", False)}
+        fixed.update(options)
+        runtime = [i for i, p in enumerate(fn.params) if not p.is_constexpr]
+        meta = {name: value for name, value in {**fixed, **kwargs}.items() if name.isupper()}
+        return cls(names, positional, runtime, fixed, meta)
+
+    def values(self, args, kwargs) -> list:
+        values = list(args)
+        for name in self.names[self.positional:]:
+            values.append(kwargs[name] if name in kwargs else self.fixed[name])
+        return values
+
+    def launch(self, grid, args, kwargs) -> bool:
+        """Launch with a kept kernel; False when none fits these arguments."""
+        values = self.values(args, kwargs)
+        compiled = self.compiled.get(_properties(values, self.runtime))
+        if compiled is None:
+            return False
+        grid = grid(self.meta) if callable(grid) else grid
+        compiled[(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)](
+            *values)
+        return True
+
+    def keep(self, compiled, args, kwargs) -> None:
+        if compiled is None or not hasattr(compiled, "__getitem__"):
+            return
+        properties = _properties(self.values(args, kwargs), self.runtime)
+        if properties is not None:
+            self.compiled[properties] = compiled
+
+
+_I32 = (-2 ** 31, 2 ** 31 - 1)
+
+
+def _properties(values: list, runtime: list):
+    """What Triton specializes a compiled kernel on, for the runtime arguments (None: an
+    argument of a kind this does not know, which always goes through Triton)."""
+    properties = []
+    for index in runtime:
+        value = values[index]
+        kind = type(value)
+        if kind is bool or value is None:
+            properties.append(value)
+        elif kind is int:
+            properties.append((value == 1, value % 16 == 0, _I32[0] <= value <= _I32[1],
+                               value >= 2 ** 63))
+        elif kind is float:
+            properties.append(float)
+        elif hasattr(value, "data_ptr"):
+            properties.append((value.dtype, value.data_ptr() % 16 == 0))
+        else:
+            return None
+    return tuple(properties)
 
 
 def _launch_options(config) -> dict:
