@@ -138,6 +138,22 @@ def test_op_window_is_a_band_of_keys(mask_kind, causal):
     torch.testing.assert_close(int8, int8_dense, rtol=0, atol=TOL)
 
 
+def test_op_window_aligns_top_left_when_lengths_differ():
+    """As SDPA's is_causal: query i's band ends at key i and starts at i - window_left, whatever
+    the key count; the kernels' window reads the same keys."""
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 6, 8, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 10, 8, generator=generator, dtype=torch.float64)
+            for _ in range(2))
+    for causal in (True, False):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=_band(6, 10, causal, 2))
+        got = ATTENTION_OP(q, k, v, None, causal, None, False, None, 2)
+        torch.testing.assert_close(got, expected, rtol=0, atol=EXACT)
+        kernel_semantics = flash_attention_reference(q, k, v, causal=causal,
+                                                     window=kernel_window(k, 2))
+        torch.testing.assert_close(kernel_semantics, expected, rtol=0, atol=EXACT)
+
+
 def test_op_window_with_softcap():
     generator = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 9, 8, generator=generator, dtype=torch.float64)

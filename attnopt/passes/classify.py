@@ -91,37 +91,53 @@ class ClassifyMasks:
         info = classify_mask(mask, is_causal=match.is_causal, q_len=q_len, kv_len=kv_len,
                              depends_on_input=depends_on_input, depends_on_data=depends_on_data)
         if not info.constant and info.kind in CAUSAL_KINDS and not match.is_causal:
-            key = ("causal", tuple(n.name for n in term_nodes), q_len, kv_len, info.window)
-            if key not in self._probes:  # layers share their mask producer: once per producer
-                self._probes[key] = self._band_when_randomized(
-                    graph_module, match, sources, inputs, dtype, q_len, kv_len, info.window)
-            causal, windowed = self._probes[key]
-            info = replace(info, causal_by_construction=causal, window_by_construction=windowed)
-            symbolic = [d for d in (q_shape[2], k_shape[2]) if is_symbolic(d)]
-            if causal and info.window is None and symbolic:
-                # a window wider than the example: look for it at PROBE_LENGTH
-                key = ("window at length", tuple(n.name for n in term_nodes))
-                if key not in self._probes:
-                    self._probes[key] = self._window_at_length(
-                        graph_module, match, sources, inputs, symbolic, dtype)
-                window = self._probes[key]
-                if window is not None:
-                    kind = "window+padding" if info.kind == "causal+padding" else "window"
-                    info = replace(info, kind=kind, window=window, window_by_construction=True)
+            info = self._by_construction(graph_module, match, info, sources, inputs, dtype)
         if info.constant and info.kind in ("none", "causal", "window"):
-            symbolic = [d for d in (q_shape[2], k_shape[2]) if is_symbolic(d)]
-            if symbolic:
-                key = (tuple(n.name for n in term_nodes), info.kind, match.is_causal)
-                if key not in self._probes:
-                    self._probes[key] = self._probe(graph_module, match, symbolic, dtype)
-                probed = self._probes[key]
-                if probed is None:  # could not probe: keep the mask tensor
-                    return MaskInfo(info.kind, info.window, constant=False)
-                if info.kind == "causal" and probed.kind == "window":
-                    # a window wider than the example: causal there, the window at length
-                    return probed
-                if (probed.kind, probed.window) != (info.kind, info.window):
-                    return MaskInfo(probed.kind, probed.window, constant=False)
+            info = self._constant_at_length(graph_module, match, info, dtype)
+        return info
+
+    def _by_construction(self, graph_module, match, info: MaskInfo, sources, inputs,
+                         dtype) -> MaskInfo:
+        """An input-dependent mask that looks causal (or a window) at the example: whether it
+        is one for every input (randomized re-runs), and a window wider than a dynamic
+        example found at PROBE_LENGTH."""
+        term_names = tuple(t.node.name for t in match.mask_terms)
+        q_len, kv_len = concrete(match.q.shape[2]), concrete(match.k.shape[2])
+        key = ("causal", term_names, q_len, kv_len, info.window)
+        if key not in self._probes:  # layers share their mask producer: once per producer
+            self._probes[key] = self._band_when_randomized(
+                graph_module, match, sources, inputs, dtype, q_len, kv_len, info.window)
+        causal, windowed = self._probes[key]
+        info = replace(info, causal_by_construction=causal, window_by_construction=windowed)
+        symbolic = _symbolic_lengths(match)
+        if causal and info.window is None and symbolic:
+            key = ("window at length", term_names)
+            if key not in self._probes:
+                self._probes[key] = self._window_at_length(
+                    graph_module, match, sources, inputs, symbolic, dtype)
+            window = self._probes[key]
+            if window is not None:
+                kind = "window+padding" if info.kind == "causal+padding" else "window"
+                info = replace(info, kind=kind, window=window, window_by_construction=True)
+        return info
+
+    def _constant_at_length(self, graph_module, match, info: MaskInfo, dtype) -> MaskInfo:
+        """A constant none/causal/window mask of a dynamic-length site, re-classified at
+        PROBE_LENGTH: kept as a tensor where the two disagree or the probe cannot run, except
+        that a causal example under a window at length is that window."""
+        symbolic = _symbolic_lengths(match)
+        if not symbolic:
+            return info
+        key = (tuple(t.node.name for t in match.mask_terms), info.kind, match.is_causal)
+        if key not in self._probes:
+            self._probes[key] = self._probe(graph_module, match, symbolic, dtype)
+        probed = self._probes[key]
+        if probed is None:  # could not probe: keep the mask tensor
+            return MaskInfo(info.kind, info.window, constant=False)
+        if info.kind == "causal" and probed.kind == "window":
+            return probed  # a window wider than the example: causal there, the window at length
+        if (probed.kind, probed.window) != (info.kind, info.window):
+            return MaskInfo(probed.kind, probed.window, constant=False)
         return info
 
     def _band_when_randomized(self, graph_module, match, sources, inputs, dtype, q_len: int,
@@ -234,6 +250,11 @@ class ClassifyMasks:
             return None
         return build_mask(match.mask_terms, probed, torch.zeros((), dtype=dtype), dtype,
                           eager_emit)
+
+
+def _symbolic_lengths(match) -> list:
+    """The site's q and kv lengths that are symbolic (dynamic) in the captured graph."""
+    return [d for d in (match.q.shape[2], match.k.shape[2]) if is_symbolic(d)]
 
 
 def _is_mask_input(value) -> bool:
