@@ -48,7 +48,7 @@ from attnopt.kernels.flash import DECODE_MAX_QUERIES, INTERPRETER_BLOCK, attend_
 from attnopt.kernels.params import AttentionParams, cdiv, interpreting, next_power_of_2, \
     padded_head_dim, unsupported_reason
 from attnopt.kernels.tiles import NEG_INF, key_band
-from attnopt.kernels.tuning import launch
+from attnopt.kernels.tuning import launch, launch_fixed
 
 # --------------------------------------------------------------------------- configs
 
@@ -300,14 +300,14 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> 
         key=(q.dtype, splits, kv_bucket),
         tune=params.worth_tuning(q.dtype), prune=_prune_split_configs)
     if splits > 1:
-        _decode_reduce_kernel[(params.batch * params.heads * params.q_len,)](
+        launch_fixed(_decode_reduce_kernel, (params.batch * params.heads * params.q_len,), (
             partial_out, partial_max_BHSP, partial_sum_BHSP, out_BHSD,
             *partial_out.stride(), *partial_max_BHSP.stride(), *out_BHSD.stride(),
-            params.heads, params.q_len, splits,
+            params.heads, params.q_len, splits), dict(
             HEAD_DIM=params.head_dim, HEAD_DIM_PADDED=head_dim_padded,
             SPLITS_PADDED=next_power_of_2(splits),
             SPLIT_BLOCK=min(next_power_of_2(splits), MAX_SPLIT_BLOCK),
-            WAIT_FOR_SPLITS=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
+            WAIT_FOR_SPLITS=pdl), num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return out_BHSD
 
 

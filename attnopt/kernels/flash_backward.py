@@ -37,7 +37,7 @@ from attnopt.kernels.flash import INTERPRETER_BLOCK, broadcast_strides, \
 from attnopt.kernels.params import AttentionParams, cdiv, interpreting, next_power_of_2, \
     padded_head_dim
 from attnopt.kernels.tiles import key_band, score_tile, stable_tanh
-from attnopt.kernels.tuning import launch
+from attnopt.kernels.tuning import launch, launch_fixed
 
 # --------------------------------------------------------------------------- configs
 
@@ -574,9 +574,9 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     delta = torch.empty((batch, heads, params.q_len), device=device, dtype=torch.float32)
 
     delta_block = INTERPRETER_BLOCK if interpreting() else DELTA_BLOCK
-    _delta_kernel[(cdiv(params.q_len, delta_block), batch * heads)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, params.q_len,
-        HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_M=delta_block)
+    launch_fixed(_delta_kernel, (cdiv(params.q_len, delta_block), batch * heads), (
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, params.q_len),
+        dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_M=delta_block))
 
     extra = tensor_args(params, device)
     q_counts = q_indices = extra["counts"]  # placeholders without a layout

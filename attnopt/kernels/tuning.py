@@ -55,13 +55,25 @@ def launch(kernel, grid, args: tuple, kwargs: dict, *, key: tuple, tune: bool, p
             return
         config = prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)[0]
         chosen = _chosen[cache_key] = (config, _launch_options(config), False)
+    _run(kernel.fn, cache_key, grid, args, kwargs, chosen[1])
+
+
+def launch_fixed(fn, grid, args: tuple, kwargs: dict, **options) -> None:
+    """Run a plain `@triton.jit` kernel (one config: launch `options` such as num_warps) as
+    `fn[grid](*args, **kwargs, **options)` does, past Triton's binding once its compiled
+    kernel is known for these arguments' properties."""
+    cache_key = (id(fn), tuple(item for item in kwargs.items() if item[0].isupper()),
+                 tuple(sorted(options.items())))
+    _run(fn, cache_key, grid, args, kwargs, options)
+
+
+def _run(fn, cache_key, grid, args, kwargs, options) -> None:
     direct = _direct.get(cache_key)
     if direct is None and cache_key not in _direct:
-        direct = _direct[cache_key] = _DirectLaunch.create(kernel.fn, len(args), kwargs,
-                                                            chosen[1])
+        direct = _direct[cache_key] = _DirectLaunch.create(fn, len(args), kwargs, options)
     if direct is not None and direct.launch(grid, args, kwargs):
         return
-    compiled = kernel.fn[grid](*args, **kwargs, **chosen[1])
+    compiled = fn[grid](*args, **kwargs, **options)
     if direct is not None:
         direct.keep(compiled, args, kwargs)
 
