@@ -87,7 +87,7 @@ class Report:
         else:
             lines.append(f"{len(found)} site(s) found, {len(self.rewritten)} rewritten, "
                          f"{len(self.sites) - len(found)} candidate(s) left alone")
-            header = (f"{'site':<36} {'form':<10} {'B×H/Hkv×Sq×Sk×D':<22} {'mask':<15} "
+            header = (f"{'site':<36} {'form':<10} {'B×H/Hkv×Sq×Sk×D':<22} {'mask':<21} "
                       f"{'rewrite':<8} {'backend':<8} {'max_abs_err':>11}")
             lines += [header, "-" * len(header)]
             for record in self.sites:
@@ -98,7 +98,7 @@ class Report:
                     else "-"
                 err = f"{record.max_abs_err:.2e}" if record.max_abs_err is not None else "-"
                 lines.append(f"{record.name[-36:]:<36} {(site.form if site else '-'):<10} "
-                             f"{shape:<22} {mask:<15} {record.rewrite:<8} "
+                             f"{shape:<22} {mask:<21} {record.rewrite:<8} "
                              f"{record.backend or '-':<8} {err:>11}")
                 if record.rewrite == "none":
                     lines.append(f"{'':<4}↳ {record.reason}")
