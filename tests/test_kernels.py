@@ -241,3 +241,29 @@ def test_launch_properties_separate_what_triton_specializes():
     assert len(keys) == 1 + len(variants)
     assert _properties([aligned, 32, 2.5], [0, 1, 2]) == _properties(base, [0, 1, 2])
     assert _properties([object()], [0]) is None
+
+
+def test_direct_launch_keeps_a_kernel_per_device_and_argument_properties(monkeypatch):
+    """The plumbing of `_DirectLaunch` (on CUDA after a kernel's first launch): arguments in
+    the kernel's parameter order with the config's values, the grid from the constexprs, and no
+    kept kernel used on another device or for other argument properties."""
+    from attnopt.kernels.tuning import _DirectLaunch
+    launched = []
+
+    class Compiled:  # stands in for Triton's CompiledKernel
+        def __getitem__(self, grid):
+            return lambda *values: launched.append((grid, values))
+
+    direct = _DirectLaunch(names=["x", "n", "scale", "BLOCK"], positional=2, runtime=[0, 1, 2],
+                           fixed={"BLOCK": 32, "num_warps": 4}, meta={"BLOCK": 32})
+    x = torch.empty(64)
+    device = [0]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
+    grid = lambda meta: (64 // meta["BLOCK"], 3)  # noqa: E731
+    assert not direct.launch(grid, (x, 64), {"scale": 0.5})
+    direct.keep(Compiled(), (x, 64), {"scale": 0.5})
+    assert direct.launch(grid, (x, 64), {"scale": 0.25})  # floats are not specialized
+    assert launched == [((2, 3, 1), (x, 64, 0.25, 32))]
+    assert not direct.launch(grid, (x, 63), {"scale": 0.5})  # 16 no longer divides n
+    device[0] = 1
+    assert not direct.launch(grid, (x, 64), {"scale": 0.5})  # loaded on device 0 only

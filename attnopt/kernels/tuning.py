@@ -15,9 +15,9 @@ CPU time than a decode step's GPU time.
 Past the autotuner, Triton's `JITFunction.run` still binds every argument and specializes it
 in Python on every call (56–84 µs of host time per launch of the forward kernel on the H100's
 host, docs/BENCHMARKS.md). So the compiled kernel it returns is kept too (`_DirectLaunch`),
-under the argument properties Triton specializes on — each tensor's dtype and 16-byte
-alignment, each integer's equality to 1, divisibility by 16 and width — and a later call whose
-arguments have the same properties launches that kernel straight away. A call with new
+under the current device and the argument properties Triton specializes on — each tensor's
+dtype and 16-byte alignment, each integer's equality to 1, divisibility by 16 and width — and a
+later call with the same ones launches that kernel straight away. A call with new
 properties goes through Triton (which compiles or finds its kernel) and is kept in turn.
 `ATTNOPT_DIRECT_LAUNCH=0` turns this off; the Triton interpreter never uses it.
 """
@@ -25,6 +25,8 @@ properties goes through Triton (which compiles or finds its kernel) and is kept 
 from __future__ import annotations
 
 import os
+
+import torch
 
 AUTOTUNE_ENV = "ATTNOPT_AUTOTUNE"
 DIRECT_LAUNCH_ENV = "ATTNOPT_DIRECT_LAUNCH"
@@ -112,10 +114,15 @@ class _DirectLaunch:
             values.append(kwargs[name] if name in kwargs else self.fixed[name])
         return values
 
+    def key(self, values) -> tuple:
+        """The compiled kernel's key: the current device (Triton compiles and loads per
+        device) and the arguments' properties."""
+        return torch.cuda.current_device(), _properties(values, self.runtime)
+
     def launch(self, grid, args, kwargs) -> bool:
         """Launch with a kept kernel; False when none fits these arguments."""
         values = self.values(args, kwargs)
-        compiled = self.compiled.get(_properties(values, self.runtime))
+        compiled = self.compiled.get(self.key(values))
         if compiled is None:
             return False
         grid = grid(self.meta) if callable(grid) else grid
@@ -126,9 +133,9 @@ class _DirectLaunch:
     def keep(self, compiled, args, kwargs) -> None:
         if compiled is None or not hasattr(compiled, "__getitem__"):
             return
-        properties = _properties(self.values(args, kwargs), self.runtime)
-        if properties is not None:
-            self.compiled[properties] = compiled
+        key = self.key(self.values(args, kwargs))
+        if key[1] is not None:
+            self.compiled[key] = compiled
 
 
 _I32 = (-2 ** 31, 2 ** 31 - 1)
