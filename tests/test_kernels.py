@@ -179,6 +179,8 @@ def test_backend_choice_by_mode(monkeypatch):
     # a sliding window: SDPA could only read it as a dense mask, at any length
     assert kernel_skip_reason(q, q, q, is_causal=True, window_left=3) is None
     assert kernel_skip_reason(q, q, q, mask, is_causal=True, window_left=3) is None
+    # a band as long as the call (a short call of a dynamic capture): plain causal, SDPA's
+    assert "fused SDPA" in kernel_skip_reason(q, q, q, is_causal=True, window_left=15)
     monkeypatch.setenv(KERNELS_ENV, "always")
     assert kernel_skip_reason(q, q, q) is None
     assert "dtype" in kernel_skip_reason(*(_fake_cuda(2, 4, 16, 64, dtype=torch.float64),) * 3)

@@ -33,8 +33,9 @@ Which backend runs a call on CUDA (`ATTNOPT_KERNELS`):
   scores, which SDPA can only run on its math path (the full score matrix in memory), and a mask
   together with `is_causal` from `MIN_CAUSAL_MASK_KERNEL_QUERIES` queries on, where SDPA would
   read the whole mask and the kernel skips the blocks above the diagonal (1.5–2× at 2K–8K);
-  and every call with `window_left`, which SDPA can only run as a dense mask (the kernel
-  reads the band alone: 2.6–22× SDPA with the mask at 1K–16K) — and SDPA everywhere else.
+  and every call whose `window_left` band is shorter than the call, which SDPA can only run
+  as a dense mask (the kernel reads the band alone: 2.6–22× SDPA with the mask at 1K–16K) —
+  and SDPA everywhere else (a band as long as the call is plain causal attention).
   Measured on an H100 (docs/BENCHMARKS.md): for plain, causal and masked attention SDPA's
   default backend (cuDNN) is 0–25% faster than the generated kernel in GPU time and its
   launch is ~0.1 ms cheaper, which dominates short sequences and decode steps.
@@ -104,8 +105,8 @@ def kernel_skip_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tens
         return "the mask needs a gradient (the kernels do not produce one)"
     from attnopt.kernels.params import unsupported_reason
     reason = unsupported_reason(q, k, v)
-    if reason is None and mode == "auto" and softcap is None and window_left is None \
-            and sdpa_alternative:
+    if effective_window(q.shape[-2], window_left) is None and reason is None \
+            and mode == "auto" and softcap is None and sdpa_alternative:
         queries = q.shape[-2]
         if not (is_causal and attn_mask is not None):
             return ("PyTorch's fused SDPA runs this call and measured faster than the generated "
@@ -122,6 +123,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
                         enable_gqa: bool = False, softcap: Optional[float] = None,
                         window_left: Optional[int] = None) -> Tensor:
     """Plain-torch semantics of the canonical op (used by every backend without a kernel)."""
+    window_left = effective_window(q.shape[-2], window_left)
     if window_left is not None or (is_causal and attn_mask is not None):
         # SDPA takes a mask or is_causal, and knows no window: fold them into one mask
         keep = band_keep(q.shape[-2], k.shape[-2], is_causal, window_left, q.device)
@@ -131,6 +133,15 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
                                               is_causal=is_causal, scale=scale,
                                               enable_gqa=enable_gqa)
     return _softcapped_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
+
+
+def effective_window(q_len, window_left: Optional[int]) -> Optional[int]:
+    """`window_left`, or None where the band lets every query see every key up to it (at most
+    `window_left + 1` queries: a dynamic-length capture's band at a short call), so that such
+    calls run as plain causal attention (SDPA's is_causal, no dense band mask)."""
+    if window_left is not None and isinstance(q_len, int) and window_left >= q_len - 1:
+        return None
+    return window_left
 
 
 def band_keep(q_len: int, kv_len: int, is_causal: bool, window_left: Optional[int],
