@@ -13,6 +13,7 @@ Medians of CUDA-event timings (25 runs after 5 warm-ups).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 
@@ -31,6 +32,25 @@ def build(implementation: str, dtype: torch.dtype):
         attn_implementation=implementation)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).to("cuda", dtype).eval()
+
+
+@contextlib.contextmanager
+def canonical_calls():
+    """Yields a list that collects the arguments of every canonical attention call made inside
+    (`attnopt.ops.ATTENTION_OP`), as the graph passed them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from attnopt.ops import ATTENTION_OP
+    calls = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func == ATTENTION_OP:
+                calls.append(args)
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        yield calls
 
 
 @torch.no_grad()

@@ -81,9 +81,8 @@ def ops(seqs: list[int]) -> None:
 
 def e2e(seqs: list[int]) -> None:
     import attnopt
-    from attnopt.ops import ATTENTION_OP
-    # the same Llama config and CUDA-event medians as the eager-decoder benchmark next to this
-    from bench_exact_cuda import build, median_ms
+    # the same Llama config, CUDA-event medians and call spy as the eager-decoder benchmark
+    from bench_exact_cuda import build, canonical_calls, median_ms
 
     model, reference = build("sdpa", torch.bfloat16), build("sdpa", torch.float32)
     print("| seq | HF sdpa ms | attnopt exact ms | sdpa / attnopt | canonical calls causal "
@@ -95,24 +94,17 @@ def e2e(seqs: list[int]) -> None:
         optimized = attnopt.optimize(model, "exact", example_kwargs=kwargs)
         assert len(optimized.report.rewritten) == 4, str(optimized.report)
         fresh = dict(kwargs, input_ids=torch.randint(0, 32000, (BATCH, seq), device="cuda"))
-        calls = []
-
-        class Spy(torch.utils._python_dispatch.TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func == ATTENTION_OP:
-                    calls.append(bool(args[4]))
-                return func(*args, **(kwargs or {}))
-
         real = fresh["attention_mask"].bool()
         with torch.no_grad():
             truth = reference(**fresh).logits
-            with Spy():
+            with canonical_calls() as calls:
                 got = optimized(**fresh).logits
             errors = [(out.float() - truth)[real].abs().max().item()
                       for out in (model(**fresh).logits, got)]
         times = [median_ms(lambda m=m: m(**fresh)) for m in (model, optimized)]
         print(f"| {seq} | {times[0]:.2f} | {times[1]:.2f} | {times[0] / times[1]:.2f} | "
-              f"{sum(calls)}/{len(calls)} | {errors[0]:.3f}, {errors[1]:.3f} |", flush=True)
+              f"{sum(bool(args[4]) for args in calls)}/{len(calls)} | "
+              f"{errors[0]:.3f}, {errors[1]:.3f} |", flush=True)
 
 
 def main() -> None:

@@ -131,8 +131,7 @@ def build_mistral(dtype: torch.dtype, window: int):
 
 def e2e() -> None:
     import attnopt
-    from attnopt.ops import ATTENTION_OP
-    from bench_exact_cuda import median_ms
+    from bench_exact_cuda import canonical_calls, median_ms
 
     model = build_mistral(torch.bfloat16, E2E_WINDOW)
     reference = build_mistral(torch.float32, E2E_WINDOW)
@@ -150,22 +149,15 @@ def e2e() -> None:
         optimized = attnopt.optimize(model, "exact", example_kwargs=kwargs)
         assert len(optimized.report.rewritten) == 4, str(optimized.report)
         fresh = dict(kwargs, input_ids=torch.randint(0, 32000, (E2E_BATCH, seq), device="cuda"))
-        windows = []
-
-        class Spy(torch.utils._python_dispatch.TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func == ATTENTION_OP:
-                    windows.append(args[8] if len(args) > 8 else None)
-                return func(*args, **(kwargs or {}))
-
         real = mask.bool()
         with torch.no_grad():
             truth = reference(**fresh).logits
-            with Spy():
+            with canonical_calls() as calls:
                 got = optimized(**fresh).logits
             errors = [(out.float() - truth)[real].abs().max().item()
                       for out in (model(**fresh).logits, got)]
         times = [median_ms(lambda m=m: m(**fresh)) for m in (model, optimized)]
+        windows = [args[8] if len(args) > 8 else None for args in calls]
         banded = sum(w == E2E_WINDOW - 1 for w in windows)
         print(f"| {seq} | {'yes' if padded else 'no'} | {times[0]:.2f} | {times[1]:.2f} | "
               f"{times[0] / times[1]:.2f} | "

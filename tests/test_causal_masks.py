@@ -15,26 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnopt
 from attnopt.ops import ATTENTION_OP
+from canonical_calls import decoder_inputs, run_recorded
 
 B, S, E, H = 2, 8, 32, 4
 TOL = 1e-5  # max |optimized - original| on the positions real tokens occupy
-
-
-class _CanonicalCalls(TorchDispatchMode):
-    """Records (is_causal, has a mask) of every canonical attention call."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func == ATTENTION_OP:
-            self.calls.append((bool(args[4]), args[3] is not None))
-        return func(*args, **(kwargs or {}))
 
 
 class MaskedDecoder(nn.Module):
@@ -67,14 +54,7 @@ class MaskedDecoder(nn.Module):
 
 
 def _inputs(batch: int, length: int, padded_rows: dict, prefix: int = 0, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, length, E, generator=generator)
-    attention_mask = torch.ones(batch, length, dtype=torch.long)
-    for row, (start, stop) in padded_rows.items():
-        attention_mask[row, start:stop] = 0
-    token_types = torch.zeros(batch, length, dtype=torch.long)
-    token_types[:, :prefix] = 1
-    return x, attention_mask, token_types
+    return decoder_inputs(batch, length, E, padded_rows, marked=range(prefix), seed=seed)
 
 
 def _optimize(model, example):
@@ -82,13 +62,9 @@ def _optimize(model, example):
 
 
 def _run(module, inputs):
-    """The output and the canonical calls of one call (a new input signature is captured and
-    verified on its first call, which runs the op too: that call is not counted)."""
-    with torch.no_grad():
-        module(*inputs)
-        with _CanonicalCalls() as spy:
-            out = module(*inputs)
-    return out, spy.calls
+    """The output and the (is_causal, has a mask) of each canonical call of one call."""
+    out, calls = run_recorded(module, inputs)
+    return out, [call[:2] for call in calls]
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])

@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnopt
 from attnopt.kernels.reference import flash_attention_reference
@@ -25,24 +24,11 @@ from attnopt.ops import ATTENTION_OP
 from attnopt.ops.attention import kernel_window
 from attnopt.ops.quantized import int8_qk_reference
 from attnopt.policy import Policy
+from canonical_calls import decoder_inputs, run_recorded
 
 B, S, E, H, W = 2, 12, 32, 4, 4
 TOL = 1e-5  # max |optimized - original|, fp32
 EXACT = 1e-12  # float64 against a dense-mask reference
-
-
-class _CanonicalCalls(TorchDispatchMode):
-    """Records (is_causal, has a mask, window_left) of every canonical attention call."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func == ATTENTION_OP:
-            window = args[8] if len(args) > 8 else (kwargs or {}).get("window_left")
-            self.calls.append((bool(args[4]), args[3] is not None, window))
-        return func(*args, **(kwargs or {}))
 
 
 class WindowedDecoder(nn.Module):
@@ -77,28 +63,14 @@ class WindowedDecoder(nn.Module):
 
 
 def _inputs(batch: int, length: int, padded_rows: dict, global_keys=(), seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, length, E, generator=generator)
-    attention_mask = torch.ones(batch, length, dtype=torch.long)
-    for row, (start, stop) in padded_rows.items():
-        attention_mask[row, start:stop] = 0
-    token_types = torch.zeros(batch, length, dtype=torch.long)
-    token_types[:, list(global_keys)] = 1
-    return x, attention_mask, token_types
+    return decoder_inputs(batch, length, E, padded_rows, marked=global_keys, seed=seed)
 
 
 def _optimize(model, example, policy="exact"):
     return attnopt.optimize(model, policy=policy, example_inputs=example, capture="whole")
 
 
-def _run(module, inputs):
-    """The output and the canonical calls of one call (the first call of a new signature is
-    captured and verified, which runs the op too: not counted)."""
-    with torch.no_grad():
-        module(*inputs)
-        with _CanonicalCalls() as spy:
-            out = module(*inputs)
-    return out, spy.calls
+_run = run_recorded
 
 
 def _band(q_len, kv_len, causal, window_left):

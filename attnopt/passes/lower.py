@@ -34,9 +34,9 @@ class SelectBackends:
                 context.backends[site.name] = approximate_backend(variants[node.target], node)
                 changes.append(f"{site.name}: {context.backends[site.name][0]}")
                 continue
-            q, k, v, mask = (arg.meta.get("val") if arg is not None else None
-                             for arg in (list(node.args) + [None] * 4)[:4])
             args = site_args(node)
+            q, k, v, mask = (arg.meta.get("val") if arg is not None else None
+                             for arg in args[:4])
             softcap, is_causal, window_left = args[7], bool(args[4]), args[8]
             if q is None or k is None or v is None:
                 reason = "operands carry no traced values"
