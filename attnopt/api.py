@@ -30,6 +30,7 @@ from attnopt.guard import TaskMetric, guarded_region
 from attnopt.integrations import huggingface
 from attnopt.passes.fx_utils import eliminate_dead_code
 from attnopt.passes.detect import find_attention
+from attnopt.passes.inplace import functionalize_arithmetic
 from attnopt.policy import Policy, resolve_policy
 from attnopt.report import Report, SiteRecord
 from attnopt.site import AttentionSite
@@ -78,6 +79,7 @@ def _capture_submodules(model: nn.Module, args: tuple, kwargs: dict, dynamic: bo
                 continue
             probe = captured.exported.module()
             eliminate_dead_code(probe)
+            functionalize_arithmetic(probe)
             matches, rejections = find_attention(probe)
             if matches:
                 if recording.call_counts.get(path, 1) > 1:

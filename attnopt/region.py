@@ -26,6 +26,7 @@ from attnopt.passes.prune import PruneHeads
 from attnopt.passes.quantize import QuantizeProjections
 from attnopt.passes.fx_utils import eliminate_dead_code
 from attnopt.passes.detect import DetectAttention
+from attnopt.passes.inplace import FunctionalizeArithmetic
 from attnopt.passes.lower import SelectBackends
 from attnopt.passes.evaluate import (
     EvaluationPlan, flat_inputs, plan_evaluation, record_values, run_plan,
@@ -147,7 +148,7 @@ class Region:
 
 
 def pass_pipeline(policy: Policy) -> list:
-    passes = [EliminateDeadCode(), DetectAttention(), ClassifyMasks()]
+    passes = [EliminateDeadCode(), FunctionalizeArithmetic(), DetectAttention(), ClassifyMasks()]
     if policy.rewrites_anything:
         passes.append(CanonicalizeAttention())
         if policy.weights:

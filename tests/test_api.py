@@ -56,8 +56,8 @@ def test_report_dict_is_json_with_required_keys():
         assert site["rewrite"] == "exact" and site["max_abs_err"] < 1e-5
         assert site["backend"] == "sdpa" and "cpu" in site["backend_reason"]
     assert [p["name"] for p in data["passes"]] == [
-        "eliminate_dead_code", "detect_attention", "classify_masks", "canonicalize_attention",
-        "select_backends"]
+        "eliminate_dead_code", "functionalize_arithmetic", "detect_attention", "classify_masks",
+        "canonicalize_attention", "select_backends"]
     text = str(optimized.report)
     assert "blocks.0" in text and "blocks.1" in text and "verification: passed" in text
 

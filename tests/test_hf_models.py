@@ -71,6 +71,34 @@ def _decoder_inputs():
                 attention_mask=torch.ones(2, 8, dtype=torch.long))
 
 
+def _bloom(impl):
+    """ALiBi as a (B·H, 1, S) key bias through baddbmm, the probabilities viewed back to
+    (B·H, S, S) for the value bmm."""
+    cfg = transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4,
+                                   attn_implementation=impl)
+    return transformers.BloomForCausalLM(cfg), _padded_decoder_inputs()
+
+
+def _mpt(impl):
+    cfg = transformers.MptConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4,
+                                 max_seq_len=32, expansion_ratio=2, attn_implementation=impl)
+    return transformers.MptForCausalLM(cfg), _padded_decoder_inputs()
+
+
+def _falcon_alibi(impl):
+    """Eager: the ALiBi scores scaled in place (`*=`); sdpa: ALiBi folded into the mask."""
+    cfg = transformers.FalconConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+        new_decoder_architecture=False, multi_query=False, attn_implementation=impl)
+    return transformers.FalconForCausalLM(cfg), _padded_decoder_inputs()
+
+
+def _padded_decoder_inputs():
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :2] = 0
+    return dict(input_ids=torch.randint(3, 100, (2, 8)), attention_mask=mask)
+
+
 def _vit(impl):
     cfg = transformers.ViTConfig(
         image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
@@ -111,6 +139,7 @@ class Spec:
     decoder: bool = False
     # per-site expectations (in report order): dicts of AttentionSite attribute → value
     expect: tuple = ()
+    impls: tuple = IMPLS  # the attention implementations the model offers
 
 
 def _self(q_len, kv_len=None, heads=4, kv_heads=4, head_dim=8, **more):
@@ -123,6 +152,7 @@ _GPT2 = (_self(8, gqa_group=1),) * 2
 _LLAMA = (_self(8, kv_heads=2, gqa_group=2),) * 2
 _VIT = (_self(17, mask_kind="none"),) * 2          # 16 patches + [CLS]
 _T5 = (_self(8, scale=1.0), _self(6, scale=1.0), _self(6, 8, scale=1.0))
+_ALIBI = (_self(8, mask_kind="additive"),) * 2
 _WHISPER = (_self(8, mask_kind="none"), _self(6, mask_kind="causal"),
             _self(6, 8, mask_kind="none"))
 
@@ -137,9 +167,14 @@ MODELS = {
                               expect=_LLAMA),
     "llama-gqa-default": Spec(_llama, 2, "attention-functions", decoder=True,
                               expect=_LLAMA),
+    # ALiBi decoders write attention in their own modules (no attention functions to reach
+    # with a KV cache): captured whole, without one
+    "bloom": Spec(_bloom, 2, "whole", use_cache=False, expect=_ALIBI, impls=("eager",)),
+    "mpt": Spec(_mpt, 2, "whole", use_cache=False, expect=_ALIBI, impls=("eager",)),
+    "falcon-alibi": Spec(_falcon_alibi, 2, "whole", use_cache=False, expect=_ALIBI),
 }
 
-CASE_IDS = [f"{name}-{impl}" for name in MODELS for impl in IMPLS]
+CASE_IDS = [f"{name}-{impl}" for name in MODELS for impl in MODELS[name].impls]
 DECODER_CASES = [c for c in CASE_IDS if MODELS[c.rsplit("-", 1)[0]].decoder]
 
 # --------------------------------------------------------------------------------------------

@@ -434,3 +434,47 @@ class GroupedHeadsBroadcast(nn.Module):
 
 ZOO["gqa_grouped_broadcast"] = Case(GroupedHeadsBroadcast, _qkv, 1)
 MASK_KINDS["gqa_grouped_broadcast"] = "causal"
+
+
+class BloomViews(nn.Module):
+    """BLOOM: baddbmm of a (B·H, 1, S) key bias into (B·H, S, S) scores, viewed to
+    (B, H, S, S) to add the mask; the probabilities (not the scores) viewed back for the bmm."""
+
+    def forward(self, q, k, v, key_bias, attention_mask):
+        q, k, v = (t.reshape(B * H, S, D) for t in (q, k, v))
+        scores = key_bias.baddbmm(q, k.transpose(-1, -2), beta=0.5, alpha=D ** -0.5)
+        mask = (1.0 - attention_mask[:, None, None, :].to(q.dtype)) * torch.finfo(q.dtype).min
+        probs = F.softmax(scores.view(B, H, S, S) + mask, dim=-1, dtype=torch.float32)
+        return torch.bmm(probs.view(B * H, S, S), v)
+
+
+class InPlaceScale(nn.Module):
+    """Falcon's ALiBi path: the bias added, then the scores scaled in place (`aten.mul_`);
+    the probabilities viewed to the shape they already have."""
+
+    def forward(self, q, k, v, key_bias):
+        logits = q @ k.transpose(-1, -2) + key_bias.view(B, H, 1, S)
+        logits *= D ** -0.5
+        probs = F.softmax(logits, dim=-1)
+        return (probs.view(B, H, S, S) @ v).flatten(0, 1)
+
+
+ZOO["bloom_views"] = Case(BloomViews, lambda: _qkv() + (torch.randn(B * H, 1, S),
+                                                        _padding()), 1)
+MASK_KINDS["bloom_views"] = "additive"
+ZOO["inplace_scale"] = Case(InPlaceScale, lambda: _qkv() + (torch.randn(B * H, 1, S),), 1)
+MASK_KINDS["inplace_scale"] = "additive"
+
+
+class InPlaceScaleObserved(nn.Module):
+    """The scores scaled in place after they were returned: the mutation is observable, so the
+    op stays as written and the softmax is left alone."""
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(-1, -2)
+        raw = scores.view(B, H, S, S)
+        scores *= D ** -0.5
+        return F.softmax(scores, dim=-1) @ v, raw
+
+
+NEGATIVES["inplace_scale_observed"] = (InPlaceScaleObserved, "mul_")

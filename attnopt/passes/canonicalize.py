@@ -20,7 +20,7 @@ from attnopt.ops import ATTENTION_OP
 from attnopt.passes.fx_utils import aten, dtype_of, remove_assertions_on, same_dim
 from attnopt.passes.manager import PassContext, PassResult
 from attnopt.passes.masks import build_mask
-from attnopt.passes.patterns import SiteMatch, Step, TensorRecipe
+from attnopt.passes.patterns import SiteMatch, Step, TensorRecipe, step_call
 
 #: node.meta key under which each canonical op node carries its AttentionSite.
 SITE_META_KEY = "attnopt_site"
@@ -121,20 +121,8 @@ class _Emitter:
         return node
 
     def step(self, node: Node, step: Step) -> Node:
-        kind = step[0]
-        if kind == "transpose":
-            return self.emit(aten.transpose.int, node, step[1], step[2])
-        if kind == "permute":
-            return self.emit(aten.permute.default, node, list(step[1]))
-        if kind == "unsqueeze":
-            return self.emit(aten.unsqueeze.default, node, step[1])
-        if kind == "squeeze":
-            return self.emit(aten.squeeze.dim, node, step[1])
-        if kind == "unflatten":
-            return self.emit(aten.unflatten.int, node, step[1], list(step[2]))
-        if kind == "flatten":
-            return self.emit(aten.flatten.using_ints, node, step[1], step[2])
-        raise ValueError(f"unknown view step {step!r}")
+        target, args = step_call(step)
+        return self.emit(target, node, *args)
 
     def recipe(self, recipe: TensorRecipe) -> Node:
         node = recipe.node

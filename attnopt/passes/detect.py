@@ -21,8 +21,8 @@ import math
 from torch.fx import GraphModule, Node
 
 from attnopt.passes.fx_utils import (
-    CAST_TARGETS, IDENTITY_TARGETS, TRANSPOSE_TARGETS, aten, concrete, module_path,
-    normalize_dim, real_users, shape_of,
+    CAST_TARGETS, IDENTITY_TARGETS, TRANSPOSE_TARGETS, VIEW_TARGETS, aten, concrete,
+    module_path, normalize_dim, real_users, same_dim, shape_of,
 )
 from attnopt.passes.operands import (
     key_from_transposed, parse_einsum, peel_head_repeat, peel_scalar_scale, permutation,
@@ -98,14 +98,13 @@ def _match_softmax(softmax: Node) -> SiteMatch:
         if q_node.target in TRANSPOSE_TARGETS:
             layout_notes.append("BSHD")
 
-    softcap, views, terms_per_space = None, [], [0]
+    softcap, views = None, []
+    term_spaces = [0] * len(terms)  # how many reshapes of the scores precede each term
     for step in steps:
         if isinstance(step, View):
-            views.append(step.node)
-            terms_per_space.append(0)
+            if not _keeps_shape(step.node):
+                views.append(step.node)
             continue
-        if isinstance(step, Term):
-            terms_per_space[-1] += 1
         if isinstance(step, Scale):
             if softcap is not None:
                 raise NoMatch("scores scaled after soft-capping")
@@ -117,6 +116,7 @@ def _match_softmax(softmax: Node) -> SiteMatch:
             if terms or softcap is not None:
                 raise NoMatch("mask or bias applied before soft-capping")
             softcap = step.cap
+        term_spaces += [len(views)] * (len(terms) - len(term_spaces))
 
     # forward: softmax → (cast, dropout, clone) → value product
     probs, dropout_p, internal = softmax, 0.0, [softmax]
@@ -144,6 +144,10 @@ def _match_softmax(softmax: Node) -> SiteMatch:
             probs = user
         elif user.target in PRODUCT_TARGETS:
             break
+        elif user.target in VIEW_TARGETS and _keeps_key_axes(user):
+            if not _keeps_shape(user):  # (B, H, Sq, Sk) viewed back as (B·H, Sq, Sk)
+                views.append(user)
+            probs = user
         else:
             raise NoMatch(f"attention probabilities feed `{user.target}` before the value "
                           "product")
@@ -179,9 +183,12 @@ def _match_softmax(softmax: Node) -> SiteMatch:
     batch_dims = len(q.shape) - 2
     if views:
         # fairseq / older transformers: (B·H, Sq, Sk) viewed as (B, H, Sq, Sk) to add a mask,
-        # then viewed back. Canonical attention runs in the 4-d space, with the view's (B, H).
-        split = _merged_heads_split(views, terms_per_space, batch_dims)
+        # then viewed back (before softmax, or BLOOM: the probabilities). Canonical attention
+        # runs in the 4-d space, with the view's (B, H); terms added in the 3-d space follow.
+        split = _merged_heads_split(views, batch_dims)
         q, k, v = (r.then(("unflatten", 0, split)) for r in (q, k, v))
+        terms = [term if space == 1 else _lift_merged(term, split)
+                 for term, space in zip(terms, term_spaces)]
         output_steps = (("flatten", 0, 1),) + output_steps
         layout_notes.append("merged batch·heads")
         batch_dims = 2
@@ -240,18 +247,40 @@ def _grouped_heads(q, k, v, terms, output_steps):
             (("unflatten", 1, (kv_heads, group)),) + output_steps)
 
 
-def _merged_heads_split(views: list[Node], terms_per_space: list[int], batch_dims: int
-                        ) -> tuple:
+def _merged_heads_split(views: list[Node], batch_dims: int) -> tuple:
     """(B, H) sizes of a 3-d → 4-d → 3-d view round trip of the scores; NoMatch otherwise."""
     if batch_dims != 1 or len(views) != 2:
-        raise NoMatch("scores are reshaped before softmax in a way other than a (B·H) → (B, H) "
-                      "round trip")
+        raise NoMatch("scores are reshaped between the products in a way other than a "
+                      "(B·H) → (B, H) round trip")
     to_4d, to_3d = views
     if len(shape_of(to_4d)) != 4 or len(shape_of(to_3d)) != 3:
         raise NoMatch("scores reshaped to other than (B, H, Sq, Sk) and back")
-    if terms_per_space[0] or terms_per_space[2]:
-        raise NoMatch("masks added to the scores on both sides of a reshape")
     return tuple(to_4d.args[1][:2])
+
+
+def _lift_merged(term: MaskTerm, split: tuple) -> MaskTerm:
+    """A term added to (B·H, Sq, Sk) scores, viewed into (B, H, Sq, Sk)."""
+    shape = shape_of(term.node)
+    if shape is None or len(shape) < 3:
+        return term  # broadcast over the batch·heads axis: the same in 4-d
+    if len(shape) > 3:
+        raise NoMatch("a mask of more than 3 dims added to (B·H, Sq, Sk) scores")
+    if concrete(shape[0]) == 1:
+        return term.then(("unsqueeze", 0))
+    return term.then(("unflatten", 0, split))
+
+
+def _keeps_shape(view: Node) -> bool:
+    """A reshape to the shape it already had (Falcon views its 4-d probabilities as 4-d)."""
+    before, after = shape_of(view.args[0]), shape_of(view)
+    return before is not None and after is not None and len(before) == len(after) and \
+        all(same_dim(a, b) for a, b in zip(before, after))
+
+
+def _keeps_key_axes(view: Node) -> bool:
+    before, after = shape_of(view.args[0]), shape_of(view)
+    return before is not None and after is not None and len(before) >= 3 and \
+        len(after) >= 3 and same_dim(before[-1], after[-1]) and same_dim(before[-2], after[-2])
 
 
 def _bind(node: Node) -> dict:

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from attnopt.passes.fx_utils import aten
-from attnopt.passes.patterns import MaskTerm
+from attnopt.passes.patterns import MaskTerm, step_call
 
 #: Additive mask values at or below this are treated as "masked out" (finfo.min-style fills).
 MASKED_THRESHOLD = -1.0e4
@@ -38,6 +38,7 @@ def build_mask(terms: Sequence[MaskTerm], values: Sequence, like, dtype: torch.d
     """
     if not terms:
         return None
+    values = [_viewed(value, term.steps, emit) for term, value in zip(terms, values)]
     if len(terms) == 1 and terms[0].kind == "sdpa":
         return values[0]
     biases, fills = [], []
@@ -62,6 +63,13 @@ def build_mask(terms: Sequence[MaskTerm], values: Sequence, like, dtype: torch.d
         total = emit(aten.where.ScalarSelf, emit(aten._to_copy.default, masked,
                                                   dtype=torch.bool), fill_value, total)
     return emit(aten._to_copy.default, total, dtype=dtype)
+
+
+def _viewed(value, steps, emit):
+    for step in steps:
+        target, args = step_call(step)
+        value = emit(target, value, *args)
+    return value
 
 
 def eager_emit(op, *args, **kwargs):

@@ -12,9 +12,10 @@ edits the graph (no hidden state between matching and rewriting).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
+import torch
 from torch.fx import Node
 
 from attnopt.passes.fx_utils import shape_of
@@ -55,6 +56,25 @@ def apply_steps(shape: tuple, steps: tuple[Step, ...]) -> tuple:
     return tuple(shape)
 
 
+def step_call(step: Step) -> tuple:
+    """(aten op, its arguments after the tensor) that perform one view step."""
+    aten = torch.ops.aten
+    kind = step[0]
+    if kind == "transpose":
+        return aten.transpose.int, (step[1], step[2])
+    if kind == "permute":
+        return aten.permute.default, (list(step[1]),)
+    if kind == "unsqueeze":
+        return aten.unsqueeze.default, (step[1],)
+    if kind == "squeeze":
+        return aten.squeeze.dim, (step[1],)
+    if kind == "unflatten":
+        return aten.unflatten.int, (step[1], list(step[2]))
+    if kind == "flatten":
+        return aten.flatten.using_ints, (step[1], step[2])
+    raise ValueError(f"unknown view step {step!r}")
+
+
 @dataclass(frozen=True)
 class TensorRecipe:
     """`node` viewed through `steps` (all views, no copies)."""
@@ -78,6 +98,9 @@ class MaskTerm:
       - "bias": float `node * multiplier` added to the scores.
       - "fill": positions where `node` is True (False when `inverted`) become `value`.
       - "sdpa": the `attn_mask` of a fused SDPA call, bool (True = attend) or float (added).
+
+    `steps` view the node into the canonical (B, H, Sq, Sk) space first: a bias added to
+    (B·H, Sq, Sk) scores that are then viewed as (B, H, Sq, Sk) is unflattened the same way.
     """
 
     kind: str
@@ -85,13 +108,17 @@ class MaskTerm:
     multiplier: float = 1.0
     value: float = 0.0
     inverted: bool = False
+    steps: tuple[Step, ...] = ()
 
     def scaled(self, factor: float) -> "MaskTerm":
         if self.kind == "bias":
-            return MaskTerm("bias", self.node, self.multiplier * factor)
+            return replace(self, multiplier=self.multiplier * factor)
         if self.kind == "fill":
-            return MaskTerm("fill", self.node, value=self.value * factor, inverted=self.inverted)
+            return replace(self, value=self.value * factor)
         return self
+
+    def then(self, *steps: Step) -> "MaskTerm":
+        return replace(self, steps=self.steps + tuple(steps))
 
 
 @dataclass
