@@ -94,8 +94,8 @@ class Report:
                 site = record.site
                 shape = (f"{site.batch}×{site.heads}/{site.kv_heads}×{site.q_len}×"
                          f"{site.kv_len}×{site.head_dim}") if site else "-"
-                mask = (site.mask_kind + (f"({site.window})" if site.window else "")) if site \
-                    else "-"
+                mask = (site.mask_kind + (f"({site.window})" if site.window else "")
+                        + ("+alibi" if site.alibi else "")) if site else "-"
                 err = f"{record.max_abs_err:.2e}" if record.max_abs_err is not None else "-"
                 lines.append(f"{record.name[-36:]:<36} {(site.form if site else '-'):<10} "
                              f"{shape:<22} {mask:<21} {record.rewrite:<8} "

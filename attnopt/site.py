@@ -58,6 +58,9 @@ class AttentionSite:
     #: the canonical call carries the sliding window as `window_left` (the kernel reads the
     #: band alone); set by canonicalization
     window_band: bool = False
+    #: the mask's bias is ALiBi (`passes/masks.fit_alibi`): the canonical call carries the
+    #: per-head slopes and no mask, and the kernel computes the bias
+    alibi: bool = False
     softcap: Optional[float] = None
     dynamic_dims: tuple[str, ...] = ()
     projections: dict[str, Projection] = field(default_factory=dict)

@@ -10,16 +10,19 @@ from attnopt.ops import ATTENTION_OP
 
 
 class CanonicalCalls(TorchDispatchMode):
-    """Records (is_causal, has a mask, window_left) of every canonical attention call."""
+    """Records (is_causal, has a mask, window_left) of every canonical attention call, and in
+    `alibi` whether it carried ALiBi slopes."""
 
     def __init__(self):
         super().__init__()
-        self.calls = []
+        self.calls, self.alibi = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func == ATTENTION_OP:
             window = args[8] if len(args) > 8 else (kwargs or {}).get("window_left")
             self.calls.append((bool(args[4]), args[3] is not None, window))
+            slopes = args[9] if len(args) > 9 else (kwargs or {}).get("alibi_slopes")
+            self.alibi.append(slopes is not None)
         return func(*args, **(kwargs or {}))
 
 

@@ -4,8 +4,8 @@ Skipped without a GPU (the kernels' semantics are covered on CPU by the interpre
 Tiny Hugging Face models built from configs, head dim 32 so the kernel applies. With
 `ATTNOPT_KERNELS=always` each site's report says backend "triton", verification passes, the
 kernel is really called (counted), and outputs match the untouched model within the verification
-tolerances of the dtype. In the default mode only soft-capped sites (Gemma 2) and sliding-window
-bands (Gemma 2, Mistral) take the kernel.
+tolerances of the dtype. In the default mode only soft-capped sites (Gemma 2), sliding-window
+bands (Gemma 2, Mistral) and ALiBi slopes (BLOOM) take the kernel.
 """
 
 from __future__ import annotations
@@ -90,8 +90,16 @@ def _t5():
         decoder_input_ids=torch.randint(0, 100, (2, 24)), use_cache=False)
 
 
+def _bloom():
+    """No attention_mask: a constant causal mask with ALiBi, which the call carries as slopes."""
+    config = transformers.BloomConfig(vocab_size=100, hidden_size=HIDDEN, n_layer=2,
+                                      n_head=HEADS, attn_implementation="eager")
+    return transformers.BloomForCausalLM(config), dict(
+        input_ids=torch.randint(3, 100, (2, 40)), use_cache=False)
+
+
 MODELS = {"bert": _bert, "llama-gqa": _llama, "gpt2": _gpt2, "gemma2": _gemma2, "t5": _t5,
-          "mistral-window": _mistral}
+          "mistral-window": _mistral, "bloom-alibi": _bloom}
 
 
 def _outputs(output):
@@ -142,8 +150,8 @@ def test_exact_policy_runs_the_triton_kernel(name, dtype, kernel_calls, monkeypa
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_auto_mode_uses_the_kernel_only_where_sdpa_has_no_fused_path(name, kernel_calls,
                                                                      monkeypatch):
-    """Default: soft-capped sites (Gemma 2) and window bands (Gemma 2, Mistral) on the kernel,
-    plain ones on SDPA, reasons given."""
+    """Default: soft-capped sites (Gemma 2), window bands (Gemma 2, Mistral) and ALiBi slopes
+    (BLOOM) on the kernel, plain ones on SDPA, reasons given."""
     monkeypatch.delenv("ATTNOPT_KERNELS", raising=False)
     torch.manual_seed(0)
     model, inputs = MODELS[name]()
@@ -153,7 +161,7 @@ def test_auto_mode_uses_the_kernel_only_where_sdpa_has_no_fused_path(name, kerne
     sites = [r for r in optimized.report.sites if r.rewrite == "exact"]
     for record in sites:
         want = "triton" if record.site.softcap is not None or record.site.window_band \
-            else "sdpa"
+            or record.site.alibi else "sdpa"
         assert record.backend == want, str(optimized.report)
         assert want == "triton" or "fused SDPA" in record.backend_reason
     kernel_calls.clear()

@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 transformers = pytest.importorskip("transformers")
 
 import attnopt  # noqa: E402
+from canonical_calls import CanonicalCalls  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
@@ -423,6 +424,28 @@ def test_generate_after_whole_capture_runs_rewritten_attention(case):
         got = _generate(optimized, case.kwargs)
     assert torch.equal(got, expected)
     assert counter.count >= 3 * case.spec.sites, _describe(optimized.report)
+
+
+@pytest.mark.parametrize("name,impl", [("bloom", "eager"), ("mpt", "eager"),
+                                       ("falcon-alibi", "eager"), ("falcon-alibi", "sdpa")])
+def test_alibi_decoders_without_padding_carry_slopes(name, impl):
+    """Called without an attention_mask, BLOOM, MPT and Falcon build their causal mask and
+    ALiBi bias from shapes alone: each site becomes causal attention with ALiBi slopes and no
+    mask tensor (with padding the bias depends on the attention_mask and stays additive)."""
+    spec = MODELS[name]
+    reference, kwargs = _build(spec, impl)
+    model, _ = _build(spec, impl)
+    inputs = dict(input_ids=kwargs["input_ids"], use_cache=False)
+    optimized = attnopt.optimize(model, "exact", example_kwargs=inputs)
+    sites = [r.site for r in optimized.report.sites]
+    assert [(s.mask_kind, s.alibi) for s in sites] == [("causal", True)] * 2, \
+        _describe(optimized.report)
+    fresh = dict(input_ids=torch.randint(3, 100, (2, 8)), use_cache=False)
+    with torch.no_grad(), CanonicalCalls() as calls:
+        got = optimized(**fresh)
+    assert calls.calls == [(True, False, None)] * 2 and calls.alibi == [True] * 2
+    with torch.no_grad():
+        assert _max_abs_diff(got, reference(**fresh)) <= TOL
 
 
 @pytest.mark.parametrize("case", cases("untouched", ["llama-gqa-nocache-eager"]), indirect=True)

@@ -19,12 +19,15 @@ ATOL = 1e-5
 class _CanonicalCall(torch.nn.Module):
     """One call of the canonical op with fixed non-tensor arguments."""
 
-    def __init__(self, mask, is_causal, scale, enable_gqa, softcap, window_left=None):
+    def __init__(self, mask, is_causal, scale, enable_gqa, softcap, window_left=None,
+                 alibi_slopes=None):
         super().__init__()
         self.mask, self.options = mask, (is_causal, scale, enable_gqa, softcap, window_left)
+        self.register_buffer("alibi_slopes", alibi_slopes)
 
     def forward(self, q, k, v):
-        return torch.ops.attnopt.attention(q, k, v, self.mask, *self.options)
+        return torch.ops.attnopt.attention(q, k, v, self.mask, *self.options,
+                                           self.alibi_slopes)
 
 
 OP_CASES = {
@@ -42,6 +45,10 @@ OP_CASES = {
     "gqa_bool_mask_causal_window": dict(mask="bool", is_causal=True, kv_heads=2, softcap=None,
                                         window=4),
     "causal_window_softcap": dict(mask=None, is_causal=True, kv_heads=2, softcap=3.0, window=2),
+    # ALiBi after canonicalization: slopes with the causal mark, and with a padded boolean mask
+    "causal_alibi": dict(mask=None, is_causal=True, kv_heads=4, softcap=None, alibi=True),
+    "gqa_bool_mask_causal_alibi": dict(mask="bool", is_causal=True, kv_heads=2, softcap=None,
+                                       alibi=True),
 }
 
 
@@ -64,8 +71,9 @@ def test_attention_op_translations_run_in_onnxruntime(name, opset, target):
             "float": torch.randn(2, 1, 12, 12, generator=generator)}[case["mask"]]
     if case["mask"] == "bool" and case["is_causal"]:
         mask[0] = False  # a query that sees no key (a left-padded row): 0, as in torch
+    slopes = torch.rand(4, generator=generator) if case.get("alibi") else None
     module = _CanonicalCall(mask, case["is_causal"], 0.3, case["kv_heads"] != 4, case["softcap"],
-                            case.get("window"))
+                            case.get("window"), slopes)
     program = torch.onnx.export(module, (q, k, v), dynamo=True, opset_version=opset,
                                 verbose=False,
                                 custom_translation_table=translation_table(opset, target))

@@ -267,15 +267,37 @@ def test_classify_additive_bias(data, q_len, kv_len, batch, fill, depends_on_inp
         allowed = causal_allowed(q_len, kv_len).expand(shape)
         bias = bias.masked_fill(~allowed, float("-inf") if fill == "-inf"
                                 else torch.finfo(torch.float32).min)
-    if bool((bias[allowed] != 0).any()):
+    constant = not (depends_on_input or depends_on_data)
+    alibi = constant and fill is not None and batch > 0 and q_len == kv_len and \
+        key_position_slope(bias[..., 0, :, :], allowed[..., 0, :, :])
+    if bool((bias[allowed] != 0).any()) and not alibi:
         structure = ("additive", None)
-    else:  # an all-zero bias adds nothing: only its masked positions count
+    else:  # an all-zero bias adds nothing, a key-position one is ALiBi: the masking counts
         structure = reference_kind(allowed, q_len, kv_len)
     info = check_classification(bias, q_len=q_len, kv_len=kv_len, structure=structure,
                                 depends_on_input=depends_on_input,
                                 depends_on_data=depends_on_data)
     if structure[0] == "additive":
         assert info.kind == "additive"
+    assert (info.alibi_slopes is not None) == bool(alibi)
+
+
+def key_position_slope(bias: torch.Tensor, allowed: torch.Tensor) -> bool:
+    """Whether every batch row of the (B, Sq, Sk) `bias` is `s * j + c[i]` at the allowed
+    positions with one nonzero slope `s` (least squares over s and the row constants, float64:
+    the residual must vanish)."""
+    positions = allowed[0].nonzero()
+    if not any(int(allowed[0, i].sum()) > 1 for i in range(allowed.shape[-2])):
+        return False  # no row with two keys: no slope to speak of
+    design = torch.zeros(len(positions), 1 + allowed.shape[-2], dtype=torch.float64)
+    design[:, 0] = positions[:, 1].double()
+    design[torch.arange(len(positions)), 1 + positions[:, 0]] = 1.0
+    target = bias[:, positions[:, 0], positions[:, 1]].double().T  # (allowed, B)
+    solution = torch.linalg.lstsq(design, target).solution
+    residual = (design @ solution - target).abs().max().item()
+    slope = solution[0].abs().min().item()
+    return residual <= 1e-5 * max(1.0, target.abs().max().item()) and slope > 0 and \
+        bool(torch.allclose(solution[0], solution[0][:1].expand_as(solution[0]), rtol=1e-5))
 
 
 @given(q_len=lengths_st, kv_len=lengths_st, is_causal=flags)

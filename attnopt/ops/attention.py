@@ -22,6 +22,12 @@ Semantics are those of `F.scaled_dot_product_attention` without dropout:
   Canonicalization emits it for masks that are sliding windows by construction (Mistral,
   Gemma 2/3), dropping a constant window mask altogether, so the kernel reads only the band
   instead of every key block up to the diagonal.
+- `alibi_slopes`: when given, a float (H,) or (B, H) tensor, and `-alibi_slopes[h] * |i - j|`
+  is added to the scores of head h (ALiBi, aligned as `is_causal`). With `is_causal` it equals
+  BLOOM's, MPT's and Falcon's key-position bias `slope * j` up to a constant per row, which
+  softmax ignores; canonicalization emits it for such a bias fitted on a constant causal mask
+  (`passes/masks.fit_alibi`), dropping the mask, so the kernel computes the bias from the
+  slopes instead of reading an (H, Sq, Sk) tensor.
 
 The op owns its reference implementation (SDPA, runs on every device), its CUDA implementation
 (the generated Triton flash kernel from `attnopt.kernels` where `kernel_skip_reason` finds
@@ -34,7 +40,8 @@ Which backend runs a call on CUDA (`ATTNOPT_KERNELS`):
   together with `is_causal` from `MIN_CAUSAL_MASK_KERNEL_QUERIES` queries on, where SDPA would
   read the whole mask and the kernel skips the blocks above the diagonal (1.5–2× at 2K–8K);
   and every call whose `window_left` band is shorter than the call, which SDPA can only run
-  as a dense mask (the kernel reads the band alone: 2.6–22× SDPA with the mask at 1K–16K) —
+  as a dense mask (the kernel reads the band alone: 2.6–22× SDPA with the mask at 1K–16K);
+  and every call with `alibi_slopes`, which SDPA can only run with the bias materialized —
   and SDPA everywhere else (a band as long as the call is plain causal attention).
   Measured on an H100 (docs/BENCHMARKS.md): for plain, causal and masked attention SDPA's
   default backend (cuDNN) is 0–25% faster than the generated kernel in GPU time and its
@@ -74,12 +81,13 @@ def kernel_mode() -> str:
 
 def kernel_skip_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
                        softcap: Optional[float] = None, *, is_causal: bool = False,
-                       window_left: Optional[int] = None,
+                       window_left: Optional[int] = None, alibi: bool = False,
                        sdpa_alternative: bool = True) -> Optional[str]:
     """Why a call runs SDPA (or a reference) rather than the Triton flash kernel (None: the
     kernel runs it). `sdpa_alternative=False` for calls PyTorch has no fused kernel for (sparse
     layouts), which "auto" then sends to the kernel too. A sliding window is one (SDPA would
-    read a dense mask where the kernel reads the band); a mask with `is_causal` is one from
+    read a dense mask where the kernel reads the band), and so is ALiBi (`alibi`: the call has
+    slopes; SDPA would read the bias materialized); a mask with `is_causal` is one from
     MIN_CAUSAL_MASK_KERNEL_QUERIES queries on: SDPA would need the two merged into a dense
     mask, and reads all of it, where the kernel skips the blocks above the diagonal.
 
@@ -106,7 +114,7 @@ def kernel_skip_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tens
     from attnopt.kernels.params import unsupported_reason
     reason = unsupported_reason(q, k, v)
     if effective_window(q.shape[-2], window_left) is None and reason is None \
-            and mode == "auto" and softcap is None and sdpa_alternative:
+            and mode == "auto" and softcap is None and not alibi and sdpa_alternative:
         queries = q.shape[-2]
         if not (is_causal and attn_mask is not None):
             return ("PyTorch's fused SDPA runs this call and measured faster than the generated "
@@ -121,18 +129,28 @@ def kernel_skip_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tens
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
                         is_causal: bool = False, scale: Optional[float] = None,
                         enable_gqa: bool = False, softcap: Optional[float] = None,
-                        window_left: Optional[int] = None) -> Tensor:
+                        window_left: Optional[int] = None,
+                        alibi_slopes: Optional[Tensor] = None) -> Tensor:
     """Plain-torch semantics of the canonical op (used by every backend without a kernel)."""
     window_left = effective_window(q.shape[-2], window_left)
-    if window_left is not None or (is_causal and attn_mask is not None):
+    if window_left is not None or (is_causal and (attn_mask is not None
+                                                  or alibi_slopes is not None)):
         # SDPA takes a mask or is_causal, and knows no window: fold them into one mask
         keep = band_keep(q.shape[-2], k.shape[-2], is_causal, window_left, q.device)
         attn_mask, is_causal = with_keep_mask(attn_mask, keep), False
+    if alibi_slopes is not None:
+        bias_BHSS = alibi_bias(alibi_slopes, q.shape[-3], q.shape[-2], k.shape[-2])
+        attn_mask = with_bias(attn_mask, bias_BHSS)
+        if q.dtype != torch.float32 and q.dtype != torch.float64:
+            # SDPA would round the bias to q's half type (a slope times 2K keys in bfloat16 is
+            # off by 8): add it in float32, as the kernel does
+            return _manual_attention(q, k, v, attn_mask, False, scale, enable_gqa, softcap)
+        attn_mask = attn_mask.to(q.dtype)
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0,
                                               is_causal=is_causal, scale=scale,
                                               enable_gqa=enable_gqa)
-    return _softcapped_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
+    return _manual_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
 
 
 def effective_window(q_len, window_left: Optional[int]) -> Optional[int]:
@@ -167,8 +185,26 @@ def with_keep_mask(attn_mask: Optional[Tensor], keep: Tensor) -> Tensor:
     return attn_mask.masked_fill(~keep, float("-inf"))
 
 
-def _softcapped_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask, is_causal, scale, enable_gqa,
-                          softcap):
+def alibi_bias(slopes: Tensor, heads: int, q_len: int, kv_len: int) -> Tensor:
+    """(B|1, H, Sq, Sk) float32 `-slopes[h] * |i - j|` (the op's ALiBi, top-left aligned)."""
+    rows = torch.arange(q_len, device=slopes.device).unsqueeze(-1)
+    cols = torch.arange(kv_len, device=slopes.device)
+    distance_SS = (rows - cols).abs().to(torch.float32)
+    return -slopes.to(torch.float32).reshape(-1, heads, 1, 1) * distance_SS
+
+
+def with_bias(attn_mask: Optional[Tensor], bias: Tensor) -> Tensor:
+    """`attn_mask` (bool, float or None) with the float `bias` added where it attends."""
+    if attn_mask is None:
+        return bias
+    if attn_mask.dtype == torch.bool:
+        return bias.masked_fill(~attn_mask, float("-inf"))
+    return attn_mask.to(bias.dtype) + bias
+
+
+def _manual_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask, is_causal, scale, enable_gqa,
+                      softcap):
+    """Attention with the scores in float32 (half types upcast), soft-capped when asked."""
     if enable_gqa and k_BHSD.shape[-3] != q_BHSD.shape[-3]:
         group = q_BHSD.shape[-3] // k_BHSD.shape[-3]
         k_BHSD = k_BHSD.repeat_interleave(group, dim=-3)
@@ -176,7 +212,8 @@ def _softcapped_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask, is_causal, scale, e
     scale = scale if scale is not None else q_BHSD.shape[-1] ** -0.5
     compute_dtype = torch.promote_types(q_BHSD.dtype, torch.float32)  # half types upcast
     scores_BHSS = (q_BHSD @ k_BHSD.transpose(-2, -1)).to(compute_dtype) * scale
-    scores_BHSS = softcap * torch.tanh(scores_BHSS / softcap)
+    if softcap is not None:
+        scores_BHSS = softcap * torch.tanh(scores_BHSS / softcap)
     if is_causal:
         q_len, kv_len = scores_BHSS.shape[-2:]
         keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=q_BHSD.device).tril()
@@ -194,9 +231,11 @@ def _softcapped_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask, is_causal, scale, e
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
               is_causal: bool = False, scale: Optional[float] = None,
               enable_gqa: bool = False, softcap: Optional[float] = None,
-              window_left: Optional[int] = None) -> Tensor:
+              window_left: Optional[int] = None,
+              alibi_slopes: Optional[Tensor] = None) -> Tensor:
     return like_query_layout(attention_reference(q, k, v, attn_mask, is_causal, scale,
-                                                 enable_gqa, softcap, window_left), q)
+                                                 enable_gqa, softcap, window_left,
+                                                 alibi_slopes), q)
 
 
 def kernel_window(k: Tensor, window_left: Optional[int]) -> Optional[tuple[int, int]]:
@@ -206,34 +245,36 @@ def kernel_window(k: Tensor, window_left: Optional[int]) -> Optional[tuple[int, 
 
 @attention.register_kernel("cuda")
 def _attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-                    softcap=None, window_left=None):
+                    softcap=None, window_left=None, alibi_slopes=None):
     if kernel_skip_reason(q, k, v, attn_mask, softcap, is_causal=is_causal,
-                          window_left=window_left) is not None:
+                          window_left=window_left, alibi=alibi_slopes is not None) is not None:
         return like_query_layout(attention_reference(
-            q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap, window_left), q)
+            q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap, window_left,
+            alibi_slopes), q)
     from attnopt.kernels import flash_attention
     return like_query_layout(flash_attention(q, k, v, causal=is_causal, scale=scale,
                                              attn_bias=attn_mask, softcap=softcap,
-                                             window=kernel_window(k, window_left)), q)
+                                             window=kernel_window(k, window_left),
+                                             alibi_slopes=alibi_slopes), q)
 
 
 @attention.register_fake
 def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-                    softcap=None, window_left=None):
+                    softcap=None, window_left=None, alibi_slopes=None):
     # SDPA's convention, which graphs captured around it rely on: output laid out like q
     return empty_like_query_layout(q, v.shape[-1])
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap, window_left = inputs
-    ctx.save_for_backward(q, k, v, attn_mask)
+    q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap, window_left, alibi_slopes = inputs
+    ctx.save_for_backward(q, k, v, attn_mask, alibi_slopes)
     ctx.has_mask = attn_mask is not None
     ctx.is_causal, ctx.scale, ctx.enable_gqa, ctx.softcap = is_causal, scale, enable_gqa, softcap
     ctx.window_left = window_left
 
 
 def _backward(ctx, grad_out):
-    q, k, v, attn_mask = ctx.saved_tensors
+    q, k, v, attn_mask, alibi_slopes = ctx.saved_tensors
     mask_needs_grad = (ctx.has_mask and attn_mask.is_floating_point()
                        and ctx.needs_input_grad[3])
     with torch.enable_grad():
@@ -243,18 +284,20 @@ def _backward(ctx, grad_out):
             mask_ = attn_mask.detach().requires_grad_(True)
         if not mask_needs_grad and kernel_skip_reason(
                 q, k, v, attn_mask, ctx.softcap, is_causal=ctx.is_causal,
-                window_left=ctx.window_left) is None:
+                window_left=ctx.window_left, alibi=alibi_slopes is not None) is None:
             from attnopt.kernels import flash_attention
             out = flash_attention(q_, k_, v_, causal=ctx.is_causal, scale=ctx.scale,
                                   attn_bias=attn_mask, softcap=ctx.softcap,
-                                  window=kernel_window(k, ctx.window_left))
+                                  window=kernel_window(k, ctx.window_left),
+                                  alibi_slopes=alibi_slopes)
         else:
             out = attention_reference(q_, k_, v_, mask_, ctx.is_causal, ctx.scale,
-                                      ctx.enable_gqa, ctx.softcap, ctx.window_left)
+                                      ctx.enable_gqa, ctx.softcap, ctx.window_left,
+                                      alibi_slopes)
         wrt = [q_, k_, v_] + ([mask_] if mask_needs_grad else [])
         grads = torch.autograd.grad(out, wrt, grad_out)
     grad_mask = grads[3] if mask_needs_grad else None
-    return grads[0], grads[1], grads[2], grad_mask, None, None, None, None, None
+    return grads[0], grads[1], grads[2], grad_mask, None, None, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -265,9 +308,11 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 # as above; scores_BHSS is (B, H, Sq, Sk).
 
 def onnx_attention_decomposed(q, k, v, attn_mask=None, is_causal=False, scale=None,
-                              enable_gqa=False, softcap=None, window_left=None):
+                              enable_gqa=False, softcap=None, window_left=None,
+                              alibi_slopes=None):
     """Standard ops only (opset 18+): MatMul, Softmax, Where; runs in every ONNX runtime."""
     from onnxscript import opset18 as op
+    attn_mask = _onnx_with_alibi(op, q, k, attn_mask, alibi_slopes)
 
     from attnopt.ops.common import onnx_dim, onnx_repeat_heads, onnx_scalar
     scalar, dim = functools.partial(onnx_scalar, op), functools.partial(onnx_dim, op)
@@ -300,6 +345,27 @@ def onnx_attention_decomposed(q, k, v, attn_mask=None, is_causal=False, scale=No
     return op.MatMul(probs_BHSS, v)
 
 
+def _onnx_with_alibi(op, q, k, attn_mask, alibi_slopes):
+    """`attn_mask` with the op's ALiBi bias `-slopes[h] * |i - j|` folded in (`with_bias`)."""
+    if alibi_slopes is None:
+        return attn_mask
+    from attnopt.ops.common import onnx_dim
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    rows_S1 = op.Unsqueeze(op.Range(zero, op.Squeeze(onnx_dim(op, q, 2)), one),
+                           op.Constant(value_ints=[1]))
+    cols_S = op.Range(zero, op.Squeeze(onnx_dim(op, k, 2)), one)
+    distance_SS = op.CastLike(op.Abs(op.Sub(rows_S1, cols_S)), alibi_slopes)
+    slopes_shape = op.Concat(op.Constant(value_ints=[-1]), op.Shape(q, start=1, end=2),
+                             op.Constant(value_ints=[1, 1]), axis=0)
+    bias_BHSS = op.Neg(op.Mul(op.Reshape(alibi_slopes, slopes_shape), distance_SS))
+    if attn_mask is None:
+        return bias_BHSS
+    if attn_mask.dtype == 9:  # onnx BOOL: True = attend
+        return op.Where(attn_mask, bias_BHSS,
+                        op.CastLike(op.Constant(value_float=float("-inf")), bias_BHSS))
+    return op.Add(op.CastLike(attn_mask, bias_BHSS), bias_BHSS)
+
+
 def _onnx_band_keep(op, q, k, is_causal: bool, window_left: Optional[int]):
     """`band_keep` in ONNX: (Sq, Sk) bool from the dynamic lengths, or None (no restriction)."""
     if not is_causal and window_left is None:
@@ -317,14 +383,16 @@ def _onnx_band_keep(op, q, k, is_causal: bool, window_left: Optional[int]):
 
 
 def onnx_attention_standard(q, k, v, attn_mask=None, is_causal=False, scale=None,
-                            enable_gqa=False, softcap=None, window_left=None):
+                            enable_gqa=False, softcap=None, window_left=None,
+                            alibi_slopes=None):
     """The standard `Attention` op (opset 23), one node. ONNX applies its soft-cap after the
     mask (a masked score would come back finite), so soft-capped sites are decomposed. The op
-    has no window: a sliding window is folded into its mask."""
+    has no window and no ALiBi: both are folded into its mask."""
     if softcap is not None:
         return onnx_attention_decomposed(q, k, v, attn_mask, is_causal, scale, enable_gqa,
-                                         softcap, window_left)
+                                         softcap, window_left, alibi_slopes)
     from onnxscript import opset23 as op
+    attn_mask = _onnx_with_alibi(op, q, k, attn_mask, alibi_slopes)
     if window_left is not None:
         keep_SS = _onnx_band_keep(op, q, k, False, window_left)
         attn_mask = keep_SS if attn_mask is None else (
@@ -344,7 +412,7 @@ def onnx_attention_standard(q, k, v, attn_mask=None, is_causal=False, scale=None
 
 
 def onnx_attention_ort(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-                       softcap=None, window_left=None):
+                       softcap=None, window_left=None, alibi_slopes=None):
     """onnxruntime's fused contrib ops where they express the call, the decomposed translation
     elsewhere (a dynamic head count or head dim, or neither op fits):
 
@@ -353,7 +421,12 @@ def onnx_attention_ort(q, k, v, attn_mask=None, is_causal=False, scale=None, ena
       `attention_bias` and a causal sliding window as its `local_window_size`;
     - `com.microsoft.MultiHeadAttention` for the rest without soft-cap or causality (equal
       head counts, cross-attention included). Its causal form is slower than
-      GroupQueryAttention's on the CPU (docs/BENCHMARKS.md)."""
+      GroupQueryAttention's on the CPU (docs/BENCHMARKS.md).
+
+    ALiBi is folded into the mask (both ops take it as `attention_bias`)."""
+    if alibi_slopes is not None:
+        from onnxscript import opset18
+        attn_mask = _onnx_with_alibi(opset18, q, k, attn_mask, alibi_slopes)
     heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[3]
     static = all(isinstance(d, int) for d in (heads, kv_heads, head_dim, v.shape[3]))
     windowed = window_left is not None
@@ -403,7 +476,8 @@ def _heads_split(op, out_BSE, heads: int, head_dim: int):
 def _full_bias(op, attn_mask, q, k):
     """An SDPA mask as the contrib ops' additive (B|1, H|1, Sq, Sk) bias in q's type (they
     want the query axis spelled out, not broadcast)."""
-    rank = len(attn_mask.shape)
+    # (a mask with ALiBi folded in has no traced shape: it is (B|1, H, Sq, Sk))
+    rank = len(attn_mask.shape) if attn_mask.shape is not None else 4
     if attn_mask.dtype == 9:  # onnx BOOL: True = attend → 0 / -inf
         attn_mask = op.Where(attn_mask, op.CastLike(op.Constant(value_float=0.0), q),
                              op.CastLike(op.Constant(value_float=float("-inf")), q))

@@ -95,7 +95,8 @@ def quantize_qk(q: Tensor, k: Tensor, softcap: Optional[float] = None, *,
 def int8_qk_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
                       is_causal: bool = False, scale: Optional[float] = None,
                       enable_gqa: bool = False, softcap: Optional[float] = None,
-                      window_left: Optional[int] = None) -> Tensor:
+                      window_left: Optional[int] = None,
+                      alibi_slopes: Optional[Tensor] = None) -> Tensor:
     (q8, q_scales), (k8, k_scales) = quantize_qk(q, k, softcap)
     dtype = compute_dtype(q.dtype)
     q_deq = dequantize_blocks(q8, q_scales, Q_QUANT_BLOCK).to(dtype)
@@ -104,7 +105,7 @@ def int8_qk_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tenso
         else attn_mask.to(dtype)
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     out = attention_reference(q_deq, k_deq, v.to(dtype), mask, is_causal, scale, enable_gqa,
-                              softcap, window_left)
+                              softcap, window_left, alibi_slopes)
     return out.to(q.dtype)
 
 
@@ -112,20 +113,22 @@ def int8_qk_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tenso
 def int8_qk_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
                       is_causal: bool = False, scale: Optional[float] = None,
                       enable_gqa: bool = False, softcap: Optional[float] = None,
-                      window_left: Optional[int] = None) -> Tensor:
+                      window_left: Optional[int] = None,
+                      alibi_slopes: Optional[Tensor] = None) -> Tensor:
     return like_query_layout(int8_qk_reference(q, k, v, attn_mask, is_causal, scale,
-                                               enable_gqa, softcap, window_left), q)
+                                               enable_gqa, softcap, window_left,
+                                               alibi_slopes), q)
 
 
 def int8_qk_kernel(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-                   softcap=None, window_left=None) -> Tensor:
+                   softcap=None, window_left=None, alibi_slopes=None) -> Tensor:
     """The generated flash kernel with int8 Q·Kᵀ (CUDA, or CPU tensors under the Triton
     interpreter)."""
     from attnopt.kernels.flash import flash_forward
     from attnopt.kernels.params import AttentionParams
     params = AttentionParams.build(q, k, v, causal=is_causal, scale=scale, attn_bias=attn_mask,
                                    kv_lengths=None, window=kernel_window(k, window_left),
-                                   block_mask=None, softcap=softcap, alibi_slopes=None,
+                                   block_mask=None, softcap=softcap, alibi_slopes=alibi_slopes,
                                    causal_alignment="top_left")
     (q8, q_scales), (k8, k_scales) = quantize_qk(q, k, softcap, use_kernel=True)
     out, _ = flash_forward(q8, k8, v, params,
@@ -135,12 +138,12 @@ def int8_qk_kernel(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_
 
 @int8_qk_attention.register_kernel("cuda")
 def _int8_qk_attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None,
-                            enable_gqa=False, softcap=None, window_left=None):
+                            enable_gqa=False, softcap=None, window_left=None, alibi_slopes=None):
     run = int8_qk_kernel if kernel_skip_reason(q, k, v, attn_mask, softcap,
                                                sdpa_alternative=False) is None \
         else int8_qk_reference
     return like_query_layout(run(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap,
-                                 window_left), q)
+                                 window_left, alibi_slopes), q)
 
 
 @int8_qk_attention.register_fake
@@ -156,7 +159,7 @@ register_recompute_autograd(int8_qk_attention, attention_reference)
 # ----------------------------------------------------------------------------- ONNX
 
 def onnx_int8_qk_attention(q, k, v, attn_mask=None, is_causal=False, scale=None,
-                           enable_gqa=False, softcap=None, window_left=None):
+                           enable_gqa=False, softcap=None, window_left=None, alibi_slopes=None):
     """The smoothing and block quantization in standard opset-18 ops, then decomposed
     attention over the dequantized q and k (the numbers the kernel multiplies)."""
     from onnxscript import opset18 as op
@@ -182,5 +185,6 @@ def onnx_int8_qk_attention(q, k, v, attn_mask=None, is_causal=False, scale=None,
     q_deq, k_deq = fake_quantize(qf, Q_QUANT_BLOCK), fake_quantize(kf, K_QUANT_BLOCK)
     scale = scale if scale is not None else q.shape[3] ** -0.5
     out = onnx_attention_decomposed(q_deq, k_deq, op.Cast(v, to=bo.FLOAT), attn_mask,
-                                    is_causal, scale, enable_gqa, softcap, window_left)
+                                    is_causal, scale, enable_gqa, softcap, window_left,
+                                    alibi_slopes)
     return op.CastLike(out, q)

@@ -51,6 +51,8 @@ def skip_reason(rewrite: str, site: AttentionSite, params: dict) -> Optional[str
                 "kernel reads only the keys inside it")
     if site.softcap is not None:
         return "soft-capped scores have no approximate variant"
+    if site.alibi:
+        return "ALiBi's distance bias has no approximate variant (the exact kernel computes it)"
     if rewrite in ("performer", "linear", "hybrid"):
         if site.mask_kind not in KEY_MASK_KINDS:
             return (f"{rewrite} honours key padding and causality only; this site's mask is "

@@ -4,7 +4,9 @@ Inputs are the nodes detection found, viewed through their recipes (transpose of
 (B·H, S, D) operands to 4-d, einsum permutations); the mask is built from its terms by the same
 `build_mask` that classification evaluated. An input-independent mask that is empty is dropped
 and one that is causal (equal q and kv lengths) becomes `is_causal=True`, one that is a sliding
-window of W keys `is_causal=True, window_left=W-1`; a boolean mask that is causal (or a
+window of W keys `is_causal=True, window_left=W-1`, and either of those carrying an ALiBi
+bias (`masks.fit_alibi`) also `alibi_slopes`, a float32 (H,) buffer of the graph module
+shared by the sites with the same slopes; a boolean mask that is causal (or a
 window) by construction but depends on inputs (padding) is kept and the call marked
 `is_causal=True` (and given `window_left`) as well: all apply (see `ops/attention.py`). The old
 nodes are left without users and removed by the pass manager's dead-code elimination.
@@ -17,7 +19,9 @@ from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Node
 
 from attnopt.ops import ATTENTION_OP
-from attnopt.passes.fx_utils import aten, dtype_of, remove_assertions_on, same_dim
+from attnopt.passes.fx_utils import (
+    aten, concrete, dtype_of, remove_assertions_on, same_dim, unique_attr,
+)
 from attnopt.passes.manager import PassContext, PassResult
 from attnopt.passes.masks import build_mask
 from attnopt.passes.patterns import SiteMatch, Step, TensorRecipe, step_call
@@ -31,6 +35,7 @@ class CanonicalizeAttention:
 
     def __call__(self, graph_module: GraphModule, context: PassContext) -> PassResult:
         changes = []
+        self._slopes: dict[tuple, Node] = {}  # one buffer per distinct slopes (layers share)
         for index, (match, site) in enumerate(zip(context.matches, context.sites)):
             rewrite, why, params = context.policy.choose(site)
             context.decisions[site.name] = (rewrite, why)
@@ -39,7 +44,8 @@ class CanonicalizeAttention:
                 continue
             emitter = _Emitter(graph_module.graph, match)
             with graph_module.graph.inserting_before(match.output):
-                op_node = self._emit_canonical(emitter, match, context.mask_infos[index], site)
+                op_node = self._emit_canonical(graph_module, emitter, match,
+                                               context.mask_infos[index], site)
                 replacement = op_node
                 for step in match.output_steps:
                     replacement = emitter.step(replacement, step)
@@ -54,7 +60,8 @@ class CanonicalizeAttention:
             changes.append(f"{site.name}: {match.form} → attnopt.attention")
         return PassResult(graph_module, bool(changes), changes)
 
-    def _emit_canonical(self, emitter: "_Emitter", match: SiteMatch, info, site) -> Node:
+    def _emit_canonical(self, graph_module: GraphModule, emitter: "_Emitter",
+                        match: SiteMatch, info, site) -> Node:
         q, k, v = (emitter.recipe(r) for r in (match.q, match.k, match.v))
         is_causal, mask, window_left = match.is_causal, None, None
         equal_lengths = same_dim(match.q.shape[2], match.k.shape[2])
@@ -81,11 +88,37 @@ class CanonicalizeAttention:
                 window_left = info.window - 1
         site.causal = site.causal or is_causal
         site.window_band = window_left is not None
-        extra = (float(match.softcap) if match.softcap is not None else None, window_left)
+        slopes = None
+        if info.alibi_slopes is not None and mask is None:  # (the constant kinds above)
+            slopes = self._slopes_node(graph_module, emitter, info.alibi_slopes,
+                                       concrete(match.q.shape[1]), match.q.node)
+        site.alibi = slopes is not None
+        extra = (float(match.softcap) if match.softcap is not None else None, window_left,
+                 slopes)
         while extra and extra[-1] is None:  # trailing defaults stay implicit
             extra = extra[:-1]
         return emitter.emit(ATTENTION_OP, q, k, v, mask, is_causal, float(match.scale),
                             bool(match.enable_gqa), *extra)
+
+
+    def _slopes_node(self, graph_module: GraphModule, emitter: "_Emitter", slopes: tuple,
+                     heads: int, like: Node) -> Node:
+        """The get_attr node of a float32 (H,) buffer holding `slopes` (one slope for every
+        head where the mask had no heads axis), on q's device; created once per graph."""
+        if len(slopes) == 1:
+            slopes = slopes * heads
+        if slopes not in self._slopes:
+            device = like.meta["val"].device
+            tensor = torch.tensor(slopes, dtype=torch.float32, device=device)
+            name = unique_attr(graph_module, "attnopt_alibi_slopes")
+            graph_module.register_buffer(name, tensor)
+            first = next(n for n in graph_module.graph.nodes if n.op != "placeholder")
+            with graph_module.graph.inserting_before(first):
+                node = graph_module.graph.get_attr(name)
+            if emitter.fake_mode is not None:
+                node.meta["val"] = emitter.fake_mode.from_tensor(tensor)
+            self._slopes[slopes] = node
+        return self._slopes[slopes]
 
 
 def _erase_unused(graph: torch.fx.Graph, nodes: list[Node]) -> None:

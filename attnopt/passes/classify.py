@@ -66,10 +66,12 @@ class ClassifyMasks:
             name = qualified if names[qualified] == 1 else f"{qualified}#{names[qualified]}"
             site = describe_site(match, name=name, module=qualified, module_type=module_type,
                                  mask_kind=info.kind, window=info.window,
-                                 causal=info.kind in CAUSAL_KINDS)
+                                 causal=info.kind in CAUSAL_KINDS,
+                                 alibi=info.alibi_slopes is not None)
             context.sites.append(site)
             changes.append(f"{name}: mask {info.kind}"
                            + (f" (window {info.window})" if info.window else "")
+                           + (" with ALiBi" if info.alibi_slopes else "")
                            + (" [constant]" if info.constant and match.mask_terms else ""))
         return PassResult(graph_module, False, changes)
 
@@ -138,6 +140,8 @@ class ClassifyMasks:
             return probed  # a window wider than the example: causal there, the window at length
         if (probed.kind, probed.window) != (info.kind, info.window):
             return MaskInfo(probed.kind, probed.window, constant=False)
+        if not _same_slopes(probed.alibi_slopes, info.alibi_slopes):
+            return MaskInfo("additive", constant=False)  # a bias that is ALiBi at one length only
         return info
 
     def _band_when_randomized(self, graph_module, match, sources, inputs, dtype, q_len: int,
@@ -250,6 +254,13 @@ class ClassifyMasks:
             return None
         return build_mask(match.mask_terms, probed, torch.zeros((), dtype=dtype), dtype,
                           eager_emit)
+
+
+def _same_slopes(a: Optional[tuple], b: Optional[tuple]) -> bool:
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(abs(x - y) <= 1e-5 * max(abs(x), abs(y), 1e-30)
+                                    for x, y in zip(a, b))
 
 
 def _symbolic_lengths(match) -> list:

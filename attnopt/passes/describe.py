@@ -58,7 +58,8 @@ def input_projection(node: Node) -> Optional[Projection]:
 
 
 def describe_site(match: SiteMatch, *, name: str, module: str, module_type: str,
-                  mask_kind: str, window: Optional[int], causal: bool) -> AttentionSite:
+                  mask_kind: str, window: Optional[int], causal: bool,
+                  alibi: bool = False) -> AttentionSite:
     q_shape, k_shape, v_shape = match.q.shape, match.k.shape, match.v.shape
     labels = ("batch", "heads", "q_len", "head_dim")
     dynamic = [label for label, dim in zip(labels, q_shape) if is_symbolic(dim)]
@@ -86,7 +87,7 @@ def describe_site(match: SiteMatch, *, name: str, module: str, module_type: str,
         v_head_dim=concrete(v_shape[3]), scale=float(match.scale), mask_kind=mask_kind,
         window=window, dropout_p=match.dropout_p, layout=match.layout,
         gqa_group=match.gqa_group, dtype=str(dtype).replace("torch.", ""), device=device,
-        causal=causal,
+        causal=causal, alibi=alibi,
         softcap=match.softcap,
         dynamic_dims=tuple(dynamic), projections=projections, node=match.output.name,
         notes=match.notes)

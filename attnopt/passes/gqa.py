@@ -48,6 +48,7 @@ class ConvertToGroupedQuery:
     def _convert(self, graph_module: GraphModule, node: Node, site, params: dict,
                  values: NodeValues, context: PassContext) -> dict:
         q, k, v, mask = site_args(node)[:4]
+        slopes = site_args(node)[9]
         heads, kv_heads = _heads(q), _heads(k)
         if params["kv_heads"] is None and kv_heads % max(1, params["group_size"]):
             raise SurgeryRefused(f"{kv_heads} kv heads do not form groups of "
@@ -56,7 +57,8 @@ class ConvertToGroupedQuery:
             kv_heads // max(1, params["group_size"])
         if not 1 <= target < kv_heads or kv_heads % target:
             raise SurgeryRefused(f"cannot pool {kv_heads} kv heads into {target}")
-        calibration = values.names([q, k, v, mask] if isinstance(mask, Node) else [q, k, v])
+        calibration = values.names([q, k, v] + [n for n in (mask, slopes)
+                                                if isinstance(n, Node)])
         k_path = trace_input(node, 1)
         v_path = trace_input(node, 2)
         packed = k_path.parts > 1 or v_path.parts > 1  # q shares the matmul: rebuilt too
@@ -141,22 +143,27 @@ def query_permutation(groups: list[list[int]], heads: int, kv_heads: int) -> lis
 
 def pooled_error(node: Node, calibration: dict, groups: list[list[int]], heads: int) -> float:
     """Normwise relative error of the site's output with k/v pooled per `groups` (query heads,
-    and a per-head mask with them, permuted to match) against the original, on the examples."""
-    q, k, v, mask, is_causal, scale, _, softcap, window_left = site_args(node)
+    and a per-head mask and ALiBi slopes with them, permuted to match) against the original,
+    on the examples."""
+    q, k, v, mask, is_causal, scale, _, softcap, window_left, alibi_slopes = site_args(node)
     q_value, k_value, v_value = (calibration[n.name].double() for n in (q, k, v))
     mask_value = calibration.get(mask.name) if isinstance(mask, Node) else mask
     if isinstance(mask_value, torch.Tensor) and mask_value.is_floating_point():
         mask_value = mask_value.double()
 
-    def attend(q_, k_, v_, mask_):  # the canonical op's own semantics, every argument
+    slopes_value = calibration[alibi_slopes.name] if isinstance(alibi_slopes, Node) else None
+
+    def attend(q_, k_, v_, mask_, slopes_):  # the canonical op's own semantics, every argument
         return attention_reference(q_, k_, v_, mask_, bool(is_causal), scale, True, softcap,
-                                   window_left)
+                                   window_left, slopes_)
 
     order = query_permutation(groups, heads, k_value.shape[1])
-    reference = attend(q_value, k_value, v_value, mask_value)[:, order]
+    reference = attend(q_value, k_value, v_value, mask_value, slopes_value)[:, order]
     if per_head_mask(mask):
         mask_value = mask_value.index_select(mask_value.dim() - 3, torch.tensor(order))
+    if slopes_value is not None:
+        slopes_value = slopes_value.index_select(slopes_value.dim() - 1, torch.tensor(order))
     pooled_k = torch.stack([k_value[:, g].mean(1) for g in groups], 1)
     pooled_v = torch.stack([v_value[:, g].mean(1) for g in groups], 1)
-    output = attend(q_value[:, order], pooled_k, pooled_v, mask_value)
+    output = attend(q_value[:, order], pooled_k, pooled_v, mask_value, slopes_value)
     return float((output - reference).norm() / reference.norm().clamp_min(1e-30))

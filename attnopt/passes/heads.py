@@ -627,10 +627,10 @@ def weight_rule_sites(graph_module: GraphModule, context, kind: str) -> list[tup
 
 def site_args(node: Node) -> list:
     """A canonical site's arguments, padded: q, k, v, mask, is_causal, scale, enable_gqa,
-    softcap, window_left."""
+    softcap, window_left, alibi_slopes."""
     names = ("q", "k", "v", "attn_mask", "is_causal", "scale", "enable_gqa", "softcap",
-             "window_left")
-    defaults = [None, None, None, None, False, None, False, None, None]
+             "window_left", "alibi_slopes")
+    defaults = [None, None, None, None, False, None, False, None, None, None]
     args = list(node.args) + defaults[len(node.args):]
     for index, name in enumerate(names):
         if name in node.kwargs:
@@ -643,14 +643,14 @@ def replace_site(graph_module: GraphModule, node: Node, q: Node, k: Node, v: Nod
     """A new call of the canonical op on (q, k, v) in place of `node` (enable_gqa set from the
     head counts); the site's measurement point follows it. `query_heads`: the old query heads
     the new q holds, in order, when they changed — a per-head mask (ALiBi, a relative position
-    bias) then keeps those heads' rows."""
+    bias) then keeps those heads' rows, and ALiBi those heads' slopes."""
     from attnopt.ops import ATTENTION_OP
     from attnopt.passes.canonicalize import SITE_META_KEY
     args = site_args(node)
     args[0:3] = q, k, v
     args[6] = concrete(k.meta["val"].shape[1]) != concrete(q.meta["val"].shape[1]) or \
         bool(args[6])
-    while len(args) > 7 and args[-1] is None:  # trailing defaults (softcap, window) stay implicit
+    while len(args) > 7 and args[-1] is None:  # trailing defaults (softcap …) stay implicit
         args = args[:-1]
     emitter = Emitter(graph_module, node)
     with graph_module.graph.inserting_before(node):
@@ -660,6 +660,12 @@ def replace_site(graph_module: GraphModule, node: Node, q: Node, k: Node, v: Nod
                                         f"attnopt_{node.name}_mask_heads")
             args[3] = emitter.emit(aten.index_select.default, mask,
                                    mask.meta["val"].dim() - 3, index_node)
+        slopes = args[9] if len(args) > 9 else None
+        if query_heads is not None and slopes is not None:
+            index_node = emitter.buffer(torch.tensor(list(query_heads)),
+                                        f"attnopt_{node.name}_alibi_heads")
+            args[9] = emitter.emit(aten.index_select.default, slopes,
+                                   slopes.meta["val"].dim() - 1, index_node)
         new = emitter.emit(ATTENTION_OP, *args)
     site = node.meta[SITE_META_KEY]
     new.meta[SITE_META_KEY] = site

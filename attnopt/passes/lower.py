@@ -38,14 +38,16 @@ class SelectBackends:
             q, k, v, mask = (arg.meta.get("val") if arg is not None else None
                              for arg in args[:4])
             softcap, is_causal, window_left = args[7], bool(args[4]), args[8]
+            alibi = args[9] is not None
             if q is None or k is None or v is None:
                 reason = "operands carry no traced values"
             else:
                 reason = kernel_skip_reason(q, k, v, mask, softcap, is_causal=is_causal,
-                                            window_left=window_left)
+                                            window_left=window_left, alibi=alibi)
             if reason is None:
                 band = f", sliding-window band of {window_left + 1} keys" \
                     if window_left is not None else ""
+                band += ", ALiBi from slopes" if alibi else ""
                 context.backends[site.name] = (KERNEL_BACKEND,
                                                f"generated Triton flash kernel{band}")
             else:
@@ -72,6 +74,7 @@ def approximate_backend(variant: str, node) -> tuple[str, str]:
     if variant == "int8_qk":
         reason = kernel_skip_reason(q, k, v, args[3], args[7] if len(args) > 7 else None,
                                     window_left=args[8] if len(args) > 8 else None,
+                                    alibi=len(args) > 9 and args[9] is not None,
                                     sdpa_alternative=False)
         return (KERNEL_BACKEND, "flash kernel, int8 Q·Kᵀ") if reason is None \
             else ("torch", reason)

@@ -11,6 +11,10 @@ mask that depends only on shapes and constants (no graph input) is a fact of the
 `none`/`causal`/`window` masks of that kind are dropped in favour of `is_causal` (and a window
 band) at canonicalization. A mask that depends on an integer input (an attention_mask) keeps
 its tensor; its kind adds `padding`.
+
+A constant causal (or window) mask whose bias grows linearly with the key position, at a
+slope of its own per head, is ALiBi as BLOOM, MPT and Falcon add it (`fit_alibi`); the
+canonical call then carries the slopes and drops the mask (see `ops/attention.py`).
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ class MaskInfo:
     causal_by_construction: bool = False
     #: likewise, every allowed position lies within `window` keys up to the diagonal
     window_by_construction: bool = False
+    #: per-head ALiBi slopes the mask's bias equals (`fit_alibi`; constant causal kinds only)
+    alibi_slopes: Optional[tuple[float, ...]] = None
 
     @property
     def droppable(self) -> bool:
@@ -134,7 +140,8 @@ def classify_mask(mask: Optional[torch.Tensor], *, is_causal: bool, q_len: int, 
     if mask is None:
         return MaskInfo("causal" if is_causal else "none", constant=True)
     allowed, has_bias = allowed_positions(mask)
-    if has_bias or (depends_on_data and mask.dtype != torch.bool):
+    alibi = fit_alibi(mask, allowed) if has_bias and constant and q_len == kv_len else None
+    if (has_bias and alibi is None) or (depends_on_data and mask.dtype != torch.bool):
         return MaskInfo("additive", constant=constant)
     if depends_on_data:
         return MaskInfo("bool", constant=False)
@@ -148,12 +155,53 @@ def classify_mask(mask: Optional[torch.Tensor], *, is_causal: bool, q_len: int, 
         allowed = allowed & (cols <= rows)
         causal = cols <= rows
     structure = _structure(allowed, causal, rows, cols, offset)
+    if alibi is not None and structure[0] not in ("causal", "window"):
+        return MaskInfo("additive", constant=constant)  # -s|i - j| equals s·j only up to i
     if depends_on_input and structure[0] in ("none", "causal"):
         kind = "padding" if structure[0] == "none" else "causal+padding"
         return MaskInfo(kind, constant=False)
     return MaskInfo(structure[0], window=structure[1], constant=constant,
                     causal_by_construction=constant and structure[0] in CAUSAL_KINDS,
-                    window_by_construction=constant and structure[1] is not None)
+                    window_by_construction=constant and structure[1] is not None,
+                    alibi_slopes=alibi)
+
+
+#: a fitted ALiBi bias may deviate from `slope * j + c` by this many units in the last place
+#: of the mask's dtype at the row's largest value (a half-precision mask is rounded)
+ALIBI_ULPS = 4
+
+
+def fit_alibi(mask: torch.Tensor, allowed: torch.Tensor) -> Optional[tuple[float, ...]]:
+    """Per-head slopes `s` with `mask[.., h, i, j] = s[h] * j + c[.., h, i]` at every position
+    `allowed`: a key-position bias growing by its head's slope per key, up to a constant per
+    row — how BLOOM, MPT and Falcon write ALiBi (on or below the causal diagonal it is the
+    canonical op's `-s[h] * |i - j|` plus `s[h] * i`, which softmax ignores). None when the
+    mask has no heads axis, a head's bias is not such a line, or every slope is 0."""
+    if mask.dtype == torch.bool or mask.dim() < 3:
+        return None
+    tolerance = ALIBI_ULPS * torch.finfo(mask.dtype).eps
+    values = mask.float().expand(*mask.shape[:-2], *allowed.shape[-2:])
+    allowed = allowed.expand_as(values)
+    cols = torch.arange(values.shape[-1], dtype=torch.float32)
+    slopes = []
+    for head in range(values.shape[-3]):
+        head_values, head_allowed = values.select(-3, head), allowed.select(-3, head)
+        steps = head_values[..., 1:] - head_values[..., :-1]
+        pairs = head_allowed[..., 1:] & head_allowed[..., :-1]
+        if not bool(pairs.any()):
+            return None
+        slope = float(steps[pairs].mean())
+        residual = head_values - slope * cols
+        highest = residual.masked_fill(~head_allowed, float("-inf")).amax(-1)
+        lowest = residual.masked_fill(~head_allowed, float("inf")).amin(-1)
+        spread = (highest - lowest).masked_fill(~head_allowed.any(-1), 0.0)
+        magnitude = head_values.abs().masked_fill(~head_allowed, 0.0).amax(-1).clamp(min=1.0)
+        if bool((spread > tolerance * magnitude).any()):
+            return None
+        slopes.append(slope)
+    if not any(slopes):
+        return None
+    return tuple(slopes)
 
 
 def _structure(allowed: torch.Tensor, causal: torch.Tensor, rows, cols, offset

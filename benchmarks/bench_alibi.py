@@ -1,0 +1,178 @@
+"""ALiBi on CUDA: the canonical call's slopes against the materialized bias that runs without them.
+
+BLOOM, MPT and Falcon add `slope[h] * j` to the scores under a causal mask. Without attnopt that
+bias is an (H, S, S) tensor (or an (B·H, 1, S) one broadcast by an eager baddbmm) and every
+score is computed; attnopt fits the slopes (`passes/masks.fit_alibi`), drops the mask, and the
+generated kernel computes `-slope[h] * |i - j|` in registers while skipping the blocks above the
+diagonal.
+
+Two parts, anchors in the same run, correctness (against float32) before timing:
+- `ops`: bf16, 16 heads, D128, 16K tokens per batch (B = 16K / n), causal. The canonical op
+  with slopes (`torch.ops.attnopt.attention(..., is_causal=True, alibi_slopes=s)`: the call a
+  rewritten model makes; the kernel in the default mode), the kernel given the dense bias and the
+  causal mark, SDPA's default dispatch on the dense (1, H, n, n) bias with the causal fill folded
+  in (what the op ran on the additive mask before, and what Falcon's SDPA path runs), and
+  compiled FlexAttention with an ALiBi score_mod and a causal BlockMask. Forward for every n,
+  forward+backward for a few. Medians of `triton.testing.do_bench`.
+- `e2e`: a BLOOM config (hidden 2048, 16 heads, 4 layers, random weights, bf16, eager: BLOOM has
+  no SDPA path), batch 2, no attention_mask, before and after `attnopt.optimize(policy="exact")`.
+  Logits against a float32 copy; medians of 25 CUDA-event timings after 5 warm-ups.
+
+    PYTHONPATH=. python benchmarks/bench_alibi.py [--parts ops e2e]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+import attnopt  # noqa: E402,F401  (registers torch.ops.attnopt)
+from attnopt.kernels import flash_attention  # noqa: E402
+
+HEADS, HEAD_DIM, TOKENS = 16, 128, 16384
+FORWARD_SEQS = (1024, 2048, 4096, 8192, 16384)
+BACKWARD_SEQS = (1024, 4096, 16384)
+E2E_SEQS, E2E_BATCH = (1024, 2048, 4096), 2
+
+
+def bloom_slopes(heads: int) -> torch.Tensor:
+    """BLOOM's slopes for a power-of-two head count: 2^(-8 h / H), h = 1 .. H."""
+    return torch.tensor([2.0 ** (-8 * (h + 1) / heads) for h in range(heads)], device="cuda")
+
+
+def dense_bias(slopes: torch.Tensor, seq: int, dtype: torch.dtype) -> torch.Tensor:
+    """(1, H, n, n): `-slope * |i - j|` below the diagonal, -inf above."""
+    i = torch.arange(seq, device="cuda")[:, None]
+    j = torch.arange(seq, device="cuda")[None, :]
+    bias = -slopes[:, None, None] * (i - j).abs().float()
+    return bias.masked_fill(j > i, float("-inf"))[None].to(dtype)
+
+
+def median_bench(fn) -> float:
+    return statistics.median(triton.testing.do_bench(fn, warmup=25, rep=100,
+                                                     return_mode="median") for _ in range(3))
+
+
+def ops() -> None:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    slopes = bloom_slopes(HEADS)
+
+    def alibi_mod(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    def causal_mod(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    for backward in (False, True):
+        for seq in (BACKWARD_SEQS if backward else FORWARD_SEQS):
+            batch = max(1, TOKENS // seq)
+            torch.manual_seed(seq)
+            q, k, v = (torch.randn(batch, HEADS, seq, HEAD_DIM, device="cuda",
+                                   dtype=torch.bfloat16) for _ in range(3))
+            grad = torch.randn_like(q)
+            bias = dense_bias(slopes, seq, torch.bfloat16)
+            block_mask = create_block_mask(causal_mod, None, None, seq, seq, device="cuda")
+            if backward:
+                q, k, v = (t.requires_grad_() for t in (q, k, v))
+            fns = {
+                "slopes": lambda: torch.ops.attnopt.attention(q, k, v, None, True, None, False,
+                                                              None, None, slopes),
+                "kernel bias": lambda: flash_attention(q, k, v, causal=True, attn_bias=bias),
+                "SDPA bias": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+                "Flex": lambda: flex(q, k, v, score_mod=alibi_mod, block_mask=block_mask),
+            }
+            if backward:
+                del fns["kernel bias"]
+            truth = F.scaled_dot_product_attention(
+                q.detach().float(), k.detach().float(), v.detach().float(),
+                attn_mask=dense_bias(slopes, seq, torch.float32))
+            errors = {name: (fn().detach().float() - truth).abs().max().item()
+                      for name, fn in fns.items()}
+            if backward:
+                fns = {name: (lambda fn=fn: fn().backward(grad)) for name, fn in fns.items()}
+            with torch.no_grad() if not backward else torch.enable_grad():
+                times = {name: median_bench(fn) for name, fn in fns.items()}
+            flops = 4 * batch * HEADS * seq * seq * HEAD_DIM / 2 * (3.5 if backward else 1)
+            rows.append((backward, seq, batch, times, errors, flops))
+            print("ROW", backward, seq, {n: round(t, 4) for n, t in times.items()},
+                  {n: f"{e:.1e}" for n, e in errors.items()}, flush=True)
+            fns = truth = bias = None  # the n² bias of 16K goes before the next is made
+            torch.cuda.empty_cache()
+    for backward in (False, True):
+        print(f"\n**{'Forward + backward' if backward else 'Forward'}**, ms "
+              "(anchor / slopes; slopes TFLOP/s counts the causal half):\n")
+        names = [n for n in next(r for r in rows if r[0] == backward)[3]]
+        print("| n | B | " + " | ".join(names) + " | slopes TFLOP/s | max abs err vs fp32 |")
+        print("|---|---|" + "---|" * len(names) + "---|---|")
+        for is_backward, seq, batch, times, errors, flops in rows:
+            if is_backward != backward:
+                continue
+            ours = times["slopes"]
+            cells = [f"**{ours:.3f}**"] + [f"{times[n]:.3f} ({times[n] / ours:.2f})"
+                                           for n in names[1:]]
+            error = max(errors.values())
+            print(f"| {seq} | {batch} | " + " | ".join(cells) +
+                  f" | {flops / ours / 1e9:.0f} | {error:.1e} |")
+
+
+def build_bloom(dtype: torch.dtype):
+    import transformers
+    config = transformers.BloomConfig(vocab_size=32000, hidden_size=2048, n_layer=4, n_head=16,
+                                      attn_implementation="eager")
+    torch.manual_seed(0)
+    return transformers.BloomForCausalLM(config).to("cuda", dtype).eval()
+
+
+def e2e() -> None:
+    from bench_exact_cuda import canonical_calls, median_ms
+
+    model = build_bloom(torch.bfloat16)
+    reference = build_bloom(torch.float32)
+    print(f"\n**BLOOM (4 layers, hidden 2048, 16 heads), batch {E2E_BATCH}, no "
+          "attention_mask**, ms:\n")
+    print("| seq | HF eager ms | attnopt exact ms | eager / attnopt | calls with slopes "
+          "| max abs err vs fp32 (eager, attnopt) |")
+    print("|---|---|---|---|---|---|")
+    for seq in E2E_SEQS:
+        kwargs = {"input_ids": torch.randint(0, 32000, (E2E_BATCH, seq), device="cuda"),
+                  "use_cache": False}
+        optimized = attnopt.optimize(model, "exact", example_kwargs=kwargs)
+        assert len(optimized.report.rewritten) == 4, str(optimized.report)
+        fresh = dict(kwargs, input_ids=torch.randint(0, 32000, (E2E_BATCH, seq), device="cuda"))
+        with torch.no_grad():
+            truth = reference(**fresh).logits
+            with canonical_calls() as calls:
+                got = optimized(**fresh).logits
+            errors = [(out.float() - truth).abs().max().item()
+                      for out in (model(**fresh).logits, got)]
+        times = [median_ms(lambda m=m: m(**fresh)) for m in (model, optimized)]
+        with_slopes = sum(len(args) > 9 and args[9] is not None for args in calls)
+        print(f"| {seq} | {times[0]:.2f} | {times[1]:.2f} | {times[0] / times[1]:.2f} | "
+              f"{with_slopes}/{len(calls)} | {errors[0]:.3f}, {errors[1]:.3f} |", flush=True)
+        if seq == E2E_SEQS[0]:
+            print(optimized.report, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--parts", nargs="+", default=["ops", "e2e"], choices=["ops", "e2e"])
+    args = parser.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
+          f"triton {triton.__version__}")
+    if "ops" in args.parts:
+        ops()
+    if "e2e" in args.parts:
+        e2e()
+
+
+if __name__ == "__main__":
+    main()
