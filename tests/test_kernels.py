@@ -269,3 +269,24 @@ def test_direct_launch_keeps_a_kernel_per_device_and_argument_properties(monkeyp
     assert not direct.launch(grid, (x, 63), {"scale": 0.5})  # 16 no longer divides n
     device[0] = 1
     assert not direct.launch(grid, (x, 64), {"scale": 0.5})  # loaded on device 0 only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (4.8 GB bias)")
+def test_per_head_bias_with_offsets_past_2_31():
+    """A (1, 9, 16K, 16K) bias: head 8 starts 2**31 elements in, where 32-bit offsets wrap
+    (an illegal access before the kernels' batch and head offsets went 64-bit). Head 8's
+    output against SDPA on its own slice."""
+    heads, seq = 9, 16384
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = (torch.randn(1, heads, seq, 32, device="cuda", dtype=torch.bfloat16,
+                           generator=generator) for _ in range(3))
+    bias = torch.randn(1, heads, seq, seq, device="cuda", dtype=torch.bfloat16,
+                       generator=generator)
+    assert 8 * bias.stride(1) >= 2 ** 31
+    out = flash_attention(q, k, v, causal=True, attn_bias=bias)
+    last = slice(heads - 1, heads)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q[:, last].float(), k[:, last].float(), v[:, last].float(),
+        attn_mask=bias[:, last].float().masked_fill(
+            torch.ones(seq, seq, device="cuda", dtype=torch.bool).triu(1), float("-inf")))
+    assert (out[:, last].float() - expected).abs().max().item() <= 2e-2

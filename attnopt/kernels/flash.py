@@ -220,8 +220,9 @@ def _flash_forward_kernel(
     if HAS_RIGHT:  # causal-like: late query blocks see the most keys; schedule them first
         pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
+    # 64-bit: h * stride_bh of a per-head (1, 16, 16K, 16K) bias passes 2**31
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
     h_kv = h // group
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)

@@ -109,8 +109,8 @@ def _delta_kernel(out_ptr, do_ptr, delta_ptr,
     """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in float32."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
+    b = (pid_bh // num_heads).to(tl.int64)  # 64-bit offsets, as the forward's
+    h = (pid_bh % num_heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PADDED)
     in_bounds = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
@@ -522,8 +522,8 @@ def _backward_kernel(
     tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_STEP == 0)
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // kv_heads
-    h_kv = pid_bh % kv_heads
+    b = (pid_bh // kv_heads).to(tl.int64)  # 64-bit offsets, as the forward's
+    h_kv = (pid_bh % kv_heads).to(tl.int64)
     key_blocks = tl.cdiv(seq_k, BLOCK_OWN)
     if pid < key_blocks:
         _dkdv_program(
