@@ -122,8 +122,18 @@ def test_fit_finds_the_slopes_of_a_causal_key_bias():
     assert _fit(shifted) == pytest.approx(SLOPES, rel=1e-5)
 
 
-def test_fit_accepts_a_half_precision_bias_rounded_as_the_model_rounds_it():
-    assert _fit(_causal_key_bias(dtype=torch.bfloat16)) == pytest.approx(SLOPES, rel=1e-2)
+def test_fit_takes_a_half_precision_bias_only_where_it_holds_the_line_exactly():
+    """In bfloat16, slope·j is exact for these slopes up to 256 keys; BLOOM's 0.707·j rounded
+    to bfloat16 beyond that is off the line by up to a unit of 4: exact slopes would move the
+    scores that much, so that bias stays additive."""
+    assert _fit(_causal_key_bias(dtype=torch.bfloat16)) == pytest.approx(SLOPES, rel=1e-6)
+    seq, slope = 1024, 2 ** -0.5
+    rounded = (slope * torch.arange(seq)).to(torch.bfloat16) + \
+        torch.full((seq, seq), torch.finfo(torch.bfloat16).min, dtype=torch.bfloat16).triu(1)
+    assert _fit(rounded[None, None]) is None
+    assert _fit(rounded[None, None, :200, :200]) is None  # 0.707 is no bfloat16: off already
+    exact = (slope * torch.arange(seq)) + torch.full((seq, seq), -1e30).triu(1)
+    assert _fit(exact[None, None]) == pytest.approx((slope,), rel=1e-6)
 
 
 def test_fit_refuses_what_is_not_alibi():
@@ -355,3 +365,46 @@ def test_cuda_op_with_slopes_runs_the_kernel_forward_and_backward(monkeypatch):
     assert (out.float() - expected).abs().max().item() <= BF16_TOL
     for got, want in zip(grads, expected_grads):
         assert (got.float() - want).abs().max().item() <= BF16_TOL * max(1.0, want.abs().max())
+
+
+# --------------------------------------------------------------------------------------------
+# a float32 bias on half-precision scores
+
+
+class WideBias(nn.Module):
+    """A learned float32 bias added to bfloat16 scores: the sum is float32, as in MPT."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(H, S, S) * 100)  # scores of hundreds
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D) + self.bias
+        return torch.softmax(scores.float(), -1).to(v.dtype) @ v
+
+
+def test_a_float32_bias_on_half_precision_scores_stays_float32():
+    """Rounded to bfloat16 the bias would be off by up to 0.5 at 100: the canonical mask keeps
+    float32, and the rewrite agrees with the original."""
+    model = WideBias().eval()
+    examples = tuple(t.to(torch.bfloat16) for t in _qkv())
+    optimized = attnopt.optimize(model, "exact", example_inputs=examples)
+    (call,) = _canonical_calls(optimized)
+    assert call.args[3].meta["val"].dtype == torch.float32
+    assert optimized.report.verification["passed"]
+
+
+def test_mpt_in_bfloat16_carries_its_float32_alibi_as_slopes():
+    """MPT adds a float32 ALiBi to bfloat16 scores; at 300 keys rounding it to bfloat16 moves
+    scores by up to 1 (verification failed that way). Fitted from float32, it is exact."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MptConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4,
+                                    max_seq_len=512, expansion_ratio=2,
+                                    attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.MptForCausalLM(config).to(torch.bfloat16).eval()
+    inputs = dict(input_ids=torch.randint(0, 100, (1, 300)), use_cache=False)
+    optimized = attnopt.optimize(model, "exact", example_kwargs=inputs)
+    assert [(r.site.mask_kind, r.site.alibi) for r in optimized.report.sites] == \
+        [("causal", True)] * 2
+    assert optimized.report.verification["passed"]

@@ -138,6 +138,11 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
         # SDPA takes a mask or is_causal, and knows no window: fold them into one mask
         keep = band_keep(q.shape[-2], k.shape[-2], is_causal, window_left, q.device)
         attn_mask, is_causal = with_keep_mask(attn_mask, keep), False
+    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != q.dtype \
+            and alibi_slopes is None:
+        # a float32 bias on half-precision q (canonicalization keeps a model's wider bias):
+        # SDPA wants them alike, and rounding the bias would move large scores by units
+        return _manual_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
     if alibi_slopes is not None:
         bias_BHSS = alibi_bias(alibi_slopes, q.shape[-3], q.shape[-2], k.shape[-2])
         attn_mask = with_bias(attn_mask, bias_BHSS)
@@ -392,6 +397,7 @@ def onnx_attention_standard(q, k, v, attn_mask=None, is_causal=False, scale=None
         return onnx_attention_decomposed(q, k, v, attn_mask, is_causal, scale, enable_gqa,
                                          softcap, window_left, alibi_slopes)
     from onnxscript import opset23 as op
+    float_mask = (attn_mask is not None and attn_mask.dtype != 9) or alibi_slopes is not None
     attn_mask = _onnx_with_alibi(op, q, k, attn_mask, alibi_slopes)
     if window_left is not None:
         keep_SS = _onnx_band_keep(op, q, k, False, window_left)
@@ -406,6 +412,8 @@ def onnx_attention_standard(q, k, v, attn_mask=None, is_causal=False, scale=None
     if attn_mask is not None:  # onnxruntime wants the query axis spelled out, not broadcast
         full_BHSS = op.Concat(op.Constant(value_ints=[1, 1]), op.Shape(q, start=2, end=3),
                               op.Shape(k, start=2, end=3), axis=0)
+        if float_mask:  # in q's type (it may be a wider bias)
+            attn_mask = op.CastLike(attn_mask, q)
         inputs = (q, k, v, op.Expand(attn_mask, full_BHSS))
     outputs = op.Attention(*inputs, **attributes)  # (Y, present_key, present_value, qk)
     return outputs[0] if isinstance(outputs, (tuple, list)) else outputs

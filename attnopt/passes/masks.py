@@ -38,7 +38,10 @@ def build_mask(terms: Sequence[MaskTerm], values: Sequence, like, dtype: torch.d
     """Combine mask terms into one SDPA-style mask (bool: True = attend, or float: added).
 
     `values[i]` stands for `terms[i].node` (a tensor or a graph node); `like` stands for q (a
-    tensor of the site's dtype and device). Returns None when there are no terms.
+    tensor of the site's dtype and device). Returns None when there are no terms. A float mask
+    comes out in `dtype` or its biases' wider one: a model that adds a float32 bias to
+    half-precision scores (MPT's ALiBi) computes in float32 there, and a bias rounded to
+    `dtype` would move scores of hundreds by units.
     """
     if not terms:
         return None
@@ -66,7 +69,19 @@ def build_mask(terms: Sequence[MaskTerm], values: Sequence, like, dtype: torch.d
     for masked, fill_value in fills:
         total = emit(aten.where.ScalarSelf, emit(aten._to_copy.default, masked,
                                                   dtype=torch.bool), fill_value, total)
+    for bias in biases:
+        bias_dtype = _dtype(bias)
+        if bias_dtype is not None and bias_dtype.is_floating_point:
+            dtype = torch.promote_types(dtype, bias_dtype)
     return emit(aten._to_copy.default, total, dtype=dtype)
+
+
+def _dtype(value) -> Optional[torch.dtype]:
+    """The dtype of a tensor, or of a graph node's traced value."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype
+    val = getattr(value, "meta", {}).get("val")
+    return val.dtype if isinstance(val, torch.Tensor) else None
 
 
 def _viewed(value, steps, emit):
@@ -166,8 +181,10 @@ def classify_mask(mask: Optional[torch.Tensor], *, is_causal: bool, q_len: int, 
                     alibi_slopes=alibi)
 
 
-#: a fitted ALiBi bias may deviate from `slope * j + c` by this many units in the last place
-#: of the mask's dtype at the row's largest value (a half-precision mask is rounded)
+#: a fitted ALiBi bias may deviate from `slope * j + c` by this many float32 units in the last
+#: place of the row's largest value. float32 whatever the mask's dtype: the kernel then adds
+#: what the mask held. A half-precision bias rounded off the line (BLOOM's in bfloat16 beyond
+#: 256 keys) stays additive — exact slopes would move BLOOM's scores by up to 8 at 2K keys.
 ALIBI_ULPS = 4
 
 
@@ -179,7 +196,7 @@ def fit_alibi(mask: torch.Tensor, allowed: torch.Tensor) -> Optional[tuple[float
     mask has no heads axis, a head's bias is not such a line, or every slope is 0."""
     if mask.dtype == torch.bool or mask.dim() < 3:
         return None
-    tolerance = ALIBI_ULPS * torch.finfo(mask.dtype).eps
+    tolerance = ALIBI_ULPS * torch.finfo(torch.float32).eps
     values = mask.float().expand(*mask.shape[:-2], *allowed.shape[-2:])
     allowed = allowed.expand_as(values)
     cols = torch.arange(values.shape[-1], dtype=torch.float32)
