@@ -85,6 +85,10 @@ CASES = {
     "additive_bias": Case(batch=2, extra=_additive_bias),
     "boolean_bias": Case(extra=_boolean_bias),
     "alibi_causal": Case(kwargs=dict(causal=True), extra=_alibi),
+    # keys right of the diagonal: the distance in full, not its causal linear form
+    "alibi_window": Case(kv_len=96, kwargs=dict(window=(30, 12)), extra=_alibi),
+    "alibi_causal_bottom_right": Case(q_len=40, kv_len=96, extra=_alibi, kwargs=dict(
+        causal=True, causal_alignment="bottom_right")),
     "softcap_scale": Case(kwargs=dict(softcap=4.0, scale=0.4)),
     "gqa_group_2": Case(heads=4, kv_heads=2, kwargs=dict(causal=True)),
     "mqa": Case(heads=4, kv_heads=1, q_len=40, kv_len=72),
