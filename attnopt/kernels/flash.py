@@ -375,7 +375,7 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
            dict(HEAD_DIM=params.head_dim, HEAD_DIM_PADDED=padded_head_dim(params.head_dim),
                 INPUT_PRECISION=input_precision(v.dtype), QUANT_QK=quant is not None,
                 Q_QBLOCK=q_block, K_QBLOCK=k_block, **params.kernel_flags()),
-           key=(q.dtype, v.dtype, args[-2], args[-1]), tune=params.worth_tuning(v.dtype, with_alibi=True),
+           key=(q.dtype, v.dtype, args[-2], args[-1]), tune=params.worth_tuning(v.dtype),
            prune=_prune_configs)
     return out, lse
 

@@ -116,14 +116,13 @@ class AttentionParams:
                    has_right, left, right, softcap, bias_BHSS, bias_kind, slopes_BH, kv_lengths,
                    block_mask)
 
-    def worth_tuning(self, dtype: torch.dtype, *, with_alibi: bool = False) -> bool:
+    def worth_tuning(self, dtype: torch.dtype) -> bool:
         """Whether this is a hot specialization that autotunes (see `tuning.py`): half
-        precision without a bias tensor, soft-cap or layout, and without ALiBi unless
-        `with_alibi`. The forward tunes ALiBi (rewritten BLOOM/MPT/Falcon run it): 1.02–1.08×
-        on an H100; the backward's tuned pick measured 0.70× its default at 1K and no better
-        at 4K–16K, so it keeps the default (docs/BENCHMARKS.md, ALiBi)."""
+        precision without a bias tensor, soft-cap or layout. ALiBi tunes too (rewritten BLOOM,
+        MPT and Falcon run it): 1.08–1.18× the untuned forward on an H100, 1.02× the backward
+        (docs/BENCHMARKS.md, ALiBi)."""
         return (dtype != torch.float32 and self.bias_kind == BIAS_NONE and self.softcap is None
-                and self.layout is None and (with_alibi or self.slopes_BH is None))
+                and self.layout is None)
 
     def kernel_flags(self) -> dict:
         return dict(HAS_LEFT=self.has_left, HAS_RIGHT=self.has_right,

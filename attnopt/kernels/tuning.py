@@ -1,11 +1,12 @@
 """When the kernels autotune, which config they launch with, and launching them cheaply.
 
-Autotuning benchmarks every candidate config on the first call of each specialization and
-shape bucket: worth it for the hot paths (fp16/bf16 without bias, ALiBi, soft-cap or layout —
-what models run at scale) and not for the long tail of specializations, where compiling ten
-configs would cost more than it saves. Those launch the first config their pruning keeps (the
-config lists are ordered best-first from the H100 measurements in docs/BENCHMARKS.md).
-`ATTNOPT_AUTOTUNE=0` turns autotuning off everywhere (tests do, to compile once per case).
+Autotuning benchmarks every candidate config on the first call of each specialization and shape
+bucket: worth it for the hot paths (fp16/bf16 without a bias tensor, soft-cap or layout, ALiBi
+slopes included — what models run at scale) and not for the long tail of specializations, where
+compiling ten configs would cost more than it saves. Those launch the first config their pruning
+keeps (the config lists are ordered best-first from the H100 measurements in
+docs/BENCHMARKS.md). `ATTNOPT_AUTOTUNE=0` turns autotuning off everywhere (tests do, to compile
+once per case).
 
 Either way the chosen config is remembered under the caller's key (dtype, flags, shape
 buckets), and later calls launch the kernel directly with it: Triton's autotuner re-derives

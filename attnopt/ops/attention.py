@@ -354,11 +354,7 @@ def _onnx_with_alibi(op, q, k, attn_mask, alibi_slopes):
     """`attn_mask` with the op's ALiBi bias `-slopes[h] * |i - j|` folded in (`with_bias`)."""
     if alibi_slopes is None:
         return attn_mask
-    from attnopt.ops.common import onnx_dim
-    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
-    rows_S1 = op.Unsqueeze(op.Range(zero, op.Squeeze(onnx_dim(op, q, 2)), one),
-                           op.Constant(value_ints=[1]))
-    cols_S = op.Range(zero, op.Squeeze(onnx_dim(op, k, 2)), one)
+    rows_S1, cols_S = _onnx_positions(op, q, k)
     distance_SS = op.CastLike(op.Abs(op.Sub(rows_S1, cols_S)), alibi_slopes)
     slopes_shape = op.Concat(op.Constant(value_ints=[-1]), op.Shape(q, start=1, end=2),
                              op.Constant(value_ints=[1, 1]), axis=0)
@@ -371,15 +367,20 @@ def _onnx_with_alibi(op, q, k, attn_mask, alibi_slopes):
     return op.Add(op.CastLike(attn_mask, bias_BHSS), bias_BHSS)
 
 
-def _onnx_band_keep(op, q, k, is_causal: bool, window_left: Optional[int]):
-    """`band_keep` in ONNX: (Sq, Sk) bool from the dynamic lengths, or None (no restriction)."""
-    if not is_causal and window_left is None:
-        return None
+def _onnx_positions(op, q, k):
+    """(query positions as an (Sq, 1) column, key positions (Sk,)) from the dynamic lengths."""
     from attnopt.ops.common import onnx_dim
     zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
     rows_S1 = op.Unsqueeze(op.Range(zero, op.Squeeze(onnx_dim(op, q, 2)), one),
                            op.Constant(value_ints=[1]))
-    cols_S = op.Range(zero, op.Squeeze(onnx_dim(op, k, 2)), one)
+    return rows_S1, op.Range(zero, op.Squeeze(onnx_dim(op, k, 2)), one)
+
+
+def _onnx_band_keep(op, q, k, is_causal: bool, window_left: Optional[int]):
+    """`band_keep` in ONNX: (Sq, Sk) bool from the dynamic lengths, or None (no restriction)."""
+    if not is_causal and window_left is None:
+        return None
+    rows_S1, cols_S = _onnx_positions(op, q, k)
     keep_SS = op.LessOrEqual(cols_S, rows_S1) if is_causal else None
     if window_left is not None:
         in_window = op.GreaterOrEqual(cols_S, op.Sub(rows_S1, op.Constant(value_int=window_left)))

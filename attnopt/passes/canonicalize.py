@@ -100,7 +100,6 @@ class CanonicalizeAttention:
         return emitter.emit(ATTENTION_OP, q, k, v, mask, is_causal, float(match.scale),
                             bool(match.enable_gqa), *extra)
 
-
     def _slopes_node(self, graph_module: GraphModule, emitter: "_Emitter", slopes: tuple,
                      heads: int, like: Node) -> Node:
         """The get_attr node of a float32 (H,) buffer holding `slopes` (one slope for every
