@@ -171,3 +171,46 @@ def test_bias_that_needs_a_gradient_gets_one():
     bias = torch.randn(1, 2, 16, 16, device=DEVICE, requires_grad=True)
     flash_attention(q, k, v, attn_bias=bias).sum().backward()
     assert bias.grad is not None and bias.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the canonical op's CUDA kernel")
+@pytest.mark.parametrize("name", ["causal", "alibi_gqa_window", "float_mask", "mask_grad"])
+def test_canonical_op_backward_reuses_its_kernel_forward(name, monkeypatch):
+    """Through `torch.ops.attnopt.attention` (as a rewritten model is fine-tuned), the forward
+    keeps its log-sum-exp and the backward runs the backward kernels alone: one forward kernel
+    launch per forward + backward, gradients as autograd through the op's reference (float32).
+    A float mask that needs a gradient runs the reference both ways (no kernel launch)."""
+    import attnopt.kernels.flash as flash
+    from attnopt.ops.attention import attention_reference
+    monkeypatch.setenv("ATTNOPT_KERNELS", "always")
+    launches = []
+    original = flash.flash_forward
+    monkeypatch.setattr(flash, "flash_forward",
+                        lambda *args, **kwargs: launches.append(1) or original(*args, **kwargs))
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(name.encode()))
+    kv_heads = 2 if name == "alibi_gqa_window" else 4
+
+    def draw(*shape, grad=True):
+        return torch.randn(*shape, device="cuda", generator=gen,
+                           dtype=torch.bfloat16).requires_grad_(grad)
+    q = draw(2, 4, 128, 64)
+    k, v = draw(2, kv_heads, 128, 64), draw(2, kv_heads, 128, 64)
+    args = {"causal": (None, True),
+            "alibi_gqa_window": (None, True, None, True, None, 40,
+                                 torch.rand(4, device="cuda", generator=gen)),
+            "float_mask": (draw(2, 1, 128, 128, grad=False),),
+            "mask_grad": (draw(2, 1, 128, 128),)}[name]
+    out = torch.ops.attnopt.attention(q, k, v, *args)
+    grad = torch.randn(out.shape, device="cuda", generator=gen, dtype=out.dtype)
+    inputs = (q, k, v) + ((args[0],) if name == "mask_grad" else ())
+    grads = torch.autograd.grad(out, inputs, grad)
+    assert len(launches) == (0 if name == "mask_grad" else 1)
+    floats = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    rest = [a.detach().float().requires_grad_() if isinstance(a, torch.Tensor) and
+            a.requires_grad else a for a in args]
+    expected = attention_reference(*floats, *rest)
+    wrt = floats + ([rest[0]] if name == "mask_grad" else [])
+    expected_grads = torch.autograd.grad(expected, wrt, grad.float())
+    assert (out.float() - expected).abs().max().item() <= 3e-2
+    for got, want in zip(grads, expected_grads):
+        assert (got.float() - want).abs().max().item() <= 3e-2 * max(1.0, want.abs().max())

@@ -441,4 +441,18 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     return flash_forward(q, k, v, params)[0]
 
 
+def flash_attention_for_backward(q: Tensor, k: Tensor, v: Tensor, **options
+                                 ) -> tuple[Tensor, Tensor, AttentionParams]:
+    """`flash_attention`'s forward on the kernel for a caller that runs the backward itself
+    (the canonical op's autograd): the output, its log-sum-exp and the params, which
+    `flash_backward(grad_out, q, k, v, out, lse, params)` takes. Options as `flash_attention`'s;
+    the tensors must be ones the kernels run (`unsupported_reason`)."""
+    params = AttentionParams.build(q, k, v, kv_lengths=options.pop("kv_lengths", None),
+                                   block_mask=options.pop("block_mask", None),
+                                   causal_alignment=options.pop("causal_alignment", "top_left"),
+                                   **options)
+    out, lse = flash_forward(q, k, v, params)
+    return out, lse, params
+
+
 DECODE_MAX_QUERIES = 16

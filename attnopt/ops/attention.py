@@ -33,6 +33,9 @@ The op owns its reference implementation (SDPA, runs on every device), its CUDA 
 (the generated Triton flash kernel from `attnopt.kernels` where `kernel_skip_reason` finds
 nothing against it, else SDPA), its fake implementation for tracing, and its autograd (gradients
 of q, k, v and of a float mask; through the Triton backward kernels where the forward ran them).
+A kernel forward that autograd will differentiate keeps its output and log-sum-exp for the
+backward kernels; otherwise (SDPA, a mask that needs a gradient, or a traced graph whose
+forward did not run here) the backward runs the forward again and differentiates that.
 
 Which backend runs a call on CUDA (`ATTNOPT_KERNELS`):
 - "auto" (default): the Triton kernel where PyTorch has no fused kernel for the call — soft-capped
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -248,6 +252,11 @@ def kernel_window(k: Tensor, window_left: Optional[int]) -> Optional[tuple[int, 
     return None if window_left is None else (window_left, k.shape[-2])
 
 
+#: output of a kernel call autograd will differentiate -> (the kernel's output, its log-sum-exp,
+#: its params), taken by `_setup_context`, so that the backward does not run the forward again
+_KERNEL_FORWARDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 @attention.register_kernel("cuda")
 def _attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
                     softcap=None, window_left=None, alibi_slopes=None):
@@ -256,11 +265,18 @@ def _attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
         return like_query_layout(attention_reference(
             q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap, window_left,
             alibi_slopes), q)
+    options = dict(causal=is_causal, scale=scale, attn_bias=attn_mask, softcap=softcap,
+                   window=kernel_window(k, window_left), alibi_slopes=alibi_slopes)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and \
+            not (attn_mask is not None and attn_mask.requires_grad):
+        # under the op's autograd (which calls this below it): keep what the backward needs
+        from attnopt.kernels.flash import flash_attention_for_backward
+        out, lse, params = flash_attention_for_backward(q, k, v, **options)
+        result = like_query_layout(out, q)
+        _KERNEL_FORWARDS[result] = (out, lse, params)
+        return result
     from attnopt.kernels import flash_attention
-    return like_query_layout(flash_attention(q, k, v, causal=is_causal, scale=scale,
-                                             attn_bias=attn_mask, softcap=softcap,
-                                             window=kernel_window(k, window_left),
-                                             alibi_slopes=alibi_slopes), q)
+    return like_query_layout(flash_attention(q, k, v, **options), q)
 
 
 @attention.register_fake
@@ -272,14 +288,22 @@ def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
 
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap, window_left, alibi_slopes = inputs
-    ctx.save_for_backward(q, k, v, attn_mask, alibi_slopes)
+    forward = _KERNEL_FORWARDS.pop(output, None)
+    ctx.kernel_params = forward[2] if forward is not None else None
+    saved = (forward[0], forward[1]) if forward is not None else (None, None)
+    ctx.save_for_backward(q, k, v, attn_mask, alibi_slopes, *saved)
     ctx.has_mask = attn_mask is not None
     ctx.is_causal, ctx.scale, ctx.enable_gqa, ctx.softcap = is_causal, scale, enable_gqa, softcap
     ctx.window_left = window_left
 
 
 def _backward(ctx, grad_out):
-    q, k, v, attn_mask, alibi_slopes = ctx.saved_tensors
+    q, k, v, attn_mask, alibi_slopes, kernel_out, lse = ctx.saved_tensors
+    if ctx.kernel_params is not None and not ctx.needs_input_grad[3]:
+        # the forward ran the kernel and kept its log-sum-exp: the backward kernels alone
+        from attnopt.kernels.flash_backward import flash_backward
+        dq, dk, dv = flash_backward(grad_out, q, k, v, kernel_out, lse, ctx.kernel_params)
+        return dq, dk, dv, None, None, None, None, None, None, None
     mask_needs_grad = (ctx.has_mask and attn_mask.is_floating_point()
                        and ctx.needs_input_grad[3])
     with torch.enable_grad():
