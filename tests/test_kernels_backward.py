@@ -7,6 +7,7 @@ environment variable ahead of the attnopt imports.
 """
 
 import os
+import sys
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable
@@ -205,6 +206,11 @@ def test_canonical_op_backward_reuses_its_kernel_forward(name, monkeypatch):
     inputs = (q, k, v) + ((args[0],) if name == "mask_grad" else ())
     grads = torch.autograd.grad(out, inputs, grad)
     assert len(launches) == (0 if name == "mask_grad" else 1)
+    op_module = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
+    assert not op_module._KERNEL_FORWARDS  # taken by the backward's setup
+    with torch.no_grad():  # no backward to take it: it goes with the output
+        torch.ops.attnopt.attention(q, k, v, *args)
+    assert not op_module._KERNEL_FORWARDS
     floats = [t.detach().float().requires_grad_() for t in (q, k, v)]
     rest = [a.detach().float().requires_grad_() if isinstance(a, torch.Tensor) and
             a.requires_grad else a for a in args]

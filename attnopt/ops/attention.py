@@ -252,9 +252,11 @@ def kernel_window(k: Tensor, window_left: Optional[int]) -> Optional[tuple[int, 
     return None if window_left is None else (window_left, k.shape[-2])
 
 
-#: output of a kernel call autograd will differentiate -> (the kernel's output, its log-sum-exp,
-#: its params), taken by `_setup_context`, so that the backward does not run the forward again
-_KERNEL_FORWARDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: id of the output of a kernel call autograd will differentiate -> (a weak reference to that
+#: output, the kernel's output, its log-sum-exp, its params), taken by `_setup_context` so that
+#: the backward does not run the forward again; an entry goes when its output does. (Keyed by
+#: id: tensors compare elementwise, so they cannot key a WeakKeyDictionary.)
+_KERNEL_FORWARDS: dict = {}
 
 
 @attention.register_kernel("cuda")
@@ -267,13 +269,18 @@ def _attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
             alibi_slopes), q)
     options = dict(causal=is_causal, scale=scale, attn_bias=attn_mask, softcap=softcap,
                    window=kernel_window(k, window_left), alibi_slopes=alibi_slopes)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and \
+    if any(t.requires_grad for t in (q, k, v)) and \
             not (attn_mask is not None and attn_mask.requires_grad):
-        # under the op's autograd (which calls this below it): keep what the backward needs
+        # under the op's autograd (an autograd.Function, grad mode off inside, which calls
+        # this below autograd with the inputs as given): keep what the backward needs
         from attnopt.kernels.flash import flash_attention_for_backward
         out, lse, params = flash_attention_for_backward(q, k, v, **options)
         result = like_query_layout(out, q)
-        _KERNEL_FORWARDS[result] = (out, lse, params)
+        # (the kernel's output only where it is not the result: the entry must not keep the
+        # result alive, or it would never go)
+        _KERNEL_FORWARDS[id(result)] = (weakref.ref(result), None if out is result else out,
+                                        lse, params)
+        weakref.finalize(result, _KERNEL_FORWARDS.pop, id(result), None)
         return result
     from attnopt.kernels import flash_attention
     return like_query_layout(flash_attention(q, k, v, **options), q)
@@ -288,9 +295,12 @@ def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
 
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap, window_left, alibi_slopes = inputs
-    forward = _KERNEL_FORWARDS.pop(output, None)
-    ctx.kernel_params = forward[2] if forward is not None else None
-    saved = (forward[0], forward[1]) if forward is not None else (None, None)
+    forward = _KERNEL_FORWARDS.pop(id(output), None)
+    if forward is not None and forward[0]() is not output:
+        forward = None
+    ctx.kernel_params = forward[3] if forward is not None else None
+    saved = (output if forward[1] is None else forward[1], forward[2]) if forward is not None \
+        else (None, None)
     ctx.save_for_backward(q, k, v, attn_mask, alibi_slopes, *saved)
     ctx.has_mask = attn_mask is not None
     ctx.is_causal, ctx.scale, ctx.enable_gqa, ctx.softcap = is_causal, scale, enable_gqa, softcap
