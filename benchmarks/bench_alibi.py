@@ -20,6 +20,9 @@ Two parts, anchors in the same run, correctness (against float32) before timing:
   the model's dtype (bfloat16: off the line beyond 256 keys), so in half precision its bias
   stays additive. Logits against a float32 copy; medians of 25 CUDA-event timings after 5
   warm-ups.
+- `train`: the same MPT, one fine-tuning step (forward, cross-entropy on shifted tokens,
+  backward) before and after `optimize`, which trains through the canonical op's autograd;
+  the loss and the gradient of the first layer's attention projection compared.
 
     PYTHONPATH=. python benchmarks/bench_alibi.py [--parts ops e2e]
 """
@@ -167,9 +170,43 @@ def e2e() -> None:
             print(optimized.report, flush=True)
 
 
+def train() -> None:
+    from bench_exact_cuda import median_ms
+
+    model = build_mpt(torch.bfloat16)
+    print(f"\n**MPT fine-tuning step (forward + loss + backward), batch {E2E_BATCH}**, ms:\n")
+    print("| seq | HF eager ms | attnopt exact ms | eager / attnopt | loss (eager, attnopt) "
+          "| max abs diff of Wqkv grad / max abs |")
+    print("|---|---|---|---|---|---|")
+    for seq in E2E_SEQS:
+        ids = torch.randint(0, 32000, (E2E_BATCH, seq), device="cuda")
+        optimized = attnopt.optimize(model, "exact",
+                                     example_kwargs={"input_ids": ids, "use_cache": False})
+        assert len(optimized.report.rewritten) == 4, str(optimized.report)
+
+        @torch.enable_grad()  # (median_ms times under no_grad)
+        def step(m):
+            model.zero_grad(set_to_none=True)
+            logits = m(input_ids=ids, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                     ids[:, 1:].flatten())
+            loss.backward()
+            return loss
+        weight = model.transformer.blocks[0].attn.Wqkv.weight
+        losses, grads = [], []
+        for m in (model, optimized):
+            losses.append(step(m).item())
+            grads.append(weight.grad.float().clone())
+        times = [median_ms(lambda m=m: step(m)) for m in (model, optimized)]
+        diff = (grads[0] - grads[1]).abs().max().item() / grads[0].abs().max().item()
+        print(f"| {seq} | {times[0]:.2f} | {times[1]:.2f} | {times[0] / times[1]:.2f} | "
+              f"{losses[0]:.4f}, {losses[1]:.4f} | {diff:.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", nargs="+", default=["ops", "e2e"], choices=["ops", "e2e"])
+    parser.add_argument("--parts", nargs="+", default=["ops", "e2e", "train"],
+                        choices=["ops", "e2e", "train"])
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
           f"triton {triton.__version__}")
@@ -177,6 +214,8 @@ def main() -> None:
         ops()
     if "e2e" in args.parts:
         e2e()
+    if "train" in args.parts:
+        train()
 
 
 if __name__ == "__main__":
