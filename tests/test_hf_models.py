@@ -94,6 +94,14 @@ def _falcon_alibi(impl):
     return transformers.FalconForCausalLM(cfg), _padded_decoder_inputs()
 
 
+def _xglm(impl):
+    """Fairseq-style: (B·H) scores viewed to (B, H) for the mask and floored at finfo.min."""
+    cfg = transformers.XGLMConfig(vocab_size=100, d_model=32, num_layers=2, attention_heads=4,
+                                  ffn_dim=64, max_position_embeddings=32,
+                                  attn_implementation=impl)
+    return transformers.XGLMForCausalLM(cfg), _padded_decoder_inputs()
+
+
 def _padded_decoder_inputs():
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, :2] = 0
@@ -173,6 +181,8 @@ MODELS = {
     "bloom": Spec(_bloom, 2, "whole", use_cache=False, expect=_ALIBI, impls=("eager",)),
     "mpt": Spec(_mpt, 2, "whole", use_cache=False, expect=_ALIBI, impls=("eager",)),
     "falcon-alibi": Spec(_falcon_alibi, 2, "whole", use_cache=False, expect=_ALIBI),
+    "xglm": Spec(_xglm, 2, "whole", use_cache=False,
+                 expect=(_self(8, mask_kind="causal+padding"),) * 2, impls=("eager",)),
 }
 
 CASE_IDS = [f"{name}-{impl}" for name in MODELS for impl in MODELS[name].impls]

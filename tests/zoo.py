@@ -478,3 +478,33 @@ class InPlaceScaleObserved(nn.Module):
 
 
 NEGATIVES["inplace_scale_observed"] = (InPlaceScaleObserved, "mul_")
+
+
+class FlooredViews(nn.Module):
+    """XGLM: bmm on (B·H, S, D), the scores viewed to (B, H, S, S) for the mask, floored at
+    finfo.min (`torch.max`), viewed back; after softmax viewed to 4-d and back once more."""
+
+    def forward(self, q, k, v, attention_mask):
+        q, k, v = (t.reshape(B * H, S, D) for t in (q, k, v))
+        weights = torch.bmm(q * D ** -0.5, k.transpose(1, 2))
+        mask = (1.0 - attention_mask[:, None, None, :].to(q.dtype)) * torch.finfo(q.dtype).min
+        weights = weights.view(B, H, S, S) + mask
+        weights = torch.max(weights, torch.full((), torch.finfo(weights.dtype).min))
+        probs = F.softmax(weights.view(B * H, S, S), dim=-1)
+        probs = probs.view(B, H, S, S).view(B * H, S, S)
+        return torch.bmm(probs, v).view(B, H, S, D)
+
+
+ZOO["floored_views"] = Case(FlooredViews, lambda: _qkv() + (_padding(),), 1)
+MASK_KINDS["floored_views"] = "padding"
+
+
+class FlooredAtZero(nn.Module):
+    """Scores clamped at 0: that changes unmasked scores, so it is not attention as written."""
+
+    def forward(self, q, k, v):
+        scores = torch.clamp_min(q @ k.transpose(-1, -2) * D ** -0.5, 0.0)
+        return F.softmax(scores, dim=-1) @ v
+
+
+NEGATIVES["floored_at_zero"] = (FlooredAtZero, "clamped from below")

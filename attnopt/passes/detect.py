@@ -187,7 +187,7 @@ def _match_softmax(softmax: Node) -> SiteMatch:
         # runs in the 4-d space, with the view's (B, H); terms added in the 3-d space follow.
         split = _merged_heads_split(views, batch_dims)
         q, k, v = (r.then(("unflatten", 0, split)) for r in (q, k, v))
-        terms = [term if space == 1 else _lift_merged(term, split)
+        terms = [term if space % 2 else _lift_merged(term, split)  # odd spaces are 4-d
                  for term, space in zip(terms, term_spaces)]
         output_steps = (("flatten", 0, 1),) + output_steps
         layout_notes.append("merged batch·heads")
@@ -248,14 +248,19 @@ def _grouped_heads(q, k, v, terms, output_steps):
 
 
 def _merged_heads_split(views: list[Node], batch_dims: int) -> tuple:
-    """(B, H) sizes of a 3-d → 4-d → 3-d view round trip of the scores; NoMatch otherwise."""
-    if batch_dims != 1 or len(views) != 2:
+    """(B, H) sizes of 3-d → 4-d → 3-d view round trips of the scores (XGLM makes two: one
+    around the mask add, one after softmax); NoMatch otherwise."""
+    if batch_dims != 1 or not views or len(views) % 2:
         raise NoMatch("scores are reshaped between the products in a way other than a "
                       "(B·H) → (B, H) round trip")
-    to_4d, to_3d = views
-    if len(shape_of(to_4d)) != 4 or len(shape_of(to_3d)) != 3:
+    to_4d = views[0::2]
+    if any(len(shape_of(v)) != 4 for v in to_4d) or \
+            any(len(shape_of(v)) != 3 for v in views[1::2]):
         raise NoMatch("scores reshaped to other than (B, H, Sq, Sk) and back")
-    return tuple(to_4d.args[1][:2])
+    first = shape_of(to_4d[0])[:2]
+    if any(not all(same_dim(a, b) for a, b in zip(first, shape_of(v)[:2])) for v in to_4d):
+        raise NoMatch("scores viewed with two different (B, H) splits")
+    return tuple(to_4d[0].args[1][:2])
 
 
 def _lift_merged(term: MaskTerm, split: tuple) -> MaskTerm:

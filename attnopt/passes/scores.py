@@ -1,7 +1,8 @@
 """The score chain: from a softmax's input back to the score product q·kᵀ.
 
 Between the product and the softmax, real models scale, cast, add biases and masks, fill with
-masked_fill or where, subtract the row max, soft-cap with tanh, and sometimes reshape
+masked_fill or where, subtract the row max, floor masked scores at finfo.min (XGLM), soft-cap
+with tanh, and sometimes reshape
 (B·H, S, S) ↔ (B, H, S, S) around a mask add. `trace_scores` walks back through those and
 returns the product node with the steps in order (product first); `NoMatch` says why a chain is
 not one canonical attention can express.
@@ -20,10 +21,14 @@ from attnopt.passes.fx_utils import (
     CAST_TARGETS, IDENTITY_TARGETS, VIEW_TARGETS, aten, constant_fill_value, is_call,
     real_users, same_dim, scalar_arg, shape_of,
 )
+from attnopt.passes.masks import MASKED_THRESHOLD
 from attnopt.passes.patterns import MaskTerm
 
 PRODUCT_TARGETS = frozenset({aten.matmul.default, aten.bmm.default, aten.baddbmm.default,
                              aten.einsum.default})
+#: scores floored from below (`_masked_floor_input`)
+FLOOR_TARGETS = frozenset({aten.maximum.default, aten.max.other, aten.clamp_min.default,
+                           aten.clamp.default})
 MAX_CHAIN = 32
 
 
@@ -110,6 +115,11 @@ def trace_scores(node: Node, depth: int = 0) -> tuple[Node, list[ChainStep]]:
                 term = MaskTerm("fill", condition, value=value, inverted=inverted)
                 return chain(scores, Term(term))
         raise NoMatch(f"where() between two computed tensors (`{node.name}`)")
+    if target in FLOOR_TARGETS:
+        floored = _masked_floor_input(node)
+        if floored is not None:
+            return chain(floored, "cast")
+        raise NoMatch(f"scores clamped from below at a value a score can take (`{node.name}`)")
     if target is aten.tanh.default:
         raise NoMatch("tanh of scores that is not a soft-cap (cap * tanh(x / cap))")
     if target in VIEW_TARGETS:
@@ -142,6 +152,29 @@ def _trace_add(node: Node, depth: int) -> tuple[Node, list[ChainStep]]:
             continue
         return product, steps + [Term(MaskTerm("bias", bias, multiplier=float(multiplier)))]
     raise NoMatch(failures[0] if failures else f"unsupported add `{node.name}`")
+
+
+def _masked_floor_input(node: Node) -> Optional[Node]:
+    """The scores of `max(scores, c)` / `clamp_min(scores, c)` with a constant `c` at or below
+    MASKED_THRESHOLD, else None. XGLM (and older fairseq-style code) floors masked scores at
+    finfo.min so that a mask added twice cannot reach -inf: the floor changes only scores that
+    are masked already, whose softmax weight is 0 either way (a row with no unmasked key
+    averages its keys there, where canonical attention gives zeros)."""
+    args = node.args
+    if node.target in (aten.clamp_min.default, aten.clamp.default):
+        floor = args[1] if len(args) > 1 else node.kwargs.get("min")
+        if node.target is aten.clamp.default and \
+                (args[2] if len(args) > 2 else node.kwargs.get("max")) is not None:
+            return None
+        scores = args[0]
+    else:
+        scores, floor = args[0], args[1]
+        if constant_fill_value(scores) is not None:
+            scores, floor = floor, scores
+    value = constant_fill_value(floor)
+    if value is None or value > MASKED_THRESHOLD or not isinstance(scores, Node):
+        return None
+    return scores
 
 
 def _softcap_input(node: Node) -> Optional[tuple[Node, float]]:
