@@ -159,3 +159,19 @@ def test_window_wider_than_the_example_is_not_mistaken_for_causal():
     with torch.no_grad():
         torch.testing.assert_close(optimized(*long_inputs), model(*long_inputs),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_a_learned_bias_that_is_zero_still_trains_through_the_rewrite():
+    """A zero-initialized bias table is kept as the canonical call's mask, so its gradient
+    flows as in the original module (dropping it as an empty mask would freeze it)."""
+    from zoo import ZeroLearnedBias
+    torch.manual_seed(0)
+    model = ZeroLearnedBias()
+    optimized = attnopt.optimize(model, "exact", example_inputs=_qkv())
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    optimized(q, k, v).pow(2).sum().backward()
+    through_rewrite = model.table.grad.clone()
+    model.table.grad = None
+    model(q, k, v).pow(2).sum().backward()
+    assert through_rewrite.abs().max().item() > 0
+    assert (through_rewrite - model.table.grad).abs().max().item() <= FP32_MAX_ABS_ERR

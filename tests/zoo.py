@@ -508,3 +508,19 @@ class FlooredAtZero(nn.Module):
 
 
 NEGATIVES["floored_at_zero"] = (FlooredAtZero, "clamped from below")
+
+
+class ZeroLearnedBias(nn.Module):
+    """A learned per-head bias table, zero as initialized (BEiT, Swin): a constant mask of zeros
+    at the example, but a parameter; it must stay a mask so fine-tuning can move it."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(H, S, S))
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.table)
+
+
+ZOO["zero_learned_bias"] = Case(ZeroLearnedBias, _qkv, 1)
+MASK_KINDS["zero_learned_bias"] = "additive"

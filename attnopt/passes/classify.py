@@ -92,6 +92,12 @@ class ClassifyMasks:
                           torch.zeros((), dtype=dtype), dtype, eager_emit)
         info = classify_mask(mask, is_causal=match.is_causal, q_len=q_len, kv_len=kv_len,
                              depends_on_input=depends_on_input, depends_on_data=depends_on_data)
+        if info.constant and mask.is_floating_point() and \
+                _reads_trainable_parameter(graph_module, term_nodes):
+            # a learned bias (BEiT's, T5's relative position table) is a fact of the weights
+            # only until they are trained: a zero-initialized table would otherwise be dropped
+            # as "none", and fine-tuning through the rewrite would never move it
+            return MaskInfo("additive", constant=False)
         if not info.constant and info.kind in CAUSAL_KINDS and not match.is_causal:
             info = self._by_construction(graph_module, match, info, sources, inputs, dtype)
         if info.constant and info.kind in ("none", "causal", "window"):
@@ -254,6 +260,20 @@ class ClassifyMasks:
             return None
         return build_mask(match.mask_terms, probed, torch.zeros((), dtype=dtype), dtype,
                           eager_emit)
+
+
+def _reads_trainable_parameter(graph_module: GraphModule, nodes: list[Node]) -> bool:
+    """Whether `nodes` are computed from a parameter that requires grad."""
+    for node in ancestors(nodes):
+        if node.op != "get_attr":
+            continue
+        try:
+            parameter = graph_module.get_parameter(node.target)
+        except AttributeError:  # a buffer or a constant
+            continue
+        if parameter.requires_grad:
+            return True
+    return False
 
 
 def _same_slopes(a: Optional[tuple], b: Optional[tuple]) -> bool:
