@@ -2,10 +2,9 @@
 
 Between the product and the softmax, real models scale, cast, add biases and masks, fill with
 masked_fill or where, subtract the row max, floor masked scores at finfo.min (XGLM), soft-cap
-with tanh, and sometimes reshape
-(B·H, S, S) ↔ (B, H, S, S) around a mask add. `trace_scores` walks back through those and
-returns the product node with the steps in order (product first); `NoMatch` says why a chain is
-not one canonical attention can express.
+with tanh, and sometimes reshape (B·H, S, S) ↔ (B, H, S, S) around a mask add. `trace_scores`
+walks back through those and returns the product node with the steps in order (product first);
+`NoMatch` says why a chain is not one canonical attention can express.
 """
 
 from __future__ import annotations
@@ -158,8 +157,9 @@ def _masked_floor_input(node: Node) -> Optional[Node]:
     """The scores of `max(scores, c)` / `clamp_min(scores, c)` with a constant `c` at or below
     MASKED_THRESHOLD, else None. XGLM (and older fairseq-style code) floors masked scores at
     finfo.min so that a mask added twice cannot reach -inf: the floor changes only scores that
-    are masked already, whose softmax weight is 0 either way (a row with no unmasked key
-    averages its keys there, where canonical attention gives zeros)."""
+    are masked already, whose softmax weight is 0 either way — except in a row whose every
+    score is -inf, which the floor turns into an average of its keys and canonical attention
+    into zeros (finite fills, as XGLM's, never make such a row)."""
     args = node.args
     if node.target in (aten.clamp_min.default, aten.clamp.default):
         floor = args[1] if len(args) > 1 else node.kwargs.get("min")
