@@ -524,3 +524,20 @@ class ZeroLearnedBias(nn.Module):
 
 ZOO["zero_learned_bias"] = Case(ZeroLearnedBias, _qkv, 1)
 MASK_KINDS["zero_learned_bias"] = "additive"
+
+
+class CausalFromParameterShape(nn.Module):
+    """A causal mask shaped like a parameter (`full_like(param, -inf).triu(1)`): it reads the
+    parameter's shape only, so it is still a constant causal mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.positions = nn.Parameter(torch.randn(S, S))
+
+    def forward(self, q, k, v):
+        causal = torch.full_like(self.positions, float("-inf")).triu(1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+
+
+ZOO["causal_from_parameter_shape"] = Case(CausalFromParameterShape, _qkv, 1)
+MASK_KINDS["causal_from_parameter_shape"] = "causal"

@@ -29,7 +29,7 @@ from torch.fx import GraphModule, Node
 from attnopt.passes.describe import describe_site
 from attnopt.passes.evaluate import evaluate_subgraph, placeholder_values
 from attnopt.passes.fx_utils import (
-    ancestors, concrete, dtype_of, is_symbolic, module_path, value_sources,
+    ancestors, concrete, dtype_of, is_symbolic, module_path, value_ancestors, value_sources,
 )
 from attnopt.passes.manager import PassContext, PassResult
 from attnopt.passes.masks import (
@@ -263,8 +263,9 @@ class ClassifyMasks:
 
 
 def _reads_trainable_parameter(graph_module: GraphModule, nodes: list[Node]) -> bool:
-    """Whether `nodes` are computed from a parameter that requires grad."""
-    for node in ancestors(nodes):
+    """Whether the values of `nodes` are computed from a parameter that requires grad (a
+    mask built as `full_like(weight, -inf).triu(1)` reads only its shape)."""
+    for node in value_ancestors(nodes):
         if node.op != "get_attr":
             continue
         try:

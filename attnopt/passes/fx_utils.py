@@ -140,23 +140,24 @@ def ancestors(nodes: Iterable[Node]) -> set[Node]:
     return seen
 
 
-def value_sources(nodes: Iterable[Node]) -> set[Node]:
-    """Placeholders whose *values* the given nodes depend on (shape-only uses are skipped)."""
+def value_ancestors(nodes: Iterable[Node]) -> set[Node]:
+    """Every node whose *value* the given nodes depend on, inclusive (shape-only uses, as
+    `zeros_like(x)` of x, are skipped)."""
     seen: set[Node] = set()
-    sources: set[Node] = set()
     stack = list(nodes)
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        if node.op == "placeholder":
-            sources.add(node)
-        elif node.op == "call_function" and node.target in SHAPE_ONLY_TARGETS:
-            continue
-        else:
+        if not (node.op == "call_function" and node.target in SHAPE_ONLY_TARGETS):
             stack.extend(node.all_input_nodes)
-    return sources
+    return seen
+
+
+def value_sources(nodes: Iterable[Node]) -> set[Node]:
+    """Placeholders whose *values* the given nodes depend on (shape-only uses are skipped)."""
+    return {node for node in value_ancestors(nodes) if node.op == "placeholder"}
 
 
 def unique_attr(module, base: str) -> str:
