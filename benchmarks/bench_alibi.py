@@ -29,18 +29,18 @@ Two parts, anchors in the same run, correctness (against float32) before timing:
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
 
 import attnopt  # noqa: E402,F401  (registers torch.ops.attnopt)
 from attnopt.kernels import flash_attention  # noqa: E402
+from bench_exact_cuda import (  # noqa: E402
+    canonical_calls, median_do_bench, median_ms, run_parts,
+)
 
 HEADS, HEAD_DIM, TOKENS = 16, 128, 16384
 FORWARD_SEQS = (1024, 2048, 4096, 8192, 16384)
@@ -59,11 +59,6 @@ def dense_bias(slopes: torch.Tensor, seq: int, dtype: torch.dtype) -> torch.Tens
     j = torch.arange(seq, device="cuda")[None, :]
     bias = -slopes[:, None, None] * (i - j).abs().float()
     return bias.masked_fill(j > i, float("-inf"))[None].to(dtype)
-
-
-def median_bench(fn) -> float:
-    return statistics.median(triton.testing.do_bench(fn, warmup=25, rep=100,
-                                                     return_mode="median") for _ in range(3))
 
 
 def ops() -> None:
@@ -107,7 +102,7 @@ def ops() -> None:
             if backward:
                 fns = {name: (lambda fn=fn: fn().backward(grad)) for name, fn in fns.items()}
             with torch.no_grad() if not backward else torch.enable_grad():
-                times = {name: median_bench(fn) for name, fn in fns.items()}
+                times = {name: median_do_bench(fn) for name, fn in fns.items()}
             flops = 4 * batch * HEADS * seq * seq * HEAD_DIM / 2 * (3.5 if backward else 1)
             rows.append((backward, seq, batch, times, errors, flops))
             print("ROW", backward, seq, {n: round(t, 4) for n, t in times.items()},
@@ -141,8 +136,6 @@ def build_mpt(dtype: torch.dtype):
 
 
 def e2e() -> None:
-    from bench_exact_cuda import canonical_calls, median_ms
-
     model = build_mpt(torch.bfloat16)
     reference = build_mpt(torch.float32)
     print(f"\n**MPT (4 layers, hidden 2048, 16 heads), batch {E2E_BATCH}, no "
@@ -171,8 +164,6 @@ def e2e() -> None:
 
 
 def train() -> None:
-    from bench_exact_cuda import median_ms
-
     model = build_mpt(torch.bfloat16)
     print(f"\n**MPT fine-tuning step (forward + loss + backward), batch {E2E_BATCH}**, ms:\n")
     print("| seq | HF eager ms | attnopt exact ms | eager / attnopt | loss (eager, attnopt) "
@@ -203,20 +194,5 @@ def train() -> None:
               f"{losses[0]:.4f}, {losses[1]:.4f} | {diff:.3f} |", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", nargs="+", default=["ops", "e2e", "train"],
-                        choices=["ops", "e2e", "train"])
-    args = parser.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
-          f"triton {triton.__version__}")
-    if "ops" in args.parts:
-        ops()
-    if "e2e" in args.parts:
-        e2e()
-    if "train" in args.parts:
-        train()
-
-
 if __name__ == "__main__":
-    main()
+    run_parts({"ops": ops, "e2e": e2e, "train": train})

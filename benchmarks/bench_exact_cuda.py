@@ -68,6 +68,28 @@ def median_ms(fn, warmup: int = 5, runs: int = 25) -> float:
     return statistics.median(times)
 
 
+def median_do_bench(fn, repeats: int = 3) -> float:
+    """Median over `repeats` runs of `triton.testing.do_bench`'s median (L2 flushed)."""
+    import triton
+    return statistics.median(triton.testing.do_bench(fn, warmup=25, rep=100,
+                                                     return_mode="median")
+                             for _ in range(repeats))
+
+
+def run_parts(parts: dict) -> None:
+    """A benchmark made of named parts (name -> function): `--parts` picks them (default all),
+    run in order after a line naming the device and the torch and triton versions."""
+    import triton
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--parts", nargs="+", default=list(parts), choices=list(parts))
+    chosen = parser.parse_args().parts
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
+          f"triton {triton.__version__}")
+    for name, part in parts.items():
+        if name in chosen:
+            part()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096])

@@ -25,17 +25,17 @@ Two parts, anchors in the same run, correctness (against float32) before timing:
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
 
 from attnopt.kernels import flash_attention  # noqa: E402
+from bench_exact_cuda import (  # noqa: E402
+    canonical_calls, median_do_bench, median_ms, run_parts,
+)
 
 HEADS, KV_HEADS, HEAD_DIM, TOKENS = 16, 8, 128, 16384
 FORWARD_SHAPES = [(1024, 256), (2048, 256), (2048, 1024), (4096, 256), (4096, 1024),
@@ -55,11 +55,6 @@ def sliding_window_mod(window: int):
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
     return mask_mod
-
-
-def median_bench(fn) -> float:
-    return statistics.median(triton.testing.do_bench(fn, warmup=25, rep=100,
-                                                     return_mode="median") for _ in range(3))
 
 
 def ops() -> None:
@@ -100,7 +95,7 @@ def ops() -> None:
             if backward:
                 fns = {name: (lambda fn=fn: fn().backward(grad)) for name, fn in fns.items()}
             with torch.no_grad() if not backward else torch.enable_grad():
-                times = {name: median_bench(fn) for name, fn in fns.items()}
+                times = {name: median_do_bench(fn) for name, fn in fns.items()}
             rows.append((backward, seq, batch, window, times, errors))
             print("ROW", backward, seq, window, {n: round(t, 4) for n, t in times.items()},
                   {n: f"{e:.1e}" for n, e in errors.items()}, flush=True)
@@ -131,8 +126,6 @@ def build_mistral(dtype: torch.dtype, window: int):
 
 def e2e() -> None:
     import attnopt
-    from bench_exact_cuda import canonical_calls, median_ms
-
     model = build_mistral(torch.bfloat16, E2E_WINDOW)
     reference = build_mistral(torch.float32, E2E_WINDOW)
     print(f"\n**Mistral, sliding window {E2E_WINDOW}, batch {E2E_BATCH}**, ms:\n")
@@ -164,17 +157,5 @@ def e2e() -> None:
               f"{banded}/{len(windows)} | {errors[0]:.3f}, {errors[1]:.3f} |", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", nargs="+", default=["ops", "e2e"], choices=["ops", "e2e"])
-    args = parser.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
-          f"triton {triton.__version__}")
-    if "ops" in args.parts:
-        ops()
-    if "e2e" in args.parts:
-        e2e()
-
-
 if __name__ == "__main__":
-    main()
+    run_parts({"ops": ops, "e2e": e2e})

@@ -295,13 +295,12 @@ def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
 
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap, window_left, alibi_slopes = inputs
+    kernel_out = lse = ctx.kernel_params = None
     forward = _KERNEL_FORWARDS.pop(id(output), None)
-    if forward is not None and forward[0]() is not output:
-        forward = None
-    ctx.kernel_params = forward[3] if forward is not None else None
-    saved = (output if forward[1] is None else forward[1], forward[2]) if forward is not None \
-        else (None, None)
-    ctx.save_for_backward(q, k, v, attn_mask, alibi_slopes, *saved)
+    if forward is not None and forward[0]() is output:
+        _, kernel_out, lse, ctx.kernel_params = forward
+        kernel_out = output if kernel_out is None else kernel_out
+    ctx.save_for_backward(q, k, v, attn_mask, alibi_slopes, kernel_out, lse)
     ctx.has_mask = attn_mask is not None
     ctx.is_causal, ctx.scale, ctx.enable_gqa, ctx.softcap = is_causal, scale, enable_gqa, softcap
     ctx.window_left = window_left
@@ -309,7 +308,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     q, k, v, attn_mask, alibi_slopes, kernel_out, lse = ctx.saved_tensors
-    if ctx.kernel_params is not None and not ctx.needs_input_grad[3]:
+    if ctx.kernel_params is not None:  # (never with a mask that needs a gradient)
         # the forward ran the kernel and kept its log-sum-exp: the backward kernels alone
         from attnopt.kernels.flash_backward import flash_backward
         dq, dk, dv = flash_backward(grad_out, q, k, v, kernel_out, lse, ctx.kernel_params)

@@ -654,18 +654,15 @@ def replace_site(graph_module: GraphModule, node: Node, q: Node, k: Node, v: Nod
         args = args[:-1]
     emitter = Emitter(graph_module, node)
     with graph_module.graph.inserting_before(node):
-        mask = args[3]
-        if query_heads is not None and per_head_mask(mask):
+        mask, slopes = args[3], args[9] if len(args) > 9 else None
+        per_head = [(3, mask, -3)] if per_head_mask(mask) else []
+        per_head += [(9, slopes, -1)] if slopes is not None else []
+        if query_heads is not None and per_head:
             index_node = emitter.buffer(torch.tensor(list(query_heads)),
-                                        f"attnopt_{node.name}_mask_heads")
-            args[3] = emitter.emit(aten.index_select.default, mask,
-                                   mask.meta["val"].dim() - 3, index_node)
-        slopes = args[9] if len(args) > 9 else None
-        if query_heads is not None and slopes is not None:
-            index_node = emitter.buffer(torch.tensor(list(query_heads)),
-                                        f"attnopt_{node.name}_alibi_heads")
-            args[9] = emitter.emit(aten.index_select.default, slopes,
-                                   slopes.meta["val"].dim() - 1, index_node)
+                                        f"attnopt_{node.name}_heads")
+            for position, tensor, heads_dim in per_head:  # the heads axis from the end
+                args[position] = emitter.emit(aten.index_select.default, tensor,
+                                              tensor.meta["val"].dim() + heads_dim, index_node)
         new = emitter.emit(ATTENTION_OP, *args)
     site = node.meta[SITE_META_KEY]
     new.meta[SITE_META_KEY] = site

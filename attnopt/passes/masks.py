@@ -154,12 +154,14 @@ def classify_mask(mask: Optional[torch.Tensor], *, is_causal: bool, q_len: int, 
     constant = not (depends_on_input or depends_on_data)
     if mask is None:
         return MaskInfo("causal" if is_causal else "none", constant=True)
-    allowed, has_bias = allowed_positions(mask)
-    alibi = fit_alibi(mask, allowed) if has_bias and constant and q_len == kv_len else None
-    if (has_bias and alibi is None) or (depends_on_data and mask.dtype != torch.bool):
+    mask_allowed, has_bias = allowed_positions(mask)
+    # a bias stays additive unless it may be ALiBi: constant, at equal lengths (fitted below)
+    if (has_bias and not (constant and q_len == kv_len)) or \
+            (depends_on_data and mask.dtype != torch.bool):
         return MaskInfo("additive", constant=constant)
     if depends_on_data:
         return MaskInfo("bool", constant=False)
+    allowed = mask_allowed
     allowed = allowed.expand(*allowed.shape[:-2], q_len, kv_len) if allowed.dim() >= 2 else \
         allowed.expand(q_len, kv_len)
     rows = torch.arange(q_len).unsqueeze(-1)
@@ -170,8 +172,11 @@ def classify_mask(mask: Optional[torch.Tensor], *, is_causal: bool, q_len: int, 
         allowed = allowed & (cols <= rows)
         causal = cols <= rows
     structure = _structure(allowed, causal, rows, cols, offset)
-    if alibi is not None and structure[0] not in ("causal", "window"):
-        return MaskInfo("additive", constant=constant)  # -s|i - j| equals s·j only up to i
+    alibi = None
+    if has_bias:  # fitted on causal kinds only: -s|i - j| equals s·j only up to i
+        alibi = fit_alibi(mask, mask_allowed) if structure[0] in ("causal", "window") else None
+        if alibi is None:
+            return MaskInfo("additive", constant=constant)
     if depends_on_input and structure[0] in ("none", "causal"):
         kind = "padding" if structure[0] == "none" else "causal+padding"
         return MaskInfo(kind, constant=False)
