@@ -301,6 +301,56 @@ def test_canonical_op_matches_float64_reference_and_has_gradients():
         (q, kv, kv.detach().clone().requires_grad_()))
 
 
+@pytest.mark.parametrize("case", ["padded_causal", "bias_grad_gqa", "softcap_window"])
+def test_canonical_op_backward_differentiates_its_recorded_forward(case, monkeypatch):
+    """The op's forward is recorded under autograd, so forward + backward runs the reference
+    once (SDPA's backward runs on what its forward saved), gradients as autograd through the
+    reference itself (a mask that needs one included); a second backward through a retained
+    graph runs the forward again and gives the same gradients; nothing is left behind."""
+    import sys
+    from attnopt.ops import common
+    op_module = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
+    reference = op_module.attention_reference
+    calls = []
+    monkeypatch.setattr(op_module, "attention_reference",
+                        lambda *args: calls.append(1) or reference(*args))
+    gen = torch.Generator().manual_seed(len(case))
+    dtype = torch.float64 if case == "bias_grad_gqa" else torch.float32
+    kv_heads = 2 if case == "bias_grad_gqa" else 4
+
+    def draw(*shape, grad=True):
+        return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_(grad)
+    q, k, v = draw(2, 4, 16, 8), draw(2, kv_heads, 16, 8), draw(2, kv_heads, 16, 8)
+    padded = torch.ones(2, 1, 1, 16, dtype=torch.bool)
+    padded[1, ..., :5] = False
+    args = {"padded_causal": (padded, True),
+            "bias_grad_gqa": (draw(2, 1, 16, 16), False, 0.3, True),
+            "softcap_window": (None, True, None, False, 5.0, 6)}[case]
+    inputs = (q, k, v) + ((args[0],) if case == "bias_grad_gqa" else ())
+    out = torch.ops.attnopt.attention(q, k, v, *args)
+    grad = torch.randn(out.shape, generator=gen, dtype=dtype)
+    first = torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    assert len(calls) == 1  # the forward's (recorded): none in the backward
+    assert not common._KEPT  # taken by the backward's setup
+    second = torch.autograd.grad(out, inputs, grad)  # the record is spent: recomputed
+    assert len(calls) == 2
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+    floats = [t.detach().double().requires_grad_() for t in inputs]
+    rest = (floats[3],) + args[1:] if case == "bias_grad_gqa" else args
+    expected = reference(*floats[:3], *rest)
+    expected_grads = torch.autograd.grad(expected, floats, grad.double())
+    tolerance = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else \
+        dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.double(), expected, **tolerance)
+    for got, want in zip(first, expected_grads):
+        torch.testing.assert_close(got.double(), want, **tolerance)
+    with torch.no_grad():  # leaves that need a gradient, but no backward to take the record
+        torch.ops.attnopt.attention(q, k, v, *args)
+    assert not common._KEPT
+
+
 def test_fine_tuning_through_the_rewritten_graph():
     model = Tiny()
     x = torch.randn(B, S, E)

@@ -10,6 +10,7 @@ on the example (a prefix-LM mask whose prefix comes from an input) must not be m
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -122,3 +123,84 @@ def test_prefix_lm_mask_that_looks_causal_on_the_example_is_not_marked_causal():
     out, calls = _run(optimized, inputs)
     assert calls == [(False, True)]
     assert (out - model(*inputs)).abs().max() <= TOL
+
+
+def _later_keys_hidden(batch: int, length: int, fill, padded: dict = ()):
+    """A decoder's (B, 1, S, S) mask as HF builds it: `fill` (False for a boolean mask) on the
+    keys after each query and on the padded keys `padded` (row -> key range)."""
+    allowed = torch.ones(length, length, dtype=torch.bool).tril().repeat(batch, 1, 1, 1)
+    for row, (start, end) in dict(padded).items():
+        allowed[row, ..., start:end] = False
+    if fill is False:
+        return allowed
+    return torch.zeros(allowed.shape).masked_fill(~allowed, fill)
+
+
+@pytest.mark.parametrize("fill, padded, is_causal, expected", [
+    (torch.finfo(torch.float32).min, (), False, True),    # HF eager, unpadded batch
+    (float("-inf"), (), False, True),
+    (False, (), True, True),                              # HF sdpa's mask, marked causal
+    (False, (), False, True),
+    (torch.finfo(torch.float32).min, {1: (0, 3)}, False, False),   # left padding
+    (False, {0: (10, 12)}, True, False),                  # right padding
+    (-1e4, (), False, False),                             # a finite fill: not hidden
+])
+def test_mask_that_hides_only_later_keys_is_recognised(fill, padded, is_causal, expected):
+    from attnopt.ops.attention import hides_only_later_keys
+    q = k = torch.randn(2, 4, 12, 8)
+    mask = _later_keys_hidden(2, 12, fill, padded)
+    assert hides_only_later_keys(q, k, mask, is_causal) is expected
+    if expected and not is_causal:  # showing a later key is not causal attention
+        shown = mask.clone()
+        shown[0, 0, 2, 7] = True if fill is False else 0.0
+        assert not hides_only_later_keys(q, k, shown, is_causal)
+
+
+def test_mask_that_hides_only_later_keys_is_checked_once_per_version(monkeypatch):
+    op_module = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
+    checks = []
+    band_keep = op_module.band_keep
+    monkeypatch.setattr(op_module, "band_keep", lambda *a: checks.append(1) or band_keep(*a))
+    q = k = torch.randn(1, 2, 8, 4)
+    mask = _later_keys_hidden(1, 8, torch.finfo(torch.float32).min)
+    assert op_module.hides_only_later_keys(q, k, mask, False)
+    assert op_module.hides_only_later_keys(q, k, mask, False) and len(checks) == 1
+    mask[0, 0, 5, :3] = torch.finfo(torch.float32).min  # padding written in place: checked again
+    assert not op_module.hides_only_later_keys(q, k, mask, False) and len(checks) == 2
+    del mask
+    assert not op_module._CAUSAL_ONLY  # gone with the mask
+    # not for a mask that needs a gradient, different lengths, or a window
+    grad_mask = _later_keys_hidden(1, 8, float("-inf")).requires_grad_()
+    assert not op_module.hides_only_later_keys(q, k, grad_mask, False)
+    assert not op_module.hides_only_later_keys(q[..., :4, :], k, _later_keys_hidden(
+        1, 8, False)[..., :4, :], True)
+    assert not op_module.hides_only_later_keys(q, k, _later_keys_hidden(1, 8, False), True, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the op's CUDA implementation")
+@pytest.mark.parametrize("kernels", ["auto", "always"])
+def test_unpadded_decoder_mask_runs_as_plain_causal_attention(kernels, monkeypatch):
+    """On CUDA an unpadded batch's mask is dropped: SDPA (or the kernel) runs causal attention
+    alone, with the result of the masked call; a padded batch keeps its mask."""
+    import attnopt.kernels.flash as flash
+    op_module = sys.modules["attnopt.ops.attention"]
+    monkeypatch.setenv("ATTNOPT_KERNELS", kernels)
+    seen = []
+    reference, forward = op_module.attention_reference, flash.flash_forward
+    monkeypatch.setattr(op_module, "attention_reference",
+                        lambda *a: seen.append((a[3] is None, a[4])) or reference(*a))
+    monkeypatch.setattr(flash, "flash_forward",
+                        lambda q, k, v, p: seen.append((p.bias_BHSS is None, p.has_right))
+                        or forward(q, k, v, p))
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    for padded, dropped in (((), True), ({1: (0, 40)}, False)):
+        mask = _later_keys_hidden(2, 256, torch.finfo(torch.float32).min, padded).to(
+            "cuda", torch.bfloat16)
+        seen.clear()
+        got = ATTENTION_OP(q, k, v, mask, False, None, False)
+        assert seen == [(dropped, dropped)]
+        expected = reference(q.float(), k.float(), v.float(), mask.float())
+        rows = slice(40, None)  # (left-padded rows that see no key differ between backends)
+        assert (got.float() - expected)[..., rows, :].abs().max() <= 2e-2

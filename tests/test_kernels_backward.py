@@ -7,7 +7,6 @@ environment variable ahead of the attnopt imports.
 """
 
 import os
-import sys
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable
@@ -182,6 +181,7 @@ def test_canonical_op_backward_reuses_its_kernel_forward(name, monkeypatch):
     launch per forward + backward, gradients as autograd through the op's reference (float32).
     A float mask that needs a gradient runs the reference both ways (no kernel launch)."""
     import attnopt.kernels.flash as flash
+    from attnopt.ops import common
     from attnopt.ops.attention import attention_reference
     monkeypatch.setenv("ATTNOPT_KERNELS", "always")
     launches = []
@@ -206,17 +206,57 @@ def test_canonical_op_backward_reuses_its_kernel_forward(name, monkeypatch):
     inputs = (q, k, v) + ((args[0],) if name == "mask_grad" else ())
     grads = torch.autograd.grad(out, inputs, grad)
     assert len(launches) == (0 if name == "mask_grad" else 1)
-    op_module = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
-    assert not op_module._KERNEL_FORWARDS  # taken by the backward's setup
+    assert not common._KEPT  # taken by the backward's setup
     with torch.no_grad():  # no backward to take it: it goes with the output
         torch.ops.attnopt.attention(q, k, v, *args)
-    assert not op_module._KERNEL_FORWARDS
+    assert not common._KEPT
     floats = [t.detach().float().requires_grad_() for t in (q, k, v)]
     rest = [a.detach().float().requires_grad_() if isinstance(a, torch.Tensor) and
             a.requires_grad else a for a in args]
     expected = attention_reference(*floats, *rest)
     wrt = floats + ([rest[0]] if name == "mask_grad" else [])
     expected_grads = torch.autograd.grad(expected, wrt, grad.float())
+    assert (out.float() - expected).abs().max().item() <= 3e-2
+    for got, want in zip(grads, expected_grads):
+        assert (got.float() - want).abs().max().item() <= 3e-2 * max(1.0, want.abs().max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's CUDA backends")
+@pytest.mark.parametrize("name", ["causal_gqa", "padded_causal", "bias_grad"])
+def test_canonical_op_backward_reuses_its_sdpa_forward(name, monkeypatch):
+    """Where the default mode sends a call to SDPA, forward + backward runs SDPA's forward once
+    (its backward on what the fused backend saved), gradients as autograd through the op's
+    reference in float32."""
+    import sys
+    from attnopt.ops import common
+    op_module = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
+    monkeypatch.setenv("ATTNOPT_KERNELS", "auto")
+    reference = op_module.attention_reference
+    calls = []
+    monkeypatch.setattr(op_module, "attention_reference",
+                        lambda *args: calls.append(1) or reference(*args))
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(name.encode()))
+    kv_heads = 2 if name == "causal_gqa" else 4
+
+    def draw(*shape, grad=True, dtype=torch.bfloat16):
+        return torch.randn(*shape, device="cuda", generator=gen,
+                           dtype=dtype).requires_grad_(grad)
+    q = draw(2, 4, 256, 64)
+    k, v = draw(2, kv_heads, 256, 64), draw(2, kv_heads, 256, 64)
+    padded = torch.ones(2, 1, 1, 256, dtype=torch.bool, device="cuda")
+    padded[0, ..., -37:] = False  # (right: cuDNN differs on rows that see no key)
+    args = {"causal_gqa": (None, True, None, True),
+            "padded_causal": (padded, True),
+            "bias_grad": (draw(2, 1, 256, 256),)}[name]
+    out = torch.ops.attnopt.attention(q, k, v, *args)
+    grad = torch.randn(out.shape, device="cuda", generator=gen, dtype=out.dtype)
+    inputs = (q, k, v) + ((args[0],) if name == "bias_grad" else ())
+    grads = torch.autograd.grad(out, inputs, grad)
+    assert len(calls) == 1 and not common._KEPT
+    floats = [t.detach().float().requires_grad_() for t in inputs]
+    rest = (floats[3],) if name == "bias_grad" else args
+    expected = reference(*floats[:3], *rest)
+    expected_grads = torch.autograd.grad(expected, floats, grad.float())
     assert (out.float() - expected).abs().max().item() <= 3e-2
     for got, want in zip(grads, expected_grads):
         assert (got.float() - want).abs().max().item() <= 3e-2 * max(1.0, want.abs().max())

@@ -33,9 +33,13 @@ The op owns its reference implementation (SDPA, runs on every device), its CUDA 
 (the generated Triton flash kernel from `attnopt.kernels` where `kernel_skip_reason` finds
 nothing against it, else SDPA), its fake implementation for tracing, and its autograd (gradients
 of q, k, v and of a float mask; through the Triton backward kernels where the forward ran them).
-A kernel forward that autograd will differentiate keeps its output and log-sum-exp for the
-backward kernels; otherwise (SDPA, a mask that needs a gradient, or a traced graph whose
-forward did not run here) the backward runs the forward again and differentiates that.
+A forward that autograd will differentiate leaves its backward what it needs
+(`common.keep_for_backward`): a kernel forward its output and log-sum-exp for the backward
+kernels; an SDPA forward is recorded under autograd (`common.record_forward`), so that the
+backward runs SDPA's own backward on what its backend saved (the log-sum-exp of the fused
+kernels). Only where nothing was kept (a traced graph whose forward did not run here, a second
+backward through a retained graph, a mask that needs a gradient on the kernel path) does the
+backward run the forward again and differentiate that.
 
 Which backend runs a call on CUDA (`ATTNOPT_KERNELS`):
 - "auto" (default): the Triton kernel where PyTorch has no fused kernel for the call — soft-capped
@@ -58,13 +62,16 @@ from __future__ import annotations
 import functools
 import os
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnopt.ops.common import empty_like_query_layout, like_query_layout
+from attnopt.ops.common import (
+    RecordedForward, empty_like_query_layout, keep_for_backward, like_query_layout,
+    needs_gradient, record_forward, take_kept,
+)
 
 #: "auto" | "always" | "never": which calls run the Triton kernel on CUDA (module docstring).
 KERNELS_ENV = "ATTNOPT_KERNELS"
@@ -242,9 +249,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
               enable_gqa: bool = False, softcap: Optional[float] = None,
               window_left: Optional[int] = None,
               alibi_slopes: Optional[Tensor] = None) -> Tensor:
-    return like_query_layout(attention_reference(q, k, v, attn_mask, is_causal, scale,
-                                                 enable_gqa, softcap, window_left,
-                                                 alibi_slopes), q)
+    return _reference_call(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap,
+                           window_left, alibi_slopes)
+
+
+def _reference_call(*args) -> Tensor:
+    """`attention_reference(*args)` as the op's implementation returns it, recorded for the
+    backward when the op's autograd will differentiate it (q, k, v or a float mask need a
+    gradient)."""
+    q = args[0]
+    out, recorded = record_forward(attention_reference, args, needs_gradient(*args[:4]))
+    result = like_query_layout(out, q)
+    if recorded is not None:
+        keep_for_backward(result, recorded)
+    return result
 
 
 def kernel_window(k: Tensor, window_left: Optional[int]) -> Optional[tuple[int, int]]:
@@ -252,35 +270,74 @@ def kernel_window(k: Tensor, window_left: Optional[int]) -> Optional[tuple[int, 
     return None if window_left is None else (window_left, k.shape[-2])
 
 
-#: id of the output of a kernel call autograd will differentiate -> (a weak reference to that
-#: output, the kernel's output, its log-sum-exp, its params), taken by `_setup_context` so that
-#: the backward does not run the forward again; an entry goes when its output does. (Keyed by
-#: id: tensors compare elementwise, so they cannot key a WeakKeyDictionary.)
-_KERNEL_FORWARDS: dict = {}
+class _KernelForward(NamedTuple):
+    """What a kernel forward leaves its backward: the kernel's output (None where it is the op's
+    result, which the entry must not keep alive), its log-sum-exp and its params."""
+    out: Optional[Tensor]
+    lse: Tensor
+    params: object
+
+
+#: id of a mask -> (a weak reference to it, its version, `hides_only_later_keys`' answer):
+#: the layers of a model share one mask, so the check runs once per forward
+_CAUSAL_ONLY: dict = {}
+
+
+def hides_only_later_keys(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                          window_left: Optional[int] = None) -> bool:
+    """Whether `attn_mask` hides exactly the keys after each query (every key up to the
+    query visible; with `is_causal` the keys after it do not matter), so that the call is
+    plain causal attention without it.
+
+    A decoder given the attention_mask of an unpadded batch (a tokenizer's all-ones mask)
+    builds such a mask: Hugging Face's SDPA path checks its 2-D mask for that and passes
+    `is_causal` alone, but a captured graph only has the (B, 1, S, S) mask, which SDPA reads
+    whole and which keeps calls off the causal kernels. A float mask counts as hiding a key
+    with -inf or its dtype's lowest value (what models fill with: the key's weight is exactly
+    0 either way, every row seeing its own key), and as showing it with 0.
+
+    Reads the mask (one synchronization); the answer is kept per mask tensor and version, so
+    layers sharing a mask check it once. Never under CUDA graph capture, where reading it
+    cannot synchronize, nor for masks that need a gradient or calls with a window."""
+    if attn_mask is None or window_left is not None or attn_mask.requires_grad \
+            or attn_mask.dim() > 4 or q.shape[-2] != k.shape[-2] or q.shape[-2] < 2:
+        return False
+    cacheable = not attn_mask.is_inference()  # (inference tensors keep no version)
+    entry = _CAUSAL_ONLY.get(id(attn_mask)) if cacheable else None
+    if entry is not None and entry[0]() is attn_mask and entry[1] == attn_mask._version:
+        return entry[2]
+    if attn_mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    earlier_SS = band_keep(q.shape[-2], k.shape[-2], True, None, attn_mask.device)
+    if attn_mask.dtype == torch.bool:
+        shown, hidden = attn_mask, ~attn_mask
+    else:
+        shown = attn_mask == 0
+        hidden = attn_mask <= torch.finfo(attn_mask.dtype).min
+    answer = bool(torch.where(earlier_SS, shown, True if is_causal else hidden).all())
+    if cacheable:
+        _CAUSAL_ONLY[id(attn_mask)] = (weakref.ref(attn_mask), attn_mask._version, answer)
+        weakref.finalize(attn_mask, _CAUSAL_ONLY.pop, id(attn_mask), None)
+    return answer
 
 
 @attention.register_kernel("cuda")
 def _attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
                     softcap=None, window_left=None, alibi_slopes=None):
+    if hides_only_later_keys(q, k, attn_mask, is_causal, window_left):
+        attn_mask, is_causal = None, True  # an unpadded batch: plain causal attention
     if kernel_skip_reason(q, k, v, attn_mask, softcap, is_causal=is_causal,
                           window_left=window_left, alibi=alibi_slopes is not None) is not None:
-        return like_query_layout(attention_reference(
-            q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap, window_left,
-            alibi_slopes), q)
+        return _reference_call(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap,
+                               window_left, alibi_slopes)
     options = dict(causal=is_causal, scale=scale, attn_bias=attn_mask, softcap=softcap,
                    window=kernel_window(k, window_left), alibi_slopes=alibi_slopes)
-    if any(t.requires_grad for t in (q, k, v)) and \
-            not (attn_mask is not None and attn_mask.requires_grad):
-        # under the op's autograd (an autograd.Function, grad mode off inside, which calls
-        # this below autograd with the inputs as given): keep what the backward needs
+    if needs_gradient(q, k, v) and not (attn_mask is not None and attn_mask.requires_grad):
+        # under the op's autograd: keep what the backward kernels need
         from attnopt.kernels.flash import flash_attention_for_backward
         out, lse, params = flash_attention_for_backward(q, k, v, **options)
         result = like_query_layout(out, q)
-        # (the kernel's output only where it is not the result: the entry must not keep the
-        # result alive, or it would never go)
-        _KERNEL_FORWARDS[id(result)] = (weakref.ref(result), None if out is result else out,
-                                        lse, params)
-        weakref.finalize(result, _KERNEL_FORWARDS.pop, id(result), None)
+        keep_for_backward(result, _KernelForward(None if out is result else out, lse, params))
         return result
     from attnopt.kernels import flash_attention
     return like_query_layout(flash_attention(q, k, v, **options), q)
@@ -295,11 +352,14 @@ def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
 
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap, window_left, alibi_slopes = inputs
+    kept = take_kept(output)
+    # the forward recorded under autograd: differentiated once (a second backward through a
+    # retained graph runs the forward again)
+    ctx.recorded = kept if isinstance(kept, RecordedForward) else None
     kernel_out = lse = ctx.kernel_params = None
-    forward = _KERNEL_FORWARDS.pop(id(output), None)
-    if forward is not None and forward[0]() is output:
-        _, kernel_out, lse, ctx.kernel_params = forward
-        kernel_out = output if kernel_out is None else kernel_out
+    if isinstance(kept, _KernelForward):
+        kernel_out = output if kept.out is None else kept.out
+        lse, ctx.kernel_params = kept.lse, kept.params
     ctx.save_for_backward(q, k, v, attn_mask, alibi_slopes, kernel_out, lse)
     ctx.has_mask = attn_mask is not None
     ctx.is_causal, ctx.scale, ctx.enable_gqa, ctx.softcap = is_causal, scale, enable_gqa, softcap
@@ -307,6 +367,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
+    if ctx.recorded is not None:
+        recorded, ctx.recorded = ctx.recorded, None
+        grads = recorded.gradients(grad_out)
+        return tuple(grads.get(index) for index in range(4)) + (None,) * 6
     q, k, v, attn_mask, alibi_slopes, kernel_out, lse = ctx.saved_tensors
     if ctx.kernel_params is not None:  # (never with a mask that needs a gradient)
         # the forward ran the kernel and kept its log-sum-exp: the backward kernels alone

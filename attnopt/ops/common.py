@@ -1,14 +1,21 @@
-"""What every attnopt op module shares: autograd by recomputation, and ONNX helpers.
+"""What every attnopt op module shares: autograd by recomputation, forwards kept for the
+backward, and ONNX helpers.
 
 An approximate op's reference implementation is plain differentiable torch. Its autograd
 saves the inputs and, in backward, recomputes the reference under autograd — the gradient of
 exactly the function the forward computed, at the cost of a second forward.
+
+The canonical op avoids that second forward: its implementation leaves what its backward needs
+(`keep_for_backward`) for its `setup_context` to take (`take_kept`) — a kernel's log-sum-exp,
+or the reference recorded under autograd (`record_forward`) with whatever SDPA's backend saves
+for its own backward.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+import weakref
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -46,6 +53,79 @@ def register_recompute_autograd(op, reference: Callable) -> None:
         return tuple(result)
 
     op.register_autograd(backward, setup_context=setup_context)
+
+
+# ----------------------------------------------------------------- forwards kept for backward
+# An op's implementation runs below autograd: its `register_autograd` wraps it in an
+# autograd.Function whose forward runs with grad mode off and autograd's dispatch keys
+# excluded. What that forward leaves for the backward goes through this table, keyed by the
+# id of the output (tensors compare elementwise, so they cannot key a WeakKeyDictionary),
+# holding a weak reference to it so that an entry nobody takes goes with its output.
+
+_KEPT: dict = {}
+
+
+def keep_for_backward(result: Tensor, state) -> None:
+    """Leave `state` for the `setup_context` that receives `result` (`take_kept`). `state`
+    must not refer to `result` itself, or the entry would keep it alive."""
+    _KEPT[id(result)] = (weakref.ref(result), state)
+    weakref.finalize(result, _KEPT.pop, id(result), None)
+
+
+def take_kept(output: Tensor):
+    """What the implementation left for `output` (`keep_for_backward`), or None."""
+    entry = _KEPT.pop(id(output), None)
+    return entry[1] if entry is not None and entry[0]() is output else None
+
+
+def needs_gradient(*tensors) -> list[int]:
+    """Indices of the floating-point tensors among `tensors` that require grad: inside an op's
+    implementation, the sign that its autograd.Function called it and will differentiate it
+    (grad mode is off there, so the flags are what is left to read)."""
+    return [index for index, tensor in enumerate(tensors)
+            if isinstance(tensor, Tensor) and tensor.requires_grad
+            and tensor.is_floating_point()]
+
+
+#: re-admits autograd below an autograd.Function's forward (absent: nothing is recorded)
+_INCLUDE_AUTOGRAD = getattr(torch._C, "_SetExcludeDispatchKeyGuard", None)
+
+
+class RecordedForward:
+    """A forward recorded under autograd from inside an op's implementation: its output with
+    the graph behind it, and the detached leaves (by input index) it differentiates to.
+    Differentiated once (`gradients`); its graph goes then."""
+
+    def __init__(self, out: Tensor, leaves: dict):
+        self.out, self.leaves = out, leaves
+
+    def gradients(self, grad_out: Tensor) -> dict:
+        out, self.out = self.out, None
+        grads = torch.autograd.grad(out, list(self.leaves.values()), grad_out,
+                                    allow_unused=True)
+        return dict(zip(self.leaves, grads))
+
+
+def record_forward(reference: Callable, inputs: Sequence, wrt: Sequence[int]
+                   ) -> tuple[Tensor, Optional[RecordedForward]]:
+    """`reference(*inputs)` run under autograd although the caller runs below it, its graph
+    differentiable with respect to `inputs[i]` for i in `wrt`: the output (detached, as an op
+    returns it) and the record (None where this torch cannot re-admit autograd; the output is
+    then computed without a graph). Every tensor input is detached, so the graph ends at this
+    call. SDPA saves what its backend's backward takes (the log-sum-exp of the fused kernels),
+    so differentiating the record runs no forward again."""
+    inputs = [x.detach() if isinstance(x, Tensor) else x for x in inputs]
+    if _INCLUDE_AUTOGRAD is None or not wrt:
+        return reference(*inputs), None
+    leaves = {}
+    for index in wrt:
+        inputs[index] = leaves[index] = inputs[index].requires_grad_(True)
+    with torch.enable_grad(), _INCLUDE_AUTOGRAD(torch._C.DispatchKey.AutogradFunctionality,
+                                                False):
+        out = reference(*inputs)
+    if out.grad_fn is None:  # nothing recorded (not differentiable in what was asked)
+        return out, None
+    return out.detach(), RecordedForward(out, leaves)
 
 
 # ------------------------------------------------------------------------------ ONNX helpers

@@ -67,13 +67,18 @@ def build_mask(terms: Sequence[MaskTerm], values: Sequence, like, dtype: torch.d
     for bias in biases[1:]:
         total = emit(aten.add.Tensor, total, bias)
     for masked, fill_value in fills:
-        total = emit(aten.where.ScalarSelf, emit(aten._to_copy.default, masked,
-                                                  dtype=torch.bool), fill_value, total)
+        total = emit(aten.where.ScalarSelf, _cast(masked, torch.bool, emit), fill_value, total)
     for bias in biases:
         bias_dtype = _dtype(bias)
         if bias_dtype is not None and bias_dtype.is_floating_point:
             dtype = torch.promote_types(dtype, bias_dtype)
-    return emit(aten._to_copy.default, total, dtype=dtype)
+    return _cast(total, dtype, emit)
+
+
+def _cast(value, dtype: torch.dtype, emit):
+    """`value` in `dtype`: itself where it already is (a copy per site of a mask the sites
+    share would cost an (B, H, Sq, Sk) write each, and give each site its own tensor)."""
+    return value if _dtype(value) == dtype else emit(aten._to_copy.default, value, dtype=dtype)
 
 
 def _dtype(value) -> Optional[torch.dtype]:
