@@ -1,29 +1,37 @@
-"""A fine-tuning step on CUDA through `optimize(policy="exact")`'s SDPA sites: the canonical op's
-backward on SDPA's saved forward against the same backward running the forward again.
+"""A Llama decoder fine-tuned and run on CUDA through `optimize(policy="exact")`, against the
+same model on Hugging Face's SDPA path, with the canonical op's two changes switched off one
+at a time in the same process.
 
 In the default mode (`ATTNOPT_KERNELS=auto`) plain, causal and padded sites run PyTorch's fused
-SDPA. The op's implementation runs below autograd, so its backward used to run SDPA's forward a
-second time and differentiate that. Now the forward is recorded under autograd
-(`ops/common.record_forward`) and the backward runs SDPA's own backward on what its backend
-saved. `recompute` re-measures the old path in the same process (the record switched off);
-anchors: the Hugging Face model on its eager and SDPA attention.
+SDPA. Two things cost a rewritten model against HF's SDPA path:
+- the op's implementation runs below autograd, so its backward ran SDPA's forward a second time
+  and differentiated that. Now the forward is recorded under autograd
+  (`ops/common.record_forward`) and the backward runs SDPA's own backward on what its backend
+  saved. Column `recompute`: the record switched off;
+- a tokenizer's all-ones attention_mask became a (B, 1, S, S) mask that SDPA reads whole, where
+  HF's SDPA path checks its 2-D mask and passes `is_causal` alone. Now the op drops a mask that
+  hides only later keys (`ops/attention.hides_only_later_keys`). Column `mask kept`: the check
+  switched off; `before`: both off.
 
 Model: Llama config, hidden 2048, 16 heads (head dim 128), 8 kv heads, 4 layers, random
-weights, bf16, batch 2; one step = forward, cross-entropy on shifted tokens, backward. Rows
-without padding (causal sites: SDPA's flash or cuDNN backend) and with a left-padded batch (a
-mask: SDPA's efficient or cuDNN backend). Losses and the first layer's q_proj gradient are
-compared with the SDPA model's before timing; medians of 25 CUDA-event timings after 5
-warm-ups, the four models alternated over three rounds (median of the three medians); peak
-memory of one step.
+weights, bf16, batch 2, rewritten from its eager attention. Rows without padding and with the
+first sequence left-padded by 100 tokens. `train`: one step = forward, cross-entropy on the
+shifted tokens of real positions, backward; the loss and the first layer's q_proj gradient
+compared with the SDPA model's before timing, peak memory of one step. `forward`: the forward
+alone under no_grad. Medians of 25 CUDA-event timings after 5 warm-ups, the columns alternated
+over three rounds (median of the three medians).
 
     PYTHONPATH=.:benchmarks python benchmarks/bench_finetune.py [--seqs 1024 2048 4096]
+        [--parts train forward] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,7 +42,10 @@ import attnopt  # noqa: E402
 from attnopt.ops import common  # noqa: E402
 from bench_exact_cuda import build, median_ms  # noqa: E402
 
-BATCH, PADDING, ROUNDS = 2, 100, 3
+op_module = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
+
+BATCH, PADDING = 2, 100
+ROUNDS = 3  # (--rounds)
 
 
 def step(model, ids, mask):
@@ -58,20 +69,33 @@ class Recompute:
         common._INCLUDE_AUTOGRAD = self.saved
 
 
-def main() -> None:
-    import contextlib
-    import transformers
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096])
-    args = parser.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
-          f"transformers {transformers.__version__}")
-    eager, sdpa = build("eager", torch.bfloat16), build("sdpa", torch.bfloat16)
-    print("| seq | padding | HF eager | HF sdpa | attnopt, recompute | attnopt | "
-          "sdpa / attnopt | recompute / attnopt | peak GiB (sdpa, recompute, attnopt) "
-          "| loss diff, q_proj grad diff / max |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for seq in args.seqs:
+class MaskKept:
+    """The op as it was on an unpadded batch: the all-visible mask kept (not checked)."""
+
+    def __enter__(self):
+        self.saved = op_module.hides_only_later_keys
+        op_module.hides_only_later_keys = lambda *args: False
+
+    def __exit__(self, *exc):
+        op_module.hides_only_later_keys = self.saved
+
+
+class Before:
+    """Both: the op as it was before this benchmark's changes."""
+
+    def __enter__(self):
+        self.contexts = (Recompute(), MaskKept())
+        for context in self.contexts:
+            context.__enter__()
+
+    def __exit__(self, *exc):
+        for context in self.contexts:
+            context.__exit__(*exc)
+
+
+def rows(eager, sdpa, seqs):
+    """(seq, padding, ids, mask, optimized model, {column: (model, context)}) per table row."""
+    for seq in seqs:
         for padded in (False, True):
             ids = torch.randint(0, 32000, (BATCH, seq), device="cuda")
             mask = torch.ones(BATCH, seq, dtype=torch.long, device="cuda")
@@ -80,36 +104,81 @@ def main() -> None:
             optimized = attnopt.optimize(eager, "exact", example_kwargs={
                 "input_ids": ids, "attention_mask": mask, "use_cache": False})
             assert len(optimized.report.rewritten) == 4, str(optimized.report)
-            runs = {"eager": (eager, contextlib.nullcontext), "sdpa": (sdpa, contextlib.nullcontext),
-                    "recompute": (optimized, Recompute), "attnopt": (optimized,
-                                                                    contextlib.nullcontext)}
-            losses, grads, peaks = {}, {}, {}
-            for name, (model, context) in runs.items():
-                weights = model if name in ("eager", "sdpa") else eager
-                weights.zero_grad(set_to_none=True)
-                torch.cuda.reset_peak_memory_stats()
-                with context():
-                    losses[name] = step(model, ids, mask).item()
-                peaks[name] = torch.cuda.max_memory_allocated() / 2 ** 30
-                grads[name] = weights.model.layers[0].self_attn.q_proj.weight.grad.float()
-            scale = grads["sdpa"].abs().max().item()
-            loss_diff = abs(losses["attnopt"] - losses["sdpa"])
-            grad_diff = (grads["attnopt"] - grads["sdpa"]).abs().max().item() / scale
-            assert torch.equal(grads["attnopt"], grads["recompute"]) or \
-                (grads["attnopt"] - grads["recompute"]).abs().max().item() / scale < 1e-2
-            times = {name: [] for name in runs}
-            for _ in range(ROUNDS):
-                for name, (model, context) in runs.items():
-                    with context():
-                        times[name].append(median_ms(lambda m=model: step(m, ids, mask)))
-            ms = {name: statistics.median(values) for name, values in times.items()}
-            print(f"| {seq} | {PADDING if padded else 0} | {ms['eager']:.2f} | "
-                  f"{ms['sdpa']:.2f} | {ms['recompute']:.2f} | **{ms['attnopt']:.2f}** | "
-                  f"{ms['sdpa'] / ms['attnopt']:.2f} | {ms['recompute'] / ms['attnopt']:.2f} | "
-                  f"{peaks['sdpa']:.2f}, {peaks['recompute']:.2f}, {peaks['attnopt']:.2f} | "
-                  f"{loss_diff:.1e}, {grad_diff:.3f} |", flush=True)
-            for model in (eager, sdpa):
-                model.zero_grad(set_to_none=True)
+            yield seq, padded, ids, mask, optimized, {
+                "eager": (eager, contextlib.nullcontext), "sdpa": (sdpa, contextlib.nullcontext),
+                "before": (optimized, Before), "recompute": (optimized, Recompute),
+                "mask kept": (optimized, MaskKept),
+                "attnopt": (optimized, contextlib.nullcontext)}
+
+
+def alternated(runs: dict, fn) -> dict:
+    """Median over ROUNDS alternated rounds of each column's `median_ms(fn(model))`."""
+    times = {name: [] for name in runs}
+    for _ in range(ROUNDS):
+        for name, (model, context) in runs.items():
+            with context():
+                times[name].append(median_ms(fn(model)))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+COLUMNS = ("eager", "sdpa", "before", "recompute", "mask kept", "attnopt")
+
+
+def train(eager, sdpa, seqs) -> None:
+    print("\n**Fine-tuning step** (forward, loss, backward), ms; in brackets HF sdpa's time "
+          "over the column's:\n")
+    print("| seq | padding | " + " | ".join(COLUMNS) + " | peak GiB (sdpa, before, attnopt) "
+          "| loss diff, q_proj grad diff / max (vs sdpa) |")
+    print("|---|---|" + "---|" * len(COLUMNS) + "---|---|")
+    for seq, padded, ids, mask, optimized, runs in rows(eager, sdpa, seqs):
+        losses, grads, peaks = {}, {}, {}
+        for name, (model, context) in runs.items():
+            weights = model if name in ("eager", "sdpa") else eager
+            weights.zero_grad(set_to_none=True)
+            torch.cuda.reset_peak_memory_stats()
+            with context():
+                losses[name] = step(model, ids, mask).item()
+            peaks[name] = torch.cuda.max_memory_allocated() / 2 ** 30
+            grads[name] = weights.model.layers[0].self_attn.q_proj.weight.grad.float()
+        scale = grads["sdpa"].abs().max().item()
+        loss_diff = abs(losses["attnopt"] - losses["sdpa"])
+        grad_diff = (grads["attnopt"] - grads["sdpa"]).abs().max().item() / scale
+        ms = alternated(runs, lambda m: lambda: step(m, ids, mask))
+        cells = [f"{ms[name]:.2f} ({ms['sdpa'] / ms[name]:.2f})" for name in COLUMNS]
+        print(f"| {seq} | {PADDING if padded else 0} | " + " | ".join(cells) +
+              f" | {peaks['sdpa']:.2f}, {peaks['before']:.2f}, {peaks['attnopt']:.2f} | "
+              f"{loss_diff:.1e}, {grad_diff:.3f} |", flush=True)
+        for model in (eager, sdpa):
+            model.zero_grad(set_to_none=True)
+
+
+def forward(eager, sdpa, seqs) -> None:
+    print("\n**Forward** (no grad), ms; in brackets HF sdpa's time over the column's:\n")
+    print("| seq | padding | " + " | ".join(COLUMNS[:3]) + " | attnopt |")
+    print("|---|---|---|---|---|---|")
+    for seq, padded, ids, mask, optimized, runs in rows(eager, sdpa, seqs):
+        runs = {name: runs[name] for name in ("eager", "sdpa", "before", "attnopt")}
+        ms = alternated(runs, lambda m: lambda: m(input_ids=ids, attention_mask=mask,
+                                                   use_cache=False))
+        cells = [f"{ms[name]:.2f} ({ms['sdpa'] / ms[name]:.2f})" for name in runs]
+        print(f"| {seq} | {PADDING if padded else 0} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main() -> None:
+    import transformers
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--parts", nargs="+", default=["train", "forward"],
+                        choices=["train", "forward"])
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    args = parser.parse_args()
+    global ROUNDS
+    ROUNDS = args.rounds
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
+          f"transformers {transformers.__version__}")
+    eager, sdpa = build("eager", torch.bfloat16), build("sdpa", torch.bfloat16)
+    for part in args.parts:
+        {"train": train, "forward": forward}[part](eager, sdpa, args.seqs)
 
 
 if __name__ == "__main__":

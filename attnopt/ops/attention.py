@@ -257,8 +257,10 @@ def _reference_call(*args) -> Tensor:
     """`attention_reference(*args)` as the op's implementation returns it, recorded for the
     backward when the op's autograd will differentiate it (q, k, v or a float mask need a
     gradient)."""
-    q = args[0]
-    out, recorded = record_forward(attention_reference, args, needs_gradient(*args[:4]))
+    q, wrt = args[0], needs_gradient(*args[:4])
+    if not wrt:  # (inference: nothing to record)
+        return like_query_layout(attention_reference(*args), q)
+    out, recorded = record_forward(attention_reference, args, wrt)
     result = like_query_layout(out, q)
     if recorded is not None:
         keep_for_backward(result, recorded)

@@ -79,12 +79,11 @@ def take_kept(output: Tensor):
 
 
 def needs_gradient(*tensors) -> list[int]:
-    """Indices of the floating-point tensors among `tensors` that require grad: inside an op's
+    """Indices of the floating-point tensors among `tensors` (or None) that require grad: inside an op's
     implementation, the sign that its autograd.Function called it and will differentiate it
     (grad mode is off there, so the flags are what is left to read)."""
     return [index for index, tensor in enumerate(tensors)
-            if isinstance(tensor, Tensor) and tensor.requires_grad
-            and tensor.is_floating_point()]
+            if tensor is not None and tensor.requires_grad and tensor.is_floating_point()]
 
 
 #: re-admits autograd below an autograd.Function's forward (absent: nothing is recorded)
