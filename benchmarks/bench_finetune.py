@@ -14,7 +14,7 @@ SDPA. Two things cost a rewritten model against HF's SDPA path:
   switched off; `before`: both off.
 
 Model: Llama config, hidden 2048, 16 heads (head dim 128), 8 kv heads, 4 layers, random
-weights, bf16, batch 2, rewritten from its eager attention. Rows without padding and with the
+weights, bf16, batch 2 (`--batch`), rewritten from its eager attention. Rows without padding and with the
 first sequence left-padded by 100 tokens. `train`: one step = forward, cross-entropy on the
 shifted tokens of real positions, backward; the loss and the first layer's q_proj gradient
 compared with the SDPA model's before timing, peak memory of one step. `forward`: the forward
@@ -22,7 +22,7 @@ alone under no_grad. Medians of 25 CUDA-event timings after 5 warm-ups, the colu
 over three rounds (median of the three medians).
 
     PYTHONPATH=.:benchmarks python benchmarks/bench_finetune.py [--seqs 1024 2048 4096]
-        [--parts train forward] [--rounds 3]
+        [--parts train forward] [--rounds 3] [--batch 2]
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from bench_exact_cuda import build, median_ms  # noqa: E402
 
 op_module = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
 
-BATCH, PADDING = 2, 100
-ROUNDS = 3  # (--rounds)
+PADDING = 100
+BATCH, ROUNDS = 2, 3  # (--batch, --rounds)
 
 
 def step(model, ids, mask):
@@ -165,15 +165,16 @@ def forward(eager, sdpa, seqs) -> None:
 
 
 def main() -> None:
+    global ROUNDS, BATCH
     import transformers
     parser = argparse.ArgumentParser()
     parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--parts", nargs="+", default=["train", "forward"],
                         choices=["train", "forward"])
-    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
-    global ROUNDS
-    ROUNDS = args.rounds
+    ROUNDS, BATCH = args.rounds, args.batch
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
           f"transformers {transformers.__version__}")
     eager, sdpa = build("eager", torch.bfloat16), build("sdpa", torch.bfloat16)
