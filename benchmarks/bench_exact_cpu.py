@@ -6,7 +6,12 @@ last eighth of the keys masked. Correctness first (max abs error of the last hid
 the eager model on fresh inputs), then medians of --runs timed forwards after 2 warm-ups, all
 models in one process.
 
-    .venv/bin/python benchmarks/bench_exact_cpu.py [--seq 128 512] [--runs 10]
+`--decoder`: a Llama decoder instead (4 layers × 512, 8 heads, 4 kv heads, vocab 32000), batch 1,
+unpadded (the all-ones attention_mask a tokenizer returns), with one more column: the rewritten
+model with the op's check for a mask that hides only later keys switched off (`mask kept`, as
+before that check), alternated with the others over two rounds.
+
+    .venv/bin/python benchmarks/bench_exact_cpu.py [--seq 128 512] [--runs 10] [--decoder]
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -40,13 +47,57 @@ def inputs(seq: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def build_decoder(implementation: str):
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376,
+                                      num_hidden_layers=4, num_attention_heads=8,
+                                      num_key_value_heads=4, attn_implementation=implementation)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def decoder(args) -> None:
+    op_module = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
+    eager, sdpa = build_decoder("eager"), build_decoder("sdpa")
+    print("| seq | eager ms | attnopt, mask kept ms | attnopt exact ms | sdpa ms "
+          "| mask kept / attnopt | sdpa / attnopt | max abs err vs eager (attnopt, sdpa) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for seq in args.seq:
+        ids = torch.randint(0, 32000, (1, seq))
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+        optimized = attnopt.optimize(eager, "exact", example_kwargs=kwargs)
+        assert len(optimized.report.rewritten) == 4, str(optimized.report)
+        with torch.no_grad():
+            truth = eager(**kwargs).logits
+            errors = [(model(**kwargs).logits - truth).abs().max().item()
+                      for model in (optimized, sdpa)]
+        check = op_module.hides_only_later_keys
+        times = {name: [] for name in ("eager", "kept", "attnopt", "sdpa")}
+        for _ in range(2):
+            for name, model in (("eager", eager), ("kept", optimized), ("attnopt", optimized),
+                                ("sdpa", sdpa)):
+                if name == "kept":
+                    op_module.hides_only_later_keys = lambda *a: False
+                with torch.no_grad():
+                    times[name].append(median_ms(lambda m=model: m(**kwargs), args.runs))
+                op_module.hides_only_later_keys = check
+        ms = {name: statistics.median(values) for name, values in times.items()}
+        print(f"| {seq} | {ms['eager']:.1f} | {ms['kept']:.1f} | {ms['attnopt']:.1f} | "
+              f"{ms['sdpa']:.1f} | {ms['kept'] / ms['attnopt']:.2f} | "
+              f"{ms['sdpa'] / ms['attnopt']:.2f} | {errors[0]:.1e}, {errors[1]:.1e} |",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seq", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--decoder", action="store_true")
     args = parser.parse_args()
     print(f"device: CPU ({platform.machine()}, {torch.get_num_threads()} threads); "
           f"torch {torch.__version__}; transformers {transformers.__version__}")
+    if args.decoder:
+        decoder(args)
+        return
     eager, sdpa = build("eager"), build("sdpa")
     print("| seq | eager ms | attnopt exact ms | sdpa ms | eager / attnopt | sdpa / attnopt "
           "| max abs err vs eager (attnopt, sdpa) |")

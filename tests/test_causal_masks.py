@@ -177,6 +177,25 @@ def test_mask_that_hides_only_later_keys_is_checked_once_per_version(monkeypatch
     assert not op_module.hides_only_later_keys(q, k, _later_keys_hidden(1, 8, False), True, 3)
 
 
+def test_unpadded_decoder_mask_runs_as_plain_causal_attention_on_cpu(monkeypatch):
+    """The op drops an unpadded batch's mask on the CPU too: SDPA runs causal attention alone,
+    with the result of the masked call; a padded batch keeps its mask."""
+    op_module = sys.modules["attnopt.ops.attention"]
+    seen = []
+    reference = op_module.attention_reference
+    monkeypatch.setattr(op_module, "attention_reference",
+                        lambda *a: seen.append((a[3] is None, a[4])) or reference(*a))
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=gen) for _ in range(3))
+    for padded, dropped in (((), True), ({1: (0, 5)}, False)):
+        mask = _later_keys_hidden(2, 16, torch.finfo(torch.float32).min, padded)
+        seen.clear()
+        got = ATTENTION_OP(q, k, v, mask, False, None, False)
+        assert seen == [(dropped, dropped)]
+        expected = reference(q.double(), k.double(), v.double(), mask.double())
+        assert (got.double() - expected)[..., 5:, :].abs().max() <= 1e-6
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the op's CUDA implementation")
 @pytest.mark.parametrize("kernels", ["auto", "always"])
 def test_unpadded_decoder_mask_runs_as_plain_causal_attention(kernels, monkeypatch):

@@ -41,6 +41,10 @@ kernels). Only where nothing was kept (a traced graph whose forward did not run 
 backward through a retained graph, a mask that needs a gradient on the kernel path) does the
 backward run the forward again and differentiate that.
 
+Both implementations first drop a mask that hides only later keys (`hides_only_later_keys`: an
+unpadded batch's, which a decoder builds from a tokenizer's all-ones attention_mask), so that
+the call runs as plain causal attention.
+
 Which backend runs a call on CUDA (`ATTNOPT_KERNELS`):
 - "auto" (default): the Triton kernel where PyTorch has no fused kernel for the call — soft-capped
   scores, which SDPA can only run on its math path (the full score matrix in memory), and a mask
@@ -249,6 +253,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
               enable_gqa: bool = False, softcap: Optional[float] = None,
               window_left: Optional[int] = None,
               alibi_slopes: Optional[Tensor] = None) -> Tensor:
+    if hides_only_later_keys(q, k, attn_mask, is_causal, window_left):
+        attn_mask, is_causal = None, True  # an unpadded batch: plain causal attention
     return _reference_call(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap,
                            window_left, alibi_slopes)
 
