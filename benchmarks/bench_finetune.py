@@ -14,11 +14,11 @@ SDPA. Two things cost a rewritten model against HF's SDPA path:
   switched off; `before`: both off.
 
 Model: Llama config, hidden 2048, 16 heads (head dim 128), 8 kv heads, 4 layers, random
-weights, bf16, batch 2 (`--batch`), rewritten from its eager attention. Rows without padding and with the
-first sequence left-padded by 100 tokens. `train`: one step = forward, cross-entropy on the
-shifted tokens of real positions, backward; the loss and the first layer's q_proj gradient
-compared with the SDPA model's before timing, peak memory of one step. `forward`: the forward
-alone under no_grad. Medians of 25 CUDA-event timings after 5 warm-ups, the columns alternated
+weights, bf16, batch 2 (`--batch`), rewritten from its eager attention. Rows without padding
+and with the first sequence left-padded by 100 tokens. `train`: one step = forward,
+cross-entropy on the shifted tokens of real positions, backward; the loss and the first
+layer's q_proj gradient compared with the SDPA model's before timing, peak memory of one
+step. `forward`: the forward alone under no_grad. Medians of 25 CUDA-event timings after 5 warm-ups, the columns alternated
 over three rounds (median of the three medians).
 
     PYTHONPATH=.:benchmarks python benchmarks/bench_finetune.py [--seqs 1024 2048 4096]

@@ -324,8 +324,9 @@ def hides_only_later_keys(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_
         hidden = attn_mask <= torch.finfo(attn_mask.dtype).min
     answer = bool(torch.where(earlier_SS, shown, True if is_causal else hidden).all())
     if cacheable:
+        if entry is None:  # (one finalizer per mask, however often it is written in place)
+            weakref.finalize(attn_mask, _CAUSAL_ONLY.pop, id(attn_mask), None)
         _CAUSAL_ONLY[id(attn_mask)] = (weakref.ref(attn_mask), attn_mask._version, answer)
-        weakref.finalize(attn_mask, _CAUSAL_ONLY.pop, id(attn_mask), None)
     return answer
 
 

@@ -79,9 +79,9 @@ def take_kept(output: Tensor):
 
 
 def needs_gradient(*tensors) -> list[int]:
-    """Indices of the floating-point tensors among `tensors` (or None) that require grad: inside an op's
-    implementation, the sign that its autograd.Function called it and will differentiate it
-    (grad mode is off there, so the flags are what is left to read)."""
+    """Indices of the floating-point tensors among `tensors` (or None) that require grad:
+    inside an op's implementation, the sign that its autograd.Function called it and will
+    differentiate it (grad mode is off there, so the flags are what is left to read)."""
     return [index for index, tensor in enumerate(tensors)
             if tensor is not None and tensor.requires_grad and tensor.is_floating_point()]
 
