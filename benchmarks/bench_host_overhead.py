@@ -1,4 +1,5 @@
-"""Host (Python) cost of one `flash_attention` call, kernel launches excluded.
+"""Host (Python) cost of one `flash_attention` call, kernel launches excluded; with `--op`, the
+cost of the canonical op's dispatch.
 
 Short attention calls are host-bound: at one query over a 32K cache, or a window of 1K keys,
 the GPU finishes before Python has launched the next kernel (docs/BENCHMARKS.md). This measures
@@ -7,12 +8,19 @@ marshalling, up to the Triton launch. Triton's own launcher (binding ~60 argumen
 included. It runs on any machine: Triton's interpreter stands in for the GPU, and its launch
 entry point is replaced by a no-op that counts launches.
 
-    python benchmarks/bench_host_overhead.py [--calls 500]
+`--op`: `torch.ops.attnopt.attention` on a tiny CPU call (B1, 4/2 heads, S8, D16, fp32, so
+that host time is all there is), against the op's body called directly, SDPA alone, and a twin
+of the op registered as a `torch.library.custom_op` with the same implementations, fake and
+autograd (how the op was registered before). Grad off, and grad on (q requires grad: forward
+alone, and forward + backward). Minimum over 20 alternated runs of `--calls` calls.
+
+    python benchmarks/bench_host_overhead.py [--calls 500] [--op]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import statistics
@@ -71,12 +79,78 @@ def measure(calls: int) -> dict:
     return results
 
 
+def custom_op_twin():
+    """The canonical op's implementations, fake and autograd under a `torch.library.custom_op`
+    (`attnopt_bench::attention`), as the op was registered before."""
+    import sys
+    ops = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
+
+    @torch.library.custom_op("attnopt_bench::attention", mutates_args=(),
+                             schema=ops.SCHEMA[len("attention"):])
+    def twin(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+             softcap=None, window_left=None, alibi_slopes=None):
+        return ops._attention_default(q, k, v, attn_mask, is_causal, scale, enable_gqa,
+                                      softcap, window_left, alibi_slopes)
+
+    twin.register_kernel("cuda")(ops._attention_cuda)
+    twin.register_fake(ops._attention_fake)
+    twin.register_autograd(ops._backward, setup_context=ops._setup_context)
+    return torch.ops.attnopt_bench.attention.default
+
+
+def measure_op(calls: int) -> dict:
+    import sys
+    ops = sys.modules["attnopt.ops.attention"]
+    twin, op = custom_op_twin(), torch.ops.attnopt.attention.default
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    q_grad = q.clone().requires_grad_()
+    args = (None, True, None, True)
+
+    def backward(fn):
+        return lambda: fn(q_grad, k, v, *args).sum().backward()
+    cases = {
+        "grad off: SDPA alone": (False, lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True)),
+        "grad off: the op's body called directly": (False, lambda: ops._attention_default(
+            q, k, v, *args)),
+        "grad off: custom_op twin": (False, lambda: twin(q, k, v, *args)),
+        "grad off: torch.ops.attnopt.attention": (False, lambda: op(q, k, v, *args)),
+        "grad on, forward: custom_op twin": (True, lambda: twin(q_grad, k, v, *args)),
+        "grad on, forward: torch.ops.attnopt.attention": (True, lambda: op(q_grad, k, v, *args)),
+        "grad on, forward + backward: custom_op twin": (True, backward(twin)),
+        "grad on, forward + backward: torch.ops.attnopt.attention": (True, backward(op)),
+    }
+    runs = {name: [] for name in cases}
+    for name, (grad, fn) in cases.items():
+        with torch.set_grad_enabled(grad):
+            for _ in range(200):
+                fn()
+    for _ in range(RUNS):
+        for name, (grad, fn) in cases.items():
+            with torch.set_grad_enabled(grad):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                runs[name].append((time.perf_counter() - start) / calls * 1e6)
+    results = {name: min(values) for name, values in runs.items()}
+    for name, value in results.items():
+        print(f"{name}: {value:.1f} µs per call (median of runs "
+              f"{statistics.median(runs[name]):.1f})", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=500)
+    parser.add_argument("--op", action="store_true")
     args = parser.parse_args()
     print(f"python {platform.python_version()} · torch {torch.__version__} · triton "
           f"{triton.__version__} · {platform.processor() or platform.machine()}")
+    if args.op:
+        importlib.import_module("attnopt")  # (registers torch.ops.attnopt)
+        measure_op(args.calls)
+        return
     measure(args.calls)
 
 

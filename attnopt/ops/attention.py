@@ -247,12 +247,37 @@ def _manual_attention(q_BHSD, k_BHSD, v_BHSD, attn_mask, is_causal, scale, enabl
     return probs_BHSS @ v_BHSD
 
 
-@torch.library.custom_op("attnopt::attention", mutates_args=())
+#: The op's schema: SDPA's arguments, then attnopt's (module docstring).
+SCHEMA = ("attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, "
+          "bool is_causal=False, float? scale=None, bool enable_gqa=False, float? softcap=None, "
+          "SymInt? window_left=None, Tensor? alibi_slopes=None) -> Tensor")
+#: defaults of the arguments after v, in order (the dispatcher may leave trailing ones out)
+_DEFAULTS = (None, False, None, False, None, None, None)
+
+# A `torch.library` op rather than a `custom_op`: the same registrations (implementations per
+# device, fake, autograd), without the Python layers `custom_op` wraps each call in, about half
+# of an eager call's cost (docs/DESIGN-NOTES.md, "The canonical op's dispatch")
+_LIBRARY = torch.library.Library("attnopt", "FRAGMENT")
+_LIBRARY.define(SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
+_OP = torch.ops.attnopt.attention.default
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
               is_causal: bool = False, scale: Optional[float] = None,
               enable_gqa: bool = False, softcap: Optional[float] = None,
               window_left: Optional[int] = None,
               alibi_slopes: Optional[Tensor] = None) -> Tensor:
+    """The canonical op (`torch.ops.attnopt.attention`) called from Python."""
+    return _OP(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap, window_left,
+               alibi_slopes)
+
+
+def _attention_default(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
+                       is_causal: bool = False, scale: Optional[float] = None,
+                       enable_gqa: bool = False, softcap: Optional[float] = None,
+                       window_left: Optional[int] = None,
+                       alibi_slopes: Optional[Tensor] = None) -> Tensor:
+    """The implementation on every device but CUDA: the reference."""
     if hides_only_later_keys(q, k, attn_mask, is_causal, window_left):
         attn_mask, is_causal = None, True  # an unpadded batch: plain causal attention
     return _reference_call(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap,
@@ -330,7 +355,6 @@ def hides_only_later_keys(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_
     return answer
 
 
-@attention.register_kernel("cuda")
 def _attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
                     softcap=None, window_left=None, alibi_slopes=None):
     if hides_only_later_keys(q, k, attn_mask, is_causal, window_left):
@@ -352,7 +376,6 @@ def _attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
     return like_query_layout(flash_attention(q, k, v, **options), q)
 
 
-@attention.register_fake
 def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
                     softcap=None, window_left=None, alibi_slopes=None):
     # SDPA's convention, which graphs captured around it rely on: output laid out like q
@@ -411,7 +434,50 @@ def _backward(ctx, grad_out):
     return grads[0], grads[1], grads[2], grad_mask, None, None, None, None, None, None
 
 
-attention.register_autograd(_backward, setup_context=_setup_context)
+class _Differentiable(torch.autograd.Function):
+    """The op under autograd: its forward runs the implementation below autograd (which keeps
+    what the backward needs, see `_setup_context`), its backward `_backward`. The dispatch
+    keyset comes last, so that `needs_input_grad` indexes the op's arguments."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        *args, keyset = args
+        with torch._C._AutoDispatchBelowAutograd():
+            output = _OP.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        _setup_context(ctx, args, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _backward(ctx, grad_out) + (None,)
+
+
+#: the implementations a call on plain tensors reaches below autograd, by backend key
+_BACKENDS = {torch._C.DispatchKey.CPU: _attention_default,
+             torch._C.DispatchKey.CUDA: _attention_cuda}
+
+
+def _attention_autograd(keyset, *args):
+    """The op's Autograd kernel. With a gradient to compute, `_Differentiable`; without one,
+    the implementation itself where nothing stands between autograd and the backend (plain
+    tensors: no fake or functional tensors, dispatch modes or transforms, which the
+    redispatch serves)."""
+    args = args + _DEFAULTS[len(args) - 3:]
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad
+                                       for a in args):
+        return _Differentiable.apply(*args, keyset)
+    below = keyset & torch._C._after_autograd_keyset
+    backend = _BACKENDS.get(below.highestPriorityTypeId())
+    if backend is not None:
+        return backend(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _OP.redispatch(below, *args)
+
+
+_LIBRARY.impl("attention", _attention_default, "CompositeExplicitAutograd")
+_LIBRARY.impl("attention", _attention_cuda, "CUDA")
+_LIBRARY.impl("attention", _attention_autograd, "Autograd", with_keyset=True)
+torch.library.register_fake("attnopt::attention", _attention_fake, lib=_LIBRARY)
 
 
 # --------------------------------------------------------------------------- ONNX translations
