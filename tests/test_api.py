@@ -363,6 +363,25 @@ def test_fine_tuning_through_the_rewritten_graph():
                                atol=1e-5, rtol=1e-4)
 
 
+def test_compiled_rewritten_graph_matches_and_trains():
+    """torch.compile (AOT autograd, eager backend) of a rewritten model traces the canonical
+    op through its fake implementation and Autograd kernel: outputs and gradients as the
+    original's."""
+    torch.manual_seed(0)
+    model = Tiny()
+    x = torch.randn(B, S, E)
+    optimized = attnopt.optimize(model, example_inputs=(x,))
+    compiled = torch.compile(optimized, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-4)
+    out.sum().backward()
+    grad_compiled = model.blocks[0].qkv.weight.grad.clone()
+    model.zero_grad()
+    model(x).sum().backward()
+    torch.testing.assert_close(grad_compiled, model.blocks[0].qkv.weight.grad,
+                               atol=1e-5, rtol=1e-4)
+
+
 def test_fused_dropout_in_training_mode_is_left_alone():
     class Train(nn.Module):
         def forward(self, q, k, v):
