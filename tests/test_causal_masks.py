@@ -223,3 +223,36 @@ def test_unpadded_decoder_mask_runs_as_plain_causal_attention(kernels, monkeypat
         expected = reference(q.float(), k.float(), v.float(), mask.float())
         rows = slice(40, None)  # (left-padded rows that see no key differ between backends)
         assert (got.float() - expected)[..., rows, :].abs().max() <= 2e-2
+
+
+def test_decoder_layers_share_one_mask_checked_once_per_forward(monkeypatch):
+    """A rewritten eager decoder hands every layer the same mask tensor (no copy per site), so
+    an unpadded batch's mask is checked once per forward and dropped in every layer."""
+    transformers = pytest.importorskip("transformers")
+    from torch.utils._python_dispatch import TorchDispatchMode
+    op_module = sys.modules["attnopt.ops.attention"]
+    config = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    kwargs = {"input_ids": torch.randint(0, 100, (2, 12)),
+              "attention_mask": torch.ones(2, 12, dtype=torch.long), "use_cache": False}
+    optimized = attnopt.optimize(model, "exact", example_kwargs=kwargs)
+    masks, checks, dropped = [], [], []
+
+    class Masks(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func == ATTENTION_OP:
+                masks.append(args[3])
+            return func(*args, **(kwargs or {}))
+    band_keep, reference = op_module.band_keep, op_module.attention_reference
+    monkeypatch.setattr(op_module, "band_keep", lambda *a: checks.append(1) or band_keep(*a))
+    monkeypatch.setattr(op_module, "attention_reference",
+                        lambda *a: dropped.append(a[3] is None and a[4]) or reference(*a))
+    with torch.no_grad(), Masks():
+        out = optimized(**kwargs).logits
+    assert len(masks) == 3 and all(mask is masks[0] for mask in masks)
+    assert len(checks) == 1 and dropped == [True] * 3
+    with torch.no_grad():
+        assert (out - model(**kwargs).logits).abs().max() <= TOL
