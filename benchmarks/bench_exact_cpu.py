@@ -6,12 +6,14 @@ last eighth of the keys masked. Correctness first (max abs error of the last hid
 the eager model on fresh inputs), then medians of --runs timed forwards after 2 warm-ups, all
 models in one process.
 
-`--decoder`: a Llama decoder instead (4 layers × 512, 8 heads, 4 kv heads, vocab 32000), batch 1,
-unpadded (the all-ones attention_mask a tokenizer returns), with one more column: the rewritten
-model with the op's check for a mask that hides only later keys switched off (`mask kept`, as
-before that check), alternated with the others over two rounds.
+`--unpadded`: the same BERT on an unpadded batch (the all-ones attention_mask a tokenizer
+returns), with one more column: the rewritten model with the op's check for a redundant mask
+switched off (`mask kept`, as before that check), alternated with the others over two rounds.
+`--decoder`: the same table for a Llama decoder (4 layers × 512, 8 heads, 4 kv heads, vocab
+32000).
 
-    .venv/bin/python benchmarks/bench_exact_cpu.py [--seq 128 512] [--runs 10] [--decoder]
+    .venv/bin/python benchmarks/bench_exact_cpu.py [--seq 128 512] [--runs 10]
+        [--unpadded | --decoder]
 """
 
 from __future__ import annotations
@@ -55,31 +57,39 @@ def build_decoder(implementation: str):
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def decoder(args) -> None:
+def unpadded(args, encoder: bool) -> None:
+    """The table of `--decoder` / `--unpadded` (module docstring)."""
     op_module = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
-    eager, sdpa = build_decoder("eager"), build_decoder("sdpa")
+    builder, layers = (build, 12) if encoder else (build_decoder, 4)
+    eager, sdpa = builder("eager"), builder("sdpa")
     print("| seq | eager ms | attnopt, mask kept ms | attnopt exact ms | sdpa ms "
           "| mask kept / attnopt | sdpa / attnopt | max abs err vs eager (attnopt, sdpa) |")
     print("|---|---|---|---|---|---|---|---|")
+
+    def output(model, kwargs):
+        out = model(**kwargs)
+        return out.last_hidden_state if encoder else out.logits
     for seq in args.seq:
-        ids = torch.randint(0, 32000, (1, seq))
-        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+        ids = torch.randint(0, 30000, (1, seq))
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if not encoder:
+            kwargs["use_cache"] = False
         optimized = attnopt.optimize(eager, "exact", example_kwargs=kwargs)
-        assert len(optimized.report.rewritten) == 4, str(optimized.report)
+        assert len(optimized.report.rewritten) == layers, str(optimized.report)
         with torch.no_grad():
-            truth = eager(**kwargs).logits
-            errors = [(model(**kwargs).logits - truth).abs().max().item()
+            truth = output(eager, kwargs)
+            errors = [(output(model, kwargs) - truth).abs().max().item()
                       for model in (optimized, sdpa)]
-        check = op_module.hides_only_later_keys
+        check = op_module.redundant_mask
         times = {name: [] for name in ("eager", "kept", "attnopt", "sdpa")}
         for _ in range(2):
             for name, model in (("eager", eager), ("kept", optimized), ("attnopt", optimized),
                                 ("sdpa", sdpa)):
                 if name == "kept":
-                    op_module.hides_only_later_keys = lambda *a: False
+                    op_module.redundant_mask = lambda *a: None
                 with torch.no_grad():
                     times[name].append(median_ms(lambda m=model: m(**kwargs), args.runs))
-                op_module.hides_only_later_keys = check
+                op_module.redundant_mask = check
         ms = {name: statistics.median(values) for name, values in times.items()}
         print(f"| {seq} | {ms['eager']:.1f} | {ms['kept']:.1f} | {ms['attnopt']:.1f} | "
               f"{ms['sdpa']:.1f} | {ms['kept'] / ms['attnopt']:.2f} | "
@@ -92,11 +102,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--decoder", action="store_true")
+    parser.add_argument("--unpadded", action="store_true")
     args = parser.parse_args()
     print(f"device: CPU ({platform.machine()}, {torch.get_num_threads()} threads); "
           f"torch {torch.__version__}; transformers {transformers.__version__}")
-    if args.decoder:
-        decoder(args)
+    if args.decoder or args.unpadded:
+        unpadded(args, encoder=not args.decoder)
         return
     eager, sdpa = build("eager"), build("sdpa")
     print("| seq | eager ms | attnopt exact ms | sdpa ms | eager / attnopt | sdpa / attnopt "

@@ -10,7 +10,7 @@ SDPA. Two things cost a rewritten model against HF's SDPA path:
   saved. Column `recompute`: the record switched off;
 - a tokenizer's all-ones attention_mask became a (B, 1, S, S) mask that SDPA reads whole, where
   HF's SDPA path checks its 2-D mask and passes `is_causal` alone. Now the op drops a mask that
-  hides only later keys (`ops/attention.hides_only_later_keys`). Column `mask kept`: the check
+  hides only later keys (`ops/attention.redundant_mask`). Column `mask kept`: the check
   switched off; `before`: both off.
 
 Model: Llama config, hidden 2048, 16 heads (head dim 128), 8 kv heads, 4 layers, random
@@ -73,11 +73,11 @@ class MaskKept:
     """The op as it was on an unpadded batch: the all-visible mask kept (not checked)."""
 
     def __enter__(self):
-        self.saved = op_module.hides_only_later_keys
-        op_module.hides_only_later_keys = lambda *args: False
+        self.saved = op_module.redundant_mask
+        op_module.redundant_mask = lambda *args: None
 
     def __exit__(self, *exc):
-        op_module.hides_only_later_keys = self.saved
+        op_module.redundant_mask = self.saved
 
 
 class Before:

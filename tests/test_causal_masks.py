@@ -141,40 +141,54 @@ def _later_keys_hidden(batch: int, length: int, fill, padded: dict = ()):
     (float("-inf"), (), False, True),
     (False, (), True, True),                              # HF sdpa's mask, marked causal
     (False, (), False, True),
-    (torch.finfo(torch.float32).min, {1: (0, 3)}, False, False),   # left padding
-    (False, {0: (10, 12)}, True, False),                  # right padding
-    (-1e4, (), False, False),                             # a finite fill: not hidden
+    (torch.finfo(torch.float32).min, {1: (0, 3)}, False, None),    # left padding
+    (False, {0: (10, 12)}, True, None),                   # right padding
+    (-1e4, (), False, None),                              # a finite fill: not hidden
 ])
-def test_mask_that_hides_only_later_keys_is_recognised(fill, padded, is_causal, expected):
-    from attnopt.ops.attention import hides_only_later_keys
+def test_mask_that_hides_only_later_keys_is_redundant(fill, padded, is_causal, expected):
+    from attnopt.ops.attention import redundant_mask
     q = k = torch.randn(2, 4, 12, 8)
     mask = _later_keys_hidden(2, 12, fill, padded)
-    assert hides_only_later_keys(q, k, mask, is_causal) is expected
+    assert redundant_mask(q, k, mask, is_causal) is expected
     if expected and not is_causal:  # showing a later key is not causal attention
         shown = mask.clone()
         shown[0, 0, 2, 7] = True if fill is False else 0.0
-        assert not hides_only_later_keys(q, k, shown, is_causal)
+        assert redundant_mask(q, k, shown, is_causal) is None
 
 
-def test_mask_that_hides_only_later_keys_is_checked_once_per_version(monkeypatch):
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_mask_that_hides_no_key_is_redundant(is_causal):
+    """An encoder's (or cross-attention's) mask of an unpadded batch: the call keeps its own
+    causality, at any lengths; one hidden key keeps the mask."""
+    from attnopt.ops.attention import redundant_mask
+    q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 10, 8)
+    for shown, hidden in ((torch.ones(2, 1, 1, 10, dtype=torch.bool), False),
+                          (torch.zeros(2, 1, 1, 10), torch.finfo(torch.float32).min)):
+        assert redundant_mask(q, k, shown, is_causal) is is_causal
+        assert redundant_mask(k, k, shown, is_causal) is is_causal
+        padded = shown.clone()
+        padded[1, ..., 9] = hidden
+        assert redundant_mask(q, k, padded, is_causal) is None
+
+
+def test_redundant_mask_is_read_once_per_version(monkeypatch):
     op_module = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
     checks = []
     band_keep = op_module.band_keep
     monkeypatch.setattr(op_module, "band_keep", lambda *a: checks.append(1) or band_keep(*a))
     q = k = torch.randn(1, 2, 8, 4)
     mask = _later_keys_hidden(1, 8, torch.finfo(torch.float32).min)
-    assert op_module.hides_only_later_keys(q, k, mask, False)
-    assert op_module.hides_only_later_keys(q, k, mask, False) and len(checks) == 1
-    mask[0, 0, 5, :3] = torch.finfo(torch.float32).min  # padding written in place: checked again
-    assert not op_module.hides_only_later_keys(q, k, mask, False) and len(checks) == 2
+    assert op_module.redundant_mask(q, k, mask, False) is True
+    assert op_module.redundant_mask(q, k, mask, False) is True and len(checks) == 1
+    assert op_module.redundant_mask(q, k, mask, True) is True and len(checks) == 2  # (its own)
+    mask[0, 0, 5, :3] = torch.finfo(torch.float32).min  # padding written in place: read again
+    assert op_module.redundant_mask(q, k, mask, False) is None and len(checks) == 3
     del mask
-    assert not op_module._CAUSAL_ONLY  # gone with the mask
-    # not for a mask that needs a gradient, different lengths, or a window
+    assert not op_module._REDUNDANT  # gone with the mask
+    # not for a mask that needs a gradient, or a call with a window
     grad_mask = _later_keys_hidden(1, 8, float("-inf")).requires_grad_()
-    assert not op_module.hides_only_later_keys(q, k, grad_mask, False)
-    assert not op_module.hides_only_later_keys(q[..., :4, :], k, _later_keys_hidden(
-        1, 8, False)[..., :4, :], True)
-    assert not op_module.hides_only_later_keys(q, k, _later_keys_hidden(1, 8, False), True, 3)
+    assert op_module.redundant_mask(q, k, grad_mask, False) is None
+    assert op_module.redundant_mask(q, k, _later_keys_hidden(1, 8, False), True, 3) is None
 
 
 def test_unpadded_decoder_mask_runs_as_plain_causal_attention_on_cpu(monkeypatch):

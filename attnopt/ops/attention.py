@@ -41,9 +41,9 @@ kernels). Only where nothing was kept (a traced graph whose forward did not run 
 backward through a retained graph, a mask that needs a gradient on the kernel path) does the
 backward run the forward again and differentiate that.
 
-Both implementations first drop a mask that hides only later keys (`hides_only_later_keys`: an
-unpadded batch's, which a decoder builds from a tokenizer's all-ones attention_mask), so that
-the call runs as plain causal attention.
+Both implementations first drop a mask that hides no key, or only the keys after each query
+(`redundant_mask`: an unpadded batch's, which a model builds from a tokenizer's all-ones
+attention_mask), so that the call runs as plain or causal attention.
 
 Which backend runs a call on CUDA (`ATTNOPT_KERNELS`):
 - "auto" (default): the Triton kernel where PyTorch has no fused kernel for the call — soft-capped
@@ -278,8 +278,9 @@ def _attention_default(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tens
                        window_left: Optional[int] = None,
                        alibi_slopes: Optional[Tensor] = None) -> Tensor:
     """The implementation on every device but CUDA: the reference."""
-    if hides_only_later_keys(q, k, attn_mask, is_causal, window_left):
-        attn_mask, is_causal = None, True  # an unpadded batch: plain causal attention
+    causal = redundant_mask(q, k, attn_mask, is_causal, window_left)
+    if causal is not None:  # an unpadded batch's mask: plain (or causal) attention
+        attn_mask, is_causal = None, causal
     return _reference_call(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap,
                            window_left, alibi_slopes)
 
@@ -311,54 +312,65 @@ class _KernelForward(NamedTuple):
     params: object
 
 
-#: id of a mask -> (a weak reference to it, its version, `hides_only_later_keys`' answer):
-#: the layers of a model share one mask, so the check runs once per forward
-_CAUSAL_ONLY: dict = {}
+#: id of a mask -> (a weak reference to it, its version, {(is_causal, Sq, Sk): the answer of
+#: `redundant_mask`}): the layers of a model share one mask, so it is read once per forward
+_REDUNDANT: dict = {}
 
 
-def hides_only_later_keys(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
-                          window_left: Optional[int] = None) -> bool:
-    """Whether `attn_mask` hides exactly the keys after each query (every key up to the
-    query visible; with `is_causal` the keys after it do not matter), so that the call is
-    plain causal attention without it.
+def redundant_mask(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                   window_left: Optional[int] = None) -> Optional[bool]:
+    """The `is_causal` that gives the call's result without `attn_mask`, or None where the
+    mask is needed: a mask that hides no key (False: the call's own `is_causal`), or one that
+    hides exactly the keys after each query at equal lengths (True).
 
-    A decoder given the attention_mask of an unpadded batch (a tokenizer's all-ones mask)
-    builds such a mask: Hugging Face's SDPA path checks its 2-D mask for that and passes
-    `is_causal` alone, but a captured graph only has the (B, 1, S, S) mask, which SDPA reads
-    whole and which keeps calls off the causal kernels. A float mask counts as hiding a key
-    with -inf or its dtype's lowest value (what models fill with: the key's weight is exactly
-    0 either way, every row seeing its own key), and as showing it with 0.
+    Models build such masks from the attention_mask of an unpadded batch (a tokenizer's
+    all-ones mask): an encoder's (B, 1, 1, S) zeros, a decoder's (B, 1, S, S) causal mask.
+    Hugging Face's SDPA path checks its 2-D mask for that and passes no mask (or `is_causal`
+    alone), but a captured graph only has the mask, which SDPA reads whole (cuDNN with a bias
+    instead of its plain or causal kernel) and which keeps calls off the kernels' causal
+    paths. A float mask counts as showing a key with 0 and hiding it with -inf or its dtype's
+    lowest value (what models fill with: the key's weight is exactly 0 either way, every row
+    seeing its own key).
 
     Reads the mask (one synchronization); the answer is kept per mask tensor and version, so
-    layers sharing a mask check it once. Never under CUDA graph capture, where reading it
+    layers sharing a mask read it once. Never under CUDA graph capture, where reading it
     cannot synchronize, nor for masks that need a gradient or calls with a window."""
     if attn_mask is None or window_left is not None or attn_mask.requires_grad \
-            or attn_mask.dim() > 4 or q.shape[-2] != k.shape[-2] or q.shape[-2] < 2:
-        return False
+            or attn_mask.dim() > 4:
+        return None
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    key = (is_causal, q_len, kv_len)
     cacheable = not attn_mask.is_inference()  # (inference tensors keep no version)
-    entry = _CAUSAL_ONLY.get(id(attn_mask)) if cacheable else None
-    if entry is not None and entry[0]() is attn_mask and entry[1] == attn_mask._version:
-        return entry[2]
+    entry = _REDUNDANT.get(id(attn_mask)) if cacheable else None
+    if entry is not None and entry[1] == attn_mask._version and key in entry[2]:
+        return entry[2][key]
     if attn_mask.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    earlier_SS = band_keep(q.shape[-2], k.shape[-2], True, None, attn_mask.device)
+        return None
     if attn_mask.dtype == torch.bool:
         shown, hidden = attn_mask, ~attn_mask
     else:
         shown = attn_mask == 0
         hidden = attn_mask <= torch.finfo(attn_mask.dtype).min
-    answer = bool(torch.where(earlier_SS, shown, True if is_causal else hidden).all())
+    checks = [shown.all()]
+    if q_len == kv_len and q_len > 1:  # (with is_causal the keys after do not matter)
+        earlier_SS = band_keep(q_len, kv_len, True, None, attn_mask.device)
+        checks.append(torch.where(earlier_SS, shown, True if is_causal else hidden).all())
+    hides_none, *hides_later = torch.stack(checks).tolist()  # (one synchronization)
+    answer = is_causal if hides_none else (True if any(hides_later) else None)
     if cacheable:
         if entry is None:  # (one finalizer per mask, however often it is written in place)
-            weakref.finalize(attn_mask, _CAUSAL_ONLY.pop, id(attn_mask), None)
-        _CAUSAL_ONLY[id(attn_mask)] = (weakref.ref(attn_mask), attn_mask._version, answer)
+            weakref.finalize(attn_mask, _REDUNDANT.pop, id(attn_mask), None)
+        if entry is None or entry[1] != attn_mask._version:
+            entry = _REDUNDANT[id(attn_mask)] = (weakref.ref(attn_mask), attn_mask._version, {})
+        entry[2][key] = answer
     return answer
 
 
 def _attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
                     softcap=None, window_left=None, alibi_slopes=None):
-    if hides_only_later_keys(q, k, attn_mask, is_causal, window_left):
-        attn_mask, is_causal = None, True  # an unpadded batch: plain causal attention
+    causal = redundant_mask(q, k, attn_mask, is_causal, window_left)
+    if causal is not None:  # an unpadded batch's mask: plain (or causal) attention
+        attn_mask, is_causal = None, causal
     if kernel_skip_reason(q, k, v, attn_mask, softcap, is_causal=is_causal,
                           window_left=window_left, alibi=alibi_slopes is not None) is not None:
         return _reference_call(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap,
