@@ -39,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 import attnopt  # noqa: E402,F401  (registers torch.ops.attnopt)
 from attnopt.kernels import flash_attention  # noqa: E402
 from bench_exact_cuda import (  # noqa: E402
-    canonical_calls, median_do_bench, median_ms, run_parts,
+    canonical_calls, checked_and_timed, median_ms, run_parts,
 )
 
 HEADS, HEAD_DIM, TOKENS = 16, 128, 16384
@@ -97,12 +97,7 @@ def ops() -> None:
             truth = F.scaled_dot_product_attention(
                 q.detach().float(), k.detach().float(), v.detach().float(),
                 attn_mask=dense_bias(slopes, seq, torch.float32))
-            errors = {name: (fn().detach().float() - truth).abs().max().item()
-                      for name, fn in fns.items()}
-            if backward:
-                fns = {name: (lambda fn=fn: fn().backward(grad)) for name, fn in fns.items()}
-            with torch.no_grad() if not backward else torch.enable_grad():
-                times = {name: median_do_bench(fn) for name, fn in fns.items()}
+            times, errors = checked_and_timed(fns, truth, grad, backward)
             flops = 4 * batch * HEADS * seq * seq * HEAD_DIM / 2 * (3.5 if backward else 1)
             rows.append((backward, seq, batch, times, errors, flops))
             print("ROW", backward, seq, {n: round(t, 4) for n, t in times.items()},

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -59,42 +57,21 @@ def build_decoder(implementation: str):
 
 def unpadded(args, encoder: bool) -> None:
     """The table of `--decoder` / `--unpadded` (module docstring)."""
-    op_module = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
-    builder, layers = (build, 12) if encoder else (build_decoder, 4)
-    eager, sdpa = builder("eager"), builder("sdpa")
-    print("| seq | eager ms | attnopt, mask kept ms | attnopt exact ms | sdpa ms "
-          "| mask kept / attnopt | sdpa / attnopt | max abs err vs eager (attnopt, sdpa) |")
-    print("|---|---|---|---|---|---|---|---|")
+    from bench_exact_cuda import mask_kept_table
+
+    def inputs(seq: int) -> dict:
+        ids = torch.randint(0, 30000, (1, seq))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)} if encoder else \
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
 
     def output(model, kwargs):
         out = model(**kwargs)
         return out.last_hidden_state if encoder else out.logits
-    for seq in args.seq:
-        ids = torch.randint(0, 30000, (1, seq))
-        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if not encoder:
-            kwargs["use_cache"] = False
-        optimized = attnopt.optimize(eager, "exact", example_kwargs=kwargs)
-        assert len(optimized.report.rewritten) == layers, str(optimized.report)
-        with torch.no_grad():
-            truth = output(eager, kwargs)
-            errors = [(output(model, kwargs) - truth).abs().max().item()
-                      for model in (optimized, sdpa)]
-        check = op_module.redundant_mask
-        times = {name: [] for name in ("eager", "kept", "attnopt", "sdpa")}
-        for _ in range(2):
-            for name, model in (("eager", eager), ("kept", optimized), ("attnopt", optimized),
-                                ("sdpa", sdpa)):
-                if name == "kept":
-                    op_module.redundant_mask = lambda *a: None
-                with torch.no_grad():
-                    times[name].append(median_ms(lambda m=model: m(**kwargs), args.runs))
-                op_module.redundant_mask = check
-        ms = {name: statistics.median(values) for name, values in times.items()}
-        print(f"| {seq} | {ms['eager']:.1f} | {ms['kept']:.1f} | {ms['attnopt']:.1f} | "
-              f"{ms['sdpa']:.1f} | {ms['kept'] / ms['attnopt']:.2f} | "
-              f"{ms['sdpa'] / ms['attnopt']:.2f} | {errors[0]:.1e}, {errors[1]:.1e} |",
-              flush=True)
+    builder = build if encoder else build_decoder
+    mask_kept_table(builder("eager"), builder("sdpa"), args.seq, inputs, output,
+                    12 if encoder else 4, rounds=2,
+                    median=lambda fn: median_ms(fn, args.runs), time_format=".1f",
+                    error_format=".1e")
 
 
 def main() -> None:

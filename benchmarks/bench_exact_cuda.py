@@ -95,10 +95,71 @@ def run_parts(parts: dict) -> None:
             part()
 
 
-def encoder(seqs) -> None:
-    import sys
-    op_module = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
+def checked_and_timed(fns: dict, truth: torch.Tensor, grad: torch.Tensor, backward: bool
+                      ) -> tuple[dict, dict]:
+    """(median `do_bench` ms, max abs error against `truth`) of each named call in `fns`:
+    the forward, or with `backward` the forward + backward against `grad`."""
+    errors = {name: (fn().detach().float() - truth).abs().max().item()
+              for name, fn in fns.items()}
+    if backward:
+        fns = {name: (lambda fn=fn: fn().backward(grad)) for name, fn in fns.items()}
+    with torch.no_grad() if not backward else torch.enable_grad():
+        times = {name: median_do_bench(fn) for name, fn in fns.items()}
+    return times, errors
 
+
+class MaskKept:
+    """The canonical op as before it dropped redundant masks (an unpadded batch's):
+    `ops/attention.redundant_mask` switched off, so SDPA reads the mask."""
+
+    def __enter__(self):
+        import sys
+        self.ops = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
+        self.saved, self.ops.redundant_mask = self.ops.redundant_mask, lambda *args: None
+
+    def __exit__(self, *exc):
+        self.ops.redundant_mask = self.saved
+
+
+def alternated(columns: dict, fn, rounds: int, median=median_ms) -> dict:
+    """Median over `rounds` alternated rounds of `median(fn(model))` for each column
+    (name -> (model, a context manager class to time it under))."""
+    times = {name: [] for name in columns}
+    for _ in range(rounds):
+        for name, (model, context) in columns.items():
+            with context():
+                times[name].append(median(fn(model)))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def mask_kept_table(eager, sdpa, seqs, inputs, output, sites: int, rounds: int,
+                    median=median_ms, time_format=".2f", error_format=".3f") -> None:
+    """Rows of HF eager, attnopt with the mask kept (`MaskKept`), attnopt and HF sdpa on the
+    unpadded inputs `inputs(seq)`; `output(model, inputs)` is the tensor the errors compare
+    with the eager model's."""
+    print("| seq | eager ms | attnopt, mask kept ms | attnopt exact ms | sdpa ms "
+          "| mask kept / attnopt | sdpa / attnopt | max abs err vs eager (attnopt, sdpa) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for seq in seqs:
+        kwargs = inputs(seq)
+        optimized = attnopt.optimize(eager, "exact", example_kwargs=kwargs)
+        assert len(optimized.report.rewritten) == sites, str(optimized.report)
+        with torch.no_grad():
+            truth = output(eager, kwargs).float()
+            errors = [(output(model, kwargs).float() - truth).abs().max().item()
+                      for model in (optimized, sdpa)]
+        nothing = contextlib.nullcontext
+        ms = alternated({"eager": (eager, nothing), "kept": (optimized, MaskKept),
+                         "attnopt": (optimized, nothing), "sdpa": (sdpa, nothing)},
+                        lambda model: lambda: model(**kwargs), rounds, median)
+        t, e = time_format, error_format
+        print(f"| {seq} | {ms['eager']:{t}} | {ms['kept']:{t}} | {ms['attnopt']:{t}} | "
+              f"{ms['sdpa']:{t}} | {ms['kept'] / ms['attnopt']:.2f} | "
+              f"{ms['sdpa'] / ms['attnopt']:.2f} | {errors[0]:{e}}, {errors[1]:{e}} |",
+              flush=True)
+
+
+def encoder(seqs) -> None:
     def build_bert(implementation: str):
         config = transformers.BertConfig(hidden_size=768, num_hidden_layers=12,
                                          num_attention_heads=12, intermediate_size=3072,
@@ -106,33 +167,12 @@ def encoder(seqs) -> None:
                                          attn_implementation=implementation)
         torch.manual_seed(0)
         return transformers.BertModel(config).to("cuda", torch.bfloat16).eval()
-    eager, sdpa = build_bert("eager"), build_bert("sdpa")
-    print("| seq | eager ms | attnopt, mask kept ms | attnopt exact ms | sdpa ms "
-          "| mask kept / attnopt | sdpa / attnopt | max abs err vs eager (attnopt, sdpa) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for seq in seqs:
+
+    def inputs(seq: int) -> dict:
         ids = torch.randint(0, 30000, (8, seq), device="cuda")
-        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        optimized = attnopt.optimize(eager, "exact", example_kwargs=kwargs)
-        assert len(optimized.report.rewritten) == 12, str(optimized.report)
-        with torch.no_grad():
-            truth = eager(**kwargs).last_hidden_state.float()
-            errors = [(model(**kwargs).last_hidden_state.float() - truth).abs().max().item()
-                      for model in (optimized, sdpa)]
-        check = op_module.redundant_mask
-        times = {name: [] for name in ("eager", "kept", "attnopt", "sdpa")}
-        for _ in range(3):
-            for name, model in (("eager", eager), ("kept", optimized), ("attnopt", optimized),
-                                ("sdpa", sdpa)):
-                if name == "kept":
-                    op_module.redundant_mask = lambda *a: None
-                times[name].append(median_ms(lambda m=model: m(**kwargs)))
-                op_module.redundant_mask = check
-        ms = {name: statistics.median(values) for name, values in times.items()}
-        print(f"| {seq} | {ms['eager']:.2f} | {ms['kept']:.2f} | {ms['attnopt']:.2f} | "
-              f"{ms['sdpa']:.2f} | {ms['kept'] / ms['attnopt']:.2f} | "
-              f"{ms['sdpa'] / ms['attnopt']:.2f} | {errors[0]:.3f}, {errors[1]:.3f} |",
-              flush=True)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    mask_kept_table(build_bert("eager"), build_bert("sdpa"), seqs, inputs,
+                    lambda model, kwargs: model(**kwargs).last_hidden_state, 12, rounds=3)
 
 
 def main() -> None:

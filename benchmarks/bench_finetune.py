@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -40,9 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import attnopt  # noqa: E402
 from attnopt.ops import common  # noqa: E402
-from bench_exact_cuda import build, median_ms  # noqa: E402
-
-op_module = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
+from bench_exact_cuda import MaskKept, alternated, build  # noqa: E402
 
 PADDING = 100
 BATCH, ROUNDS = 2, 3  # (--batch, --rounds)
@@ -69,28 +65,11 @@ class Recompute:
         common._INCLUDE_AUTOGRAD = self.saved
 
 
-class MaskKept:
-    """The op as it was on an unpadded batch: the all-visible mask kept (not checked)."""
-
-    def __enter__(self):
-        self.saved = op_module.redundant_mask
-        op_module.redundant_mask = lambda *args: None
-
-    def __exit__(self, *exc):
-        op_module.redundant_mask = self.saved
-
-
-class Before:
+@contextlib.contextmanager
+def before():
     """Both: the op as it was before this benchmark's changes."""
-
-    def __enter__(self):
-        self.contexts = (Recompute(), MaskKept())
-        for context in self.contexts:
-            context.__enter__()
-
-    def __exit__(self, *exc):
-        for context in self.contexts:
-            context.__exit__(*exc)
+    with Recompute(), MaskKept():
+        yield
 
 
 def rows(eager, sdpa, seqs):
@@ -106,19 +85,9 @@ def rows(eager, sdpa, seqs):
             assert len(optimized.report.rewritten) == 4, str(optimized.report)
             yield seq, padded, ids, mask, optimized, {
                 "eager": (eager, contextlib.nullcontext), "sdpa": (sdpa, contextlib.nullcontext),
-                "before": (optimized, Before), "recompute": (optimized, Recompute),
+                "before": (optimized, before), "recompute": (optimized, Recompute),
                 "mask kept": (optimized, MaskKept),
                 "attnopt": (optimized, contextlib.nullcontext)}
-
-
-def alternated(runs: dict, fn) -> dict:
-    """Median over ROUNDS alternated rounds of each column's `median_ms(fn(model))`."""
-    times = {name: [] for name in runs}
-    for _ in range(ROUNDS):
-        for name, (model, context) in runs.items():
-            with context():
-                times[name].append(median_ms(fn(model)))
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 COLUMNS = ("eager", "sdpa", "before", "recompute", "mask kept", "attnopt")
@@ -143,7 +112,7 @@ def train(eager, sdpa, seqs) -> None:
         scale = grads["sdpa"].abs().max().item()
         loss_diff = abs(losses["attnopt"] - losses["sdpa"])
         grad_diff = (grads["attnopt"] - grads["sdpa"]).abs().max().item() / scale
-        ms = alternated(runs, lambda m: lambda: step(m, ids, mask))
+        ms = alternated(runs, lambda m: lambda: step(m, ids, mask), ROUNDS)
         cells = [f"{ms[name]:.2f} ({ms['sdpa'] / ms[name]:.2f})" for name in COLUMNS]
         print(f"| {seq} | {PADDING if padded else 0} | " + " | ".join(cells) +
               f" | {peaks['sdpa']:.2f}, {peaks['before']:.2f}, {peaks['attnopt']:.2f} | "
@@ -159,7 +128,7 @@ def forward(eager, sdpa, seqs) -> None:
     for seq, padded, ids, mask, optimized, runs in rows(eager, sdpa, seqs):
         runs = {name: runs[name] for name in ("eager", "sdpa", "before", "attnopt")}
         ms = alternated(runs, lambda m: lambda: m(input_ids=ids, attention_mask=mask,
-                                                   use_cache=False))
+                                                   use_cache=False), ROUNDS)
         cells = [f"{ms[name]:.2f} ({ms['sdpa'] / ms[name]:.2f})" for name in runs]
         print(f"| {seq} | {PADDING if padded else 0} | " + " | ".join(cells) + " |", flush=True)
 

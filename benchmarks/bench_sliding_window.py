@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from attnopt.kernels import flash_attention  # noqa: E402
 from bench_exact_cuda import (  # noqa: E402
-    canonical_calls, median_do_bench, median_ms, run_parts,
+    canonical_calls, checked_and_timed, median_ms, run_parts,
 )
 
 HEADS, KV_HEADS, HEAD_DIM, TOKENS = 16, 8, 128, 16384
@@ -90,12 +90,7 @@ def ops() -> None:
             truth = F.scaled_dot_product_attention(
                 q.detach().float(), k_rep.detach().float(), v_rep.detach().float(),
                 attn_mask=keep)
-            errors = {name: (fn().detach().float() - truth).abs().max().item()
-                      for name, fn in fns.items()}
-            if backward:
-                fns = {name: (lambda fn=fn: fn().backward(grad)) for name, fn in fns.items()}
-            with torch.no_grad() if not backward else torch.enable_grad():
-                times = {name: median_do_bench(fn) for name, fn in fns.items()}
+            times, errors = checked_and_timed(fns, truth, grad, backward)
             rows.append((backward, seq, batch, window, times, errors))
             print("ROW", backward, seq, window, {n: round(t, 4) for n, t in times.items()},
                   {n: f"{e:.1e}" for n, e in errors.items()}, flush=True)

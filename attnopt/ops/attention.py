@@ -346,15 +346,14 @@ def redundant_mask(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_causal:
         return entry[2][key]
     if attn_mask.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
-    if attn_mask.dtype == torch.bool:
-        shown, hidden = attn_mask, ~attn_mask
-    else:
-        shown = attn_mask == 0
-        hidden = attn_mask <= torch.finfo(attn_mask.dtype).min
+    boolean = attn_mask.dtype == torch.bool
+    shown = attn_mask if boolean else attn_mask == 0
     checks = [shown.all()]
-    if q_len == kv_len and q_len > 1:  # (with is_causal the keys after do not matter)
+    if q_len == kv_len and q_len > 1:
+        later = True if is_causal else (  # (with is_causal the keys after do not matter)
+            ~attn_mask if boolean else attn_mask <= torch.finfo(attn_mask.dtype).min)
         earlier_SS = band_keep(q_len, kv_len, True, None, attn_mask.device)
-        checks.append(torch.where(earlier_SS, shown, True if is_causal else hidden).all())
+        checks.append(torch.where(earlier_SS, shown, later).all())
     hides_none, *hides_later = torch.stack(checks).tolist()  # (one synchronization)
     answer = is_causal if hides_none else (True if any(hides_later) else None)
     if cacheable:
