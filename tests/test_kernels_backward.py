@@ -144,6 +144,35 @@ def test_backward_matches_reference(name):
                         case.dtype)
 
 
+def test_lengths_compiled_in_first_then_read_at_run_time(monkeypatch):
+    """The first lengths the kernels see under a key are compiled in as constants; other
+    lengths run the compile that reads them at run time, and the first ones keep their own.
+    Both compiles match the float64 gradients (lengths unequal and off the block size, so that
+    swapped or ignored constants would show)."""
+    from attnopt.kernels import tuning
+    monkeypatch.setattr(tuning, "_static", {})
+    monkeypatch.delenv(tuning.STATIC_LENGTHS_ENV, raising=False)
+    compiled_in = []
+    original = tuning._run
+
+    def run(fn, cache_key, grid, args, kwargs, options):
+        compiled_in.append((fn.__name__, kwargs.get("STATIC_SEQ_Q"), kwargs.get("STATIC_SEQ_K")))
+        return original(fn, cache_key, grid, args, kwargs, options)
+    monkeypatch.setattr(tuning, "_run", run)
+    kernels = ("_flash_forward_kernel", "_backward_kernel")
+    for q_len, kv_len, expected in ((50, 70, (50, 70)), (40, 90, (0, 0)), (50, 70, (50, 70))):
+        case = Case(q_len=q_len, kv_len=kv_len, kwargs=dict(causal=True,
+                                                            causal_alignment="bottom_right"))
+        q, k, v, grad_out, kwargs = _inputs(case, f"static_{q_len}")
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        compiled_in.clear()
+        flash_attention(*leaves, **kwargs).backward(grad_out)
+        assert [entry for entry in compiled_in if entry[0] in kernels] == \
+            [(name, *expected) for name in kernels]
+        _assert_grads_close([t.grad for t in leaves],
+                            _reference_grads(q, k, v, grad_out, kwargs), case.dtype)
+
+
 def test_broadcast_grad_out_and_fresh_outputs():
     # out.sum().backward() hands the kernel a stride-0 gradient; the results are new tensors
     case = CASES["gqa_group_2"]

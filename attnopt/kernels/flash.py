@@ -210,8 +210,13 @@ def _flash_forward_kernel(
         BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KV_LENS: tl.constexpr,
         HAS_LAYOUT: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         QUANT_QK: tl.constexpr, Q_QBLOCK: tl.constexpr, K_QBLOCK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        STATIC_SEQ_Q: tl.constexpr = 0, STATIC_SEQ_K: tl.constexpr = 0):
     tl.static_assert(HEAD_DIM <= HEAD_DIM_PADDED)
+    if STATIC_SEQ_Q:  # lengths compiled in (`tuning.launch`'s specialize): bounds fold
+        seq_q = STATIC_SEQ_Q
+    if STATIC_SEQ_K:
+        seq_k = STATIC_SEQ_K
     tl.static_assert(not QUANT_QK or Q_QBLOCK % BLOCK_M == 0)  # a tile in one scale block
     tl.static_assert(not QUANT_QK or K_QBLOCK % BLOCK_N == 0)
     tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_M == 0)
@@ -376,7 +381,7 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
                 INPUT_PRECISION=input_precision(v.dtype), QUANT_QK=quant is not None,
                 Q_QBLOCK=q_block, K_QBLOCK=k_block, **params.kernel_flags()),
            key=(q.dtype, v.dtype, args[-2], args[-1]), tune=params.worth_tuning(v.dtype),
-           prune=_prune_configs)
+           prune=_prune_configs, specialize=params.static_lengths())
     return out, lse
 
 

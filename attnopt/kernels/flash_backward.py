@@ -512,12 +512,17 @@ def _backward_kernel(
         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KV_LENS: tl.constexpr,
         HAS_LAYOUT: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        BLOCK_OWN: tl.constexpr, BLOCK_STEP: tl.constexpr):
+        BLOCK_OWN: tl.constexpr, BLOCK_STEP: tl.constexpr,
+        STATIC_SEQ_Q: tl.constexpr = 0, STATIC_SEQ_K: tl.constexpr = 0):
     """Grid (key blocks + group * query blocks, B * Hkv): the first programs of each kv head
     compute dk, dv for BLOCK_OWN keys, the rest dq for BLOCK_OWN queries of one of its query
     heads, both stepping BLOCK_STEP rows of the other side. One launch instead of two: the
     two kinds of program share the GPU's waves (one tail instead of two)."""
     tl.static_assert(HEAD_DIM <= HEAD_DIM_PADDED)
+    if STATIC_SEQ_Q:  # lengths compiled in (`tuning.launch`'s specialize): bounds fold
+        seq_q = STATIC_SEQ_Q
+    if STATIC_SEQ_K:
+        seq_k = STATIC_SEQ_K
     tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_OWN == 0)
     tl.static_assert(not HAS_LAYOUT or LAYOUT_BLOCK % BLOCK_STEP == 0)
     pid = tl.program_id(0)
@@ -607,5 +612,6 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         *extra["indices_strides"], *q_counts_strides, *q_indices_strides,
         heads, kv_heads, params.group), scalars,
         key=(q.dtype, scalars["seq_q_bucket"], scalars["seq_k_bucket"]),
-        tune=params.worth_tuning(q.dtype), prune=_prune_configs)
+        tune=params.worth_tuning(q.dtype), prune=_prune_configs,
+        specialize=params.static_lengths())
     return dq, dk, dv

@@ -132,6 +132,10 @@ class AttentionParams:
                     HAS_LAYOUT=self.layout is not None,
                     LAYOUT_BLOCK=self.layout.block_size if self.layout is not None else 0)
 
+    def static_lengths(self) -> dict:
+        """The kernels' constexpr sequence lengths, for `tuning.launch` to compile in."""
+        return dict(STATIC_SEQ_Q=self.q_len, STATIC_SEQ_K=self.kv_len)
+
 
 def _window_bounds(window) -> tuple[int, int]:
     try:
