@@ -33,6 +33,7 @@ from attnopt.passes.evaluate import (
 )
 from attnopt.passes.manager import PassContext, PassManager
 from attnopt.policy import Policy
+from attnopt.runner import fast_view, sync_state
 from attnopt.verify import ErrorStats, compare_outputs, format_table, input_draws
 
 
@@ -110,6 +111,8 @@ class Region:
     #: guard with a task metric: {original, optimized, max_drop, passed}; it replaces the
     #: error budget as the gate for the approximate sites (their values must stay finite)
     metric: Optional[dict] = None
+    #: (the fast view calls run, the rewritten graph's code it was made for)
+    _runner: Optional[tuple] = field(default=None, repr=False, compare=False)
 
     @property
     def approximations(self) -> dict[str, dict]:
@@ -145,6 +148,13 @@ class Region:
 
     def run(self, args: tuple, kwargs: Optional[dict] = None):
         return call_graph(self, args, kwargs or {})
+
+    def runner(self) -> GraphModule:
+        """`rewritten` as calls run it (`runner.fast_view`), rebuilt when its code changes."""
+        forward = type(self.rewritten).forward
+        if self._runner is None or self._runner[1] is not forward:
+            self._runner = (fast_view(self.rewritten), forward)
+        return self._runner[0]
 
 
 def pass_pipeline(policy: Policy) -> list:
@@ -305,33 +315,9 @@ def replay_plan(region: Region, new_name: str, site: str = "") -> EvaluationPlan
 
 
 def call_graph(region: Region, args: tuple, kwargs: dict):
-    sync_state(region.rewritten, region.captured.module)
-    return region.rewritten(*args, **kwargs)
-
-
-def sync_state(graph_module: GraphModule, module: nn.Module) -> None:
-    """Point the graph at the module's current parameters and buffers (after `.to()` etc.).
-
-    The graph shares the module's tensors; `.to()` replaces buffers (and, with
-    `torch.__future__.set_overwrite_module_params_on_conversion`, parameters) by new objects.
-    The (owner, name) pairs are resolved once; each call compares identities only.
-    """
-    pairs = graph_module.__dict__.get("_attnopt_state_pairs")
-    if pairs is None:
-        pairs = []
-        user_modules = dict(module.named_modules())
-        for owner_path, owner in graph_module.named_modules():
-            user_owner = user_modules.get(owner_path)
-            if user_owner is None:
-                continue
-            for table in ("_parameters", "_buffers"):
-                for attr in getattr(owner, table):
-                    if attr in getattr(user_owner, table):
-                        pairs.append((getattr(owner, table), getattr(user_owner, table), attr))
-        graph_module.__dict__["_attnopt_state_pairs"] = pairs
-    for ours, theirs, attr in pairs:
-        if ours[attr] is not theirs[attr]:
-            ours[attr] = theirs[attr]
+    runner = region.runner()
+    sync_state(runner, region.captured.module)
+    return runner(*args, **kwargs)
 
 
 def parameter_bytes(module: nn.Module) -> int:

@@ -14,7 +14,13 @@ Part `int8`: the int8 Q·Kᵀ op (`ops/quantized.py`, quantization included), th
 on operands quantized beforehand, and the exact kernel, against the same anchors (bf16, or
 --int8-dtypes); its error column is the quantization's, against the float32 reference of exact attention.
 
-    PYTHONPATH=. python benchmarks/bench_attention.py [--parts fwd bwd decode int8] [--dims 64 128]
+Part `lengths`: the kernels with the sequence lengths compiled in (what the first lengths
+under a key get, `kernels/tuning.py`) against the same kernels reading them at run time
+(`ATTNOPT_STATIC_LENGTHS=0`, what later lengths get), FlexAttention alongside; forward and
+forward+backward, the three alternated over three rounds (median of the rounds' medians). The
+first call autotunes on the compiled-in lengths, as in use.
+
+    PYTHONPATH=. python benchmarks/bench_attention.py [--parts fwd bwd decode int8 lengths] [--dims 64 128]
         [--seqs 1024 4096 16384] [--json PATH]
 """
 
@@ -163,6 +169,49 @@ def measure(shape, causal, backward, rows, int8=False, dtype=torch.bfloat16):
     _print_row(rows[-1])
 
 
+def measure_lengths(head_dim: int, n: int, causal: bool) -> None:
+    """One row per direction of part `lengths` (module docstring)."""
+    import os
+    import statistics
+    batch, heads = TOTAL_TOKENS // n, HIDDEN // head_dim
+    torch.manual_seed(n + head_dim)
+    q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+    flex = implementations(causal, n, n, False)["flex"]
+
+    def attnopt(static: bool):
+        def run(q, k, v):
+            os.environ[tuning.STATIC_LENGTHS_ENV] = "1" if static else "0"
+            return flash_attention(q, k, v, causal=causal)
+        return run
+    fns = {"compiled in": attnopt(True), "run time": attnopt(False), "flex": flex}
+    expected = reference(q[:1].detach(), k[:1].detach(), v[:1].detach(), causal)
+    errors = {name: (fn(q, k, v)[:1].float() - expected).abs().max().item()
+              for name, fn in fns.items()}
+    for backward in (False, True):
+        def step(fn):
+            def forward():
+                with torch.no_grad():
+                    fn(q, k, v)
+
+            def forward_backward():
+                q.grad = k.grad = v.grad = None
+                fn(q, k, v).backward(grad)
+            return forward_backward if backward else forward
+        times = {name: [] for name in fns}
+        for _ in range(3):
+            for name, fn in fns.items():
+                times[name].append(median_ms(step(fn)))
+        ms = {name: statistics.median(values) for name, values in times.items()}
+        print(f"| {head_dim} | {n} | {'causal' if causal else 'full'} | "
+              f"{'fwd+bwd' if backward else 'fwd'} | {ms['compiled in']:.4f} | "
+              f"{ms['run time']:.4f} | {ms['flex']:.4f} | "
+              f"{ms['run time'] / ms['compiled in']:.3f} | {ms['flex'] / ms['compiled in']:.3f} "
+              f"| {ms['flex'] / ms['run time']:.3f} | {max(errors.values()):.4f} |", flush=True)
+    os.environ.pop(tuning.STATIC_LENGTHS_ENV, None)
+
+
 def _print_row(row):
     batch, heads, kv_heads, q_len, kv_len, head_dim = row["shape"]
     mine = row["results"].get("attnopt", {})
@@ -213,6 +262,16 @@ def main() -> None:
                             shape = (TOTAL_TOKENS // n, HIDDEN // head_dim,
                                      HIDDEN // head_dim, n, n, head_dim)
                             measure(shape, causal, False, rows, int8=True, dtype=dtype)
+        elif part == "lengths":
+            print("| D | n | mask | direction | compiled in ms | run time ms | FlexAttention ms "
+                  "| run time / compiled in | Flex / compiled in | Flex / run time "
+                  "| max abs err (forward, all three) |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
+            for head_dim in args.dims:
+                for n in args.seqs:
+                    for causal in (False, True):
+                        torch._dynamo.reset()  # FlexAttention compiles per shape
+                        measure_lengths(head_dim, n, causal)
         elif part == "decode":
             for kv_len in args.decode_kv:
                 for batch in (1, 8):

@@ -70,6 +70,52 @@ def test_optimized_module_forwards_attributes_and_keeps_state_dict():
     assert optimized.blocks is model.blocks
 
 
+class Gained(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = Tiny()
+        self.register_buffer("gain", torch.full((E,), 1.5))
+
+    def forward(self, x):
+        return self.body(x) * self.gain
+
+
+def test_rewritten_forward_reads_no_attribute_through_module_getattr(monkeypatch):
+    """The rewritten graph runs on a view of its module tree whose parameters, buffers and
+    children are plain attributes (`runner.fast_view`): an exported graph reads each one
+    through its module path, one `nn.Module.__getattr__` per step, which made host-bound
+    forwards slower than the model's own."""
+    model = Gained().eval()
+    x = torch.randn(B, S, E)
+    optimized = attnopt.optimize(model, example_inputs=(x,))
+    with torch.no_grad():
+        expected = model(x)
+    lookups = []
+    module_getattr = nn.Module.__getattr__
+    monkeypatch.setattr(nn.Module, "__getattr__",
+                        lambda self, name: lookups.append(name) or module_getattr(self, name))
+    with torch.no_grad():
+        actual = optimized(x)
+    monkeypatch.undo()
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert lookups == []
+
+
+def test_rewritten_graph_follows_replaced_parameters_and_buffers():
+    """A parameter or buffer the user replaces by a new tensor after optimizing (assignment,
+    `load_state_dict(assign=True)`, `.to()` of buffers) is what the next call reads."""
+    model = Gained().eval()
+    x = torch.randn(B, S, E)
+    optimized = attnopt.optimize(model, example_inputs=(x,))
+    with torch.no_grad():
+        before = optimized(x)
+        model.gain = torch.full((E,), -2.0)
+        model.body.blocks[1].out.weight = nn.Parameter(torch.randn(E, E))
+        after = optimized(x)
+        torch.testing.assert_close(after, model(x), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(after, before, atol=1e-2)
+
+
 def test_lazy_optimization_at_first_call_caches_per_signature():
     model = Tiny()
     optimized = attnopt.optimize(model)

@@ -1,0 +1,120 @@
+"""Host cost of calling a rewritten model: the runner's view of the graph's module tree
+(`attnopt/runner.py`) against the graph called through its module paths, with the Hugging Face
+model on its own SDPA path as the anchor.
+
+An exported graph reads every parameter through its module path, one `nn.Module.__getattr__`
+per step (about 1,300 calls per forward of a 12-layer BERT); the runner's view stores them as
+plain attributes. Columns, alternated over `--rounds` rounds (median of the rounds' medians):
+HF sdpa; attnopt; attnopt with the graph called directly (`module paths`, as before the view).
+
+On CUDA: BERT-base (12 layers × 768, batch 8, bf16, unpadded) and a 4-layer Llama (hidden
+2048, batch 1, bf16, `use_cache=False`) at `--seq` tokens, median CUDA-event latency of one
+forward (`bench_exact_cuda.median_ms`). On CPU: a 12-layer BERT of width 64 on 8 tokens, one
+thread, so that host time is all there is (minimum over 5 runs of 200 forwards).
+Outputs are checked against the HF eager model first.
+
+    PYTHONPATH=.:benchmarks python benchmarks/bench_graph_calls.py [--seq 1024 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import attnopt  # noqa: E402
+from attnopt.region import Region  # noqa: E402
+from bench_exact_cuda import alternated, build, median_ms  # noqa: E402
+
+
+class ModulePaths:
+    """Rewritten graphs called as they are, reading parameters through module paths."""
+
+    def __enter__(self):
+        self.saved = Region.runner
+        Region.runner = lambda region: region.rewritten
+
+    def __exit__(self, *exc):
+        Region.runner = self.saved
+
+
+def bert(implementation: str, device: str, width: int, seq: int) -> torch.nn.Module:
+    config = transformers.BertConfig(hidden_size=width, num_hidden_layers=12,
+                                     num_attention_heads=12 if width >= 768 else 4,
+                                     intermediate_size=4 * width,
+                                     max_position_embeddings=max(seq, 64),
+                                     attn_implementation=implementation)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return transformers.BertModel(config).to(device, dtype).eval()
+
+
+@torch.no_grad()
+def host_us(fn, runs: int = 5, calls: int = 200) -> float:
+    for _ in range(20):
+        fn()
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e6
+
+
+def row(name: str, eager, sdpa, kwargs: dict, output, rounds: int, median) -> None:
+    optimized = attnopt.optimize(eager, "exact", example_kwargs=kwargs)
+    with torch.no_grad():
+        truth = output(eager(**kwargs)).float()
+        errors = [(output(model(**kwargs)).float() - truth).abs().max().item()
+                  for model in (optimized, sdpa)]
+    nothing = contextlib.nullcontext
+    times = alternated({"sdpa": (sdpa, nothing), "attnopt": (optimized, nothing),
+                        "paths": (optimized, ModulePaths)},
+                       lambda model: lambda: model(**kwargs), rounds, median)
+    print(f"| {name} | {times['sdpa']:.2f} | {times['attnopt']:.2f} | {times['paths']:.2f} | "
+          f"{times['paths'] / times['attnopt']:.2f} | {times['sdpa'] / times['attnopt']:.2f} | "
+          f"{errors[0]:.3f}, {errors[1]:.3f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seq", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    unit = "ms" if device == "cuda" else "µs"
+    print(f"device: {name}; torch {torch.__version__}; transformers {transformers.__version__}")
+    print(f"| model | HF sdpa {unit} | attnopt {unit} | attnopt, module paths {unit} "
+          "| paths / attnopt | sdpa / attnopt | max abs err vs eager (attnopt, sdpa) |")
+    print("|---|---|---|---|---|---|---|")
+    if device == "cpu":
+        torch.set_num_threads(1)
+        ids = torch.randint(0, 30000, (1, 8))
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        row("BERT 12 × 64, 8 tokens", bert("eager", device, 64, 8), bert("sdpa", device, 64, 8),
+            kwargs, lambda out: out.last_hidden_state, args.rounds, host_us)
+        return
+    for seq in args.seq:
+        ids = torch.randint(0, 30000, (8, seq), device=device)
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        row(f"BERT-base B8, {seq}", bert("eager", device, 768, seq),
+            bert("sdpa", device, 768, seq), kwargs, lambda out: out.last_hidden_state,
+            args.rounds, median_ms)
+    eager, sdpa = build("eager", torch.bfloat16), build("sdpa", torch.bfloat16)
+    for seq in args.seq:
+        kwargs = {"input_ids": torch.randint(0, 32000, (1, seq), device=device),
+                  "use_cache": False}
+        row(f"Llama 4 layers B1, {seq}", eager, sdpa, kwargs, lambda out: out.logits,
+            args.rounds, median_ms)
+
+
+if __name__ == "__main__":
+    main()
