@@ -42,6 +42,14 @@ def _layout(seed, shape, density=0.5):
     return BlockSparseLayout(torch.rand(*shape, generator=generator) < density, 32)
 
 
+def _padded_bias_heads_innermost():
+    """T5's bias layout: (B, H, Sq, Sk) over (B, Sq, Sk, H) memory, so the head stride is 1;
+    the first row's last keys padded with float32's minimum."""
+    bias = torch.randn(2, 70, 90, 4)
+    bias[0, :, 80:] = torch.finfo(torch.float32).min
+    return bias.permute(0, 3, 1, 2)
+
+
 CASES = {
     "plain": {},
     "causal_top_left": dict(causal=True),
@@ -51,6 +59,7 @@ CASES = {
                                        causal_alignment="bottom_right"),
     "kv_lengths": dict(kv_lengths=torch.tensor([50, 90], dtype=torch.int32)),
     "additive_bias_over_heads": dict(attn_bias=torch.randn(2, 1, 70, 90)),
+    "additive_bias_heads_innermost": dict(attn_bias=_padded_bias_heads_innermost()),
     "boolean_bias": dict(attn_bias=torch.rand(70, 90) > 0.3),
     "softcap_and_scale": dict(softcap=5.0, scale=0.3),
     "alibi": dict(alibi_slopes=torch.rand(4)),

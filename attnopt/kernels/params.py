@@ -133,7 +133,12 @@ class AttentionParams:
                     LAYOUT_BLOCK=self.layout.block_size if self.layout is not None else 0)
 
     def static_lengths(self) -> dict:
-        """The kernels' constexpr sequence lengths, for `tuning.launch` to compile in."""
+        """The kernels' constexpr sequence lengths, for `tuning.launch` to compile in. None
+        for calls with a bias tensor: with the lengths constant, triton 3.6 compiled the
+        forward wrong on an H100 for a bias laid out heads-innermost (T5's), which the
+        interpreter computes right (docs/DESIGN-NOTES.md)."""
+        if self.bias_kind != BIAS_NONE:
+            return {}
         return dict(STATIC_SEQ_Q=self.q_len, STATIC_SEQ_K=self.kv_len)
 
 
