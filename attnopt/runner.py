@@ -5,7 +5,8 @@ An exported graph reads each parameter through its module path, `getattr(self.en
 "0").attention.self.query.weight`, and every step of that path is `nn.Module.__getattr__` (a
 Python function) because children, parameters and buffers live in the module's tables, not in
 its instance dictionary. For a 12-layer BERT that is about 1,300 calls per forward: on the CPU
-VM a tiny BERT's forward spent 5.4 ms where HF's sdpa model spent 4.7 (docs/BENCHMARKS.md).
+VM a tiny BERT's forward spent 6.6 ms of host time that way, 4.4 through the view, where HF's
+sdpa model spends 5.2 (`benchmarks/bench_graph_calls.py`, docs/BENCHMARKS.md).
 `fast_view` copies the module tree (sharing the code, hooks, parameters and buffers) and also
 stores each child, parameter and buffer as a plain instance attribute of its copy, so Python
 finds it without calling `__getattr__`. The view is private to the call path: the rewritten

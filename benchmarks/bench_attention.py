@@ -20,15 +20,17 @@ under a key get, `kernels/tuning.py`) against the same kernels reading them at r
 forward+backward, the three alternated over three rounds (median of the rounds' medians). The
 first call autotunes on the compiled-in lengths, as in use.
 
-    PYTHONPATH=. python benchmarks/bench_attention.py [--parts fwd bwd decode int8 lengths] [--dims 64 128]
-        [--seqs 1024 4096 16384] [--json PATH]
+    PYTHONPATH=. python benchmarks/bench_attention.py [--parts fwd bwd decode int8 lengths]
+        [--dims 64 128] [--seqs 1024 4096 16384] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import time
 
 import torch
@@ -171,8 +173,6 @@ def measure(shape, causal, backward, rows, int8=False, dtype=torch.bfloat16):
 
 def measure_lengths(head_dim: int, n: int, causal: bool) -> None:
     """One row per direction of part `lengths` (module docstring)."""
-    import os
-    import statistics
     batch, heads = TOTAL_TOKENS // n, HIDDEN // head_dim
     torch.manual_seed(n + head_dim)
     q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=torch.bfloat16,

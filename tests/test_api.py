@@ -102,8 +102,9 @@ def test_rewritten_forward_reads_no_attribute_through_module_getattr(monkeypatch
 
 
 def test_rewritten_graph_follows_replaced_parameters_and_buffers():
-    """A parameter or buffer the user replaces by a new tensor after optimizing (assignment,
-    `load_state_dict(assign=True)`, `.to()` of buffers) is what the next call reads."""
+    """A parameter or buffer the user replaces by a new tensor after optimizing (here by
+    assignment; `load_state_dict(assign=True)` and `.to()` on buffers replace them the same
+    way) is what the next call reads."""
     model = Gained().eval()
     x = torch.randn(B, S, E)
     optimized = attnopt.optimize(model, example_inputs=(x,))

@@ -25,8 +25,9 @@ properties goes through Triton (which compiles or finds its kernel) and is kept 
 Sequence lengths are compiled into a kernel the way torch.compile treats shapes: static first,
 dynamic once they change (`specialize`). The first lengths a kernel sees under a key become
 constants (loop bounds and block counts fold; the backward at head dim 128 and 1K ran 3-7%
-faster, docs/BENCHMARKS.md); calls with other lengths run a second compile that reads them at
-run time, so a workload of many lengths costs one extra compile, not one per length.
+faster on an H100, docs/BENCHMARKS.md); calls with other lengths run a second compile that
+reads them at run time, so a workload of many lengths costs one extra compile, not one per
+length.
 `ATTNOPT_STATIC_LENGTHS=0` compiles only the run-time version. (Calls with a bias tensor
 never specialize: `AttentionParams.static_lengths`.)
 """
