@@ -249,6 +249,24 @@ def test_repeated_launches_follow_alignment_and_divisibility():
         _check(q_, k, v)
 
 
+def test_specialized_values_first_seen_per_key_and_the_switch_off(monkeypatch):
+    """`tuning.launch`'s specialize: the first values under a key are compiled in, others
+    read at run time (zeros), per key; ATTNOPT_STATIC_LENGTHS=0 compiles none in."""
+    from attnopt.kernels import tuning
+    monkeypatch.setattr(tuning, "_static", {})
+    monkeypatch.delenv(tuning.STATIC_LENGTHS_ENV, raising=False)
+    first, other = {"STATIC_SEQ_Q": 50, "STATIC_SEQ_K": 70}, {"STATIC_SEQ_Q": 40,
+                                                             "STATIC_SEQ_K": 90}
+    zeros = {"STATIC_SEQ_Q": 0, "STATIC_SEQ_K": 0}
+    assert tuning._specialized(("a",), first) == first
+    assert tuning._specialized(("a",), other) == zeros
+    assert tuning._specialized(("a",), first) == first
+    assert tuning._specialized(("b",), other) == other  # another key: its own first values
+    monkeypatch.setenv(tuning.STATIC_LENGTHS_ENV, "0")
+    assert tuning._specialized(("c",), first) == zeros
+    assert ("c",) not in tuning._static
+
+
 def test_launch_properties_separate_what_triton_specializes():
     from attnopt.kernels.tuning import _properties
     aligned = torch.empty(8)
