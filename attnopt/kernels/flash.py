@@ -381,7 +381,9 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
                 INPUT_PRECISION=input_precision(v.dtype), QUANT_QK=quant is not None,
                 Q_QBLOCK=q_block, K_QBLOCK=k_block, **params.kernel_flags()),
            key=(q.dtype, v.dtype, args[-2], args[-1]), tune=params.worth_tuning(v.dtype),
-           prune=_prune_configs, specialize=params.static_lengths())
+           prune=_prune_configs,
+           # (int8 operands keep run-time lengths: constant lengths were not run on a GPU there)
+           specialize=params.static_lengths() if quant is None else None)
     return out, lse
 
 
