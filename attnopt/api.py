@@ -149,7 +149,7 @@ class OptimizedModule(nn.Module):
         if state.strategy == "submodules":
             return self._orig_mod(*args, **kwargs)
         for region in state.whole_regions:
-            if region.signature.accepts(args, kwargs):
+            if region.accepts(args, kwargs):
                 return call_graph(region, args, kwargs)
         if not state.built_for(args, kwargs):
             self._optimize(args, kwargs)
@@ -313,6 +313,12 @@ class OptimizedModule(nn.Module):
         draws, worst, output_passed = 0, None, True
         for region in regions:
             context = region.context
+            if region.mode is not None and context.site_nodes:
+                mode, other = ("training", "eval") if region.mode else ("eval", "training")
+                report.notes.append(
+                    f"{region.captured.path or 'the model'} was captured in {mode} mode and "
+                    f"has dropout or batch norm, which its graph holds in that mode: calls in "
+                    f"{other} mode run the original")
             for site in context.sites:
                 rewrite, why = context.decisions.get(site.name, ("none", "policy 'none': "
                                                                  "detect and report only"))

@@ -111,6 +111,8 @@ class Region:
     #: guard with a task metric: {original, optimized, max_drop, passed}; it replaces the
     #: error budget as the gate for the approximate sites (their values must stay finite)
     metric: Optional[dict] = None
+    #: the training mode the graph holds only in (`captured_mode`), or None for either mode
+    mode: Optional[bool] = None
     #: (the fast view calls run, the rewritten graph's code it was made for)
     _runner: Optional[tuple] = field(default=None, repr=False, compare=False)
 
@@ -148,6 +150,12 @@ class Region:
 
     def run(self, args: tuple, kwargs: Optional[dict] = None):
         return call_graph(self, args, kwargs or {})
+
+    def accepts(self, args: tuple, kwargs: dict) -> bool:
+        """Whether the graph computes this call: the inputs' signature, and the module's
+        training mode where the graph holds in one mode only (`captured_mode`)."""
+        return (self.mode is None or self.captured.module.training == self.mode) and \
+            self.signature.accepts(args, kwargs)
 
     def runner(self) -> GraphModule:
         """`rewritten` as calls run it (`runner.fast_view`), rebuilt when its code changes."""
@@ -200,7 +208,31 @@ def build_region(captured: CapturedProgram, policy: Policy, verify_each: bool,
     with torch.no_grad():
         rewritten = manager.run(rewritten, context)
     signature = InputSignature.of(rewritten, captured.args, captured.kwargs)
-    return Region(captured, original, rewritten, context, manager.records, signature)
+    return Region(captured, original, rewritten, context, manager.records, signature,
+                  mode=captured_mode(original, captured.module))
+
+
+#: dropout ops as an exported graph holds them: (input, p, train), `train` the capture's mode
+_DROPOUTS = {getattr(torch.ops.aten, name).default for name in (
+    "dropout", "dropout_", "native_dropout", "feature_dropout", "feature_dropout_",
+    "alpha_dropout", "alpha_dropout_", "feature_alpha_dropout", "feature_alpha_dropout_")}
+
+
+def captured_mode(graph: GraphModule, module: nn.Module) -> Optional[bool]:
+    """The training mode a captured graph is right in only: `module`'s mode at capture where
+    the graph has a dropout with p > 0 or a batch norm (export bakes their `train` flag in, so
+    an eval-mode graph would skip dropout in training), else None (the same in both modes).
+    Calls in the other mode run the original module."""
+    for node in graph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _DROPOUTS:
+            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+            if p != 0:
+                return module.training
+        elif "batch_norm" in str(node.target):
+            return module.training
+    return None
 
 
 #: Bytes of original-graph values `OriginalRecordings` keeps across the guard's rounds (past
@@ -350,7 +382,7 @@ class RegionCache:
 
     def find(self, args: tuple, kwargs: dict, build: Callable, tag=None) -> Optional[Region]:
         for region, region_tag in zip(self.regions, self.tags):
-            if region_tag == tag and region.signature.accepts(args, kwargs):
+            if region_tag == tag and region.accepts(args, kwargs):
                 return region
         key = (repr(tag), signature_key(args, kwargs))
         if key in self.refused:

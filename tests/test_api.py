@@ -13,6 +13,7 @@ from torch import nn
 import attnopt
 from attnopt.errors import CaptureError, PassError, PolicyError, VerificationError
 from attnopt.passes.manager import PassContext, PassManager, PassResult
+from canonical_calls import CanonicalCalls
 from zoo import ZOO, _qkv
 
 B, S, E, H = 2, 8, 32, 4
@@ -115,6 +116,47 @@ def test_rewritten_graph_follows_replaced_parameters_and_buffers():
         after = optimized(x)
         torch.testing.assert_close(after, model(x), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(after, before, atol=1e-2)
+
+
+class Dropped(nn.Module):
+    """Attention blocks with dropout on their output (not on the probabilities)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = Tiny()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.body(x))
+
+
+def test_graph_with_dropout_runs_only_in_the_mode_it_was_captured_in():
+    """Export bakes dropout's train flag into the graph: a model optimized in eval mode and
+    then trained runs the original (dropout on), and its graph again once back in eval mode.
+    A graph without dropout runs in either mode."""
+    x = torch.randn(B, S, E)
+    model = Dropped().eval()
+    optimized = attnopt.optimize(model, example_inputs=(x,))
+    assert any("captured in eval mode" in note for note in optimized.report.notes)
+    model.train()
+    with torch.no_grad(), CanonicalCalls() as spy:
+        torch.manual_seed(1)
+        trained = optimized(x)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        torch.testing.assert_close(trained, model(x))
+    assert spy.calls == []
+    model.eval()
+    with torch.no_grad(), CanonicalCalls() as spy:
+        torch.testing.assert_close(optimized(x), model(x), atol=1e-5, rtol=1e-5)
+    assert len(spy.calls) == 2
+
+    plain = Tiny().eval()
+    optimized = attnopt.optimize(plain, example_inputs=(x,))
+    plain.train()
+    with torch.no_grad(), CanonicalCalls() as spy:
+        torch.testing.assert_close(optimized(x), plain(x), atol=1e-5, rtol=1e-5)
+    assert len(spy.calls) == 2
 
 
 def test_lazy_optimization_at_first_call_caches_per_signature():
