@@ -174,9 +174,6 @@ class OptimizedModule(nn.Module):
         if not state.verify and state.policy.approximates:
             report.notes.append("approximate rewrites were not verified (verify=False): no error "
                                 "budget guarded them")
-        if model.training:
-            report.notes.append("model is in training mode: dropout makes outputs random; "
-                                "call model.eval() before optimizing for inference")
         captured, capture_info = self._capture(args, kwargs)
         regions = [self._build(c) for c in captured]
         stateful = [n for n in capture_info["notes"] if "stateful object" in n]
@@ -318,7 +315,8 @@ class OptimizedModule(nn.Module):
                 report.notes.append(
                     f"{region.captured.path or 'the model'} was captured in {mode} mode and "
                     f"has dropout or batch norm, which its graph holds in that mode: calls in "
-                    f"{other} mode run the original")
+                    f"{other} mode run the original (optimize in the mode the model will run "
+                    f"in)")
             for site in context.sites:
                 rewrite, why = context.decisions.get(site.name, ("none", "policy 'none': "
                                                                  "detect and report only"))

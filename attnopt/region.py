@@ -7,6 +7,7 @@ original and the rewritten graph on the examples and fresh draws (outputs and ev
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -300,12 +301,14 @@ def verify_region(region: Region, draws: int,
     draws_list = input_draws(region.captured.args, region.captured.kwargs, draws=draws)
     for index, (args, kwargs) in enumerate(draws_list):
         with reference_sdpa_backends():
-            recorded = recordings.get(region.original, index, args, kwargs, watch)
+            with same_random_draws(index):
+                recorded = recordings.get(region.original, index, args, kwargs, watch)
             if recorded is None:  # (e.g. values a data-dependent branch specialized on)
                 region.skipped_draws += 1
                 continue
             old, reference = recorded
-            candidate = call_graph(region, args, kwargs)
+            with same_random_draws(index):
+                candidate = call_graph(region, args, kwargs)
             replayed = {site_name: run_plan(replays[site_name], old)[0]
                         for site_name in names}
         region.output_error = compare_outputs(candidate, reference).worst(region.output_error)
@@ -313,6 +316,22 @@ def verify_region(region: Region, draws: int,
             site_stats = compare_outputs(replayed[site_name], old[old_name])
             region.errors[site_name] = site_stats.worst(region.errors.get(site_name))
         region.draws += 1
+
+
+#: the random state each verification input set starts from (`same_random_draws`)
+VERIFY_SEED = 20260
+
+
+@contextlib.contextmanager
+def same_random_draws(index: int):
+    """Run one verification input set from a fixed random state, restored afterwards: a graph
+    captured in training mode draws its dropout masks in the same order in the original and the
+    rewritten graph (rewrites never touch a dropout), so both draw the same masks. Fixed, not
+    just forked, because `OriginalRecordings` reuses an original run in later guard rounds;
+    restored, so the user's random stream is left as it was."""
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        torch.manual_seed(VERIFY_SEED + index)
+        yield
 
 
 def reference_sdpa_backends():

@@ -159,6 +159,27 @@ def test_graph_with_dropout_runs_only_in_the_mode_it_was_captured_in():
     assert len(spy.calls) == 2
 
 
+def test_training_mode_graph_verifies_and_draws_the_dropout_masks_the_model_would():
+    """Optimized in training mode, the graph verifies (both sides of each input set run from
+    one random state, so dropout draws the same masks) and runs in training mode, dropout on:
+    from one seed it gives the original's output. In eval mode the original runs."""
+    x = torch.randn(B, S, E)
+    model = Dropped().train()
+    optimized = attnopt.optimize(model, example_inputs=(x,))
+    assert optimized.report.verification["passed"]
+    with torch.no_grad(), CanonicalCalls() as spy:
+        torch.manual_seed(2)
+        trained = optimized(x)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        torch.testing.assert_close(trained, model(x), atol=1e-5, rtol=1e-5)
+    assert len(spy.calls) == 2
+    model.eval()
+    with torch.no_grad(), CanonicalCalls() as spy:
+        torch.testing.assert_close(optimized(x), model(x))
+    assert spy.calls == []
+
+
 def test_lazy_optimization_at_first_call_caches_per_signature():
     model = Tiny()
     optimized = attnopt.optimize(model)
