@@ -312,11 +312,12 @@ class OptimizedModule(nn.Module):
             context = region.context
             if region.mode is not None and context.site_nodes:
                 mode, other = ("training", "eval") if region.mode else ("eval", "training")
+                then = "are captured on their first call" if region.captured.path else \
+                    "run the original (optimize in the mode the model will run in)"
                 report.notes.append(
                     f"{region.captured.path or 'the model'} was captured in {mode} mode and "
                     f"has dropout or batch norm, which its graph holds in that mode: calls in "
-                    f"{other} mode run the original (optimize in the mode the model will run "
-                    f"in)")
+                    f"{other} mode {then}")
             for site in context.sites:
                 rewrite, why = context.decisions.get(site.name, ("none", "policy 'none': "
                                                                  "detect and report only"))
