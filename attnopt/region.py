@@ -114,8 +114,8 @@ class Region:
     metric: Optional[dict] = None
     #: the training mode the graph holds only in (`captured_mode`), or None for either mode
     mode: Optional[bool] = None
-    #: (the fast view calls run, the rewritten graph's code it was made for)
-    _runner: Optional[tuple] = field(default=None, repr=False, compare=False)
+    #: the fast view of `rewritten` that calls run (made at the first call)
+    _runner: Optional[GraphModule] = field(default=None, repr=False, compare=False)
 
     @property
     def approximations(self) -> dict[str, dict]:
@@ -159,11 +159,10 @@ class Region:
             self.signature.accepts(args, kwargs)
 
     def runner(self) -> GraphModule:
-        """`rewritten` as calls run it (`runner.fast_view`), rebuilt when its code changes."""
-        forward = type(self.rewritten).forward
-        if self._runner is None or self._runner[1] is not forward:
-            self._runner = (fast_view(self.rewritten), forward)
-        return self._runner[0]
+        """`rewritten` as calls run it (`runner.fast_view`; the passes are done by then)."""
+        if self._runner is None:
+            self._runner = fast_view(self.rewritten)
+        return self._runner
 
 
 def pass_pipeline(policy: Policy) -> list:

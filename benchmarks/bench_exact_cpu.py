@@ -32,12 +32,8 @@ from attnopt.timing import median_ms  # noqa: E402
 
 
 def build(implementation: str):
-    config = transformers.BertConfig(hidden_size=768, num_hidden_layers=12,
-                                     num_attention_heads=12, intermediate_size=3072,
-                                     max_position_embeddings=1024,
-                                     attn_implementation=implementation)
-    torch.manual_seed(0)
-    return transformers.BertModel(config).eval()
+    from bench_exact_cuda import build_bert
+    return build_bert(implementation, "cpu", 1024)
 
 
 def inputs(seq: int) -> dict:

@@ -159,20 +159,27 @@ def mask_kept_table(eager, sdpa, seqs, inputs, output, sites: int, rounds: int,
               flush=True)
 
 
-def encoder(seqs) -> None:
-    def build_bert(implementation: str):
-        config = transformers.BertConfig(hidden_size=768, num_hidden_layers=12,
-                                         num_attention_heads=12, intermediate_size=3072,
-                                         max_position_embeddings=max(seqs),
-                                         attn_implementation=implementation)
-        torch.manual_seed(0)
-        return transformers.BertModel(config).to("cuda", torch.bfloat16).eval()
+def build_bert(implementation: str, device: str, max_positions: int,
+               width: int = 768) -> torch.nn.Module:
+    """A 12-layer BERT with random weights (seed 0): BERT-base at width 768 (12 heads), 4
+    heads below; bf16 on CUDA, float32 elsewhere."""
+    config = transformers.BertConfig(hidden_size=width, num_hidden_layers=12,
+                                     num_attention_heads=12 if width >= 768 else 4,
+                                     intermediate_size=4 * width,
+                                     max_position_embeddings=max_positions,
+                                     attn_implementation=implementation)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return transformers.BertModel(config).to(device, dtype).eval()
 
+
+def encoder(seqs) -> None:
     def inputs(seq: int) -> dict:
         ids = torch.randint(0, 30000, (8, seq), device="cuda")
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    mask_kept_table(build_bert("eager"), build_bert("sdpa"), seqs, inputs,
-                    lambda model, kwargs: model(**kwargs).last_hidden_state, 12, rounds=3)
+    mask_kept_table(build_bert("eager", "cuda", max(seqs)), build_bert("sdpa", "cuda", max(seqs)),
+                    seqs, inputs, lambda model, kwargs: model(**kwargs).last_hidden_state, 12,
+                    rounds=3)
 
 
 def main() -> None:

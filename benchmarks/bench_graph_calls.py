@@ -30,7 +30,7 @@ import transformers  # noqa: E402
 
 import attnopt  # noqa: E402
 from attnopt.region import Region  # noqa: E402
-from bench_exact_cuda import alternated, build, median_ms  # noqa: E402
+from bench_exact_cuda import alternated, build, build_bert, median_ms  # noqa: E402
 
 
 class ModulePaths:
@@ -42,17 +42,6 @@ class ModulePaths:
 
     def __exit__(self, *exc):
         Region.runner = self.saved
-
-
-def bert(implementation: str, device: str, width: int, seq: int) -> torch.nn.Module:
-    config = transformers.BertConfig(hidden_size=width, num_hidden_layers=12,
-                                     num_attention_heads=12 if width >= 768 else 4,
-                                     intermediate_size=4 * width,
-                                     max_position_embeddings=max(seq, 64),
-                                     attn_implementation=implementation)
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return transformers.BertModel(config).to(device, dtype).eval()
 
 
 @torch.no_grad()
@@ -99,14 +88,15 @@ def main() -> None:
         torch.set_num_threads(1)
         ids = torch.randint(0, 30000, (1, 8))
         kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        row("BERT 12 × 64, 8 tokens", bert("eager", device, 64, 8), bert("sdpa", device, 64, 8),
-            kwargs, lambda out: out.last_hidden_state, args.rounds, host_us)
+        row("BERT 12 × 64, 8 tokens", build_bert("eager", device, 64, width=64),
+            build_bert("sdpa", device, 64, width=64), kwargs, lambda out: out.last_hidden_state,
+            args.rounds, host_us)
         return
     for seq in args.seq:
         ids = torch.randint(0, 30000, (8, seq), device=device)
         kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        row(f"BERT-base B8, {seq}", bert("eager", device, 768, seq),
-            bert("sdpa", device, 768, seq), kwargs, lambda out: out.last_hidden_state,
+        row(f"BERT-base B8, {seq}", build_bert("eager", device, seq),
+            build_bert("sdpa", device, seq), kwargs, lambda out: out.last_hidden_state,
             args.rounds, median_ms)
     eager, sdpa = build("eager", torch.bfloat16), build("sdpa", torch.bfloat16)
     for seq in args.seq:

@@ -312,8 +312,9 @@ class _KernelForward(NamedTuple):
     params: object
 
 
-#: id of a mask -> (a weak reference to it, its version, {(is_causal, Sq, Sk): the answer of
-#: `redundant_mask`}): the layers of a model share one mask, so it is read once per forward
+#: id of a mask -> (its version, {(is_causal, Sq, Sk): the answer of `redundant_mask`}): the
+#: layers of a model share one mask, so it is read once per forward (a finalizer drops the
+#: entry with the mask, before its id can be reused)
 _REDUNDANT: dict = {}
 
 
@@ -342,8 +343,8 @@ def redundant_mask(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_causal:
     key = (is_causal, q_len, kv_len)
     cacheable = not attn_mask.is_inference()  # (inference tensors keep no version)
     entry = _REDUNDANT.get(id(attn_mask)) if cacheable else None
-    if entry is not None and entry[1] == attn_mask._version and key in entry[2]:
-        return entry[2][key]
+    if entry is not None and entry[0] == attn_mask._version and key in entry[1]:
+        return entry[1][key]
     if attn_mask.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     boolean = attn_mask.dtype == torch.bool
@@ -359,9 +360,9 @@ def redundant_mask(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_causal:
     if cacheable:
         if entry is None:  # (one finalizer per mask, however often it is written in place)
             weakref.finalize(attn_mask, _REDUNDANT.pop, id(attn_mask), None)
-        if entry is None or entry[1] != attn_mask._version:
-            entry = _REDUNDANT[id(attn_mask)] = (weakref.ref(attn_mask), attn_mask._version, {})
-        entry[2][key] = answer
+        if entry is None or entry[0] != attn_mask._version:
+            entry = _REDUNDANT[id(attn_mask)] = (attn_mask._version, {})
+        entry[1][key] = answer
     return answer
 
 
