@@ -17,16 +17,20 @@ Here the work is laid out the other way:
    The visible band [lo, hi) (windows, causal edge, kv_lengths) is found first and divided
    evenly into `num_splits` runs of whole tiles, so keys nobody sees cost nothing and a short
    batch row still spreads over every split.
-2. `_decode_reduce_kernel`, one program per (b, h, query): weighs split s by
-   sum_s * 2^(max_s - max), combines, and writes q's dtype. Rows that see no key produce zeros.
-   It loads every split's partial in one step (up to MAX_SPLIT_BLOCK): its time is the latency
-   of its rounds of loads, not their bytes.
+2. `_decode_reduce_kernel`, one program per (b, h, query, 32-wide slice of the head dim):
+   weighs split s by sum_s * 2^(max_s - max), combines, and writes q's dtype. Rows that see no
+   key produce zeros. It loads every split's partial in one step (up to MAX_SPLIT_BLOCK): its
+   time is the latency of its rounds of loads, not their bytes, so many small one-warp programs
+   beat a few whole rows.
    On Hopper it is a programmatic dependent launch of the split kernel (`_dependent_launch`).
 
 With one split the first kernel writes the final output itself and the reduction is skipped.
 
-Key tiles go through the forward kernel's `attend_band` (and so `tiles.score_tile`): the
-masking semantics are those of `reference.py`. Rows of one program belong to different heads:
+Key tiles go through the forward kernel's `attend_range` (and so `tiles.score_tile`): the
+masking semantics are those of `reference.py`. A split runs all its tiles in one masked loop,
+unlike the forward kernel's three ranges (masked edge, unmasked middle, masked edge): decode
+reads memory, so the mask's arithmetic is free, while every extra loop costs its own pipeline
+fill and drain: 56.8 against 58.2 µs at batch 1 / 32K on an H100 (docs/BENCHMARKS.md). Rows of one program belong to different heads:
 the bias base pointer and the ALiBi slope are passed as (BLOCK_M, 1) blocks, one per row, which
 broadcast against the tile exactly as the per-head scalars do in the forward kernel.
 
@@ -43,7 +47,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attnopt.kernels.flash import DECODE_MAX_QUERIES, INTERPRETER_BLOCK, attend_band, \
+from attnopt.kernels.flash import DECODE_MAX_QUERIES, INTERPRETER_BLOCK, attend_range, \
     input_precision, last_dim_contiguous, tensor_args
 from attnopt.kernels.params import AttentionParams, cdiv, interpreting, next_power_of_2, \
     padded_head_dim, unsupported_reason
@@ -61,6 +65,10 @@ WAVES_PER_SM = 2             # programs per SM the split count aims for (two res
 #: splits the reduction combines per step: all of them up to 64 (one round of loads; 3.6 vs
 #: 5.4 us for 16 per step at 33 splits on an H100, docs/BENCHMARKS.md), 64 at a time beyond
 MAX_SPLIT_BLOCK = 64
+#: the reduction's programs each combine one 32-wide slice of the head dim, on one warp: 2.6 us
+#: at batch 1 / 32K (33 splits), where whole rows on 4 warps took 4.7 (docs/BENCHMARKS.md)
+REDUCE_HEAD_DIM_BLOCK = 32
+REDUCE_WARPS = 1
 SHARED_MEMORY_BYTES = 227 * 1024  # per block on an H100; prunes configs whose K/V buffers overflow
 INTERPRETER_SPLITS = 3       # a fixed split count under the interpreter (no SMs to fill)
 
@@ -137,26 +145,24 @@ def _decode_split_kernel(
     if HAS_KV_LENS:
         kv_end = tl.minimum(tl.load(kv_lens_ptr + b), seq_k)
     # the band of queries [seq_q - QUERY_SPAN, seq_q) covers every query index 0..seq_q-1
-    lo, full_lo, full_hi, hi = key_band(seq_q - QUERY_SPAN, kv_end, offset, window_left,
-                                        window_right, QUERY_SPAN, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, _, _, hi = key_band(seq_q - QUERY_SPAN, kv_end, offset, window_left, window_right,
+                            QUERY_SPAN, BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
-    # this split's run of whole tiles inside [lo, hi)
+    # this split's run of whole tiles inside [lo, hi), in one masked loop (module docstring)
     band_tiles = (hi - lo + BLOCK_N - 1) // BLOCK_N
     split_keys = ((band_tiles + num_splits - 1) // num_splits) * BLOCK_N
     start = lo + pid_s * split_keys
     end = tl.maximum(tl.minimum(start + split_keys, hi), start)
-    unmasked_lo = tl.minimum(tl.maximum(full_lo, start), end)
-    unmasked_hi = tl.maximum(tl.minimum(full_hi, end), unmasked_lo)
 
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
-    acc, l_i, m_i = attend_band(
+    acc, l_i, m_i = attend_range(
         acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        start, unmasked_lo, unmasked_hi, end, offs_m, offs_d, seq_q, seq_k, kv_end, offset,
-        window_left, window_right, scale, softcap, bias_rows_ptr, stride_bm, stride_bn,
-        slope_rows, 1.0, k_ptr, BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, HAS_LEFT, HAS_RIGHT,
-        HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, INPUT_PRECISION, False, 1)
+        start, end, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
+        scale, softcap, bias_rows_ptr, stride_bm, stride_bn, slope_rows, 1.0, k_ptr, BLOCK_N,
+        HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+        HAS_ALIBI, INPUT_PRECISION, False, 1)
 
     # a row whose share held no visible key: output 0, max -inf, sum 0 (weight 0 when reduced)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -178,9 +184,10 @@ def _decode_reduce_kernel(
         stride_lb, stride_lh, stride_lm, stride_ls,
         stride_ob, stride_oh, stride_om, stride_od,
         num_heads, seq_q, num_splits,
-        HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, SPLITS_PADDED: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_BLOCK: tl.constexpr, SPLITS_PADDED: tl.constexpr,
         SPLIT_BLOCK: tl.constexpr, WAIT_FOR_SPLITS: tl.constexpr):
     pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
     b = pid // (num_heads * seq_q)
     h = (pid // seq_q) % num_heads
     m = pid % seq_q
@@ -190,7 +197,7 @@ def _decode_reduce_kernel(
     stats_offset = b * stride_lb + h * stride_lh + m * stride_lm
     partial_max_ptr += stats_offset
     partial_sum_ptr += stats_offset
-    offs_d = tl.arange(0, HEAD_DIM_PADDED)
+    offs_d = pid_d * HEAD_DIM_BLOCK + tl.arange(0, HEAD_DIM_BLOCK)
 
     # split s weighs sum_s * 2^(max_s - max): its share of the row's softmax denominator
     offs_all = tl.arange(0, SPLITS_PADDED)
@@ -199,7 +206,7 @@ def _decode_reduce_kernel(
     row_max = tl.max(all_max, 0)
     row_max = tl.where(row_max == NEG_INF, 0.0, row_max)  # no split saw a key
 
-    acc = tl.zeros([HEAD_DIM_PADDED], dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM_BLOCK], dtype=tl.float32)
     weight_sums = tl.zeros([SPLIT_BLOCK], dtype=tl.float32)
     for s0 in range(0, num_splits, SPLIT_BLOCK):
         offs_s = s0 + tl.arange(0, SPLIT_BLOCK)
@@ -300,14 +307,16 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> 
         key=(q.dtype, splits, kv_bucket),
         tune=params.worth_tuning(q.dtype), prune=_prune_split_configs)
     if splits > 1:
-        launch_fixed(_decode_reduce_kernel, (params.batch * params.heads * params.q_len,), (
+        d_block = min(REDUCE_HEAD_DIM_BLOCK, head_dim_padded)
+        launch_fixed(_decode_reduce_kernel, (params.batch * params.heads * params.q_len,
+                                             head_dim_padded // d_block), (
             partial_out, partial_max_BHSP, partial_sum_BHSP, out_BHSD,
             *partial_out.stride(), *partial_max_BHSP.stride(), *out_BHSD.stride(),
             params.heads, params.q_len, splits), dict(
-            HEAD_DIM=params.head_dim, HEAD_DIM_PADDED=head_dim_padded,
+            HEAD_DIM=params.head_dim, HEAD_DIM_BLOCK=d_block,
             SPLITS_PADDED=next_power_of_2(splits),
             SPLIT_BLOCK=min(next_power_of_2(splits), MAX_SPLIT_BLOCK),
-            WAIT_FOR_SPLITS=pdl), num_warps=4, **({"launch_pdl": True} if pdl else {}))
+            WAIT_FOR_SPLITS=pdl), num_warps=REDUCE_WARPS, **({"launch_pdl": True} if pdl else {}))
     return out_BHSD
 
 
