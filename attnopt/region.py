@@ -34,7 +34,7 @@ from attnopt.passes.evaluate import (
 )
 from attnopt.passes.manager import PassContext, PassManager
 from attnopt.policy import Policy
-from attnopt.runner import fast_view, sync_state
+from attnopt.runner import eager_graph, fast_view, sync_state
 from attnopt.verify import ErrorStats, compare_outputs, format_table, input_draws
 
 
@@ -159,9 +159,13 @@ class Region:
             self.signature.accepts(args, kwargs)
 
     def runner(self) -> GraphModule:
-        """`rewritten` as calls run it (`runner.fast_view`; the passes are done by then)."""
+        """`rewritten` as calls run it: a view of its eager copy (`runner.eager_graph`,
+        `runner.fast_view`; the passes are done by then), or `rewritten` itself under
+        torch.compile."""
+        if torch.compiler.is_compiling():
+            return self.rewritten
         if self._runner is None:
-            self._runner = fast_view(self.rewritten)
+            self._runner = fast_view(eager_graph(self.rewritten))
         return self._runner
 
 

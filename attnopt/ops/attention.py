@@ -467,6 +467,8 @@ class _Differentiable(torch.autograd.Function):
 #: the implementations a call on plain tensors reaches below autograd, by backend key
 _BACKENDS = {torch._C.DispatchKey.CPU: _attention_default,
              torch._C.DispatchKey.CUDA: _attention_cuda}
+#: the same by device type, for `eager_attention`
+_EAGER_BACKENDS = {"cpu": _attention_default, "cuda": _attention_cuda}
 
 
 def _attention_autograd(keyset, *args):
@@ -484,6 +486,42 @@ def _attention_autograd(keyset, *args):
         return backend(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return _OP.redispatch(below, *args)
+
+
+def eager_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+                    softcap=None, window_left=None, alibi_slopes=None):
+    """The op as a rewritten graph calls it eagerly (`runner.eager_graph`): its device's
+    implementation straight away when the dispatcher would reach it with nothing in between,
+    the op itself otherwise. Skips the dispatcher's round trip into Python (about 15 µs a call
+    on the H100's host, docs/BENCHMARKS.md).
+
+    Nothing in between means: plain tensors (no subclass, fake or functional tensor), no
+    dispatch or torch-function mode, no functorch transform or functionalization, not
+    compiling, and no gradient to record (the op's autograd needs the dispatcher)."""
+    args = (q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap, window_left,
+            alibi_slopes)
+    backend = _EAGER_BACKENDS.get(q.device.type)
+    if backend is None or not _plain(q, k, v, attn_mask, alibi_slopes) or (
+            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                         or (attn_mask is not None and attn_mask.requires_grad)
+                                         or (alibi_slopes is not None
+                                             and alibi_slopes.requires_grad))):
+        return _OP(*args)
+    return backend(*args)
+
+
+def _plain(*tensors) -> bool:
+    """Whether a call on these tensors reaches the op's backend kernel untouched (see
+    `eager_attention`)."""
+    for t in tensors:
+        if t is not None and type(t) is not Tensor:
+            return False
+    return not (torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled()
+                or torch._C._functorch.peek_interpreter_stack() is not None
+                or torch._C._dispatch_tls_is_dispatch_key_included(
+                    torch._C.DispatchKey.Functionalize)
+                or torch.compiler.is_compiling())
 
 
 _LIBRARY.impl("attention", _attention_default, "CompositeExplicitAutograd")
