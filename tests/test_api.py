@@ -102,6 +102,43 @@ def test_rewritten_forward_reads_no_attribute_through_module_getattr(monkeypatch
     assert lookups == []
 
 
+def _dispatched_ops(fn) -> list[str]:
+    """Names of the ops the dispatcher ran during `fn()` (torch.profiler's CPU events)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [event.name for event in prof.events()]
+
+
+def test_eager_call_runs_the_attention_implementation_without_the_dispatcher():
+    """Calls run an eager copy of the rewritten graph (`runner.eager_graph`): aten ops through
+    their C++ handles and the canonical op through `eager_attention`, which calls the device's
+    implementation directly when nothing needs the dispatcher. A gradient to record, or a
+    dispatch mode, goes through the op; results are the same every way."""
+    from attnopt.runner import _Handle
+    model = Gained().eval()
+    x = torch.randn(B, S, E)
+    optimized = attnopt.optimize(model, example_inputs=(x,))
+    region = optimized._attnopt_state.whole_regions[0]
+    with torch.no_grad():
+        expected = region.rewritten(x)
+        ops = _dispatched_ops(lambda: optimized(x))
+        actual = optimized(x)
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+    assert "attnopt::attention" not in ops
+    assert ops.count("aten::scaled_dot_product_attention") == 2
+    targets = [node.target for node in region.runner().graph.nodes
+               if node.op == "call_function"]
+    assert not any(isinstance(t, torch._ops.OpOverload) for t in targets)
+    assert any(isinstance(t, _Handle) for t in targets)
+
+    x_grad = x.clone().requires_grad_()  # a gradient to record: the op's autograd
+    assert _dispatched_ops(lambda: optimized(x_grad)).count("attnopt::attention") == 2
+    with CanonicalCalls() as spy:  # a dispatch mode sees every call
+        with torch.no_grad():
+            torch.testing.assert_close(optimized(x), expected, atol=0, rtol=0)
+    assert len(spy.calls) == 2
+
+
 def test_rewritten_graph_follows_replaced_parameters_and_buffers():
     """A parameter or buffer the user replaces by a new tensor after optimizing (here by
     assignment; `load_state_dict(assign=True)` and `.to()` on buffers replace them the same
