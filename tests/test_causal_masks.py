@@ -171,6 +171,26 @@ def test_mask_that_hides_no_key_is_redundant(is_causal):
         assert redundant_mask(q, k, padded, is_causal) is None
 
 
+def test_mask_broadcast_over_queries_skips_the_causal_check(monkeypatch):
+    """An encoder's padding mask, as HF's eager models expand it ((B, 1, 1, S) viewed as
+    (B, 1, S, S), stride 0 over queries), is the same for every query: it hides exactly the
+    later keys only if it hides none, so the causal check (its extra kernels) is not built."""
+    op_module = sys.modules["attnopt.ops.attention"]
+    checks = []
+    band_keep = op_module.band_keep
+    monkeypatch.setattr(op_module, "band_keep", lambda *a: checks.append(1) or band_keep(*a))
+    q = k = torch.randn(2, 4, 6, 8)
+    for is_causal in (False, True):
+        shown = torch.zeros(2, 1, 1, 6).expand(2, 1, 6, 6)
+        assert op_module.redundant_mask(q, k, shown, is_causal) is is_causal
+        padded = torch.zeros(2, 1, 1, 6)
+        padded[1, ..., 5] = torch.finfo(torch.float32).min
+        assert op_module.redundant_mask(q, k, padded.expand(2, 1, 6, 6), is_causal) is None
+    assert checks == []
+    assert op_module.redundant_mask(q, k, _later_keys_hidden(2, 6, False), False) is True
+    assert checks == [1]  # a mask that varies over queries is checked
+
+
 def test_redundant_mask_is_read_once_per_version(monkeypatch):
     op_module = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
     checks = []

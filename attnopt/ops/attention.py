@@ -186,13 +186,11 @@ def band_keep(q_len: int, kv_len: int, is_causal: bool, window_left: Optional[in
               device) -> Tensor:
     """(Sq, Sk) bool, True where the op's causal edge and window let query i see key j: j <= i
     when causal, j >= i - window_left when windowed (top-left aligned, as SDPA's causal)."""
-    rows = torch.arange(q_len, device=device).unsqueeze(-1)
-    cols = torch.arange(kv_len, device=device)
     keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
     if is_causal:
-        keep &= cols <= rows
+        keep.tril_()  # j - i <= 0
     if window_left is not None:
-        keep &= cols >= rows - window_left
+        keep.triu_(-window_left)  # j - i >= -window_left
     return keep
 
 
@@ -350,7 +348,9 @@ def redundant_mask(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_causal:
     boolean = attn_mask.dtype == torch.bool
     shown = attn_mask if boolean else attn_mask == 0
     checks = [shown.all()]
-    if q_len == kv_len and q_len > 1:
+    if q_len == kv_len and q_len > 1 and attn_mask.shape[-2] > 1 and attn_mask.stride(-2):
+        # (a mask the same for every query, such as an encoder's padding mask broadcast over
+        # them, hides the later keys exactly only if it hides none: the first check says so)
         later = True if is_causal else (  # (with is_causal the keys after do not matter)
             ~attn_mask if boolean else attn_mask <= torch.finfo(attn_mask.dtype).min)
         earlier_SS = band_keep(q_len, kv_len, True, None, attn_mask.device)
