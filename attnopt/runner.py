@@ -12,12 +12,15 @@ stores each child, parameter and buffer as a plain instance attribute of its cop
 finds it without calling `__getattr__`. The view is private to the call path: the rewritten
 graph itself, which verification replays and reports read, keeps plain modules.
 
-The view runs a copy of the rewritten graph made for eager calls (`eager_graph`): each aten op
-is called through its C++ handle (`OpOverload._op`, all that `OpOverload.__call__` does, a
-Python frame less per op; about 300 ops a forward of a 12-layer BERT) and the canonical op
-through `ops.attention.eager_attention`, which skips the dispatcher's round trip into Python
-when nothing stands between the call and its implementation. Under `torch.compile` the
-rewritten graph itself runs (`Region.runner`): dynamo traces OpOverloads, not their handles.
+The view runs a copy of the rewritten graph made for eager calls (`eager_graph`). Its common
+aten ops are called through their Python bindings (`python_bindings`: `torch.add`,
+`Tensor.view`, ...), which parse arguments in C++ and call the op unboxed, where an
+`OpOverload` call boxes them (a small linear: 9 against 17 µs on the CPU VM). Other aten ops
+are called through their C++ handles (`OpOverload._op`, all that `OpOverload.__call__` does, a
+Python frame less). The canonical op goes through `ops.attention.eager_attention`, which skips
+the dispatcher's round trip into Python when nothing stands between the call and its
+implementation. Under `torch.compile` the rewritten graph itself runs (`Region.runner`):
+dynamo traces OpOverloads.
 """
 
 from __future__ import annotations
@@ -51,21 +54,50 @@ def fast_view(module: nn.Module) -> nn.Module:
 
 
 def eager_graph(graph_module: GraphModule) -> GraphModule:
-    """A copy of `graph_module` (sharing its parameters, buffers and submodules) whose calls of
-    aten ops go to their C++ handles and whose canonical attention calls go to
-    `eager_attention` (module docstring)."""
+    """A copy of `graph_module` (sharing its parameters, buffers and submodules) for eager
+    calls: aten ops called through their Python bindings (`python_bindings`) or else their C++
+    handles, and canonical attention calls through `eager_attention` (module docstring)."""
     from attnopt.ops import ATTENTION_OP
     from attnopt.ops.attention import eager_attention
     graph = copy.deepcopy(graph_module.graph)  # (nodes copied, their meta shallow-copied)
-    handles: dict = {}
+    bindings, handles = python_bindings(), {}
     for node in graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             if node.target == ATTENTION_OP:
                 node.target = eager_attention
+            elif node.target in bindings:
+                node.target = bindings[node.target]
             else:
                 node.target = handles.get(node.target) or handles.setdefault(
                     node.target, _Handle(node.target))
     return GraphModule(graph_module, graph, class_name=type(graph_module).__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def python_bindings() -> dict:
+    """aten overloads -> the Python binding that runs the same op on the same arguments (the
+    same schema, so positional and keyword arguments carry over). A binding parses its
+    arguments in C++ and calls the op unboxed; an overload's call boxes them, and a composite
+    op such as `linear` is then unboxed again: 9 against 17 µs for a small linear on the CPU
+    VM (docs/BENCHMARKS.md). tests/test_runner.py checks every pair: the same ops dispatched,
+    the same result. The ops are the common ones of transformer graphs."""
+    aten, functional, tensor = torch.ops.aten, torch._C._nn, torch.Tensor
+    return {
+        aten.linear.default: functional.linear, aten.gelu.default: functional.gelu,
+        aten.silu.default: functional.silu,
+        aten.add.Tensor: torch.add, aten.sub.Tensor: torch.sub, aten.mul.Tensor: torch.mul,
+        aten.div.Tensor: torch.div, aten.neg.default: torch.neg,
+        aten.pow.Tensor_Scalar: torch.pow, aten.rsqrt.default: torch.rsqrt,
+        aten.mean.dim: torch.mean, aten.cos.default: torch.cos, aten.sin.default: torch.sin,
+        aten.tanh.default: torch.tanh, aten.softmax.int: torch.softmax,
+        aten.matmul.default: torch.matmul, aten.cat.default: torch.cat,
+        aten.layer_norm.default: torch.layer_norm, aten.dropout.default: torch.dropout,
+        aten.embedding.default: torch.embedding,
+        aten.view.default: tensor.view, aten.reshape.default: tensor.reshape,
+        aten.transpose.int: tensor.transpose, aten.permute.default: tensor.permute,
+        aten.unsqueeze.default: tensor.unsqueeze, aten.expand.default: tensor.expand,
+        aten.contiguous.default: tensor.contiguous,
+    }
 
 
 class _Handle(functools.partial):
