@@ -164,13 +164,17 @@ def attend_band(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn,
                 BIAS_KIND: tl.constexpr, HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                 QUANT_QK: tl.constexpr, K_QBLOCK: tl.constexpr):
     """Keys [lo, hi) as `key_band` splits them: tiles cut by a mask boundary in [lo, full_lo)
-    and [full_hi, hi), fully visible tiles (no mask evaluation) in [full_lo, full_hi)."""
-    acc, l_i, m_i = attend_range(
-        acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-        lo, full_lo, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left, window_right,
-        scale, softcap, bias_ptr, stride_bm, stride_bn, slope, q_scale, ks_ptr,
-        BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-        BIAS_KIND, HAS_ALIBI, INPUT_PRECISION, QUANT_QK, K_QBLOCK)
+    and [full_hi, hi), fully visible tiles (no mask evaluation) in [full_lo, full_hi).
+
+    Without a left window bound [lo, full_lo) is empty, and its loop is not compiled: a
+    pipelined loop costs its fill and drain even when it runs no iteration (decode.py)."""
+    if HAS_LEFT:
+        acc, l_i, m_i = attend_range(
+            acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
+            lo, full_lo, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
+            window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope, q_scale,
+            ks_ptr, BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+            BIAS_KIND, HAS_ALIBI, INPUT_PRECISION, QUANT_QK, K_QBLOCK)
     acc, l_i, m_i = attend_range(
         acc, l_i, m_i, q, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
         full_lo, full_hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,

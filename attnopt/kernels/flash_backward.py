@@ -318,12 +318,14 @@ def _dkdv_program(
                 seq_q, seq_k, kv_end, offset, window_left, window_right, scale, softcap,
                 bias_head_ptr, stride_bm, stride_bn, slope, BLOCK_M, HEAD_DIM, HEAD_DIM_PADDED,
                 False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
-            dk, dv = _key_block_range(
-                dk, dv, k, v, q_head_ptr, do_head_ptr, lse_head_ptr, delta_head_ptr,
-                stride_qm, stride_qd, stride_dom, stride_dod, lo, full_lo, offs_n, offs_d,
-                seq_q, seq_k, kv_end, offset, window_left, window_right, scale, softcap,
-                bias_head_ptr, stride_bm, stride_bn, slope, BLOCK_M, HEAD_DIM, HEAD_DIM_PADDED,
-                True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
+            if HAS_RIGHT:  # (else [lo, full_lo) is empty: no loop compiled, see flash.py)
+                dk, dv = _key_block_range(
+                    dk, dv, k, v, q_head_ptr, do_head_ptr, lse_head_ptr, delta_head_ptr,
+                    stride_qm, stride_qd, stride_dom, stride_dod, lo, full_lo, offs_n, offs_d,
+                    seq_q, seq_k, kv_end, offset, window_left, window_right, scale, softcap,
+                    bias_head_ptr, stride_bm, stride_bn, slope, BLOCK_M, HEAD_DIM,
+                    HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
+                    HAS_ALIBI, INPUT_PRECISION)
 
     dk = dk * scale
     out_in_bounds = (offs_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
@@ -462,12 +464,13 @@ def _dq_program(
                             True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI,
                             INPUT_PRECISION)
     else:
-        dq = _query_block_range(
-            dq, q, do, lse, delta, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
-            lo, full_lo, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
-            window_right, scale, softcap, bias_ptr, stride_bm, stride_bn, slope, BLOCK_N,
-            HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BIAS_KIND,
-            HAS_ALIBI, INPUT_PRECISION)
+        if HAS_LEFT:  # (else [lo, full_lo) is empty: no loop compiled, see flash.py)
+            dq = _query_block_range(
+                dq, q, do, lse, delta, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn,
+                stride_vd, lo, full_lo, offs_m, offs_d, seq_q, seq_k, kv_end, offset,
+                window_left, window_right, scale, softcap, bias_ptr, stride_bm, stride_bn,
+                slope, BLOCK_N, HEAD_DIM, HEAD_DIM_PADDED, True, HAS_LEFT, HAS_RIGHT,
+                HAS_SOFTCAP, BIAS_KIND, HAS_ALIBI, INPUT_PRECISION)
         dq = _query_block_range(
             dq, q, do, lse, delta, k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd,
             full_lo, full_hi, offs_m, offs_d, seq_q, seq_k, kv_end, offset, window_left,
