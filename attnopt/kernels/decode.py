@@ -30,9 +30,11 @@ Key tiles go through the forward kernel's `attend_range` (and so `tiles.score_ti
 masking semantics are those of `reference.py`. A split runs all its tiles in one masked loop,
 unlike the forward kernel's three ranges (masked edge, unmasked middle, masked edge): decode
 reads memory, so the mask's arithmetic is free, while every extra loop costs its own pipeline
-fill and drain: 56.8 against 58.2 µs at batch 1 / 32K on an H100 (docs/BENCHMARKS.md). Rows of one program belong to different heads:
-the bias base pointer and the ALiBi slope are passed as (BLOCK_M, 1) blocks, one per row, which
-broadcast against the tile exactly as the per-head scalars do in the forward kernel.
+fill and drain: 56.8 against 58.2 µs at batch 1 / 32K on an H100 (docs/BENCHMARKS.md).
+
+Rows of one program belong to different heads: the bias base pointer and the ALiBi slope are
+passed as (BLOCK_M, 1) blocks, one per row, which broadcast against the tile exactly as the
+per-head scalars do in the forward kernel.
 
 Shape letters: B batch, H query heads, Hkv key/value heads, S query sequence, P key splits,
 D head dim.
@@ -65,7 +67,7 @@ WAVES_PER_SM = 2             # programs per SM the split count aims for (two res
 #: splits the reduction combines per step: all of them up to 64 (one round of loads; 3.6 vs
 #: 5.4 us for 16 per step at 33 splits on an H100, docs/BENCHMARKS.md), 64 at a time beyond
 MAX_SPLIT_BLOCK = 64
-#: the reduction's programs each combine one 32-wide slice of the head dim, on one warp: 2.6 us
+#: the reduction's programs each combine one 32-wide slice of the head dim, on one warp: 2.4 us
 #: at batch 1 / 32K (33 splits), where whole rows on 4 warps took 4.7 (docs/BENCHMARKS.md)
 REDUCE_HEAD_DIM_BLOCK = 32
 REDUCE_WARPS = 1

@@ -492,8 +492,8 @@ def eager_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
                     softcap=None, window_left=None, alibi_slopes=None):
     """The op as a rewritten graph calls it eagerly (`runner.eager_graph`): its device's
     implementation straight away when the dispatcher would reach it with nothing in between,
-    the op itself otherwise. Skips the dispatcher's round trip into Python (about 15 µs a call
-    on the H100's host, docs/BENCHMARKS.md).
+    the op itself otherwise. Skips the dispatcher's round trip into Python (15–29 µs a call
+    on the H100's host in two runs, docs/BENCHMARKS.md).
 
     Nothing in between means: plain tensors (no subclass, fake or functional tensor), no
     dispatch or torch-function mode, no functorch transform or functionalization, not
