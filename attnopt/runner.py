@@ -90,13 +90,14 @@ def python_bindings() -> dict:
         aten.pow.Tensor_Scalar: torch.pow, aten.rsqrt.default: torch.rsqrt,
         aten.mean.dim: torch.mean, aten.cos.default: torch.cos, aten.sin.default: torch.sin,
         aten.tanh.default: torch.tanh, aten.softmax.int: torch.softmax,
-        aten.matmul.default: torch.matmul, aten.cat.default: torch.cat,
+        aten.matmul.default: torch.matmul, aten.addmm.default: torch.addmm,
+        aten.cat.default: torch.cat,
         aten.layer_norm.default: torch.layer_norm, aten.dropout.default: torch.dropout,
         aten.embedding.default: torch.embedding,
         aten.view.default: tensor.view, aten.reshape.default: tensor.reshape,
         aten.transpose.int: tensor.transpose, aten.permute.default: tensor.permute,
         aten.unsqueeze.default: tensor.unsqueeze, aten.expand.default: tensor.expand,
-        aten.contiguous.default: tensor.contiguous,
+        aten.contiguous.default: tensor.contiguous, aten.to.dtype: tensor.to,
     }
 
 

@@ -47,6 +47,8 @@ def _samples() -> dict:
         aten.unsqueeze.default: ((x, 1), {}),
         aten.expand.default: ((randn(2, 1, 4, 8), [2, 3, 4, 8]), {}),
         aten.contiguous.default: ((x.transpose(1, 2),), {}),
+        aten.addmm.default: ((randn(5), randn(3, 8), randn(8, 5)), {"beta": 0.5}),
+        aten.to.dtype: ((x, torch.float16), {}),
     }
 
 
