@@ -140,6 +140,26 @@ def test_eager_call_runs_the_attention_implementation_without_the_dispatcher():
     assert len(spy.calls) == 2
 
 
+def test_eager_copy_matches_the_rewritten_graph_under_inference_mode_and_autocast():
+    """The eager copy's bindings and direct attention calls compute what the rewritten graph's
+    overloads and op do, bit for bit, in inference mode and under autocast (which the
+    bindings go through like the overloads, and which the op falls through)."""
+    model = Gained().eval()
+    x = torch.randn(B, S, E)
+    optimized = attnopt.optimize(model, example_inputs=(x,))
+    region = optimized._attnopt_state.whole_regions[0]
+    with torch.inference_mode():
+        torch.testing.assert_close(optimized(x), region.rewritten(x), atol=0, rtol=0)
+        assert "attnopt::attention" not in _dispatched_ops(lambda: optimized(x))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = region.rewritten(x)
+        actual = optimized(x)
+    assert actual.dtype == expected.dtype
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+    with torch.no_grad():  # (autocast did act: the projections ran in bfloat16)
+        assert (optimized(x) - actual).abs().max() > 1e-3
+
+
 def test_rewritten_graph_follows_replaced_parameters_and_buffers():
     """A parameter or buffer the user replaces by a new tensor after optimizing (here by
     assignment; `load_state_dict(assign=True)` and `.to()` on buffers replace them the same
