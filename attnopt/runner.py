@@ -60,16 +60,13 @@ def eager_graph(graph_module: GraphModule) -> GraphModule:
     from attnopt.ops import ATTENTION_OP
     from attnopt.ops.attention import eager_attention
     graph = copy.deepcopy(graph_module.graph)  # (nodes copied, their meta shallow-copied)
-    bindings, handles = python_bindings(), {}
+    bindings = python_bindings()
     for node in graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             if node.target == ATTENTION_OP:
                 node.target = eager_attention
-            elif node.target in bindings:
-                node.target = bindings[node.target]
             else:
-                node.target = handles.get(node.target) or handles.setdefault(
-                    node.target, _Handle(node.target))
+                node.target = bindings.get(node.target) or _Handle.of(node.target)
     return GraphModule(graph_module, graph, class_name=type(graph_module).__name__)
 
 
@@ -105,8 +102,11 @@ class _Handle(functools.partial):
     """An aten op's C++ handle as a call target fx can name: calling it is C all the way (a
     partial without bound arguments), where `OpOverload.__call__` is a Python frame."""
 
-    def __new__(cls, op: torch._ops.OpOverload):
-        handle = super().__new__(cls, op._op)
+    @classmethod
+    @functools.lru_cache(maxsize=None)
+    def of(cls, op: torch._ops.OpOverload) -> "_Handle":
+        """The handle of `op` (one per op, shared by every graph)."""
+        handle = cls(op._op)
         handle.__name__ = str(op).replace(".", "_")  # the generated code's global: aten_mm_default
         handle.__module__ = __name__
         return handle

@@ -4,8 +4,8 @@ against two earlier ways, with the Hugging Face model on its own SDPA path as th
 An exported graph reads every parameter through its module path, one `nn.Module.__getattr__`
 per step (about 1,300 calls per forward of a 12-layer BERT); the runner's view stores them as
 plain attributes. The view runs an eager copy of the graph whose aten ops are called through
-their C++ handles and whose canonical op skips the dispatcher when nothing needs it
-(`runner.eager_graph`). Columns, alternated over `--rounds` rounds (median of the rounds'
+their Python bindings or C++ handles and whose canonical op skips the dispatcher when nothing
+needs it (`runner.eager_graph`). Columns, alternated over `--rounds` rounds (median of the rounds'
 medians): HF sdpa; attnopt; the view of the rewritten graph itself (`view only`, as before the
 eager copy); the rewritten graph called directly (`module paths`, as before the view).
 

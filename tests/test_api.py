@@ -111,9 +111,9 @@ def _dispatched_ops(fn) -> list[str]:
 
 def test_eager_call_runs_the_attention_implementation_without_the_dispatcher():
     """Calls run an eager copy of the rewritten graph (`runner.eager_graph`): aten ops through
-    their Python bindings or C++ handles and the canonical op through `eager_attention`, which calls the device's
-    implementation directly when nothing needs the dispatcher. A gradient to record, or a
-    dispatch mode, goes through the op; results are the same every way."""
+    their Python bindings or C++ handles and the canonical op through `eager_attention`, which
+    calls the device's implementation directly when nothing needs the dispatcher. A gradient
+    to record, or a dispatch mode, goes through the op; results are the same every way."""
     from attnopt.runner import _Handle, python_bindings
     model = Gained().eval()
     x = torch.randn(B, S, E)

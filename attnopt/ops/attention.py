@@ -477,8 +477,7 @@ def _attention_autograd(keyset, *args):
     tensors: no fake or functional tensors, dispatch modes or transforms, which the
     redispatch serves)."""
     args = args + _DEFAULTS[len(args) - 3:]
-    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad
-                                       for a in args):
+    if _gradient_to_record(args):
         return _Differentiable.apply(*args, keyset)
     below = keyset & torch._C._after_autograd_keyset
     backend = _BACKENDS.get(below.highestPriorityTypeId())
@@ -501,13 +500,17 @@ def eager_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
     args = (q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap, window_left,
             alibi_slopes)
     backend = _EAGER_BACKENDS.get(q.device.type)
-    if backend is None or not _plain(q, k, v, attn_mask, alibi_slopes) or (
-            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                         or (attn_mask is not None and attn_mask.requires_grad)
-                                         or (alibi_slopes is not None
-                                             and alibi_slopes.requires_grad))):
+    if backend is None or not _plain(q, k, v, attn_mask, alibi_slopes) \
+            or _gradient_to_record(args):
         return _OP(*args)
     return backend(*args)
+
+
+def _gradient_to_record(args: tuple) -> bool:
+    """Whether autograd records this call of the op: grad mode on, and a tensor argument
+    requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad
+                                           for a in args)
 
 
 def _plain(*tensors) -> bool:
