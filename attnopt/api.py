@@ -318,6 +318,9 @@ class OptimizedModule(nn.Module):
                     f"{region.captured.path or 'the model'} was captured in {mode} mode and "
                     f"has dropout or batch norm, which its graph holds in that mode: calls in "
                     f"{other} mode {then}")
+            unpadded = region.unpadded() if context.site_nodes else None
+            if unpadded is not None:
+                report.notes.append(f"{region.captured.path or 'the model'}: {unpadded.describe()}")
             for site in context.sites:
                 rewrite, why = context.decisions.get(site.name, ("none", "policy 'none': "
                                                                  "detect and report only"))

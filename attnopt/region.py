@@ -35,6 +35,7 @@ from attnopt.passes.evaluate import (
 from attnopt.passes.manager import PassContext, PassManager
 from attnopt.policy import Policy
 from attnopt.runner import eager_graph, fast_view, sync_state
+from attnopt.unpadded import UnpaddedGraphs, unpadded_enabled
 from attnopt.verify import ErrorStats, compare_outputs, format_table, input_draws
 
 
@@ -116,6 +117,8 @@ class Region:
     mode: Optional[bool] = None
     #: the fast view of `rewritten` that calls run (made at the first call)
     _runner: Optional[GraphModule] = field(default=None, repr=False, compare=False)
+    #: the specializations for unpadded batches (`unpadded.py`; False where there are none)
+    _unpadded: Any = field(default=None, repr=False, compare=False)
 
     @property
     def approximations(self) -> dict[str, dict]:
@@ -158,15 +161,35 @@ class Region:
         return (self.mode is None or self.captured.module.training == self.mode) and \
             self.signature.accepts(args, kwargs)
 
-    def runner(self) -> GraphModule:
+    def runner(self, args: Optional[tuple] = None, kwargs: Optional[dict] = None
+               ) -> GraphModule:
         """`rewritten` as calls run it: a view of its eager copy (`runner.eager_graph`,
         `runner.fast_view`; the passes are done by then), or `rewritten` itself under
-        torch.compile."""
+        torch.compile. For a call (`args`, `kwargs`) whose mask inputs are all ones, the view
+        of the copy without the masks that makes redundant (`unpadded.py`)."""
         if torch.compiler.is_compiling():
             return self.rewritten
         if self._runner is None:
-            self._runner = fast_view(eager_graph(self.rewritten))
+            self._runner = make_runner(self.rewritten)
+        unpadded = self.unpadded() if args is not None and unpadded_enabled() else None
+        if unpadded is not None:
+            specialized = unpadded.runner_for(args, kwargs or {})
+            if specialized is not None:
+                return specialized
         return self._runner
+
+    def unpadded(self) -> Optional[UnpaddedGraphs]:
+        """The specializations for unpadded batches, or None where no site has a mask built
+        from mask inputs alone (planned once; the passes are done by then)."""
+        if self._unpadded is None:
+            self._unpadded = UnpaddedGraphs.of(self.rewritten, self.captured.args,
+                                               self.captured.kwargs, make_runner) or False
+        return self._unpadded or None
+
+
+def make_runner(graph_module: GraphModule) -> GraphModule:
+    """What calls run for a rewritten graph: a view of its eager copy (`runner.py`)."""
+    return fast_view(eager_graph(graph_module))
 
 
 def pass_pipeline(policy: Policy) -> list:
@@ -369,7 +392,7 @@ def replay_plan(region: Region, new_name: str, site: str = "") -> EvaluationPlan
 
 
 def call_graph(region: Region, args: tuple, kwargs: dict):
-    runner = region.runner()
+    runner = region.runner(args, kwargs)
     sync_state(runner, region.captured.module)
     return runner(*args, **kwargs)
 

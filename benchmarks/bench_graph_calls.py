@@ -1,19 +1,22 @@
-"""Host cost of calling a rewritten model: how the runner calls it (`attnopt/runner.py`)
-against two earlier ways, with the Hugging Face model on its own SDPA path as the anchor.
+"""Host cost of calling a rewritten model: how the runner calls it (`attnopt/runner.py`,
+`attnopt/unpadded.py`) against earlier ways, with the Hugging Face model on its own SDPA path
+as the anchor.
 
 An exported graph reads every parameter through its module path, one `nn.Module.__getattr__`
 per step (about 1,300 calls per forward of a 12-layer BERT); the runner's view stores them as
 plain attributes. The view runs an eager copy of the graph whose aten ops are called through
 their Python bindings or C++ handles and whose canonical op skips the dispatcher when nothing
-needs it (`runner.eager_graph`). Columns, alternated over `--rounds` rounds (median of the rounds'
-medians): HF sdpa; attnopt; the view of the rewritten graph itself (`view only`, as before the
-eager copy); the rewritten graph called directly (`module paths`, as before the view).
+needs it (`runner.eager_graph`); a call whose attention_mask is all ones runs a copy without
+the masks that makes redundant, and without the code that builds them (`unpadded.py`).
+Columns, alternated over `--rounds` rounds (median of the rounds' medians): HF sdpa; attnopt;
+attnopt with every mask kept (`ATTNOPT_UNPADDED=0`, as before the unpadded copy); the view of
+the rewritten graph itself (`view only`, as before the eager copy).
 
-On CUDA: BERT-base (12 layers × 768, batch 8, bf16, unpadded) and a 4-layer Llama (hidden
-2048, batch 1, bf16, `use_cache=False`) at `--seq` tokens, median CUDA-event latency of one
-forward (`bench_exact_cuda.median_ms`). On CPU: a 12-layer BERT of width 64 on 8 tokens, one
-thread, so that host time is all there is (minimum over 5 runs of 200 forwards).
-Outputs are checked against the HF eager model first.
+On CUDA: BERT-base (12 layers × 768, batch 8, bf16), unpadded and padded (every other row's
+last quarter), and a 4-layer Llama (hidden 2048, batch 1, bf16, `use_cache=False`) at `--seq`
+tokens, median CUDA-event latency of one forward (`bench_exact_cuda.median_ms`). On CPU: a
+12-layer BERT of width 64 on 8 tokens, one thread, so that host time is all there is (minimum
+over 5 runs of 200 forwards). Outputs are checked against the HF eager model first.
 
     PYTHONPATH=.:benchmarks python benchmarks/bench_graph_calls.py [--seq 1024 2048]
 """
@@ -33,26 +36,31 @@ import transformers  # noqa: E402
 import attnopt  # noqa: E402
 from attnopt.region import Region  # noqa: E402
 from attnopt.runner import fast_view  # noqa: E402
+from attnopt.unpadded import UNPADDED_ENV  # noqa: E402
 from bench_exact_cuda import alternated, build, build_bert, median_ms  # noqa: E402
 
 
-class ModulePaths:
-    """Rewritten graphs called as they are, reading parameters through module paths."""
+class MasksKept:
+    """Every call runs the rewritten graph with its masks (no unpadded specialization)."""
 
     def __enter__(self):
-        self.saved = Region.runner
-        Region.runner = lambda region: region.rewritten
+        self.saved = os.environ.get(UNPADDED_ENV)
+        os.environ[UNPADDED_ENV] = "0"
 
     def __exit__(self, *exc):
-        Region.runner = self.saved
+        if self.saved is None:
+            os.environ.pop(UNPADDED_ENV)
+        else:
+            os.environ[UNPADDED_ENV] = self.saved
 
 
 class ViewOnly:
-    """Rewritten graphs called through the view of their module tree, without the eager copy."""
+    """Rewritten graphs called through the view of their module tree, without the eager copy
+    (and without the unpadded specialization, which runs eager copies)."""
 
     def __enter__(self):
         self.saved, views = Region.runner, {}
-        Region.runner = lambda region: views.get(id(region)) or views.setdefault(
+        Region.runner = lambda region, *call: views.get(id(region)) or views.setdefault(
             id(region), fast_view(region.rewritten))
 
     def __exit__(self, *exc):
@@ -80,10 +88,10 @@ def row(name: str, eager, sdpa, kwargs: dict, output, rounds: int, median) -> No
                   for model in (optimized, sdpa)]
     nothing = contextlib.nullcontext
     times = alternated({"sdpa": (sdpa, nothing), "attnopt": (optimized, nothing),
-                        "view": (optimized, ViewOnly), "paths": (optimized, ModulePaths)},
+                        "kept": (optimized, MasksKept), "view": (optimized, ViewOnly)},
                        lambda model: lambda: model(**kwargs), rounds, median)
-    print(f"| {name} | {times['sdpa']:.2f} | {times['attnopt']:.2f} | {times['view']:.2f} | "
-          f"{times['paths']:.2f} | {times['view'] / times['attnopt']:.2f} | "
+    print(f"| {name} | {times['sdpa']:.2f} | {times['attnopt']:.2f} | {times['kept']:.2f} | "
+          f"{times['view']:.2f} | {times['kept'] / times['attnopt']:.2f} | "
           f"{times['sdpa'] / times['attnopt']:.2f} | {errors[0]:.3f}, {errors[1]:.3f} |",
           flush=True)
 
@@ -97,8 +105,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     unit = "ms" if device == "cuda" else "µs"
     print(f"device: {name}; torch {torch.__version__}; transformers {transformers.__version__}")
-    print(f"| model | HF sdpa {unit} | attnopt {unit} | view only {unit} | module paths {unit} "
-          "| view / attnopt | sdpa / attnopt | max abs err vs eager (attnopt, sdpa) |")
+    print(f"| model | HF sdpa {unit} | attnopt {unit} | masks kept {unit} | view only {unit} "
+          "| kept / attnopt | sdpa / attnopt | max abs err vs eager (attnopt, sdpa) |")
     print("|---|---|---|---|---|---|---|---|")
     if device == "cpu":
         torch.set_num_threads(1)
@@ -110,10 +118,13 @@ def main() -> None:
         return
     for seq in args.seq:
         ids = torch.randint(0, 30000, (8, seq), device=device)
-        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        row(f"BERT-base B8, {seq}", build_bert("eager", device, seq),
-            build_bert("sdpa", device, seq), kwargs, lambda out: out.last_hidden_state,
-            args.rounds, median_ms)
+        padded = torch.ones_like(ids)
+        padded[::2, -seq // 4:] = 0  # every other row's last quarter
+        eager, sdpa = build_bert("eager", device, seq), build_bert("sdpa", device, seq)
+        for label, mask in (("", torch.ones_like(ids)), (", padded", padded)):
+            row(f"BERT-base B8, {seq}{label}", eager, sdpa,
+                {"input_ids": ids, "attention_mask": mask}, lambda out: out.last_hidden_state,
+                args.rounds, median_ms)
     eager, sdpa = build("eager", torch.bfloat16), build("sdpa", torch.bfloat16)
     for seq in args.seq:
         kwargs = {"input_ids": torch.randint(0, 32000, (1, seq), device=device),

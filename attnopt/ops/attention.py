@@ -345,6 +345,23 @@ def redundant_mask(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_causal:
         return entry[1][key]
     if attn_mask.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
+    answer = mask_redundancy(attn_mask, is_causal, q_len, kv_len)
+    if cacheable:
+        if entry is None:  # (one finalizer per mask, however often it is written in place)
+            weakref.finalize(attn_mask, _REDUNDANT.pop, id(attn_mask), None)
+        if entry is None or entry[0] != attn_mask._version:
+            entry = _REDUNDANT[id(attn_mask)] = (attn_mask._version, {})
+        entry[1][key] = answer
+    return answer
+
+
+def mask_redundancy(attn_mask: Tensor, is_causal: bool, q_len: Optional[int] = None,
+                    kv_len: Optional[int] = None) -> Optional[bool]:
+    """`redundant_mask`'s answer for `attn_mask` in a call of `q_len` queries over `kv_len`
+    keys (by default the mask's own last two sizes), read from the mask: one synchronization,
+    nothing kept."""
+    q_len = attn_mask.shape[-2] if q_len is None else q_len
+    kv_len = attn_mask.shape[-1] if kv_len is None else kv_len
     boolean = attn_mask.dtype == torch.bool
     shown = attn_mask if boolean else attn_mask == 0
     checks = [shown.all()]
@@ -356,14 +373,7 @@ def redundant_mask(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_causal:
         earlier_SS = band_keep(q_len, kv_len, True, None, attn_mask.device)
         checks.append(torch.where(earlier_SS, shown, later).all())
     hides_none, *hides_later = torch.stack(checks).tolist()  # (one synchronization)
-    answer = is_causal if hides_none else (True if any(hides_later) else None)
-    if cacheable:
-        if entry is None:  # (one finalizer per mask, however often it is written in place)
-            weakref.finalize(attn_mask, _REDUNDANT.pop, id(attn_mask), None)
-        if entry is None or entry[0] != attn_mask._version:
-            entry = _REDUNDANT[id(attn_mask)] = (attn_mask._version, {})
-        entry[1][key] = answer
-    return answer
+    return is_causal if hides_none else (True if any(hides_later) else None)
 
 
 def _attention_cuda(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,

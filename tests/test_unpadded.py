@@ -1,0 +1,182 @@
+"""Graphs specialized for unpadded batches (`attnopt/unpadded.py`): a call whose attention_mask
+is all ones runs a copy of the rewritten graph without the masks that makes redundant and
+without the code that builds them; padded calls, and masks the all-ones input does not make
+redundant, run the rewritten graph with its masks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import attnopt
+from attnopt.ops import ATTENTION_OP
+from attnopt.ops.attention import eager_attention
+from attnopt.passes.heads import site_args
+from attnopt.unpadded import UNPADDED_ENV
+
+TOL = 1e-5  # rewritten against original, float32
+
+
+def _attend(q, k, v, mask):
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    return torch.softmax(scores + mask, dim=-1) @ v
+
+
+class PaddedEncoder(nn.Module):
+    """Two attention layers sharing an additive padding mask built from attention_mask, as
+    Hugging Face encoders build theirs: (B, 1, 1, S) expanded to (B, 1, S, S)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, lookahead: int = -1,
+                 learned_mask: bool = False):
+        super().__init__()
+        self.heads, self.lookahead = heads, lookahead
+        self.proj = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(2))
+        self.bias = nn.Parameter(torch.zeros(1)) if learned_mask else None
+
+    def mask(self, attention_mask, seq):
+        keep = attention_mask[:, None, None, :].bool().expand(-1, 1, seq, seq)
+        if self.lookahead >= 0:  # keys up to `lookahead` after each query only
+            position = torch.arange(seq, device=attention_mask.device)
+            keep = keep & (position[None, :] <= position[:, None] + self.lookahead)
+        mask = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+        return mask if self.bias is None else mask + self.bias
+
+    def forward(self, x, attention_mask):
+        batch, seq, dim = x.shape
+        mask = self.mask(attention_mask, seq)
+        for proj in self.proj:
+            q, k, v = proj(x).view(batch, seq, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            x = x + _attend(q, k, v, mask).transpose(1, 2).reshape(batch, seq, dim)
+        return x
+
+
+def _inputs(batch=2, seq=8, padded=True):
+    x = torch.randn(batch, seq, 16)
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    if padded:
+        attention_mask[1, seq - 3:] = 0
+    return x, attention_mask
+
+
+def _region(optimized):
+    (region,) = optimized._attnopt_state.whole_regions
+    return region
+
+
+def _attention_calls(graph_module) -> list:
+    """The arguments of each canonical attention call (the op, or its eager entry in the
+    copies calls run), padded as `site_args` pads them."""
+    return [site_args(node) for node in graph_module.graph.nodes
+            if node.target in (ATTENTION_OP, eager_attention)]
+
+
+def _masked_sites(graph_module) -> int:
+    return sum(1 for call in _attention_calls(graph_module) if call[3] is not None)
+
+
+@pytest.fixture(autouse=True)
+def _specialization_on(monkeypatch):
+    monkeypatch.delenv(UNPADDED_ENV, raising=False)
+
+
+@torch.no_grad()
+def test_all_ones_mask_runs_the_graph_without_the_mask_build():
+    torch.manual_seed(0)
+    model = PaddedEncoder().eval()
+    example = _inputs()
+    optimized = attnopt.optimize(model, "exact", example_inputs=example)
+    region = _region(optimized)
+    x, ones = _inputs(padded=False)
+
+    out = optimized(x, ones)
+    specialized = region.runner((x, ones), {})
+    assert specialized is not region.runner()
+    assert _masked_sites(region.rewritten) == _masked_sites(region.runner()) == 2
+    assert len(_attention_calls(specialized)) == 2 and _masked_sites(specialized) == 0
+    assert not any(node.target is torch.ops.aten.masked_fill.Scalar
+                   for node in specialized.graph.nodes)  # the mask build is gone
+    assert (out - model(x, ones)).abs().max().item() < TOL
+    assert "attention_mask is all ones" in " ".join(optimized.report.notes)
+    os.environ[UNPADDED_ENV] = "0"
+    assert torch.equal(out, optimized(x, ones))  # what the op's own check gives, bit for bit
+
+
+@torch.no_grad()
+def test_padded_call_keeps_its_mask():
+    torch.manual_seed(0)
+    model = PaddedEncoder().eval()
+    optimized = attnopt.optimize(model, "exact", example_inputs=_inputs())
+    region = _region(optimized)
+    x, padded = _inputs()
+    ones = torch.ones_like(padded)
+    optimized(x, ones)  # (the same shape, all ones: the copy without masks exists)
+    assert region.runner((x, padded), {}) is region.runner()
+    assert (optimized(x, padded) - model(x, padded)).abs().max().item() < TOL
+
+
+@torch.no_grad()
+def test_each_input_shape_is_evaluated_and_shares_the_copy():
+    torch.manual_seed(0)
+    model = PaddedEncoder().eval()
+    optimized = attnopt.optimize(model, "exact", example_inputs=_inputs(), dynamic=True)
+    region = _region(optimized)
+    for seq in (8, 12, 8):
+        x, ones = _inputs(seq=seq, padded=False)
+        assert (optimized(x, ones) - model(x, ones)).abs().max().item() < TOL
+    unpadded = region.unpadded()
+    assert len(unpadded._answers) == 2  # one evaluation per shape
+    assert len(unpadded._runners) == 1  # the same answers: one copy
+    assert set(dict(next(iter(unpadded._answers.values()))).values()) == {False}
+
+
+@torch.no_grad()
+def test_mask_that_stays_needed_with_all_ones_is_kept():
+    """A lookahead band: all ones leave a mask that neither hides nothing nor is causal."""
+    torch.manual_seed(0)
+    model = PaddedEncoder(lookahead=2).eval()
+    optimized = attnopt.optimize(model, "exact", example_inputs=_inputs())
+    region = _region(optimized)
+    x, ones = _inputs(padded=False)
+    out = optimized(x, ones)
+    assert region.unpadded() is not None
+    assert set(dict(next(iter(region.unpadded()._answers.values()))).values()) == {None}
+    assert region.runner((x, ones), {}) is region.runner()
+    assert (out - model(x, ones)).abs().max().item() < TOL
+
+
+@torch.no_grad()
+def test_causal_padding_mask_becomes_causal():
+    """A decoder's causal mask with padding: all ones leave the causal mask alone, which the
+    copy runs as `is_causal`."""
+    torch.manual_seed(0)
+    model = PaddedEncoder(lookahead=0).eval()
+    optimized = attnopt.optimize(model, "exact", example_inputs=_inputs())
+    region = _region(optimized)
+    x, ones = _inputs(padded=False)
+    out = optimized(x, ones)
+    specialized = region.runner((x, ones), {})
+    sites = _attention_calls(specialized)
+    assert len(sites) == 2 and all(s[3] is None and s[4] is True for s in sites)
+    assert (out - model(x, ones)).abs().max().item() < TOL
+
+
+def test_masks_from_input_ids_or_parameters_are_not_specialized():
+    torch.manual_seed(0)
+
+    class FromIds(PaddedEncoder):
+        def forward(self, x, ids):  # padding where ids == 0: ids are no mask input
+            return super().forward(x, (ids != 0).long())
+    ids = torch.randint(1, 50, (2, 8))
+    ids[1, 5:] = 0
+    optimized = attnopt.optimize(FromIds().eval(), "exact",
+                                 example_inputs=(torch.randn(2, 8, 16), ids))
+    region = _region(optimized)
+    assert region.unpadded() is None
+
+    learned = PaddedEncoder(learned_mask=True)
+    optimized = attnopt.optimize(learned, "exact", example_inputs=_inputs())
+    region = _region(optimized)
+    assert region.unpadded() is None
