@@ -110,15 +110,36 @@ def checked_and_timed(fns: dict, truth: torch.Tensor, grad: torch.Tensor, backwa
 
 class MaskKept:
     """The canonical op as before it dropped redundant masks (an unpadded batch's):
-    `ops/attention.redundant_mask` switched off, so SDPA reads the mask."""
+    `ops/attention.redundant_mask` switched off, so SDPA reads the mask, and no unpadded copy
+    of the graph (`MaskBuilt`)."""
 
     def __enter__(self):
         import sys
+        self.built = MaskBuilt()
+        self.built.__enter__()
         self.ops = sys.modules["attnopt.ops.attention"]  # (the package's `attention` is the op)
         self.saved, self.ops.redundant_mask = self.ops.redundant_mask, lambda *args: None
 
     def __exit__(self, *exc):
         self.ops.redundant_mask = self.saved
+        self.built.__exit__(*exc)
+
+
+class MaskBuilt:
+    """Every call runs the rewritten graph with its masks (`ATTNOPT_UNPADDED=0`): an unpadded
+    batch's mask is built, then dropped by the op (`redundant_mask`)."""
+
+    def __enter__(self):
+        from attnopt.unpadded import UNPADDED_ENV
+        self.saved = os.environ.get(UNPADDED_ENV)
+        os.environ[UNPADDED_ENV] = "0"
+
+    def __exit__(self, *exc):
+        from attnopt.unpadded import UNPADDED_ENV
+        if self.saved is None:
+            os.environ.pop(UNPADDED_ENV, None)
+        else:
+            os.environ[UNPADDED_ENV] = self.saved
 
 
 def alternated(columns: dict, fn, rounds: int, median=median_ms) -> dict:
