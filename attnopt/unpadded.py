@@ -167,7 +167,9 @@ class UnpaddedGraphs:
 def all_ones(masks: list[torch.Tensor]) -> bool:
     """Whether every element of these integer or boolean tensors is 1 (one synchronization)."""
     checks = [(m if m.dtype == torch.bool else m == 1).all() for m in masks]
-    return bool(checks[0] if len(checks) == 1 else torch.stack(checks).all())
+    if len(checks) == 1:
+        return bool(checks[0])
+    return bool(torch.stack([c.to(checks[0].device) for c in checks]).all())
 
 
 def _is_mask_input(value) -> bool:

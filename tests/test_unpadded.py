@@ -180,3 +180,32 @@ def test_masks_from_input_ids_or_parameters_are_not_specialized():
     optimized = attnopt.optimize(learned, "exact", example_inputs=_inputs())
     region = _region(optimized)
     assert region.unpadded() is None
+
+
+class TwoMasks(nn.Module):
+    """Two sites, each with a mask from its own attention_mask (an encoder's and a
+    decoder's, as in encoder-decoder models): the copy runs only when both are all ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.decoder = PaddedEncoder(), PaddedEncoder(lookahead=0)
+
+    def forward(self, x, attention_mask, decoder_attention_mask):
+        return self.decoder(self.encoder(x, attention_mask), decoder_attention_mask)
+
+
+@torch.no_grad()
+def test_every_mask_input_must_be_all_ones():
+    torch.manual_seed(0)
+    model = TwoMasks().eval()
+    x, padded = _inputs()
+    optimized = attnopt.optimize(model, "exact", example_inputs=(x, padded, padded.clone()))
+    region = _region(optimized)
+    ones = torch.ones_like(padded)
+    assert len(region.unpadded().inputs) == 2
+    for masks in ((ones, padded), (padded, ones), (ones, ones)):
+        out = optimized(x, *masks)
+        assert (out - model(x, *masks)).abs().max().item() < TOL
+        copy = region.runner((x, *masks), {})
+        assert (copy is not region.runner()) == (masks[0] is ones and masks[1] is ones)
+    assert _masked_sites(region.runner((x, ones, ones), {})) == 0
