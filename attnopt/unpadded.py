@@ -34,10 +34,12 @@ import torch
 from torch.fx import GraphModule, Node
 
 from attnopt.passes.evaluate import evaluate_subgraph, flat_inputs
-from attnopt.passes.fx_utils import eliminate_dead_code, value_ancestors
+from attnopt.passes.fx_utils import eliminate_dead_code, unique_attr, value_ancestors
 
 #: the canonical op's argument positions (`passes.heads.site_args`)
-MASK_ARG, IS_CAUSAL_ARG, WINDOW_ARG = 3, 4, 8
+MASK_ARG, IS_CAUSAL_ARG, WINDOW_ARG, ALIBI_ARG = 3, 4, 8, 9
+#: the answer's tag for a mask that is ALiBi on a causal mask: (ALIBI, slopes)
+ALIBI = "alibi"
 #: "0" turns the specialization off (every call runs the rewritten graph with its masks)
 UNPADDED_ENV = "ATTNOPT_UNPADDED"
 
@@ -127,30 +129,47 @@ class UnpaddedGraphs:
                                       dict(zip(placeholders, values)))
         answers = []
         for name, mask in zip(names, masks):
-            is_causal = bool(site_args(nodes[name])[IS_CAUSAL_ARG])
-            answers.append((name, mask_redundancy(mask, is_causal)
-                            if isinstance(mask, torch.Tensor) else None))
+            answer = None
+            if isinstance(mask, torch.Tensor):
+                answer = mask_redundancy(mask, bool(site_args(nodes[name])[IS_CAUSAL_ARG]))
+                if answer is None:
+                    slopes = causal_alibi(mask)
+                    answer = None if slopes is None else (ALIBI, slopes)
+            answers.append((name, answer))
         return tuple(answers)
 
-    def specialized(self, answers: dict[str, Optional[bool]]) -> GraphModule:
-        """A copy of the rewritten graph in which each site with an answer has no mask and that
-        answer as `is_causal`, without the code only those masks needed."""
+    def specialized(self, answers: dict) -> GraphModule:
+        """A copy of the rewritten graph in which each site with an answer has no mask, and
+        that answer as `is_causal` or, for `(ALIBI, slopes)`, causal attention with those
+        ALiBi slopes; without the code only those masks needed."""
+        from attnopt.passes.heads import site_args
         graph = _copy_graph(self.rewritten)
-        for node in graph.nodes:
+        specialized = GraphModule(self.rewritten, graph,
+                                  class_name=type(self.rewritten).__name__)
+        first = next(n for n in graph.nodes if n.op != "placeholder")
+        buffers: dict[tuple, Node] = {}
+        for node in list(graph.nodes):
             answer = answers.get(node.name)
             if answer is None:
                 continue
-            call = list(node.args)
-            kwargs = dict(node.kwargs)
-            for position, name, value in ((MASK_ARG, "attn_mask", None),
-                                          (IS_CAUSAL_ARG, "is_causal", answer)):
-                if position < len(call):
-                    call[position] = value
-                elif name in kwargs or value is not None:
-                    kwargs[name] = value
-            node.args, node.kwargs = tuple(call), kwargs
-        specialized = GraphModule(self.rewritten, graph,
-                                  class_name=type(self.rewritten).__name__)
+            call = site_args(node)
+            call[MASK_ARG] = None
+            if isinstance(answer, tuple):  # (ALIBI, slopes)
+                heads = call[0].meta["val"].shape[1]
+                slopes = answer[1] * heads if len(answer[1]) == 1 else answer[1]
+                if slopes not in buffers:  # (one buffer per set of slopes: layers share it)
+                    name = unique_attr(specialized, "attnopt_unpadded_alibi_slopes")
+                    specialized.register_buffer(name, torch.tensor(
+                        slopes, dtype=torch.float32, device=call[0].meta["val"].device))
+                    with graph.inserting_before(first):
+                        buffers[slopes] = graph.get_attr(name)
+                call[ALIBI_ARG] = buffers[slopes]
+                call[IS_CAUSAL_ARG] = True
+            else:
+                call[IS_CAUSAL_ARG] = answer
+            while len(call) > len(node.args) and call[-1] is None:
+                call.pop()  # (trailing defaults stay implicit)
+            node.args, node.kwargs = tuple(call), {}
         eliminate_dead_code(specialized)
         specialized.recompile()
         return specialized
@@ -170,6 +189,36 @@ def all_ones(masks: list[torch.Tensor]) -> bool:
     if len(checks) == 1:
         return bool(checks[0])
     return bool(torch.stack([c.to(checks[0].device) for c in checks]).all())
+
+
+def causal_alibi(mask: torch.Tensor) -> Optional[tuple[float, ...]]:
+    """Per-head slopes `s` where a float mask (B|1, H|1, S, S) shows exactly the keys up to
+    each query, with `s[h] * j + c[.., h, i]` there: ALiBi on a causal mask as BLOOM, MPT and
+    Falcon write it (the canonical op's `-s[h] * |i - j|` plus a constant per row, which
+    softmax ignores; `masks.fit_alibi` accepts the same masks). Read on the mask's device,
+    one synchronization; the slopes come from the last row (which sees every key) and must
+    hold at every shown position to ALIBI_ULPS of the row's magnitude. None otherwise, or
+    where every slope is 0."""
+    from attnopt.passes.masks import ALIBI_ULPS, MASKED_THRESHOLD
+    if mask.dtype == torch.bool or mask.dim() != 4 or mask.shape[-1] != mask.shape[-2] or \
+            mask.shape[-1] < 2:
+        return None
+    length = mask.shape[-1]
+    values = mask.float()
+    first = values[:1]  # (the batch rows must all be the first's)
+    shown = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril_()
+    slopes = (first[0, :, -1, -1] - first[0, :, -1, 0]) / (length - 1)  # (H,)
+    keys = torch.arange(length, device=mask.device, dtype=torch.float32)
+    expected = first[..., :, :1] + slopes[:, None, None] * keys  # c[h, i] + s[h] * j
+    magnitude = first.abs().masked_fill(~shown, 0.0).amax(-1, keepdim=True).clamp(min=1.0)
+    tolerance = ALIBI_ULPS * torch.finfo(torch.float32).eps * magnitude
+    fits = torch.where(shown, (first - expected).abs() <= tolerance, True).all()
+    checks = torch.stack([fits, ((values > MASKED_THRESHOLD) == shown).all(),
+                          (values == first).all()])
+    result = torch.cat([checks.all().reshape(1).float(), slopes]).tolist()  # (one sync)
+    if not result[0] or not any(result[1:]):
+        return None
+    return tuple(result[1:])
 
 
 def _is_mask_input(value) -> bool:

@@ -20,15 +20,19 @@ Two parts, anchors in the same run, correctness (against float32) before timing:
   the model's dtype (bfloat16: off the line beyond 256 keys), so in half precision its bias
   stays additive. Logits against a float32 copy; medians of 25 CUDA-event timings after 5
   warm-ups.
+- `mask`: the same MPT called with an attention_mask (all ones, and padded), whose ALiBi
+  the graph then keeps as a dense bias: the unpadded copy (`attnopt/unpadded.py`) against
+  the masks built (`ATTNOPT_UNPADDED=0`) and HF eager, three alternated rounds.
 - `train`: the same MPT, one fine-tuning step (forward, cross-entropy on shifted tokens,
   backward) before and after `optimize`, which trains through the canonical op's autograd;
   the loss and the gradient of the first layer's attention projection compared.
 
-    PYTHONPATH=. python benchmarks/bench_alibi.py [--parts ops e2e]
+    PYTHONPATH=.:benchmarks python benchmarks/bench_alibi.py [--parts ops e2e mask train]
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,7 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 import attnopt  # noqa: E402,F401  (registers torch.ops.attnopt)
 from attnopt.kernels import flash_attention  # noqa: E402
 from bench_exact_cuda import (  # noqa: E402
-    canonical_calls, checked_and_timed, median_ms, run_parts,
+    MaskBuilt, alternated, canonical_calls, checked_and_timed, median_ms, run_parts,
 )
 
 HEADS, HEAD_DIM, TOKENS = 16, 128, 16384
@@ -158,6 +162,48 @@ def e2e() -> None:
             print(optimized.report, flush=True)
 
 
+def mask() -> None:
+    """The same MPT called with an attention_mask, as a tokenizer's batch is: all ones, and
+    padded (the first row's first 100 tokens). The mask then depends on the input, so the
+    rewritten graph keeps it as a dense additive bias; an all-ones call runs the unpadded copy
+    (`attnopt/unpadded.py`), which finds the ALiBi slopes in it. `masks built`:
+    `ATTNOPT_UNPADDED=0`. Three alternated rounds (median of the rounds' medians)."""
+    model = build_mpt(torch.bfloat16)
+    reference = build_mpt(torch.float32)
+    print(f"\n**MPT (4 layers, hidden 2048, 16 heads), batch {E2E_BATCH}, with an "
+          "attention_mask**, ms:\n")
+    print("| seq | attention_mask | HF eager ms | attnopt, masks built ms | attnopt ms "
+          "| eager / attnopt | masks built / attnopt | calls with slopes "
+          "| max abs err vs fp32 (eager, attnopt) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    nothing = contextlib.nullcontext
+    for seq in E2E_SEQS:
+        for label in ("all ones", "padded"):
+            ids = torch.randint(0, 32000, (E2E_BATCH, seq), device="cuda")
+            attention_mask = torch.ones_like(ids)
+            if label == "padded":
+                attention_mask[0, :100] = 0
+            kwargs = {"input_ids": ids, "attention_mask": attention_mask, "use_cache": False}
+            optimized = attnopt.optimize(model, "exact", example_kwargs=kwargs)
+            fresh = dict(kwargs, input_ids=torch.randint(0, 32000, (E2E_BATCH, seq),
+                                                         device="cuda"))
+            with torch.no_grad():
+                shown = attention_mask.bool()  # (padded rows' logits are not compared)
+                truth = reference(**fresh).logits[shown]
+                with canonical_calls() as calls:
+                    got = optimized(**fresh).logits[shown]
+                errors = [(out.float() - truth).abs().max().item()
+                          for out in (model(**fresh).logits[shown], got)]
+            times = alternated({"eager": (model, nothing), "built": (optimized, MaskBuilt),
+                                "attnopt": (optimized, nothing)},
+                               lambda m: lambda: m(**fresh), 3)
+            with_slopes = sum(len(args) > 9 and args[9] is not None for args in calls)
+            print(f"| {seq} | {label} | {times['eager']:.2f} | {times['built']:.2f} | "
+                  f"{times['attnopt']:.2f} | {times['eager'] / times['attnopt']:.2f} | "
+                  f"{times['built'] / times['attnopt']:.2f} | {with_slopes}/{len(calls)} | "
+                  f"{errors[0]:.3f}, {errors[1]:.3f} |", flush=True)
+
+
 def train() -> None:
     model = build_mpt(torch.bfloat16)
     print(f"\n**MPT fine-tuning step (forward + loss + backward), batch {E2E_BATCH}**, ms:\n")
@@ -190,4 +236,4 @@ def train() -> None:
 
 
 if __name__ == "__main__":
-    run_parts({"ops": ops, "e2e": e2e, "train": train})
+    run_parts({"ops": ops, "e2e": e2e, "mask": mask, "train": train})

@@ -394,6 +394,19 @@ def test_a_float32_bias_on_half_precision_scores_stays_float32():
     assert optimized.report.verification["passed"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels run on CUDA")
+def test_a_float32_bias_on_half_precision_scores_runs_the_kernel_on_cuda():
+    """SDPA has no fused kernel for a float32 bias on bfloat16 q (the reference runs it
+    unfused): the default mode sends the call to the kernel, which adds it in float32."""
+    from attnopt.ops.attention import KERNEL_BACKEND
+    model = WideBias().cuda().eval()
+    model.bias.requires_grad_(False)  # (a mask that needs a gradient stays on SDPA)
+    examples = tuple(t.to("cuda", torch.bfloat16) for t in _qkv())
+    optimized = attnopt.optimize(model, "exact", example_inputs=examples)
+    assert [r.backend for r in optimized.report.sites] == [KERNEL_BACKEND]
+    assert optimized.report.verification["passed"]
+
+
 def test_mpt_in_bfloat16_carries_its_float32_alibi_as_slopes():
     """MPT adds a float32 ALiBi to bfloat16 scores; at 300 keys rounding it to bfloat16 moves
     scores by up to 1 (verification failed that way). Fitted from float32, it is exact."""

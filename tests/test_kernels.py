@@ -198,6 +198,9 @@ def test_backend_choice_by_mode(monkeypatch):
     assert kernel_skip_reason(q, q, q, mask, is_causal=True, window_left=3) is None
     # a band as long as the call (a short call of a dynamic capture): plain causal, SDPA's
     assert "fused SDPA" in kernel_skip_reason(q, q, q, is_causal=True, window_left=15)
+    # a float bias wider than q (MPT's float32 ALiBi, padded): SDPA has no fused kernel for it
+    assert kernel_skip_reason(q, q, q, _fake_cuda(2, 4, 16, 16, dtype=torch.float32)) is None
+    assert "fused SDPA" in kernel_skip_reason(q, q, q, _fake_cuda(2, 4, 16, 16, dtype=q.dtype))
     monkeypatch.setenv(KERNELS_ENV, "always")
     assert kernel_skip_reason(q, q, q) is None
     assert "dtype" in kernel_skip_reason(*(_fake_cuda(2, 4, 16, 64, dtype=torch.float64),) * 3)

@@ -209,3 +209,81 @@ def test_every_mask_input_must_be_all_ones():
         copy = region.runner((x, *masks), {})
         assert (copy is not region.runner()) == (masks[0] is ones and masks[1] is ones)
     assert _masked_sites(region.runner((x, ones, ones), {})) == 0
+
+
+class AlibiDecoder(PaddedEncoder):
+    """A causal mask with padding plus ALiBi's key-position bias `slope[h] * j`, built from
+    attention_mask as BLOOM, MPT and Falcon build theirs (per head: (B, H, S, S))."""
+
+    def __init__(self, lookahead: int = 0, per_row: bool = False, power: float = 1.0):
+        super().__init__(lookahead=lookahead)
+        self.per_row = per_row  # slopes scaled by 1 + the batch row (no model does this)
+        self.power = power  # a bias growing as j ** power: not ALiBi unless 1
+        self.register_buffer("slopes", 2.0 ** -torch.arange(1, self.heads + 1).float())
+
+    def mask(self, attention_mask, seq):
+        position = torch.arange(seq, device=attention_mask.device, dtype=torch.float32)
+        alibi = self.slopes[:, None, None] * position ** self.power  # (H, 1, S)
+        if self.per_row:
+            rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)
+            alibi = alibi * (1 + rows.float())[:, None, None, None]
+        return super().mask(attention_mask, seq) + alibi
+
+
+@torch.no_grad()
+def test_all_ones_alibi_mask_becomes_causal_attention_with_slopes():
+    torch.manual_seed(0)
+    model = AlibiDecoder().eval()
+    optimized = attnopt.optimize(model, "exact", example_inputs=_inputs())
+    region = _region(optimized)
+    x, ones = _inputs(padded=False)
+    out = optimized(x, ones)
+    specialized = region.runner((x, ones), {})
+    calls = _attention_calls(specialized)
+    assert len(calls) == 2 and all(c[3] is None and c[4] is True for c in calls)
+    slopes = {node.target: getattr(specialized, node.target) for node in specialized.graph.nodes
+              if node.op == "get_attr" and "alibi" in node.target}
+    assert len(slopes) == 1
+    assert torch.equal(next(iter(slopes.values())), model.slopes)
+    assert (out - model(x, ones)).abs().max().item() < TOL
+    x, padded = _inputs()
+    assert region.runner((x, padded), {}) is region.runner()
+    assert (optimized(x, padded) - model(x, padded)).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("options", [{"lookahead": 2}, {"per_row": True}, {"power": 1.5}],
+                         ids=["band", "per-row-slopes", "not-linear"])
+@torch.no_grad()
+def test_bias_that_is_not_causal_alibi_keeps_its_mask(options):
+    """A band wider than causal, slopes that differ between batch rows, a bias that does not
+    grow linearly along the keys: no slopes stand for such a mask."""
+    torch.manual_seed(0)
+    model = AlibiDecoder(**options).eval()
+    optimized = attnopt.optimize(model, "exact", example_inputs=_inputs())
+    region = _region(optimized)
+    x, ones = _inputs(padded=False)
+    assert (optimized(x, ones) - model(x, ones)).abs().max().item() < TOL
+    assert set(dict(next(iter(region.unpadded()._answers.values()))).values()) == {None}
+
+
+@torch.no_grad()
+def test_hugging_face_alibi_decoders_run_slopes_on_unpadded_batches():
+    """BLOOM and MPT build their ALiBi from attention_mask: an all-ones batch runs the
+    canonical op's ALiBi from slopes instead of the dense bias."""
+    transformers = pytest.importorskip("transformers")
+    ids = torch.randint(3, 100, (2, 8))
+    ones = torch.ones(2, 8, dtype=torch.long)
+    for config in (transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4),
+                   transformers.MptConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4,
+                                          max_seq_len=32, expansion_ratio=2)):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        kwargs = {"input_ids": ids, "attention_mask": ones, "use_cache": False}
+        optimized = attnopt.optimize(model, "exact", example_kwargs=kwargs)
+        out = optimized(**kwargs).logits
+        assert (out - model(**kwargs).logits).abs().max().item() < TOL
+        region = _region(optimized)
+        answers = dict(next(iter(region.unpadded()._answers.values())))
+        assert len(answers) == 2 and all(a[0] == "alibi" for a in answers.values())
+        calls = _attention_calls(region.runner((), kwargs))
+        assert all(c[3] is None and c[4] is True and c[9] is not None for c in calls)

@@ -104,7 +104,9 @@ def kernel_skip_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tens
     read a dense mask where the kernel reads the band), and so is ALiBi (`alibi`: the call has
     slopes; SDPA would read the bias materialized); a mask with `is_causal` is one from
     MIN_CAUSAL_MASK_KERNEL_QUERIES queries on: SDPA would need the two merged into a dense
-    mask, and reads all of it, where the kernel skips the blocks above the diagonal.
+    mask, and reads all of it, where the kernel skips the blocks above the diagonal. So is a
+    float bias wider than q (`wider_bias`: MPT's float32 ALiBi with a padded batch), which
+    SDPA takes only rounded to q's type and the reference then computes unfused.
 
     Reads only metadata, so it answers for fake tensors at optimize time exactly as it does for
     real ones at run time.
@@ -129,7 +131,8 @@ def kernel_skip_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tens
     from attnopt.kernels.params import unsupported_reason
     reason = unsupported_reason(q, k, v)
     if effective_window(q.shape[-2], window_left) is None and reason is None \
-            and mode == "auto" and softcap is None and not alibi and sdpa_alternative:
+            and mode == "auto" and softcap is None and not alibi and sdpa_alternative \
+            and not wider_bias(q, attn_mask):
         queries = q.shape[-2]
         if not (is_causal and attn_mask is not None):
             return ("PyTorch's fused SDPA runs this call and measured faster than the generated "
@@ -139,6 +142,13 @@ def kernel_skip_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tens
                     f"{MIN_CAUSAL_MASK_KERNEL_QUERIES} the kernel's launch costs more than the "
                     f"blocks it skips (docs/BENCHMARKS.md); {KERNELS_ENV}=always forces it")
     return reason
+
+
+def wider_bias(q: Tensor, attn_mask: Optional[Tensor]) -> bool:
+    """Whether `attn_mask` is a float bias of another type than q's (a model's float32 bias on
+    half-precision scores, which canonicalization keeps): SDPA has no fused kernel for it, and
+    the kernels add it in float32 as they load it."""
+    return attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != q.dtype
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
@@ -153,8 +163,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
         # SDPA takes a mask or is_causal, and knows no window: fold them into one mask
         keep = band_keep(q.shape[-2], k.shape[-2], is_causal, window_left, q.device)
         attn_mask, is_causal = with_keep_mask(attn_mask, keep), False
-    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != q.dtype \
-            and alibi_slopes is None:
+    if wider_bias(q, attn_mask) and alibi_slopes is None:
         # a float32 bias on half-precision q (canonicalization keeps a model's wider bias):
         # SDPA wants them alike, and rounding the bias would move large scores by units
         return _manual_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
