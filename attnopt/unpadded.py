@@ -16,9 +16,11 @@ graph's inputs, where it is one small reduction:
   `redundant_mask` gives their masks; the mask build is dead code there and gone.
 - What the masks amount to is evaluated, never assumed: on the first all-ones call of each
   input shape the mask producers run on that call's inputs (the producers alone), and their
-  answers choose the copy. A site whose mask is still needed (a window longer than the
-  example, a mask that ignores the attention_mask) keeps it. Copies are kept per set of
-  answers, so every shape of an encoder shares one.
+  answers choose the copy. A mask that is ALiBi on a causal mask (BLOOM, MPT and Falcon build
+  theirs from the attention_mask) is replaced by its slopes (`causal_alibi`). A site whose
+  mask is still needed (a window longer than the example, a mask that ignores the
+  attention_mask) keeps it. Copies are kept per set of answers, so every shape of an encoder
+  shares one.
 
 Calls that are padded, that run under torch.compile or CUDA-graph capture, or that a graph
 without such sites serves, run the rewritten graph as before.
