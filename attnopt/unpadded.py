@@ -119,8 +119,9 @@ class UnpaddedGraphs:
         return runner
 
     def _evaluate(self, values: list) -> tuple:
-        """((site, the is_causal that stands for its mask, or None), ...) for these inputs:
-        the mask producers run alone."""
+        """((site, answer), ...) for these inputs, the mask producers run alone. An answer is
+        the `is_causal` that stands for the site's mask, `(ALIBI, slopes)` where the mask is
+        ALiBi on a causal mask, or None where the mask is needed."""
         from attnopt.ops.attention import mask_redundancy
         from attnopt.passes.heads import site_args
         placeholders = [n.name for n in self.rewritten.graph.nodes if n.op == "placeholder"]
@@ -181,8 +182,9 @@ class UnpaddedGraphs:
         names = ", ".join(placeholders[i] for i in self.inputs)
         verb = "is" if len(self.inputs) == 1 else "are"
         return (f"calls whose {names} {verb} all ones run a copy of the graph in which up to "
-                f"{len(self.sites)} site(s) drop a mask that all ones make redundant, and the "
-                f"code that builds it (checked once per input shape)")
+                f"{len(self.sites)} site(s) drop a mask that all ones make redundant (or ALiBi "
+                f"on a causal mask: its slopes instead), and the code that builds it (checked "
+                f"once per input shape)")
 
 
 def all_ones(masks: list[torch.Tensor]) -> bool:

@@ -97,6 +97,8 @@ CASES = {
     "layout_causal": Case(q_len=128, kv_len=128, kwargs=dict(causal=True), extra=_layout(64)),
     "float16_causal": Case(dtype=torch.float16, q_len=64, kv_len=80,
                            kwargs=dict(causal=True, causal_alignment="bottom_right")),
+    # a float32 bias on half-precision q (MPT's padded ALiBi): added in float32 by the kernels
+    "float16_float32_bias": Case(dtype=torch.float16, batch=2, extra=_additive_bias),
 }
 
 
