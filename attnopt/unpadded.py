@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -61,7 +62,7 @@ class UnpaddedGraphs:
         self.sites = sites            # canonical node name -> its mask node
         self._make_runner = make_runner
         self._answers: dict[tuple, tuple] = {}      # input shapes -> the sites' answers
-        self._runners: dict[tuple, GraphModule] = {}  # answers -> runner
+        self._runners: dict[tuple, Optional[GraphModule]] = {}  # answers -> runner
 
     @classmethod
     def of(cls, rewritten: GraphModule, args: tuple, kwargs: dict,
@@ -110,13 +111,25 @@ class UnpaddedGraphs:
                        else repr(v) for v in values)
         answers = self._answers.get(shapes)
         if answers is None:
-            answers = self._answers[shapes] = self._evaluate(values)
+            answers = self._answers[shapes] = self._guarded(self._evaluate, values) or ()
         if all(answer is None for _, answer in answers):
             return None
-        runner = self._runners.get(answers)
-        if runner is None:
-            runner = self._runners[answers] = self._make_runner(self.specialized(dict(answers)))
-        return runner
+        if answers not in self._runners:  # (None kept where making it failed)
+            self._runners[answers] = self._guarded(
+                lambda: self._make_runner(self.specialized(dict(answers))))
+        return self._runners[answers]
+
+    @staticmethod
+    def _guarded(function, *args):
+        """`function(*args)`, or None with a warning where it fails: the call then runs the
+        rewritten graph with its masks, as it would without this specialization."""
+        try:
+            return function(*args)
+        except Exception as error:  # noqa: BLE001 - an optimization never fails a call
+            warnings.warn(f"attnopt: the unpadded copy of a graph is off for these inputs "
+                          f"({type(error).__name__}: {error}); the graph runs with its masks",
+                          RuntimeWarning, stacklevel=3)
+            return None
 
     def _evaluate(self, values: list) -> tuple:
         """((site, answer), ...) for these inputs, the mask producers run alone. An answer is

@@ -6,6 +6,7 @@ redundant, run the rewritten graph with its masks."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -287,3 +288,25 @@ def test_hugging_face_alibi_decoders_run_slopes_on_unpadded_batches():
         assert len(answers) == 2 and all(a[0] == "alibi" for a in answers.values())
         calls = _attention_calls(region.runner((), kwargs))
         assert all(c[3] is None and c[4] is True and c[9] is not None for c in calls)
+
+
+@pytest.mark.parametrize("failing", ["_evaluate", "specialized"])
+@torch.no_grad()
+def test_a_failing_specialization_warns_once_and_runs_the_graph(monkeypatch, failing):
+    """The copy is an optimization: where evaluating the masks or making the copy fails, the
+    call runs the rewritten graph with its masks, with one warning."""
+    from attnopt.unpadded import UnpaddedGraphs
+    torch.manual_seed(0)
+    model = PaddedEncoder().eval()
+    optimized = attnopt.optimize(model, "exact", example_inputs=_inputs())
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("broken")
+    monkeypatch.setattr(UnpaddedGraphs, failing, fail)
+    x, ones = _inputs(padded=False)
+    with pytest.warns(RuntimeWarning, match="unpadded copy"):
+        out = optimized(x, ones)
+    assert (out - model(x, ones)).abs().max().item() < TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert torch.equal(optimized(x, ones), out)  # (no second warning)
