@@ -54,9 +54,9 @@ class PaddedEncoder(nn.Module):
         return x
 
 
-def _inputs(batch=2, seq=8, padded=True):
-    x = torch.randn(batch, seq, 16)
-    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+def _inputs(batch=2, seq=8, padded=True, dim=16, device="cpu"):
+    x = torch.randn(batch, seq, dim, device=device)
+    attention_mask = torch.ones(batch, seq, dtype=torch.long, device=device)
     if padded:
         attention_mask[1, seq - 3:] = 0
     return x, attention_mask
@@ -216,8 +216,9 @@ class AlibiDecoder(PaddedEncoder):
     """A causal mask with padding plus ALiBi's key-position bias `slope[h] * j`, built from
     attention_mask as BLOOM, MPT and Falcon build theirs (per head: (B, H, S, S))."""
 
-    def __init__(self, lookahead: int = 0, per_row: bool = False, power: float = 1.0):
-        super().__init__(lookahead=lookahead)
+    def __init__(self, lookahead: int = 0, per_row: bool = False, power: float = 1.0,
+                 **sizes):
+        super().__init__(lookahead=lookahead, **sizes)
         self.per_row = per_row  # slopes scaled by 1 + the batch row (no model does this)
         self.power = power  # a bias growing as j ** power: not ALiBi unless 1
         self.register_buffer("slopes", 2.0 ** -torch.arange(1, self.heads + 1).float())
@@ -310,3 +311,26 @@ def test_a_failing_specialization_warns_once_and_runs_the_graph(monkeypatch, fai
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         assert torch.equal(optimized(x, ones), out)  # (no second warning)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@torch.no_grad()
+def test_copies_on_each_device(device):
+    """The padding mask dropped and ALiBi turned into slopes where the model runs: on CUDA the
+    check, the evaluation and the fit read device tensors, and the slopes run the kernel (head
+    dim 32, float32)."""
+    for model in (PaddedEncoder(dim=64, heads=2), AlibiDecoder(dim=64, heads=2)):
+        torch.manual_seed(0)
+        model = model.to(device).eval()
+        optimized = attnopt.optimize(model, "exact", example_inputs=_inputs(
+            seq=64, dim=64, device=device))
+        region = _region(optimized)
+        x, ones = _inputs(seq=64, padded=False, dim=64, device=device)
+        out = optimized(x, ones)
+        assert (out - model(x, ones)).abs().max().item() < TOL
+        calls = _attention_calls(region.runner((x, ones), {}))
+        assert len(calls) == 2 and all(c[3] is None for c in calls)
+        if isinstance(model, AlibiDecoder):
+            assert all(c[4] is True and c[9] is not None for c in calls)
+        x, padded = _inputs(seq=64, dim=64, device=device)
+        assert (optimized(x, padded) - model(x, padded)).abs().max().item() < TOL
