@@ -105,11 +105,13 @@ class UnpaddedGraphs:
             return None
         if any(m.is_cuda for m in masks) and torch.cuda.is_current_stream_capturing():
             return None  # (reading the inputs cannot synchronize there)
-        if not all_ones(masks):
-            return None
         shapes = tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor)
                        else repr(v) for v in values)
         answers = self._answers.get(shapes)
+        if answers is not None and all(answer is None for _, answer in answers):
+            return None  # (no copy at this shape: the inputs need not be read)
+        if not all_ones(masks):
+            return None
         if answers is None:
             answers = self._answers[shapes] = self._guarded(self._evaluate, values) or ()
         if all(answer is None for _, answer in answers):

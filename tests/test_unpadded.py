@@ -134,18 +134,27 @@ def test_each_input_shape_is_evaluated_and_shares_the_copy():
 
 
 @torch.no_grad()
-def test_mask_that_stays_needed_with_all_ones_is_kept():
-    """A lookahead band: all ones leave a mask that neither hides nothing nor is causal."""
+def test_mask_that_stays_needed_with_all_ones_is_kept(monkeypatch):
+    """A lookahead band: all ones leave a mask that neither hides nothing nor is causal. Once
+    that is known for a shape, calls of that shape no longer read their mask inputs."""
+    import attnopt.unpadded as unpadded
     torch.manual_seed(0)
     model = PaddedEncoder(lookahead=2).eval()
     optimized = attnopt.optimize(model, "exact", example_inputs=_inputs())
     region = _region(optimized)
+    reads = []
+    all_ones = unpadded.all_ones
+    monkeypatch.setattr(unpadded, "all_ones", lambda masks: reads.append(1) or all_ones(masks))
     x, ones = _inputs(padded=False)
     out = optimized(x, ones)
     assert region.unpadded() is not None
     assert set(dict(next(iter(region.unpadded()._answers.values()))).values()) == {None}
     assert region.runner((x, ones), {}) is region.runner()
     assert (out - model(x, ones)).abs().max().item() < TOL
+    assert len(reads) == 1
+    x, padded = _inputs()
+    assert (optimized(x, padded) - model(x, padded)).abs().max().item() < TOL
+    assert len(reads) == 1  # (the same shape: nothing to gain from reading the inputs)
 
 
 @torch.no_grad()
