@@ -166,7 +166,7 @@ class Region:
         """`rewritten` as calls run it: a view of its eager copy (`runner.eager_graph`,
         `runner.fast_view`; the passes are done by then), or `rewritten` itself under
         torch.compile. For a call (`args`, `kwargs`) whose mask inputs are all ones, the view
-        of the copy without the masks that makes redundant (`unpadded.py`)."""
+        of the copy without the masks that all ones make redundant (`unpadded.py`)."""
         if torch.compiler.is_compiling():
             return self.rewritten
         if self._runner is None:

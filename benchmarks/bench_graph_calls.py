@@ -7,7 +7,8 @@ per step (about 1,300 calls per forward of a 12-layer BERT); the runner's view s
 plain attributes. The view runs an eager copy of the graph whose aten ops are called through
 their Python bindings or C++ handles and whose canonical op skips the dispatcher when nothing
 needs it (`runner.eager_graph`); a call whose attention_mask is all ones runs a copy without
-the masks that makes redundant, and without the code that builds them (`unpadded.py`).
+the masks that all ones make redundant, and without the code that builds them
+(`unpadded.py`).
 Columns, alternated over `--rounds` rounds (median of the rounds' medians): HF sdpa; attnopt;
 attnopt with every mask kept (`ATTNOPT_UNPADDED=0`, as before the unpadded copy); the view of
 the rewritten graph itself (`view only`, as before the eager copy).
