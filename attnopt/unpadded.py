@@ -36,8 +36,11 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
+from attnopt.passes.classify import is_mask_like, reads_trainable_parameter
 from attnopt.passes.evaluate import evaluate_subgraph, flat_inputs
-from attnopt.passes.fx_utils import eliminate_dead_code, unique_attr, value_ancestors
+from attnopt.passes.fx_utils import (
+    eliminate_dead_code, unique_attr, value_ancestors, value_sources,
+)
 
 #: the canonical op's argument positions (`passes.heads.site_args`)
 MASK_ARG, IS_CAUSAL_ARG, WINDOW_ARG, ALIBI_ARG = 3, 4, 8, 9
@@ -70,8 +73,8 @@ class UnpaddedGraphs:
         """The specialization of `rewritten` (examples `args`, `kwargs`), or None where no site's
         mask depends on mask inputs alone. `make_runner(graph_module)` turns a specialized
         copy into what calls run."""
-        from attnopt.passes.heads import site_args
         from attnopt.ops import ATTENTION_OP
+        from attnopt.passes.heads import site_args
         placeholders = [n for n in rewritten.graph.nodes if n.op == "placeholder"]
         examples = flat_inputs(rewritten, args, kwargs)
         mask_inputs = {node for node, value in zip(placeholders, examples)
@@ -84,10 +87,9 @@ class UnpaddedGraphs:
             mask = call[MASK_ARG]
             if not isinstance(mask, Node) or call[WINDOW_ARG] is not None:
                 continue  # (a windowed call keeps its mask: `redundant_mask` does too)
-            producers = value_ancestors([mask])
-            sources = {n for n in producers if n.op == "placeholder"}
+            sources = value_sources([mask])
             if sources and sources <= mask_inputs and \
-                    not _reads_trainable(rewritten, producers):
+                    not reads_trainable_parameter(rewritten, [mask]):
                 sites[node.name] = mask
         if not sites:
             return None
@@ -161,7 +163,7 @@ class UnpaddedGraphs:
         that answer as `is_causal` or, for `(ALIBI, slopes)`, causal attention with those
         ALiBi slopes; without the code only those masks needed."""
         from attnopt.passes.heads import site_args
-        graph = _copy_graph(self.rewritten)
+        graph = copy.deepcopy(self.rewritten.graph)  # (nodes copied, meta shallow-copied)
         specialized = GraphModule(self.rewritten, graph,
                                   class_name=type(self.rewritten).__name__)
         first = next(n for n in graph.nodes if n.op != "placeholder")
@@ -242,24 +244,5 @@ def causal_alibi(mask: torch.Tensor) -> Optional[tuple[float, ...]]:
 
 def _is_mask_input(value) -> bool:
     """A boolean or integer input that holds only 0 and 1 (an attention_mask)."""
-    if not isinstance(value, torch.Tensor) or value.is_floating_point() or \
-            value.is_complex() or value.numel() == 0:
-        return False
-    return value.dtype == torch.bool or bool(((value == 0) | (value == 1)).all())
-
-
-def _reads_trainable(graph_module: GraphModule, nodes: set[Node]) -> bool:
-    """Whether any of `nodes` reads a parameter that requires grad (a mask learned in
-    training is no function of the inputs alone)."""
-    for node in nodes:
-        if node.op == "get_attr":
-            value = graph_module
-            for part in node.target.split("."):
-                value = getattr(value, part, None)
-            if isinstance(value, torch.Tensor) and value.requires_grad:
-                return True
-    return False
-
-
-def _copy_graph(graph_module: GraphModule) -> torch.fx.Graph:
-    return copy.deepcopy(graph_module.graph)  # (nodes copied, their meta shallow-copied)
+    return isinstance(value, torch.Tensor) and not value.is_floating_point() and \
+        is_mask_like(value)

@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import os
 import statistics
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -108,6 +109,13 @@ def checked_and_timed(fns: dict, truth: torch.Tensor, grad: torch.Tensor, backwa
     return times, errors
 
 
+def MaskBuilt():  # noqa: N802 - a context-manager class to callers (`alternated`)
+    """Every call runs the rewritten graph with its masks (`ATTNOPT_UNPADDED=0`): an unpadded
+    batch's mask is built, then dropped by the op (`redundant_mask`)."""
+    from attnopt.unpadded import UNPADDED_ENV
+    return mock.patch.dict(os.environ, {UNPADDED_ENV: "0"})
+
+
 class MaskKept:
     """The canonical op as before it dropped redundant masks (an unpadded batch's):
     `ops/attention.redundant_mask` switched off, so SDPA reads the mask, and no unpadded copy
@@ -123,23 +131,6 @@ class MaskKept:
     def __exit__(self, *exc):
         self.ops.redundant_mask = self.saved
         self.built.__exit__(*exc)
-
-
-class MaskBuilt:
-    """Every call runs the rewritten graph with its masks (`ATTNOPT_UNPADDED=0`): an unpadded
-    batch's mask is built, then dropped by the op (`redundant_mask`)."""
-
-    def __enter__(self):
-        from attnopt.unpadded import UNPADDED_ENV
-        self.saved = os.environ.get(UNPADDED_ENV)
-        os.environ[UNPADDED_ENV] = "0"
-
-    def __exit__(self, *exc):
-        from attnopt.unpadded import UNPADDED_ENV
-        if self.saved is None:
-            os.environ.pop(UNPADDED_ENV, None)
-        else:
-            os.environ[UNPADDED_ENV] = self.saved
 
 
 def alternated(columns: dict, fn, rounds: int, median=median_ms) -> dict:

@@ -37,22 +37,9 @@ import transformers  # noqa: E402
 import attnopt  # noqa: E402
 from attnopt.region import Region  # noqa: E402
 from attnopt.runner import fast_view  # noqa: E402
-from attnopt.unpadded import UNPADDED_ENV  # noqa: E402
-from bench_exact_cuda import alternated, build, build_bert, median_ms  # noqa: E402
-
-
-class MasksKept:
-    """Every call runs the rewritten graph with its masks (no unpadded specialization)."""
-
-    def __enter__(self):
-        self.saved = os.environ.get(UNPADDED_ENV)
-        os.environ[UNPADDED_ENV] = "0"
-
-    def __exit__(self, *exc):
-        if self.saved is None:
-            os.environ.pop(UNPADDED_ENV)
-        else:
-            os.environ[UNPADDED_ENV] = self.saved
+from bench_exact_cuda import (  # noqa: E402
+    MaskBuilt, alternated, build, build_bert, median_ms,
+)
 
 
 class ViewOnly:
@@ -89,7 +76,7 @@ def row(name: str, eager, sdpa, kwargs: dict, output, rounds: int, median) -> No
                   for model in (optimized, sdpa)]
     nothing = contextlib.nullcontext
     times = alternated({"sdpa": (sdpa, nothing), "attnopt": (optimized, nothing),
-                        "kept": (optimized, MasksKept), "view": (optimized, ViewOnly)},
+                        "kept": (optimized, MaskBuilt), "view": (optimized, ViewOnly)},
                        lambda model: lambda: model(**kwargs), rounds, median)
     print(f"| {name} | {times['sdpa']:.2f} | {times['attnopt']:.2f} | {times['kept']:.2f} | "
           f"{times['view']:.2f} | {times['kept'] / times['attnopt']:.2f} | "

@@ -67,6 +67,15 @@ def _region(optimized):
     return region
 
 
+def _optimized(model_class, **options):
+    """A `model_class(**options)` in eval mode (seeded weights), optimized on a padded example:
+    (model, optimized model, its region)."""
+    torch.manual_seed(0)
+    model = model_class(**options).eval()
+    optimized = attnopt.optimize(model, "exact", example_inputs=_inputs())
+    return model, optimized, _region(optimized)
+
+
 def _attention_calls(graph_module) -> list:
     """The arguments of each canonical attention call (the op, or its eager entry in the
     copies calls run), padded as `site_args` pads them."""
@@ -85,11 +94,7 @@ def _specialization_on(monkeypatch):
 
 @torch.no_grad()
 def test_all_ones_mask_runs_the_graph_without_the_mask_build():
-    torch.manual_seed(0)
-    model = PaddedEncoder().eval()
-    example = _inputs()
-    optimized = attnopt.optimize(model, "exact", example_inputs=example)
-    region = _region(optimized)
+    model, optimized, region = _optimized(PaddedEncoder)
     x, ones = _inputs(padded=False)
 
     out = optimized(x, ones)
@@ -107,10 +112,7 @@ def test_all_ones_mask_runs_the_graph_without_the_mask_build():
 
 @torch.no_grad()
 def test_padded_call_keeps_its_mask():
-    torch.manual_seed(0)
-    model = PaddedEncoder().eval()
-    optimized = attnopt.optimize(model, "exact", example_inputs=_inputs())
-    region = _region(optimized)
+    model, optimized, region = _optimized(PaddedEncoder)
     x, padded = _inputs()
     ones = torch.ones_like(padded)
     optimized(x, ones)  # (the same shape, all ones: the copy without masks exists)
@@ -138,10 +140,7 @@ def test_mask_that_stays_needed_with_all_ones_is_kept(monkeypatch):
     """A lookahead band: all ones leave a mask that neither hides nothing nor is causal. Once
     that is known for a shape, calls of that shape no longer read their mask inputs."""
     import attnopt.unpadded as unpadded
-    torch.manual_seed(0)
-    model = PaddedEncoder(lookahead=2).eval()
-    optimized = attnopt.optimize(model, "exact", example_inputs=_inputs())
-    region = _region(optimized)
+    model, optimized, region = _optimized(PaddedEncoder, lookahead=2)
     reads = []
     all_ones = unpadded.all_ones
     monkeypatch.setattr(unpadded, "all_ones", lambda masks: reads.append(1) or all_ones(masks))
@@ -161,10 +160,7 @@ def test_mask_that_stays_needed_with_all_ones_is_kept(monkeypatch):
 def test_causal_padding_mask_becomes_causal():
     """A decoder's causal mask with padding: all ones leave the causal mask alone, which the
     copy runs as `is_causal`."""
-    torch.manual_seed(0)
-    model = PaddedEncoder(lookahead=0).eval()
-    optimized = attnopt.optimize(model, "exact", example_inputs=_inputs())
-    region = _region(optimized)
+    model, optimized, region = _optimized(PaddedEncoder, lookahead=0)
     x, ones = _inputs(padded=False)
     out = optimized(x, ones)
     specialized = region.runner((x, ones), {})
@@ -243,10 +239,7 @@ class AlibiDecoder(PaddedEncoder):
 
 @torch.no_grad()
 def test_all_ones_alibi_mask_becomes_causal_attention_with_slopes():
-    torch.manual_seed(0)
-    model = AlibiDecoder().eval()
-    optimized = attnopt.optimize(model, "exact", example_inputs=_inputs())
-    region = _region(optimized)
+    model, optimized, region = _optimized(AlibiDecoder)
     x, ones = _inputs(padded=False)
     out = optimized(x, ones)
     specialized = region.runner((x, ones), {})
@@ -268,10 +261,7 @@ def test_all_ones_alibi_mask_becomes_causal_attention_with_slopes():
 def test_bias_that_is_not_causal_alibi_keeps_its_mask(options):
     """A band wider than causal, slopes that differ between batch rows, a bias that does not
     grow linearly along the keys: no slopes stand for such a mask."""
-    torch.manual_seed(0)
-    model = AlibiDecoder(**options).eval()
-    optimized = attnopt.optimize(model, "exact", example_inputs=_inputs())
-    region = _region(optimized)
+    model, optimized, region = _optimized(AlibiDecoder, **options)
     x, ones = _inputs(padded=False)
     assert (optimized(x, ones) - model(x, ones)).abs().max().item() < TOL
     assert set(dict(next(iter(region.unpadded()._answers.values()))).values()) == {None}
@@ -306,9 +296,7 @@ def test_a_failing_specialization_warns_once_and_runs_the_graph(monkeypatch, fai
     """The copy is an optimization: where evaluating the masks or making the copy fails, the
     call runs the rewritten graph with its masks, with one warning."""
     from attnopt.unpadded import UnpaddedGraphs
-    torch.manual_seed(0)
-    model = PaddedEncoder().eval()
-    optimized = attnopt.optimize(model, "exact", example_inputs=_inputs())
+    model, optimized, _ = _optimized(PaddedEncoder)
 
     def fail(*args, **kwargs):
         raise RuntimeError("broken")

@@ -93,7 +93,7 @@ class ClassifyMasks:
         info = classify_mask(mask, is_causal=match.is_causal, q_len=q_len, kv_len=kv_len,
                              depends_on_input=depends_on_input, depends_on_data=depends_on_data)
         if info.constant and mask.is_floating_point() and \
-                _reads_trainable_parameter(graph_module, term_nodes):
+                reads_trainable_parameter(graph_module, term_nodes):
             # a learned bias (BEiT's, T5's relative position table) is a fact of the weights
             # only until they are trained: a zero-initialized table would otherwise be dropped
             # as "none", and fine-tuning through the rewrite would never move it
@@ -157,7 +157,7 @@ class ClassifyMasks:
         times ((False, False) when it has no such input to vary)."""
         term_nodes = [t.node for t in match.mask_terms]
         generator = torch.Generator().manual_seed(0)
-        varied = [n for n in sources if _is_mask_like(inputs.get(n.name))]
+        varied = [n for n in sources if is_mask_like(inputs.get(n.name))]
         if not varied:
             return False, False
         windowed = window is not None
@@ -192,7 +192,7 @@ class ClassifyMasks:
         """The width of an input-dependent causal mask's window at PROBE_LENGTH, when it has
         one by construction: a window with every mask-like input all on (no padding), and
         inside that window with them drawn at random, CAUSAL_PROBES times. None otherwise."""
-        mask_like = {n.name for n in sources if _is_mask_like(inputs.get(n.name))}
+        mask_like = {n.name for n in sources if is_mask_like(inputs.get(n.name))}
         if not mask_like:
             return None
         q_len, kv_len = self._lengths_at(match, symbolic_dims)
@@ -262,7 +262,7 @@ class ClassifyMasks:
                           eager_emit)
 
 
-def _reads_trainable_parameter(graph_module: GraphModule, nodes: list[Node]) -> bool:
+def reads_trainable_parameter(graph_module: GraphModule, nodes: list[Node]) -> bool:
     """Whether the values of `nodes` are computed from a parameter that requires grad (a
     mask built as `full_like(weight, -inf).triu(1)` reads only its shape)."""
     for node in value_ancestors(nodes):
@@ -297,7 +297,7 @@ def _is_mask_input(value) -> bool:
     return bool(((value == 0) | (value <= MASKED_THRESHOLD)).all())
 
 
-def _is_mask_like(value) -> bool:
+def is_mask_like(value) -> bool:
     """An input that is a mask itself: 0/1 integers or booleans, or a 0 / masked-out float."""
     if not isinstance(value, torch.Tensor) or value.numel() == 0:
         return False
