@@ -6,6 +6,10 @@ causal). Shapes follow the issue: bf16, hidden 2048 (heads = 2048 / head dim), 1
 (batch = 16K / n), n in {1K, 4K, 16K}, causal and not; decode shapes (one query over a 32K–128K
 KV cache, GQA 32/8 heads, head dim 128); forward and forward+backward.
 
+"attnopt" is `flash_attention`: on a Hopper GPU its plain and causal calls at head dim 64/128
+run the warp-specialized Gluon kernel (`kernels/flash_hopper.py`) from its `MIN_LENGTH`, and
+"attnopt-triton" is the same call with that kernel off (`flash.py`'s Triton kernel).
+
 Correctness first: every implementation's output against a float32 reference on fresh random
 inputs (max abs error printed in the table). Times are medians of `triton.testing.do_bench`;
 TFLOP/s counts 4·B·H·Sq·Sk·D for the forward (half where causal) and 2.5× that for the backward.
@@ -32,6 +36,7 @@ import os
 import platform
 import statistics
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +44,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnopt.kernels import flash_attention, tuning
+from attnopt.kernels.flash import flash_hopper
 
 HIDDEN = 2048
 TOTAL_TOKENS = 16384
@@ -105,6 +111,11 @@ def implementations(causal: bool, q_len: int, kv_len: int, enable_gqa: bool,
     impls = int8_implementations(causal) if int8 else {
         "attnopt": lambda q, k, v: flash_attention(q, k, v, causal=causal,
                                                    causal_alignment=alignment)}
+    if not int8 and flash_hopper is not None:
+        def triton_kernel(q, k, v):  # flash.py's kernel where the Hopper kernel would run
+            with mock.patch.dict(os.environ, {flash_hopper.ENV: "0"}):
+                return flash_attention(q, k, v, causal=causal, causal_alignment=alignment)
+        impls["attnopt-triton"] = triton_kernel
     for name, backend in SDPA_BACKENDS.items():
         if causal and q_len != kv_len:
             continue  # SDPA's is_causal is top-left aligned: a different computation

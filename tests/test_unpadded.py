@@ -42,7 +42,7 @@ class PaddedEncoder(nn.Module):
         if self.lookahead >= 0:  # keys up to `lookahead` after each query only
             position = torch.arange(seq, device=attention_mask.device)
             keep = keep & (position[None, :] <= position[:, None] + self.lookahead)
-        mask = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+        mask = torch.zeros(keep.shape, device=keep.device).masked_fill(~keep, torch.finfo(torch.float32).min)
         return mask if self.bias is None else mask + self.bias
 
     def forward(self, x, attention_mask):

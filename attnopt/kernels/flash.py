@@ -30,6 +30,11 @@ from attnopt.kernels.reference import flash_attention_reference
 from attnopt.kernels.tiles import BIAS_NONE, LOG2E, NEG_INF, key_band, score_tile
 from attnopt.kernels.tuning import launch
 
+try:  # Gluon (Triton >= 3.5) builds the warp-specialized Hopper forward
+    from attnopt.kernels import flash_hopper
+except ImportError:
+    flash_hopper = None
+
 # --------------------------------------------------------------------------- configs
 
 INTERPRETER_BLOCK = 32  # the interpreter runs one config; small tiles keep tests fast
@@ -361,6 +366,9 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
     (B, Hkv, ⌈Sk/k_block⌉) (`ops/quantized.py` makes them), and every score is their int32
     product times the two blocks' scales; v and the output stay in v's dtype."""
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    if quant is None and flash_hopper is not None \
+            and flash_hopper.hopper_reason(q, k, v, params) is None:
+        return flash_hopper.hopper_forward(q, k, v, params)
     out = torch.empty(q.shape[:-1] + v.shape[-1:], device=q.device, dtype=v.dtype)
     lse = torch.empty((params.batch, params.heads, params.q_len), device=q.device,
                       dtype=torch.float32)

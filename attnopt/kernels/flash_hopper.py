@@ -1,0 +1,371 @@
+"""The exact forward on Hopper GPUs (sm_90): a warp-specialized kernel written in Gluon.
+
+Triton's compiler schedules `flash.py`'s kernel in the same warps for everything: address
+arithmetic, loads, both matmuls and the softmax. Hopper's fastest attention kernels split
+that work between warps instead, and Triton 3.6 does not build that schedule for Hopper
+(docs/BENCHMARKS.md, "TMA descriptor loads and warp specialization"). Gluon, Triton's
+tile-level language with explicit layouts, shared memory, mbarriers and warp partitions, does.
+
+Each program computes 64·CONSUMERS query rows of one (batch, head):
+- the producer partition (one warp) TMA-loads the program's Q (one 64-row tile per consumer)
+  and the K/V tiles into a ring of STAGES buffers. Barriers `k_ready` / `v_ready` say a stage
+  is full; `kv_empty` (one arrive from each consumer) says it may be refilled;
+- each consumer partition (one warpgroup) owns 64 rows: Q·Kᵀ on wgmma from shared memory,
+  the online softmax in registers, P·V with P from registers. With OVERLAP, tile j's Q·Kᵀ is
+  issued together with tile j−1's P·V, so tile j's softmax runs while the tensor cores work
+  (FlashAttention-3's intra-warpgroup overlap). The other consumers' softmax fills the
+  tensor cores' gaps too;
+- each consumer writes its output rows through its Q buffer (TMA store), and its base-2
+  log-sum-exp as `flash.py`'s kernel does, so `flash_backward` runs on it unchanged.
+
+`hopper_reason` says when a call runs here (None) and why not otherwise. It needs fp16/bf16,
+head dim 64 or 128, no bias, ALiBi, key lengths, window, layout or soft-cap, and a causal
+offset >= 0 (every row sees a key). GQA is supported. Shorter sequences than `MIN_LENGTH`
+stay on `flash.py`'s kernel, which was as fast there. Lengths may be anything: 4-D TMA
+descriptors over the (B, H, S, D) strides zero-fill the tails, keys past the end are masked,
+and the store clips rows past the end. Everything else runs `flash.py`'s kernel.
+`ATTNOPT_HOPPER_FORWARD=0` turns this kernel off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from attnopt.kernels.params import BIAS_NONE, AttentionParams, cdiv, interpreting
+
+ENV = "ATTNOPT_HOPPER_FORWARD"
+LOG2E = 1.4426950408889634
+ROWS = 64  # query rows per consumer warpgroup: one wgmma M
+PRODUCER_REGS = 24  # the fewest registers a warpgroup can be given
+REGISTER_FILE = 65536  # 32-bit registers per SM
+
+# The TMA copies were renamed in Triton 3.7 (async_copy_* -> async_load / async_store).
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
+
+@dataclass(frozen=True)
+class HopperConfig:
+    block_n: int      # keys per tile
+    stages: int       # K/V tiles in flight
+    overlap: bool     # tile j's Q·Kᵀ issued with tile j−1's P·V
+    consumers: int    # consumer warpgroups (64 query rows each)
+
+    def registers(self) -> tuple[int, int]:
+        """(maxnreg for the kernel, registers per consumer worker): the producer warpgroup
+        keeps PRODUCER_REGS and the consumers share the rest of the register file."""
+        threads = 128 * (self.consumers + 1)
+        maxnreg = REGISTER_FILE // threads // 8 * 8
+        consumer = (REGISTER_FILE - 128 * PRODUCER_REGS) // (128 * self.consumers) // 8 * 8
+        return maxnreg, min(consumer, 240)
+
+
+#: per head dim, the config that did best across lengths in a sweep on the H100
+#: (docs/BENCHMARKS.md, "The warp-specialized Hopper forward")
+CONFIGS = {128: HopperConfig(block_n=128, stages=3, overlap=True, consumers=2),
+           64: HopperConfig(block_n=128, stages=3, overlap=False, consumers=3)}
+#: the shortest query and key lengths that run here, per head dim: below them flash.py's
+#: kernel was as fast or faster in the same sweep
+MIN_LENGTH = {128: 1024, 64: 4096}
+
+
+# --------------------------------------------------------------------------- kernel
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+              b, h, h_kv, q0, n_tiles,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+    mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+    for c in gl.static_range(CONSUMERS):
+        _tma_load(q_desc, [b, h, q0 + c * 64, 0], q_bar, q_smem.index(c))
+    for i in range(n_tiles):
+        s = i % STAGES
+        mbarrier.wait(kv_empty.index(s), ((i // STAGES) & 1) ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        _tma_load(k_desc, [b, h_kv, i * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        _tma_load(v_desc, [b, h_kv, i * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _softmax_tile(qk, m_i, l_i, row0, col0, seq_k, offset, qk_scale, masked,
+                  CAUSAL: gl.constexpr, layout: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Online-softmax step on one tile of raw scores: (p, m, l, alpha), in base 2."""
+    if masked:  # keys past the end, or past the causal diagonal
+        cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+        visible = cols[None, :] < seq_k
+        if CAUSAL:
+            rows = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+            visible = visible & (cols[None, :] <= rows[:, None] + offset)
+        qk = gl.where(visible, qk, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(qk, axis=1) * qk_scale)
+    p = gl.exp2(qk * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _consume(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+             b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
+             C: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+             STAGES: gl.constexpr, OVERLAP: gl.constexpr, CAUSAL: gl.constexpr):
+    """Consumer C: query rows [q0 + 64·C, q0 + 64·C + 64)."""
+    dtype: gl.constexpr = o_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    row0 = q0 + C * 64
+    # tiles before n_full are visible to all 64 rows: no mask evaluation there
+    n_full = seq_k // BLOCK_N
+    if CAUSAL:
+        n_full = gl.minimum(n_full, (row0 + offset + 1) // BLOCK_N)
+    q_tile = q_smem.index(C)
+    q = q_tile.reshape([64, HEAD_DIM])
+    m_i = gl.full([64], float("-inf"), gl.float32, layout=s_rows)
+    l_i = gl.full([64], 0.0, gl.float32, layout=s_rows)
+    acc = gl.zeros([64, HEAD_DIM], gl.float32, layout=o_layout)
+    no_scores = gl.zeros([64, BLOCK_N], gl.float32, layout=s_layout)
+    mbarrier.wait(q_bar, 0)
+
+    if OVERLAP:
+        mbarrier.wait(k_ready.index(0), 0)
+        qk = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                           no_scores, use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(0, deps=(qk, ))
+        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, row0, 0, seq_k, offset, qk_scale,
+                                           n_full == 0, CAUSAL, s_layout, BLOCK_N)
+        for i in range(1, n_tiles):
+            s = i % STAGES
+            prev = (i - 1) % STAGES
+            mbarrier.wait(k_ready.index(s), (i // STAGES) & 1)
+            qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                               no_scores, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((i - 1) // STAGES) & 1)
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout),
+                                v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc,
+                                is_async=True)
+            qk = warpgroup_mma_wait(1, deps=(qk, ))
+            p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, row0, i * BLOCK_N, seq_k, offset,
+                                               qk_scale, i >= n_full, CAUSAL, s_layout, BLOCK_N)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            mbarrier.arrive(kv_empty.index(prev), count=1)
+            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+        last = (n_tiles - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout),
+                            v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(kv_empty.index(last), count=1)
+    else:
+        for i in range(n_tiles):
+            s = i % STAGES
+            phase = (i // STAGES) & 1
+            mbarrier.wait(k_ready.index(s), phase)
+            qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
+                               no_scores, use_acc=False, is_async=True)
+            qk = warpgroup_mma_wait(0, deps=(qk, ))
+            p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, row0, i * BLOCK_N, seq_k, offset,
+                                               qk_scale, i >= n_full, CAUSAL, s_layout, BLOCK_N)
+            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+            mbarrier.wait(v_ready.index(s), phase)
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout),
+                                v_smem.index(s).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            mbarrier.arrive(kv_empty.index(s), count=1)
+
+    acc = acc / gl.convert_layout(l_i, o_rows)[:, None]
+    rows = row0 + gl.arange(0, 64, layout=s_rows)
+    gl.store(lse_ptr + bh * seq_q + rows, m_i + gl.log2(l_i), mask=rows < seq_q)
+    # Q is read no more: its buffer carries the output tile to the TMA store, which clips
+    # rows past the end
+    q.store(acc.to(dtype))
+    fence_async_shared()
+    _tma_store(o_desc, [b, h, row0, 0], q_tile)
+    tma.store_wait(0)
+
+
+# Partitions are separate functions: the consumer index is a compile-time constant in each.
+
+@gluon.jit
+def _consumer0(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+               b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, BLOCK_N: gl.constexpr,
+               HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+               CAUSAL: gl.constexpr):
+    _consume(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, b, h,
+             bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, 0, BLOCK_N, HEAD_DIM, STAGES,
+             OVERLAP, CAUSAL)
+
+
+@gluon.jit
+def _consumer1(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+               b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, BLOCK_N: gl.constexpr,
+               HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+               CAUSAL: gl.constexpr):
+    _consume(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, b, h,
+             bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, 1, BLOCK_N, HEAD_DIM, STAGES,
+             OVERLAP, CAUSAL)
+
+
+@gluon.jit
+def _consumer2(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
+               b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, BLOCK_N: gl.constexpr,
+               HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+               CAUSAL: gl.constexpr):
+    _consume(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, b, h,
+             bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, 2, BLOCK_N, HEAD_DIM, STAGES,
+             OVERLAP, CAUSAL)
+
+
+@gluon.jit
+def _hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, heads, group, seq_q, seq_k,
+                           offset, qk_scale,
+                           BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                           OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
+                           CONSUMER_REGS: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    pid_m = gl.program_id(0)
+    if CAUSAL:  # late query blocks see the most keys: schedule them first
+        pid_m = gl.num_programs(0) - 1 - pid_m
+    bh = gl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    q0 = pid_m * (64 * CONSUMERS)
+    kv_end = seq_k
+    if CAUSAL:
+        kv_end = gl.minimum(seq_k, q0 + 64 * CONSUMERS + offset)
+    n_tiles = gl.cdiv(kv_end, BLOCK_N)
+
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=CONSUMERS)
+
+    # (the argument tuples are written out in each call: a tuple built first would carry the
+    # constexprs as run-time values)
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_consumer0, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                          kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
+                          BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
+            (_consumer1, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                          kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
+                          BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                         kv_empty, b, h, h // group, q0, n_tiles, BLOCK_N, STAGES, CONSUMERS)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+    else:
+        gl.warp_specialize([
+            (_consumer0, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                          kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
+                          BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
+            (_consumer1, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                          kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
+                          BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
+            (_consumer2, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                          kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
+                          BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                         kv_empty, b, h, h // group, q0, n_tiles, BLOCK_N, STAGES, CONSUMERS)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
+
+
+# --------------------------------------------------------------------------- selection
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _device_reason(device: torch.device) -> Optional[str]:
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return f"compute capability {major}.{minor}; this kernel is built for Hopper (9.x)"
+    return None
+
+
+def spec_reason(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> Optional[str]:
+    """Why a call's spec and tensors do not fit this kernel (None when they do), device aside."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (fp16 and bf16 run here)"
+    if params.head_dim not in CONFIGS:
+        return f"head dim {params.head_dim} (runs {sorted(CONFIGS)})"
+    if params.bias_kind != BIAS_NONE or params.slopes_BH is not None or params.softcap is not None \
+            or params.kv_lengths is not None or params.layout is not None or params.has_left:
+        return "a bias, ALiBi, soft-cap, key lengths, window or block layout"
+    if params.has_right and (params.window_right != 0 or params.offset < 0):
+        return "a causal band other than the diagonal at offset >= 0"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(
+                (s * t.element_size()) % 16 for s in t.stride()[:-1]):
+            return f"{name}'s strides or address are not 16-byte aligned for TMA"
+    return None
+
+
+def hopper_reason(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> Optional[str]:
+    """Why this call does not run on the warp-specialized kernel, or None when it does."""
+    if not enabled():
+        return f"{ENV}=0"
+    if q.device.type != "cuda" or interpreting():
+        return "runs on CUDA devices only (not the interpreter)"
+    return _device_reason(q.device) or spec_reason(q, k, v, params) or length_reason(params)
+
+
+def length_reason(params: AttentionParams) -> Optional[str]:
+    """Why a call this kernel can run is still left to flash.py's (None when it is not)."""
+    shortest = MIN_LENGTH[params.head_dim]
+    if min(params.q_len, params.kv_len) < shortest:
+        return (f"sequences shorter than {shortest} at head dim {params.head_dim} run as fast "
+                "on flash.py's kernel")
+    return None
+
+
+# --------------------------------------------------------------------------- launcher
+
+def _descriptor(t: Tensor, rows: int) -> TensorDescriptor:
+    block = [1, 1, rows, t.shape[-1]]
+    dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+
+def hopper_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
+                   config: Optional[HopperConfig] = None) -> tuple[Tensor, Tensor]:
+    """(out_BHSD, lse_BHS) as `flash.flash_forward` returns them; `hopper_reason` must be None."""
+    config = config or CONFIGS[params.head_dim]
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = torch.empty((params.batch, params.heads, params.q_len), device=q.device,
+                      dtype=torch.float32)
+    maxnreg, consumer_regs = config.registers()
+    grid = (cdiv(params.q_len, ROWS * config.consumers), params.batch * params.heads)
+    _hopper_forward_kernel[grid](
+        _descriptor(q, ROWS), _descriptor(k, config.block_n), _descriptor(v, config.block_n),
+        _descriptor(out, ROWS), lse, params.heads, params.group, params.q_len, params.kv_len,
+        params.offset, params.scale * LOG2E,
+        BLOCK_N=config.block_n, HEAD_DIM=params.head_dim, STAGES=config.stages,
+        OVERLAP=config.overlap, CONSUMERS=config.consumers, CAUSAL=params.has_right,
+        CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg)
+    return out, lse
