@@ -43,6 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnopt.kernels.params import BIAS_NONE, AttentionParams, cdiv, interpreting
+from attnopt.kernels.tuning import launch_fixed
 
 ENV = "ATTNOPT_HOPPER_FORWARD"
 LOG2E = 1.4426950408889634
@@ -346,10 +347,15 @@ def length_reason(params: AttentionParams) -> Optional[str]:
 
 # --------------------------------------------------------------------------- launcher
 
+@functools.lru_cache(maxsize=None)
+def _shared_layout(dtype: torch.dtype, block: tuple):
+    gl_dtype = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl_dtype)
+
+
 def _descriptor(t: Tensor, rows: int) -> TensorDescriptor:
-    block = [1, 1, rows, t.shape[-1]]
-    dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+    block = (1, 1, rows, t.shape[-1])
+    return TensorDescriptor(t, t.shape, t.stride(), list(block), _shared_layout(t.dtype, block))
 
 
 def hopper_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
@@ -361,11 +367,12 @@ def hopper_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
                       dtype=torch.float32)
     maxnreg, consumer_regs = config.registers()
     grid = (cdiv(params.q_len, ROWS * config.consumers), params.batch * params.heads)
-    _hopper_forward_kernel[grid](
-        _descriptor(q, ROWS), _descriptor(k, config.block_n), _descriptor(v, config.block_n),
-        _descriptor(out, ROWS), lse, params.heads, params.group, params.q_len, params.kv_len,
-        params.offset, params.scale * LOG2E,
-        BLOCK_N=config.block_n, HEAD_DIM=params.head_dim, STAGES=config.stages,
-        OVERLAP=config.overlap, CONSUMERS=config.consumers, CAUSAL=params.has_right,
-        CONSUMER_REGS=consumer_regs, num_warps=4, maxnreg=maxnreg)
+    args = (_descriptor(q, ROWS), _descriptor(k, config.block_n), _descriptor(v, config.block_n),
+            _descriptor(out, ROWS), lse, params.heads, params.group, params.q_len,
+            params.kv_len, params.offset, params.scale * LOG2E)
+    launch_fixed(_hopper_forward_kernel, grid, args,
+                 dict(BLOCK_N=config.block_n, HEAD_DIM=params.head_dim, STAGES=config.stages,
+                      OVERLAP=config.overlap, CONSUMERS=config.consumers,
+                      CAUSAL=params.has_right, CONSUMER_REGS=consumer_regs),
+                 num_warps=4, maxnreg=maxnreg)
     return out, lse

@@ -188,6 +188,10 @@ def _properties(values: list, runtime: list):
             properties.append(float)
         elif hasattr(value, "data_ptr"):
             properties.append((value.dtype, value.data_ptr() % 16 == 0))
+        elif hasattr(value, "block_shape") and hasattr(value, "base"):
+            # a TMA tensor descriptor: its kernel depends on the dtype, block and layout; the
+            # address, shape and strides are encoded at each launch
+            properties.append((value.base.dtype, tuple(value.block_shape), value.layout))
         else:
             return None
     return tuple(properties)
