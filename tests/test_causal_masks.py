@@ -204,7 +204,7 @@ def test_redundant_mask_is_read_once_per_version(monkeypatch):
     mask[0, 0, 5, :3] = torch.finfo(torch.float32).min  # padding written in place: read again
     assert op_module.redundant_mask(q, k, mask, False) is None and len(checks) == 3
     del mask
-    assert not op_module._REDUNDANT  # gone with the mask
+    assert not op_module._MASK_ANSWERS  # gone with the mask
     # not for a mask that needs a gradient, or a call with a window
     grad_mask = _later_keys_hidden(1, 8, float("-inf")).requires_grad_()
     assert op_module.redundant_mask(q, k, grad_mask, False) is None
@@ -293,3 +293,42 @@ def test_decoder_layers_share_one_mask_checked_once_per_forward(monkeypatch):
     assert len(checks) == 1 and dropped == [True] * 3
     with torch.no_grad():
         assert (out - model(**kwargs).logits).abs().max() <= TOL
+
+
+def test_finite_floor_raises_the_lowest_values_and_keeps_minus_infinity():
+    op_module = sys.modules["attnopt.ops.attention"]
+    low = torch.finfo(torch.float32).min
+    mask = torch.tensor([[0.0, -5.0, low], [float("-inf"), low, -1e30]])
+    floored = op_module.finite_floor(mask)
+    expected = torch.tensor([[0.0, -5.0, op_module.MIN_FINITE_BIAS],
+                             [float("-inf"), op_module.MIN_FINITE_BIAS, -1e30]])
+    assert torch.equal(floored, expected)
+    assert op_module.finite_floor(mask) is floored  # kept for the layers sharing the mask
+    mask[0, 0] = low  # written in place: floored again
+    assert op_module.finite_floor(mask)[0, 0] == op_module.MIN_FINITE_BIAS
+    half = torch.full((2, 3), torch.finfo(torch.float16).min, dtype=torch.float16)
+    assert op_module.finite_floor(half) is half  # float16 cannot hold values that overflow
+    bfloat = torch.full((2, 3), torch.finfo(torch.bfloat16).min, dtype=torch.bfloat16)
+    assert (op_module.finite_floor(bfloat) == op_module.MIN_FINITE_BIAS).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's fused CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_hidden_by_the_lowest_float_average_uniformly_on_cuda(dtype):
+    """A left-padded causal batch's first rows see only padding: with the mask written in the
+    dtype's lowest value, eager softmax averages those rows uniformly. The op on CUDA (SDPA's
+    fused kernels, which scale the mask by log2 e) gives the same, as on the CPU."""
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    q, k, v = (torch.randn(2, 2, 64, 32, device="cuda", dtype=dtype, generator=gen)
+               for _ in range(3))
+    low = torch.finfo(dtype).min
+    causal = torch.ones(64, 64, dtype=torch.bool, device="cuda").tril()
+    keep = causal & (torch.arange(64, device="cuda") >= 5)  # batch-wide left padding of 5
+    mask = torch.zeros(2, 1, 64, 64, device="cuda", dtype=dtype).masked_fill(~keep, low)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * 32 ** -0.5 + mask.float()
+    expected = torch.softmax(scores, -1) @ v.float()
+    out = ATTENTION_OP(q, k, v, mask)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (out.float() - expected).abs().max().item() <= tolerance
+    hidden_rows = out[:, :, :5].float()
+    assert (hidden_rows - v.float().mean(-2, keepdim=True)).abs().max().item() <= tolerance

@@ -176,10 +176,39 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Ten
             return _manual_attention(q, k, v, attn_mask, False, scale, enable_gqa, softcap)
         attn_mask = attn_mask.to(q.dtype)
     if softcap is None:
+        if attn_mask is not None and attn_mask.is_cuda and attn_mask.is_floating_point():
+            attn_mask = finite_floor(attn_mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0,
                                               is_causal=is_causal, scale=scale,
                                               enable_gqa=enable_gqa)
     return _manual_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, softcap)
+
+
+#: finite mask values below this are raised to it before SDPA on CUDA (the kernels' floor,
+#: `kernels/tiles.py`): times log2 e it stays finite in float32
+MIN_FINITE_BIAS = -2.0e38
+
+
+def finite_floor(attn_mask: Tensor) -> Tensor:
+    """`attn_mask` with its finite values below MIN_FINITE_BIAS raised to it (-inf kept).
+
+    SDPA's fused CUDA kernels scale the masked scores by log2 e, which overflows a float32 (or
+    bfloat16) mask's lowest value to -inf. A query row that such a mask hides entirely (a
+    left-padded position in a causal batch) then gives zeros there, where eager softmax,
+    SDPA's math path and the kernels average it uniformly. Float16 masks cannot hold such
+    values and pass as they are. The floored mask is kept per mask and version, so the
+    layers sharing a mask floor it once."""
+    if torch.finfo(attn_mask.dtype).min >= MIN_FINITE_BIAS:
+        return attn_mask
+    capturing = attn_mask.is_cuda and torch.cuda.is_current_stream_capturing()
+    answers = None if capturing else _mask_answers(attn_mask)
+    floored = answers.get("finite_floor") if answers is not None else None
+    if floored is None:
+        floored = torch.where(attn_mask.isneginf(), attn_mask,
+                              attn_mask.clamp_min(MIN_FINITE_BIAS))
+        if answers is not None:
+            answers["finite_floor"] = floored
+    return floored
 
 
 def effective_window(q_len, window_left: Optional[int]) -> Optional[int]:
@@ -319,10 +348,23 @@ class _KernelForward(NamedTuple):
     params: object
 
 
-#: id of a mask -> (its version, {(is_causal, Sq, Sk): the answer of `redundant_mask`}): the
-#: layers of a model share one mask, so it is read once per forward (a finalizer drops the
-#: entry with the mask, before its id can be reused)
-_REDUNDANT: dict = {}
+#: id of a mask -> (its version, {(is_causal, Sq, Sk): the answer of `redundant_mask`,
+#: "finite_floor": `finite_floor`'s mask}): the layers of a model share one mask, so it is read
+#: once per forward (a finalizer drops the entry with the mask, before its id can be reused)
+_MASK_ANSWERS: dict = {}
+
+
+def _mask_answers(attn_mask: Tensor) -> Optional[dict]:
+    """The answers kept for this mask at its current version (an empty dict to fill where
+    none are), or None for an inference tensor, which has no version to key them by."""
+    if attn_mask.is_inference():
+        return None
+    entry = _MASK_ANSWERS.get(id(attn_mask))
+    if entry is None:  # (one finalizer per mask, however often it is written in place)
+        weakref.finalize(attn_mask, _MASK_ANSWERS.pop, id(attn_mask), None)
+    if entry is None or entry[0] != attn_mask._version:
+        entry = _MASK_ANSWERS[id(attn_mask)] = (attn_mask._version, {})
+    return entry[1]
 
 
 def redundant_mask(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
@@ -348,19 +390,14 @@ def redundant_mask(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_causal:
         return None
     q_len, kv_len = q.shape[-2], k.shape[-2]
     key = (is_causal, q_len, kv_len)
-    cacheable = not attn_mask.is_inference()  # (inference tensors keep no version)
-    entry = _REDUNDANT.get(id(attn_mask)) if cacheable else None
-    if entry is not None and entry[0] == attn_mask._version and key in entry[1]:
-        return entry[1][key]
+    answers = _mask_answers(attn_mask)
+    if answers is not None and key in answers:
+        return answers[key]
     if attn_mask.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     answer = mask_redundancy(attn_mask, is_causal, q_len, kv_len)
-    if cacheable:
-        if entry is None:  # (one finalizer per mask, however often it is written in place)
-            weakref.finalize(attn_mask, _REDUNDANT.pop, id(attn_mask), None)
-        if entry is None or entry[0] != attn_mask._version:
-            entry = _REDUNDANT[id(attn_mask)] = (attn_mask._version, {})
-        entry[1][key] = answer
+    if answers is not None:
+        answers[key] = answer
     return answer
 
 
