@@ -75,6 +75,7 @@ REJECTED = {
     "window": (dict(), dict(window=(64, 0)), "window"),
     "block_layout": (dict(), dict(block_mask=BlockSparseLayout(torch.ones(1, 1, 2, 2, dtype=torch.bool),
                                                                128)), "layout"),
+    "no_keys": (dict(kv_len=0), {}, "empty"),
     "rows_without_keys": (dict(q_len=300, kv_len=100),
                           dict(causal=True, causal_alignment="bottom_right"), "offset"),
 }

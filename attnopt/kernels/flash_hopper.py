@@ -202,38 +202,6 @@ def _consume(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k
     tma.store_wait(0)
 
 
-# Partitions are separate functions: the consumer index is a compile-time constant in each.
-
-@gluon.jit
-def _consumer0(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-               b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, BLOCK_N: gl.constexpr,
-               HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
-               CAUSAL: gl.constexpr):
-    _consume(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, b, h,
-             bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, 0, BLOCK_N, HEAD_DIM, STAGES,
-             OVERLAP, CAUSAL)
-
-
-@gluon.jit
-def _consumer1(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-               b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, BLOCK_N: gl.constexpr,
-               HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
-               CAUSAL: gl.constexpr):
-    _consume(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, b, h,
-             bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, 1, BLOCK_N, HEAD_DIM, STAGES,
-             OVERLAP, CAUSAL)
-
-
-@gluon.jit
-def _consumer2(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-               b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, BLOCK_N: gl.constexpr,
-               HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
-               CAUSAL: gl.constexpr):
-    _consume(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, b, h,
-             bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, 2, BLOCK_N, HEAD_DIM, STAGES,
-             OVERLAP, CAUSAL)
-
-
 @gluon.jit
 def _hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, heads, group, seq_q, seq_k,
                            offset, qk_scale,
@@ -266,30 +234,31 @@ def _hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, heads, group
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(kv_empty.index(i), count=CONSUMERS)
 
-    # (the argument tuples are written out in each call: a tuple built first would carry the
-    # constexprs as run-time values)
+    # one partition per consumer, C a compile-time constant in each (the argument tuples are
+    # written out in the call: a tuple built first would carry the constexprs as run-time
+    # values)
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer0, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                          kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
-                          BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
-            (_consumer1, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                          kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
-                          BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
+            (_consume, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                        kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, 0,
+                        BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
+            (_consume, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                        kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, 1,
+                        BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                          kv_empty, b, h, h // group, q0, n_tiles, BLOCK_N, STAGES, CONSUMERS)),
         ], [4, 1], [CONSUMER_REGS, 24])
     else:
         gl.warp_specialize([
-            (_consumer0, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                          kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
-                          BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
-            (_consumer1, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                          kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
-                          BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
-            (_consumer2, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                          kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
-                          BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
+            (_consume, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                        kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, 0,
+                        BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
+            (_consume, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                        kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, 1,
+                        BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
+            (_consume, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+                        kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, 2,
+                        BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                          kv_empty, b, h, h // group, q0, n_tiles, BLOCK_N, STAGES, CONSUMERS)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
@@ -313,6 +282,8 @@ def spec_reason(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> Opt
     """Why a call's spec and tensors do not fit this kernel (None when they do), device aside."""
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (fp16 and bf16 run here)"
+    if params.q_len < 1 or params.kv_len < 1:
+        return "an empty sequence"  # (the consumers wait for a first key tile)
     if params.head_dim not in CONFIGS:
         return f"head dim {params.head_dim} (runs {sorted(CONFIGS)})"
     if params.bias_kind != BIAS_NONE or params.slopes_BH is not None or params.softcap is not None \
