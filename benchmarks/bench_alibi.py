@@ -9,7 +9,8 @@ diagonal.
 Two parts, anchors in the same run, correctness (against float32) before timing:
 - `ops`: bf16, 16 heads, D128, 16K tokens per batch (B = 16K / n), causal. The canonical op
   with slopes (`torch.ops.attnopt.attention(..., is_causal=True, alibi_slopes=s)`: the call a
-  rewritten model makes; the kernel in the default mode), the kernel given the dense bias and the
+  rewritten model makes; the kernel in the default mode, on a Hopper GPU the warp-specialized
+  one from 1K), the same call on the Triton kernel (`ATTNOPT_HOPPER_FORWARD=0`), the kernel given the dense bias and the
   causal mark, SDPA's default dispatch on the dense (1, H, n, n) bias with the causal fill folded
   in (what the op ran on the additive mask before, and what Falcon's SDPA path runs), and
   compiled FlexAttention with an ALiBi score_mod and a causal BlockMask. Forward for every n,
@@ -42,6 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import attnopt  # noqa: E402,F401  (registers torch.ops.attnopt)
 from attnopt.kernels import flash_attention  # noqa: E402
+from bench_attention import without_hopper_kernel  # noqa: E402
 from bench_exact_cuda import (  # noqa: E402
     MaskBuilt, alternated, canonical_calls, checked_and_timed, median_ms, run_parts,
 )
@@ -92,6 +94,9 @@ def ops() -> None:
             fns = {
                 "slopes": lambda: torch.ops.attnopt.attention(q, k, v, None, True, None, False,
                                                               None, None, slopes),
+                "slopes, Triton kernel": without_hopper_kernel(
+                    lambda: torch.ops.attnopt.attention(q, k, v, None, True, None, False, None,
+                                                        None, slopes)),
                 "kernel bias": lambda: flash_attention(q, k, v, causal=True, attn_bias=bias),
                 "SDPA bias": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
                 "Flex": lambda: flex(q, k, v, score_mod=alibi_mod, block_mask=block_mask),

@@ -110,20 +110,9 @@ def implementations(causal: bool, q_len: int, kv_len: int, enable_gqa: bool,
     impls = int8_implementations(causal) if int8 else {
         "attnopt": lambda q, k, v: flash_attention(q, k, v, causal=causal,
                                                    causal_alignment=alignment)}
-    if not int8 and flash_hopper is not None:
-        def triton_kernel(q, k, v):  # flash.py's kernel where the Hopper kernel would run
-            # (set and restored by hand: mock.patch.dict rewrites the whole environment,
-            # which cost more host time than a 1K call's GPU time)
-            previous = os.environ.get(flash_hopper.ENV)
-            os.environ[flash_hopper.ENV] = "0"
-            try:
-                return flash_attention(q, k, v, causal=causal, causal_alignment=alignment)
-            finally:
-                if previous is None:
-                    del os.environ[flash_hopper.ENV]
-                else:
-                    os.environ[flash_hopper.ENV] = previous
-        impls["attnopt-triton"] = triton_kernel
+    if not int8 and flash_hopper is not None:  # flash.py's kernel where the Hopper one runs
+        impls["attnopt-triton"] = without_hopper_kernel(
+            lambda q, k, v: flash_attention(q, k, v, causal=causal, causal_alignment=alignment))
     for name, backend in SDPA_BACKENDS.items():
         if causal and q_len != kv_len:
             continue  # SDPA's is_causal is top-left aligned: a different computation
@@ -135,6 +124,23 @@ def implementations(causal: bool, q_len: int, kv_len: int, enable_gqa: bool,
     impls["flex"] = lambda q, k, v: compiled_flex(q, k, v, block_mask=block_mask,
                                                   enable_gqa=enable_gqa)
     return impls
+
+
+def without_hopper_kernel(fn):
+    """`fn` with the Hopper kernel switched off during each call (`ATTNOPT_HOPPER_FORWARD=0`,
+    set and restored by hand: mock.patch.dict rewrites the whole environment, which cost more
+    host time than a 1K call's GPU time)."""
+    def call(*args, **kwargs):
+        previous = os.environ.get(flash_hopper.ENV)
+        os.environ[flash_hopper.ENV] = "0"
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if previous is None:
+                del os.environ[flash_hopper.ENV]
+            else:
+                os.environ[flash_hopper.ENV] = previous
+    return call
 
 
 def reference(q, k, v, causal):

@@ -62,13 +62,13 @@ ACCEPTED = {
                                                               causal_alignment="bottom_right")),
     "gqa_uneven_lengths": (dict(heads=8, kv_heads=2, q_len=200, kv_len=333), {}),
     "bshd_views": (dict(bshd=True), dict(causal=True)),
+    "alibi_causal": (dict(head_dim=128), dict(causal=True, alibi_slopes=torch.rand(4))),
 }
 
 REJECTED = {
     "float32": (dict(dtype=torch.float32), {}, "dtype"),
     "head_dim_96": (dict(head_dim=96), {}, "head dim"),
     "additive_bias": (dict(), dict(attn_bias=torch.randn(256, 256)), "bias"),
-    "alibi": (dict(), dict(alibi_slopes=torch.rand(4)), "ALiBi"),
     "softcap": (dict(), dict(softcap=30.0), "soft-cap"),
     "kv_lengths": (dict(), dict(kv_lengths=torch.tensor([100, 256], dtype=torch.int32)),
                    "lengths"),
@@ -138,12 +138,13 @@ for head_dim, config in sorted(flash_hopper.CONFIGS.items()):
     for causal in (False, True):
         signature = {"q_desc": descriptor(64, head_dim), "k_desc": descriptor(config.block_n, head_dim),
                      "v_desc": descriptor(config.block_n, head_dim), "o_desc": descriptor(64, head_dim),
-                     "lse_ptr": "*fp32", "heads": "i32", "group": "i32", "seq_q": "i32",
-                     "seq_k": "i32", "offset": "i32", "qk_scale": "fp32"}
+                     "lse_ptr": "*fp32", "slopes_ptr": "*fp32", "heads": "i32", "group": "i32",
+                     "seq_q": "i32", "seq_k": "i32", "offset": "i32", "qk_scale": "fp32",
+                     "stride_sb": "i32", "stride_sh": "i32"}
         maxnreg, consumer_regs = config.registers()
         constants = dict(BLOCK_N=config.block_n, HEAD_DIM=head_dim, STAGES=config.stages,
                          OVERLAP=config.overlap, CONSUMERS=config.consumers, CAUSAL=causal,
-                         CONSUMER_REGS=consumer_regs)
+                         HAS_ALIBI=causal, CONSUMER_REGS=consumer_regs)
         compiled = triton.compile(
             GluonASTSource(flash_hopper._hopper_forward_kernel, signature, constants),
             target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
@@ -153,8 +154,8 @@ print("RESULTS", json.dumps(results))
 
 
 def test_compiles_for_sm90():
-    """The kernel builds with the installed Triton for sm_90 (each head dim's config, with and
-    without the causal mask), within an H100's shared memory; the GPU tests run it under the
+    """The kernel builds with the installed Triton for sm_90 (each head dim's config, plain and
+    causal with ALiBi), within an H100's shared memory; the GPU tests run it under the
     GPU machine's Triton. Compiled in a fresh process: the tests' interpreter mode would hand
     Gluon interpreted helpers."""
     import json
@@ -196,7 +197,18 @@ GPU_CASES = {
                                {}),
     "bshd_causal_uneven_64": (dict(bshd=True, q_len=333, kv_len=333), dict(causal=True)),
     "scale": (dict(head_dim=128, q_len=130, kv_len=129), dict(scale=0.3)),
+    "alibi_causal_bottom_right_per_batch": (
+        dict(head_dim=128, heads=8, kv_heads=2, q_len=200, kv_len=333),
+        dict(causal=True, causal_alignment="bottom_right", alibi_slopes=torch.rand(2, 8))),
+    "alibi_plain_64_fp16": (dict(head_dim=64, dtype=torch.float16, q_len=150, kv_len=270),
+                            dict(alibi_slopes=torch.rand(4))),
 }
+
+
+def _on_gpu(case):
+    shape, options = case
+    return shape, {key: value.cuda() if isinstance(value, torch.Tensor) else value
+                   for key, value in options.items()}
 
 
 @pytest.fixture
@@ -217,7 +229,7 @@ def spy(monkeypatch):
 @pytest.mark.parametrize("name", sorted(GPU_CASES))
 def test_forward_matches_reference(name, spy):
     from attnopt.kernels.flash import flash_forward
-    shape, options = GPU_CASES[name]
+    shape, options = _on_gpu(GPU_CASES[name])
     q, k, v = _inputs(sum(map(ord, name)), **shape)
     params = _params(q, k, v, **options)
     out, lse = flash_forward(q, k, v, params)
@@ -230,9 +242,12 @@ def test_forward_matches_reference(name, spy):
     # log-sum-exp of the scaled scores, base 2, from the rounded inputs
     qf, kf = q.double(), k.double().repeat_interleave(params.group, dim=1)
     scores = qf @ kf.transpose(-1, -2) * params.scale
+    rows = torch.arange(params.q_len, device=q.device)[:, None]
+    cols = torch.arange(params.kv_len, device=q.device)[None, :]
+    if params.slopes_BH is not None:
+        distance = (rows + params.offset - cols).abs().double()
+        scores = scores - params.slopes_BH.double()[..., None, None] * distance
     if options.get("causal"):
-        rows = torch.arange(params.q_len, device=q.device)[:, None]
-        cols = torch.arange(params.kv_len, device=q.device)[None, :]
         scores = scores.masked_fill(cols > rows + params.offset, float("-inf"))
     expected = torch.logsumexp(scores, dim=-1) / torch.log(torch.tensor(2.0, dtype=torch.float64))
     lse_error = (lse.double() - expected).abs().max().item()
@@ -241,10 +256,11 @@ def test_forward_matches_reference(name, spy):
 
 @needs_hopper
 @pytest.mark.parametrize("name", ["causal_128_bf16", "gqa_uneven_lengths_128",
-                                  "bshd_causal_uneven_64", "plain_128_fp16"])
+                                  "bshd_causal_uneven_64", "plain_128_fp16",
+                                  "alibi_causal_bottom_right_per_batch", "alibi_plain_64_fp16"])
 def test_gradients_through_hopper_forward(name, spy):
     """The backward kernels run on this forward's output and log-sum-exp."""
-    shape, options = GPU_CASES[name]
+    shape, options = _on_gpu(GPU_CASES[name])
     q, k, v = (t.detach().requires_grad_() for t in _inputs(sum(map(ord, name)) + 1, **shape))
     grad = torch.randn_like(q)
     flash_attention(q, k, v, **options).backward(grad)

@@ -19,11 +19,12 @@ Each program computes 64·CONSUMERS query rows of one (batch, head):
   log-sum-exp as `flash.py`'s kernel does, so `flash_backward` runs on it unchanged.
 
 `hopper_reason` says when a call runs here (None) and why not otherwise. It needs fp16/bf16,
-head dim 64 or 128, no bias, ALiBi, key lengths, window, layout or soft-cap, and a causal
-offset >= 0 (every row sees a key). GQA is supported. Shorter sequences than `MIN_LENGTH`
-stay on `flash.py`'s kernel, which was as fast there. Lengths may be anything: 4-D TMA
-descriptors over the (B, H, S, D) strides zero-fill the tails, keys past the end are masked,
-and the store clips rows past the end. Everything else runs `flash.py`'s kernel.
+head dim 64 or 128, no bias tensor, key lengths, window, layout or soft-cap, and a causal
+offset >= 0 (every row sees a key). GQA and ALiBi slopes are supported. Shorter sequences
+than `MIN_LENGTH` stay on `flash.py`'s kernel, which was as fast there. Lengths may be
+anything: 4-D TMA descriptors over the (B, H, S, D) strides zero-fill the tails, keys past
+the end are masked, and the store clips rows past the end. Everything else runs `flash.py`'s
+kernel.
 `ATTNOPT_HOPPER_FORWARD=0` turns this kernel off.
 """
 
@@ -100,9 +101,23 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_
 
 
 @gluon.jit
-def _softmax_tile(qk, m_i, l_i, row0, col0, seq_k, offset, qk_scale, masked,
-                  CAUSAL: gl.constexpr, layout: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Online-softmax step on one tile of raw scores: (p, m, l, alpha), in base 2."""
+def _softmax_tile(qk, m_i, l_i, row0, col0, seq_k, offset, qk_scale, slope2, masked,
+                  CAUSAL: gl.constexpr, HAS_ALIBI: gl.constexpr, layout: gl.constexpr,
+                  BLOCK_N: gl.constexpr):
+    """Online-softmax step on one tile of raw scores: (p, m, l, alpha), in base 2.
+
+    ALiBi (`slope2`: the head's slope times log2 e) adds -slope2·|row + offset - col|. Under the
+    causal mask every visible key has col <= row + offset, so that is slope2·(col - row0 -
+    offset) minus slope2·(row - row0): the second term is constant along each row, which the
+    softmax ignores, and `_consume` adds it to the row's log-sum-exp at the end."""
+    if HAS_ALIBI:
+        cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+        if CAUSAL:
+            qk = qk * qk_scale + ((cols - row0 - offset).to(gl.float32) * slope2)[None, :]
+        else:
+            rows = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+            distance = gl.abs(rows[:, None] + offset - cols[None, :]).to(gl.float32)
+            qk = qk * qk_scale - distance * slope2
     if masked:  # keys past the end, or past the causal diagonal
         cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
         visible = cols[None, :] < seq_k
@@ -110,18 +125,23 @@ def _softmax_tile(qk, m_i, l_i, row0, col0, seq_k, offset, qk_scale, masked,
             rows = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
             visible = visible & (cols[None, :] <= rows[:, None] + offset)
         qk = gl.where(visible, qk, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(qk, axis=1) * qk_scale)
-    p = gl.exp2(qk * qk_scale - m_new[:, None])
+    if HAS_ALIBI:  # (scores already scaled)
+        m_new = gl.maximum(m_i, gl.max(qk, axis=1))
+        p = gl.exp2(qk - m_new[:, None])
+    else:  # the scale folded into one multiply-add per score
+        m_new = gl.maximum(m_i, gl.max(qk, axis=1) * qk_scale)
+        p = gl.exp2(qk * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     return p, m_new, l_i, alpha
 
 
 @gluon.jit
-def _consume(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-             b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
-             C: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-             STAGES: gl.constexpr, OVERLAP: gl.constexpr, CAUSAL: gl.constexpr):
+def _consume(o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
+             kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, stride_sb,
+             stride_sh, C: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+             STAGES: gl.constexpr, OVERLAP: gl.constexpr, CAUSAL: gl.constexpr,
+             HAS_ALIBI: gl.constexpr):
     """Consumer C: query rows [q0 + 64·C, q0 + 64·C + 64)."""
     dtype: gl.constexpr = o_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -133,6 +153,9 @@ def _consume(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
 
     row0 = q0 + C * 64
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = gl.load(slopes_ptr + b * stride_sb + h * stride_sh) * 1.4426950408889634
     # tiles before n_full are visible to all 64 rows: no mask evaluation there
     n_full = seq_k // BLOCK_N
     if CAUSAL:
@@ -151,7 +174,8 @@ def _consume(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k
                            no_scores, use_acc=False, is_async=True)
         qk = warpgroup_mma_wait(0, deps=(qk, ))
         p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, row0, 0, seq_k, offset, qk_scale,
-                                           n_full == 0, CAUSAL, s_layout, BLOCK_N)
+                                           slope2, n_full == 0, CAUSAL, HAS_ALIBI, s_layout,
+                                           BLOCK_N)
         for i in range(1, n_tiles):
             s = i % STAGES
             prev = (i - 1) % STAGES
@@ -164,7 +188,8 @@ def _consume(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k
                                 is_async=True)
             qk = warpgroup_mma_wait(1, deps=(qk, ))
             p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, row0, i * BLOCK_N, seq_k, offset,
-                                               qk_scale, i >= n_full, CAUSAL, s_layout, BLOCK_N)
+                                               qk_scale, slope2, i >= n_full, CAUSAL, HAS_ALIBI,
+                                               s_layout, BLOCK_N)
             acc = warpgroup_mma_wait(0, deps=(acc, ))
             mbarrier.arrive(kv_empty.index(prev), count=1)
             acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
@@ -183,7 +208,8 @@ def _consume(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k
                                no_scores, use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(0, deps=(qk, ))
             p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, row0, i * BLOCK_N, seq_k, offset,
-                                               qk_scale, i >= n_full, CAUSAL, s_layout, BLOCK_N)
+                                               qk_scale, slope2, i >= n_full, CAUSAL, HAS_ALIBI,
+                                               s_layout, BLOCK_N)
             acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
             mbarrier.wait(v_ready.index(s), phase)
             acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout),
@@ -193,7 +219,10 @@ def _consume(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k
 
     acc = acc / gl.convert_layout(l_i, o_rows)[:, None]
     rows = row0 + gl.arange(0, 64, layout=s_rows)
-    gl.store(lse_ptr + bh * seq_q + rows, m_i + gl.log2(l_i), mask=rows < seq_q)
+    lse = m_i + gl.log2(l_i)
+    if HAS_ALIBI and CAUSAL:  # the row constant `_softmax_tile` left out
+        lse = lse - (rows - row0).to(gl.float32) * slope2
+    gl.store(lse_ptr + bh * seq_q + rows, lse, mask=rows < seq_q)
     # Q is read no more: its buffer carries the output tile to the TMA store, which clips
     # rows past the end
     q.store(acc.to(dtype))
@@ -203,11 +232,11 @@ def _consume(o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k
 
 
 @gluon.jit
-def _hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, heads, group, seq_q, seq_k,
-                           offset, qk_scale,
+def _hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, slopes_ptr, heads, group,
+                           seq_q, seq_k, offset, qk_scale, stride_sb, stride_sh,
                            BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                            OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
-                           CONSUMER_REGS: gl.constexpr):
+                           HAS_ALIBI: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     pid_m = gl.program_id(0)
     if CAUSAL:  # late query blocks see the most keys: schedule them first
@@ -239,26 +268,31 @@ def _hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, heads, group
     # values)
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consume, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                        kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, 0,
-                        BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
-            (_consume, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                        kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, 1,
-                        BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
+            (_consume, (o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready,
+                        v_ready, kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
+                        stride_sb, stride_sh, 0, BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL,
+                        HAS_ALIBI)),
+            (_consume, (o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready,
+                        v_ready, kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
+                        stride_sb, stride_sh, 1, BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL,
+                        HAS_ALIBI)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                          kv_empty, b, h, h // group, q0, n_tiles, BLOCK_N, STAGES, CONSUMERS)),
         ], [4, 1], [CONSUMER_REGS, 24])
     else:
         gl.warp_specialize([
-            (_consume, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                        kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, 0,
-                        BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
-            (_consume, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                        kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, 1,
-                        BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
-            (_consume, (o_desc, lse_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                        kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, 2,
-                        BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL)),
+            (_consume, (o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready,
+                        v_ready, kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
+                        stride_sb, stride_sh, 0, BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL,
+                        HAS_ALIBI)),
+            (_consume, (o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready,
+                        v_ready, kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
+                        stride_sb, stride_sh, 1, BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL,
+                        HAS_ALIBI)),
+            (_consume, (o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready,
+                        v_ready, kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
+                        stride_sb, stride_sh, 2, BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL,
+                        HAS_ALIBI)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
                          kv_empty, b, h, h // group, q0, n_tiles, BLOCK_N, STAGES, CONSUMERS)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
@@ -286,9 +320,9 @@ def spec_reason(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> Opt
         return "an empty sequence"  # (the consumers wait for a first key tile)
     if params.head_dim not in CONFIGS:
         return f"head dim {params.head_dim} (runs {sorted(CONFIGS)})"
-    if params.bias_kind != BIAS_NONE or params.slopes_BH is not None or params.softcap is not None \
+    if params.bias_kind != BIAS_NONE or params.softcap is not None \
             or params.kv_lengths is not None or params.layout is not None or params.has_left:
-        return "a bias, ALiBi, soft-cap, key lengths, window or block layout"
+        return "a bias, soft-cap, key lengths, window or block layout"
     if params.has_right and (params.window_right != 0 or params.offset < 0):
         return "a causal band other than the diagonal at offset >= 0"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -338,12 +372,17 @@ def hopper_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
                       dtype=torch.float32)
     maxnreg, consumer_regs = config.registers()
     grid = (cdiv(params.q_len, ROWS * config.consumers), params.batch * params.heads)
+    slopes = params.slopes_BH
+    slope_strides = (0, 0) if slopes is None else \
+        (slopes.stride(0) if slopes.shape[0] > 1 else 0, slopes.stride(1))
     args = (_descriptor(q, ROWS), _descriptor(k, config.block_n), _descriptor(v, config.block_n),
-            _descriptor(out, ROWS), lse, params.heads, params.group, params.q_len,
-            params.kv_len, params.offset, params.scale * LOG2E)
+            _descriptor(out, ROWS), lse, lse if slopes is None else slopes, params.heads,
+            params.group, params.q_len, params.kv_len, params.offset, params.scale * LOG2E,
+            *slope_strides)
     launch_fixed(_hopper_forward_kernel, grid, args,
                  dict(BLOCK_N=config.block_n, HEAD_DIM=params.head_dim, STAGES=config.stages,
                       OVERLAP=config.overlap, CONSUMERS=config.consumers,
-                      CAUSAL=params.has_right, CONSUMER_REGS=consumer_regs),
+                      CAUSAL=params.has_right, HAS_ALIBI=slopes is not None,
+                      CONSUMER_REGS=consumer_regs),
                  num_warps=4, maxnreg=maxnreg)
     return out, lse
