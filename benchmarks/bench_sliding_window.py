@@ -8,7 +8,9 @@ visits only the key blocks inside the band.
 
 Two parts, anchors in the same run, correctness (against float32) before timing:
 - `ops`: bf16, GQA 16/8 heads, D128, 16K tokens per batch (B = 16K / n). The kernel with the band
-  (`flash_attention(causal=True, window=(W-1, 0))`), the kernel with the dense mask and the
+  (`flash_attention(causal=True, window=(W-1, 0))`; on a Hopper GPU the warp-specialized one
+  from 1K), the same on the Triton kernel (`ATTNOPT_HOPPER_FORWARD=0`), the kernel with the
+  dense mask and the
   causal mark (what attnopt ran before the band), SDPA's default dispatch on the dense mask with
   k/v repeated (what Hugging Face runs), and compiled FlexAttention with a sliding-window
   BlockMask. Forward for every (n, W), forward+backward for a few. Medians of
@@ -33,6 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from attnopt.kernels import flash_attention  # noqa: E402
+from bench_attention import without_hopper_kernel  # noqa: E402
 from bench_exact_cuda import (  # noqa: E402
     canonical_calls, checked_and_timed, median_ms, run_parts,
 )
@@ -80,6 +83,8 @@ def ops() -> None:
             k_rep, v_rep = (t.repeat_interleave(group, 1) for t in (k, v))
             fns = {
                 "band": lambda: flash_attention(q, k, v, causal=True, window=(window - 1, 0)),
+                "band, Triton kernel": without_hopper_kernel(
+                    lambda: flash_attention(q, k, v, causal=True, window=(window - 1, 0))),
                 "mask + causal": lambda: flash_attention(q, k, v, causal=True, attn_bias=keep),
                 "SDPA mask": lambda: F.scaled_dot_product_attention(q, k_rep, v_rep,
                                                                     attn_mask=keep),

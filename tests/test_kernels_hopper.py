@@ -63,6 +63,8 @@ ACCEPTED = {
     "gqa_uneven_lengths": (dict(heads=8, kv_heads=2, q_len=200, kv_len=333), {}),
     "bshd_views": (dict(bshd=True), dict(causal=True)),
     "alibi_causal": (dict(head_dim=128), dict(causal=True, alibi_slopes=torch.rand(4))),
+    "causal_window": (dict(head_dim=128), dict(causal=True, window=(64, 0))),
+    "band_ending_at_the_diagonal": (dict(), dict(window=(64, 0))),
 }
 
 REJECTED = {
@@ -72,7 +74,9 @@ REJECTED = {
     "softcap": (dict(), dict(softcap=30.0), "soft-cap"),
     "kv_lengths": (dict(), dict(kv_lengths=torch.tensor([100, 256], dtype=torch.int32)),
                    "lengths"),
-    "window": (dict(), dict(window=(64, 0)), "window"),
+    "window_past_the_diagonal": (dict(), dict(window=(64, 10)), "band"),
+    "window_rows_past_the_keys": (dict(q_len=300, kv_len=100), dict(causal=True, window=(50, 0)),
+                                  "window"),
     "block_layout": (dict(), dict(block_mask=BlockSparseLayout(torch.ones(1, 1, 2, 2, dtype=torch.bool),
                                                                128)), "layout"),
     "no_keys": (dict(kv_len=0), {}, "empty"),
@@ -139,12 +143,13 @@ for head_dim, config in sorted(flash_hopper.CONFIGS.items()):
         signature = {"q_desc": descriptor(64, head_dim), "k_desc": descriptor(config.block_n, head_dim),
                      "v_desc": descriptor(config.block_n, head_dim), "o_desc": descriptor(64, head_dim),
                      "lse_ptr": "*fp32", "slopes_ptr": "*fp32", "heads": "i32", "group": "i32",
-                     "seq_q": "i32", "seq_k": "i32", "offset": "i32", "qk_scale": "fp32",
+                     "seq_q": "i32", "seq_k": "i32", "offset": "i32", "window_left": "i32",
+                     "qk_scale": "fp32",
                      "stride_sb": "i32", "stride_sh": "i32"}
         maxnreg, consumer_regs = config.registers()
         constants = dict(BLOCK_N=config.block_n, HEAD_DIM=head_dim, STAGES=config.stages,
                          OVERLAP=config.overlap, CONSUMERS=config.consumers, CAUSAL=causal,
-                         HAS_ALIBI=causal, CONSUMER_REGS=consumer_regs)
+                         HAS_WINDOW=causal, HAS_ALIBI=causal, CONSUMER_REGS=consumer_regs)
         compiled = triton.compile(
             GluonASTSource(flash_hopper._hopper_forward_kernel, signature, constants),
             target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
@@ -155,7 +160,7 @@ print("RESULTS", json.dumps(results))
 
 def test_compiles_for_sm90():
     """The kernel builds with the installed Triton for sm_90 (each head dim's config, plain and
-    causal with ALiBi), within an H100's shared memory; the GPU tests run it under the
+    causal with a window and ALiBi), within an H100's shared memory; the GPU tests run it under the
     GPU machine's Triton. Compiled in a fresh process: the tests' interpreter mode would hand
     Gluon interpreted helpers."""
     import json
@@ -202,6 +207,12 @@ GPU_CASES = {
         dict(causal=True, causal_alignment="bottom_right", alibi_slopes=torch.rand(2, 8))),
     "alibi_plain_64_fp16": (dict(head_dim=64, dtype=torch.float16, q_len=150, kv_len=270),
                             dict(alibi_slopes=torch.rand(4))),
+    "window_causal_128": (dict(head_dim=128, q_len=333, kv_len=333),
+                          dict(causal=True, window=(70, 0))),
+    "window_bottom_right_alibi_gqa_64": (
+        dict(heads=8, kv_heads=2, q_len=200, kv_len=400),
+        dict(causal=True, causal_alignment="bottom_right", window=(100, 0),
+             alibi_slopes=torch.rand(8))),
 }
 
 
@@ -247,8 +258,11 @@ def test_forward_matches_reference(name, spy):
     if params.slopes_BH is not None:
         distance = (rows + params.offset - cols).abs().double()
         scores = scores - params.slopes_BH.double()[..., None, None] * distance
-    if options.get("causal"):
+    if params.has_right:
         scores = scores.masked_fill(cols > rows + params.offset, float("-inf"))
+    if params.has_left:
+        scores = scores.masked_fill(cols < rows + params.offset - params.window_left,
+                                    float("-inf"))
     expected = torch.logsumexp(scores, dim=-1) / torch.log(torch.tensor(2.0, dtype=torch.float64))
     lse_error = (lse.double() - expected).abs().max().item()
     assert lse_error <= LSE_TOLERANCE, f"{name}: log-sum-exp error {lse_error:.2e}"
@@ -257,7 +271,8 @@ def test_forward_matches_reference(name, spy):
 @needs_hopper
 @pytest.mark.parametrize("name", ["causal_128_bf16", "gqa_uneven_lengths_128",
                                   "bshd_causal_uneven_64", "plain_128_fp16",
-                                  "alibi_causal_bottom_right_per_batch", "alibi_plain_64_fp16"])
+                                  "alibi_causal_bottom_right_per_batch", "alibi_plain_64_fp16",
+                                  "window_bottom_right_alibi_gqa_64"])
 def test_gradients_through_hopper_forward(name, spy):
     """The backward kernels run on this forward's output and log-sum-exp."""
     shape, options = _on_gpu(GPU_CASES[name])

@@ -19,8 +19,9 @@ Each program computes 64·CONSUMERS query rows of one (batch, head):
   log-sum-exp as `flash.py`'s kernel does, so `flash_backward` runs on it unchanged.
 
 `hopper_reason` says when a call runs here (None) and why not otherwise. It needs fp16/bf16,
-head dim 64 or 128, no bias tensor, key lengths, window, layout or soft-cap, and a causal
-offset >= 0 (every row sees a key). GQA and ALiBi slopes are supported. Shorter sequences
+head dim 64 or 128, no bias tensor, key lengths, layout or soft-cap, and a causal offset >= 0
+(every row sees a key). GQA, ALiBi slopes and causal sliding windows are supported (a window
+starts each program at its first visible key tile). Shorter sequences
 than `MIN_LENGTH` stay on `flash.py`'s kernel, which was as fast there. Lengths may be
 anything: 4-D TMA descriptors over the (B, H, S, D) strides zero-fill the tails, keys past
 the end are masked, and the store clips rows past the end. Everything else runs `flash.py`'s
@@ -86,7 +87,7 @@ MIN_LENGTH = {128: 1024, 64: 4096}
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty,
-              b, h, h_kv, q0, n_tiles,
+              b, h, h_kv, q0, lo, n_tiles,
               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
     mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
     for c in gl.static_range(CONSUMERS):
@@ -95,21 +96,24 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_
         s = i % STAGES
         mbarrier.wait(kv_empty.index(s), ((i // STAGES) & 1) ^ 1)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        _tma_load(k_desc, [b, h_kv, i * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
+        _tma_load(k_desc, [b, h_kv, (lo + i) * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
         mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        _tma_load(v_desc, [b, h_kv, i * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
+        _tma_load(v_desc, [b, h_kv, (lo + i) * BLOCK_N, 0], v_ready.index(s), v_smem.index(s))
 
 
 @gluon.jit
-def _softmax_tile(qk, m_i, l_i, row0, col0, seq_k, offset, qk_scale, slope2, masked,
-                  CAUSAL: gl.constexpr, HAS_ALIBI: gl.constexpr, layout: gl.constexpr,
-                  BLOCK_N: gl.constexpr):
+def _softmax_tile(qk, m_i, l_i, row0, col0, seq_k, offset, window_left, qk_scale, slope2,
+                  masked, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
+                  HAS_ALIBI: gl.constexpr, layout: gl.constexpr, BLOCK_N: gl.constexpr):
     """Online-softmax step on one tile of raw scores: (p, m, l, alpha), in base 2.
 
     ALiBi (`slope2`: the head's slope times log2 e) adds -slope2·|row + offset - col|. Under the
     causal mask every visible key has col <= row + offset, so that is slope2·(col - row0 -
     offset) minus slope2·(row - row0): the second term is constant along each row, which the
-    softmax ignores, and `_consume` adds it to the row's log-sum-exp at the end."""
+    softmax ignores, and `_consume` adds it to the row's log-sum-exp at the end.
+
+    With a window, a row may see no key of its first tiles: its maximum is still -inf there,
+    and the exponentials are taken against 0 instead (p and alpha 0, not NaN)."""
     if HAS_ALIBI:
         cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
         if CAUSAL:
@@ -124,25 +128,33 @@ def _softmax_tile(qk, m_i, l_i, row0, col0, seq_k, offset, qk_scale, slope2, mas
         if CAUSAL:
             rows = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
             visible = visible & (cols[None, :] <= rows[:, None] + offset)
+            if HAS_WINDOW:
+                visible = visible & (cols[None, :] >= rows[:, None] + offset - window_left)
         qk = gl.where(visible, qk, float("-inf"))
     if HAS_ALIBI:  # (scores already scaled)
         m_new = gl.maximum(m_i, gl.max(qk, axis=1))
-        p = gl.exp2(qk - m_new[:, None])
+        m_use = m_new
+        if HAS_WINDOW:
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(qk - m_use[:, None])
     else:  # the scale folded into one multiply-add per score
         m_new = gl.maximum(m_i, gl.max(qk, axis=1) * qk_scale)
-        p = gl.exp2(qk * qk_scale - m_new[:, None])
-    alpha = gl.exp2(m_i - m_new)
+        m_use = m_new
+        if HAS_WINDOW:
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(qk * qk_scale - m_use[:, None])
+    alpha = gl.exp2(m_i - m_use)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     return p, m_new, l_i, alpha
 
 
 @gluon.jit
 def _consume(o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-             kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale, stride_sb,
-             stride_sh, C: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-             STAGES: gl.constexpr, OVERLAP: gl.constexpr, CAUSAL: gl.constexpr,
-             HAS_ALIBI: gl.constexpr):
-    """Consumer C: query rows [q0 + 64·C, q0 + 64·C + 64)."""
+             kv_empty, b, h, bh, q0, lo, n_tiles, seq_q, seq_k, offset, window_left, qk_scale,
+             stride_sb, stride_sh, C: gl.constexpr, BLOCK_N: gl.constexpr,
+             HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+             CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_ALIBI: gl.constexpr):
+    """Consumer C: query rows [q0 + 64·C, q0 + 64·C + 64), over key tiles lo, lo + 1, ..."""
     dtype: gl.constexpr = o_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -156,10 +168,14 @@ def _consume(o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = gl.load(slopes_ptr + b * stride_sb + h * stride_sh) * 1.4426950408889634
-    # tiles before n_full are visible to all 64 rows: no mask evaluation there
+    # tiles from first_full to before n_full (absolute indices) are visible to all 64 rows:
+    # no mask evaluation there
     n_full = seq_k // BLOCK_N
+    first_full = 0
     if CAUSAL:
         n_full = gl.minimum(n_full, (row0 + offset + 1) // BLOCK_N)
+        if HAS_WINDOW:
+            first_full = gl.cdiv(gl.maximum(row0 + 63 + offset - window_left, 0), BLOCK_N)
     q_tile = q_smem.index(C)
     q = q_tile.reshape([64, HEAD_DIM])
     m_i = gl.full([64], float("-inf"), gl.float32, layout=s_rows)
@@ -173,9 +189,10 @@ def _consume(o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready
         qk = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                            no_scores, use_acc=False, is_async=True)
         qk = warpgroup_mma_wait(0, deps=(qk, ))
-        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, row0, 0, seq_k, offset, qk_scale,
-                                           slope2, n_full == 0, CAUSAL, HAS_ALIBI, s_layout,
-                                           BLOCK_N)
+        p, m_i, l_i, alpha = _softmax_tile(
+            qk, m_i, l_i, row0, lo * BLOCK_N, seq_k, offset, window_left, qk_scale, slope2,
+            (lo >= n_full) | (lo < first_full), CAUSAL, HAS_WINDOW, HAS_ALIBI, s_layout,
+            BLOCK_N)
         for i in range(1, n_tiles):
             s = i % STAGES
             prev = (i - 1) % STAGES
@@ -187,9 +204,10 @@ def _consume(o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready
                                 v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc,
                                 is_async=True)
             qk = warpgroup_mma_wait(1, deps=(qk, ))
-            p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, row0, i * BLOCK_N, seq_k, offset,
-                                               qk_scale, slope2, i >= n_full, CAUSAL, HAS_ALIBI,
-                                               s_layout, BLOCK_N)
+            p, m_i, l_i, alpha = _softmax_tile(
+                qk, m_i, l_i, row0, (lo + i) * BLOCK_N, seq_k, offset, window_left, qk_scale,
+                slope2, (lo + i >= n_full) | (lo + i < first_full), CAUSAL, HAS_WINDOW,
+                HAS_ALIBI, s_layout, BLOCK_N)
             acc = warpgroup_mma_wait(0, deps=(acc, ))
             mbarrier.arrive(kv_empty.index(prev), count=1)
             acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
@@ -207,9 +225,10 @@ def _consume(o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready
             qk = warpgroup_mma(q, k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)),
                                no_scores, use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(0, deps=(qk, ))
-            p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, row0, i * BLOCK_N, seq_k, offset,
-                                               qk_scale, slope2, i >= n_full, CAUSAL, HAS_ALIBI,
-                                               s_layout, BLOCK_N)
+            p, m_i, l_i, alpha = _softmax_tile(
+                qk, m_i, l_i, row0, (lo + i) * BLOCK_N, seq_k, offset, window_left, qk_scale,
+                slope2, (lo + i >= n_full) | (lo + i < first_full), CAUSAL, HAS_WINDOW,
+                HAS_ALIBI, s_layout, BLOCK_N)
             acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
             mbarrier.wait(v_ready.index(s), phase)
             acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout),
@@ -233,10 +252,11 @@ def _consume(o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready
 
 @gluon.jit
 def _hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, slopes_ptr, heads, group,
-                           seq_q, seq_k, offset, qk_scale, stride_sb, stride_sh,
+                           seq_q, seq_k, offset, window_left, qk_scale, stride_sb, stride_sh,
                            BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                            OVERLAP: gl.constexpr, CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
-                           HAS_ALIBI: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                           HAS_WINDOW: gl.constexpr, HAS_ALIBI: gl.constexpr,
+                           CONSUMER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     pid_m = gl.program_id(0)
     if CAUSAL:  # late query blocks see the most keys: schedule them first
@@ -246,9 +266,12 @@ def _hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, slopes_ptr, 
     h = bh % heads
     q0 = pid_m * (64 * CONSUMERS)
     kv_end = seq_k
+    lo = 0  # the first key tile any row of the program sees
     if CAUSAL:
         kv_end = gl.minimum(seq_k, q0 + 64 * CONSUMERS + offset)
-    n_tiles = gl.cdiv(kv_end, BLOCK_N)
+        if HAS_WINDOW:
+            lo = gl.maximum(q0 + offset - window_left, 0) // BLOCK_N
+    n_tiles = gl.cdiv(kv_end, BLOCK_N) - lo
 
     q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -269,32 +292,37 @@ def _hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, slopes_ptr, 
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_consume, (o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready,
-                        v_ready, kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
+                        v_ready, kv_empty, b, h, bh, q0, lo, n_tiles, seq_q, seq_k, offset,
+                        window_left, qk_scale,
                         stride_sb, stride_sh, 0, BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL,
-                        HAS_ALIBI)),
+                        HAS_WINDOW, HAS_ALIBI)),
             (_consume, (o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready,
-                        v_ready, kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
+                        v_ready, kv_empty, b, h, bh, q0, lo, n_tiles, seq_q, seq_k, offset,
+                        window_left, qk_scale,
                         stride_sb, stride_sh, 1, BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL,
-                        HAS_ALIBI)),
+                        HAS_WINDOW, HAS_ALIBI)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                         kv_empty, b, h, h // group, q0, n_tiles, BLOCK_N, STAGES, CONSUMERS)),
+                         kv_empty, b, h, h // group, q0, lo, n_tiles, BLOCK_N, STAGES, CONSUMERS)),
         ], [4, 1], [CONSUMER_REGS, 24])
     else:
         gl.warp_specialize([
             (_consume, (o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready,
-                        v_ready, kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
+                        v_ready, kv_empty, b, h, bh, q0, lo, n_tiles, seq_q, seq_k, offset,
+                        window_left, qk_scale,
                         stride_sb, stride_sh, 0, BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL,
-                        HAS_ALIBI)),
+                        HAS_WINDOW, HAS_ALIBI)),
             (_consume, (o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready,
-                        v_ready, kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
+                        v_ready, kv_empty, b, h, bh, q0, lo, n_tiles, seq_q, seq_k, offset,
+                        window_left, qk_scale,
                         stride_sb, stride_sh, 1, BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL,
-                        HAS_ALIBI)),
+                        HAS_WINDOW, HAS_ALIBI)),
             (_consume, (o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_bar, k_ready,
-                        v_ready, kv_empty, b, h, bh, q0, n_tiles, seq_q, seq_k, offset, qk_scale,
+                        v_ready, kv_empty, b, h, bh, q0, lo, n_tiles, seq_q, seq_k, offset,
+                        window_left, qk_scale,
                         stride_sb, stride_sh, 2, BLOCK_N, HEAD_DIM, STAGES, OVERLAP, CAUSAL,
-                        HAS_ALIBI)),
+                        HAS_WINDOW, HAS_ALIBI)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                         kv_empty, b, h, h // group, q0, n_tiles, BLOCK_N, STAGES, CONSUMERS)),
+                         kv_empty, b, h, h // group, q0, lo, n_tiles, BLOCK_N, STAGES, CONSUMERS)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
 
 
@@ -321,10 +349,13 @@ def spec_reason(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> Opt
     if params.head_dim not in CONFIGS:
         return f"head dim {params.head_dim} (runs {sorted(CONFIGS)})"
     if params.bias_kind != BIAS_NONE or params.softcap is not None \
-            or params.kv_lengths is not None or params.layout is not None or params.has_left:
-        return "a bias, soft-cap, key lengths, window or block layout"
+            or params.kv_lengths is not None or params.layout is not None:
+        return "a bias, soft-cap, key lengths or block layout"
     if params.has_right and (params.window_right != 0 or params.offset < 0):
         return "a causal band other than the diagonal at offset >= 0"
+    if params.has_left and not (params.has_right and params.q_len + params.offset
+                                <= params.kv_len):
+        return "a window without the causal edge, or with rows past the last key"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(
                 (s * t.element_size()) % 16 for s in t.stride()[:-1]):
@@ -377,12 +408,12 @@ def hopper_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
         (slopes.stride(0) if slopes.shape[0] > 1 else 0, slopes.stride(1))
     args = (_descriptor(q, ROWS), _descriptor(k, config.block_n), _descriptor(v, config.block_n),
             _descriptor(out, ROWS), lse, lse if slopes is None else slopes, params.heads,
-            params.group, params.q_len, params.kv_len, params.offset, params.scale * LOG2E,
-            *slope_strides)
+            params.group, params.q_len, params.kv_len, params.offset, params.window_left,
+            params.scale * LOG2E, *slope_strides)
     launch_fixed(_hopper_forward_kernel, grid, args,
                  dict(BLOCK_N=config.block_n, HEAD_DIM=params.head_dim, STAGES=config.stages,
                       OVERLAP=config.overlap, CONSUMERS=config.consumers,
-                      CAUSAL=params.has_right, HAS_ALIBI=slopes is not None,
-                      CONSUMER_REGS=consumer_regs),
+                      CAUSAL=params.has_right, HAS_WINDOW=params.has_left,
+                      HAS_ALIBI=slopes is not None, CONSUMER_REGS=consumer_regs),
                  num_warps=4, maxnreg=maxnreg)
     return out, lse
