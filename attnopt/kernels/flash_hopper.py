@@ -122,7 +122,7 @@ def _softmax_tile(qk, m_i, l_i, row0, col0, seq_k, offset, window_left, qk_scale
             rows = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
             distance = gl.abs(rows[:, None] + offset - cols[None, :]).to(gl.float32)
             qk = qk * qk_scale - distance * slope2
-    if masked:  # keys past the end, or past the causal diagonal
+    if masked:  # keys past the end, past the causal diagonal or before the window
         cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
         visible = cols[None, :] < seq_k
         if CAUSAL:
