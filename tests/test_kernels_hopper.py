@@ -315,3 +315,19 @@ def test_long_calls_route_by_default(head_dim, monkeypatch):
     assert calls == [1]
     reference = flash_attention_reference(q.double(), k.double(), v.double(), causal=True)
     assert (out.double() - reference).abs().max().item() <= TOLERANCE[q.dtype]
+
+
+def test_kernels_import_without_gluon():
+    """On a Triton without Gluon the kernels package still imports, with the Hopper path off
+    (`flash.flash_hopper` None): checked in a fresh process with Gluon's import blocked."""
+    import os
+    import subprocess
+    import sys
+    script = ("import sys; sys.modules['triton.experimental.gluon'] = None\n"
+              "import attnopt.kernels.flash as flash\n"
+              "print('HOPPER', flash.flash_hopper)\n")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "HOPPER None" in done.stdout

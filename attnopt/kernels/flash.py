@@ -32,7 +32,7 @@ from attnopt.kernels.tuning import launch
 
 try:  # Gluon (Triton >= 3.5) builds the warp-specialized Hopper forward
     from attnopt.kernels import flash_hopper
-except ImportError:
+except (ImportError, AttributeError):  # (no Gluon, or an experimental API that moved again)
     flash_hopper = None
 
 # --------------------------------------------------------------------------- configs
