@@ -115,6 +115,9 @@ def test_short_sequences_stay_on_the_triton_kernel():
         q, k, v = _inputs(3, head_dim=head_dim, q_len=shortest // 2, kv_len=shortest,
                           device="cpu")
         assert "shorter" in flash_hopper.length_reason(_params(q, k, v))
+    q, k, v = _inputs(3, head_dim=128, q_len=4096, kv_len=4096, device="cpu")
+    assert flash_hopper.length_reason(_params(q, k, v, causal=True, window=(1023, 0))) is None
+    assert "band" in flash_hopper.length_reason(_params(q, k, v, causal=True, window=(255, 0)))
 
 
 def test_off_cuda_and_switched_off(monkeypatch):

@@ -373,11 +373,13 @@ def hopper_reason(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> O
 
 
 def length_reason(params: AttentionParams) -> Optional[str]:
-    """Why a call this kernel can run is still left to flash.py's (None when it is not)."""
+    """Why a call this kernel can run is still left to flash.py's (None when it is not). A
+    window counts as its band's keys: bands narrower than MIN_LENGTH were not measured here."""
     shortest = MIN_LENGTH[params.head_dim]
-    if min(params.q_len, params.kv_len) < shortest:
-        return (f"sequences shorter than {shortest} at head dim {params.head_dim} run as fast "
-                "on flash.py's kernel")
+    keys = min(params.kv_len, params.window_left + 1) if params.has_left else params.kv_len
+    if min(params.q_len, keys) < shortest:
+        return (f"sequences or window bands shorter than {shortest} at head dim "
+                f"{params.head_dim} stay on flash.py's kernel (as fast, or not measured)")
     return None
 
 
