@@ -61,6 +61,7 @@ class UnpaddedGraphs:
     def __init__(self, rewritten: GraphModule, inputs: list[int], sites: dict[str, Node],
                  make_runner):
         self.rewritten = rewritten
+        self.placeholders = [n.name for n in rewritten.graph.nodes if n.op == "placeholder"]
         self.inputs = inputs          # flat input positions of the mask inputs
         self.sites = sites            # canonical node name -> its mask node
         self._make_runner = make_runner
@@ -141,12 +142,11 @@ class UnpaddedGraphs:
         ALiBi on a causal mask, or None where the mask is needed."""
         from attnopt.ops.attention import mask_redundancy
         from attnopt.passes.heads import site_args
-        placeholders = [n.name for n in self.rewritten.graph.nodes if n.op == "placeholder"]
         names = list(self.sites)
         nodes = {n.name: n for n in self.rewritten.graph.nodes}
         with torch.no_grad():
             masks = evaluate_subgraph(self.rewritten, [self.sites[name] for name in names],
-                                      dict(zip(placeholders, values)))
+                                      dict(zip(self.placeholders, values)))
         answers = []
         for name, mask in zip(names, masks):
             answer = None
@@ -195,8 +195,7 @@ class UnpaddedGraphs:
         return specialized
 
     def describe(self) -> str:
-        placeholders = [n.name for n in self.rewritten.graph.nodes if n.op == "placeholder"]
-        names = ", ".join(placeholders[i] for i in self.inputs)
+        names = ", ".join(self.placeholders[i] for i in self.inputs)
         verb = "is" if len(self.inputs) == 1 else "are"
         return (f"calls whose {names} {verb} all ones run a copy of the graph in which up to "
                 f"{len(self.sites)} site(s) drop a mask that all ones make redundant (or ALiBi "

@@ -10,11 +10,12 @@ Two parts, anchors in the same run, correctness (against float32) before timing:
 - `ops`: bf16, 16 heads, D128, 16K tokens per batch (B = 16K / n), causal. The canonical op
   with slopes (`torch.ops.attnopt.attention(..., is_causal=True, alibi_slopes=s)`: the call a
   rewritten model makes; the kernel in the default mode, on a Hopper GPU the warp-specialized
-  one from 1K), the same call on the Triton kernel (`ATTNOPT_HOPPER_FORWARD=0`), the kernel given the dense bias and the
-  causal mark, SDPA's default dispatch on the dense (1, H, n, n) bias with the causal fill folded
-  in (what the op ran on the additive mask before, and what Falcon's SDPA path runs), and
-  compiled FlexAttention with an ALiBi score_mod and a causal BlockMask. Forward for every n,
-  forward+backward for a few. Medians of `triton.testing.do_bench`.
+  one from 1K), the same call on the Triton kernel (`ATTNOPT_HOPPER_FORWARD=0`), the kernel
+  given the dense bias and the causal mark, SDPA's default dispatch on the dense (1, H, n, n)
+  bias with the causal fill folded in (what the op ran on the additive mask before, and what
+  Falcon's SDPA path runs), and compiled FlexAttention with an ALiBi score_mod and a causal
+  BlockMask. Forward for every n, forward+backward for a few. Medians of
+  `triton.testing.do_bench`.
 - `e2e`: an MPT config (hidden 2048, 16 heads, 4 layers, random weights, bf16, eager: MPT has no
   SDPA path), batch 2, no attention_mask, before and after `attnopt.optimize(policy="exact")`.
   MPT adds a float32 ALiBi to its scores, which fits slopes exactly; BLOOM rounds its ALiBi to

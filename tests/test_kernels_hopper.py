@@ -10,6 +10,11 @@ sm_90 with the installed Triton within the shared memory an H100 has.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -161,18 +166,19 @@ print("RESULTS", json.dumps(results))
 """
 
 
+def _fresh_process(script: str, timeout: int) -> subprocess.CompletedProcess:
+    """`script` run by this Python in a new process, outside the tests' interpreter mode."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def test_compiles_for_sm90():
     """The kernel builds with the installed Triton for sm_90 (each head dim's config, plain and
-    causal with a window and ALiBi), within an H100's shared memory; the GPU tests run it under the
-    GPU machine's Triton. Compiled in a fresh process: the tests' interpreter mode would hand
+    causal with a window and ALiBi), within an H100's shared memory; the GPU tests run it under
+    the GPU machine's Triton. Compiled in a fresh process: the tests' interpreter mode would hand
     Gluon interpreted helpers."""
-    import json
-    import os
-    import subprocess
-    import sys
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = _fresh_process(_COMPILE_SCRIPT, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     results = json.loads(lines[0][len("RESULTS "):])
@@ -226,9 +232,8 @@ def _on_gpu(case):
 
 
 @pytest.fixture
-def spy(monkeypatch):
-    """Counts the calls that run on the Hopper kernel; the small test shapes run there too."""
-    monkeypatch.setattr(flash_hopper, "MIN_LENGTH", dict.fromkeys(flash_hopper.MIN_LENGTH, 1))
+def routed(monkeypatch):
+    """The params of the calls that run on the Hopper kernel."""
     calls = []
     original = flash_hopper.hopper_forward
 
@@ -237,6 +242,13 @@ def spy(monkeypatch):
         return original(*args, **kwargs)
     monkeypatch.setattr(flash_hopper, "hopper_forward", counted)
     return calls
+
+
+@pytest.fixture
+def spy(routed, monkeypatch):
+    """`routed`, with the small test shapes running on the Hopper kernel too."""
+    monkeypatch.setattr(flash_hopper, "MIN_LENGTH", dict.fromkeys(flash_hopper.MIN_LENGTH, 1))
+    return routed
 
 
 @needs_hopper
@@ -304,18 +316,14 @@ def test_unsupported_specs_run_the_triton_kernel(spy):
 
 @needs_hopper
 @pytest.mark.parametrize("head_dim", sorted(flash_hopper.MIN_LENGTH))
-def test_long_calls_route_by_default(head_dim, monkeypatch):
+def test_long_calls_route_by_default(head_dim, routed):
     """At MIN_LENGTH with the shipped configs (no test override), `flash_attention` runs here."""
-    calls = []
-    original = flash_hopper.hopper_forward
-    monkeypatch.setattr(flash_hopper, "hopper_forward",
-                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     length = flash_hopper.MIN_LENGTH[head_dim]
     generator = torch.Generator().manual_seed(head_dim)
     q, k, v = (torch.randn(1, 2, length, head_dim, generator=generator).to("cuda", torch.bfloat16)
                for _ in range(3))
     out = flash_attention(q, k, v, causal=True)
-    assert calls == [1]
+    assert len(routed) == 1
     reference = flash_attention_reference(q.double(), k.double(), v.double(), causal=True)
     assert (out.double() - reference).abs().max().item() <= TOLERANCE[q.dtype]
 
@@ -323,14 +331,8 @@ def test_long_calls_route_by_default(head_dim, monkeypatch):
 def test_kernels_import_without_gluon():
     """On a Triton without Gluon the kernels package still imports, with the Hopper path off
     (`flash.flash_hopper` None): checked in a fresh process with Gluon's import blocked."""
-    import os
-    import subprocess
-    import sys
-    script = ("import sys; sys.modules['triton.experimental.gluon'] = None\n"
-              "import attnopt.kernels.flash as flash\n"
-              "print('HOPPER', flash.flash_hopper)\n")
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = _fresh_process("import sys; sys.modules['triton.experimental.gluon'] = None\n"
+                          "import attnopt.kernels.flash as flash\n"
+                          "print('HOPPER', flash.flash_hopper)\n", timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "HOPPER None" in done.stdout

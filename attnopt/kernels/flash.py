@@ -324,15 +324,14 @@ def tensor_args(params: AttentionParams, device: torch.device) -> dict:
     if bias is not None and bias.dtype == torch.bool:
         bias = bias.view(torch.uint8)
     slopes = params.slopes_BH
-    slopes_strides = (slopes.stride(0) if slopes.shape[0] > 1 else 0, slopes.stride(1)) \
-        if slopes is not None else (0, 0)
     counts = indices = None
     if params.layout is not None:
         counts, indices = params.layout.by_query_block(device)
     counts_strides = broadcast_strides(counts, 3)
     indices_strides = broadcast_strides(indices, 4)[:3]
     return dict(bias=bias if bias is not None else dummy, bias_strides=bias_strides,
-                slopes=slopes if slopes is not None else dummy, slopes_strides=slopes_strides,
+                slopes=slopes if slopes is not None else dummy,
+                slopes_strides=params.slopes_strides(),
                 kv_lens=params.kv_lengths if params.kv_lengths is not None else dummy,
                 counts=counts if counts is not None else dummy, counts_strides=counts_strides,
                 indices=indices if indices is not None else dummy,

@@ -406,12 +406,10 @@ def hopper_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
     maxnreg, consumer_regs = config.registers()
     grid = (cdiv(params.q_len, ROWS * config.consumers), params.batch * params.heads)
     slopes = params.slopes_BH
-    slope_strides = (0, 0) if slopes is None else \
-        (slopes.stride(0) if slopes.shape[0] > 1 else 0, slopes.stride(1))
     args = (_descriptor(q, ROWS), _descriptor(k, config.block_n), _descriptor(v, config.block_n),
             _descriptor(out, ROWS), lse, lse if slopes is None else slopes, params.heads,
             params.group, params.q_len, params.kv_len, params.offset, params.window_left,
-            params.scale * LOG2E, *slope_strides)
+            params.scale * LOG2E, *params.slopes_strides())
     launch_fixed(_hopper_forward_kernel, grid, args,
                  dict(BLOCK_N=config.block_n, HEAD_DIM=params.head_dim, STAGES=config.stages,
                       OVERLAP=config.overlap, CONSUMERS=config.consumers,

@@ -124,6 +124,14 @@ class AttentionParams:
         return (dtype != torch.float32 and self.bias_kind == BIAS_NONE and self.softcap is None
                 and self.layout is None)
 
+    def slopes_strides(self) -> tuple[int, int]:
+        """(batch, head) strides of `slopes_BH` as the kernels index it: 0 over a batch of one
+        (slopes shared by every row), (0, 0) without ALiBi."""
+        slopes = self.slopes_BH
+        if slopes is None:
+            return 0, 0
+        return (slopes.stride(0) if slopes.shape[0] > 1 else 0), slopes.stride(1)
+
     def kernel_flags(self) -> dict:
         return dict(HAS_LEFT=self.has_left, HAS_RIGHT=self.has_right,
                     HAS_SOFTCAP=self.softcap is not None, BIAS_KIND=self.bias_kind,
