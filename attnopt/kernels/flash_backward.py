@@ -39,6 +39,11 @@ from attnopt.kernels.params import AttentionParams, cdiv, interpreting, next_pow
 from attnopt.kernels.tiles import key_band, score_tile, stable_tanh
 from attnopt.kernels.tuning import launch, launch_fixed
 
+try:  # Gluon (Triton >= 3.5) builds the warp-specialized Hopper backward
+    from attnopt.kernels import flash_hopper_backward
+except (ImportError, AttributeError):  # (no Gluon, or an experimental API that moved again)
+    flash_hopper_backward = None
+
 # --------------------------------------------------------------------------- configs
 
 DELTA_BLOCK = 64  # rows per program of the delta kernel on GPU (a memory-bound row reduction)
@@ -585,6 +590,10 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     launch_fixed(_delta_kernel, (cdiv(params.q_len, delta_block), batch * heads), (
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, params.q_len),
         dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_M=delta_block))
+
+    if flash_hopper_backward is not None \
+            and flash_hopper_backward.hopper_backward_reason(params, q) is None:
+        return flash_hopper_backward.hopper_backward(grad_out, q, k, v, lse, delta, params)
 
     extra = tensor_args(params, device)
     q_counts = q_indices = extra["counts"]  # placeholders without a layout

@@ -357,10 +357,17 @@ def spec_reason(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> Opt
                                 <= params.kv_len):
         return "a window without the causal edge, or with rows past the last key"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(
-                (s * t.element_size()) % 16 for s in t.stride()[:-1]):
+        if not tma_ready(t):
             return f"{name}'s strides or address are not 16-byte aligned for TMA"
     return None
+
+
+def tma_ready(t: Tensor) -> bool:
+    """Whether a TMA descriptor can address t: last dim contiguous, address and other strides
+    16-byte multiples, no broadcast (stride 0) dims."""
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+        stride * t.element_size() % 16 == 0 and (stride or size == 1)
+        for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
 
 
 def hopper_reason(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> Optional[str]:

@@ -1,0 +1,349 @@
+"""The exact backward on Hopper GPUs (sm_90): dq, dk, dv in one warp-specialized Gluon kernel.
+
+`flash_backward.py`'s Triton kernel runs two kinds of program: key blocks (dk, dv) and query
+blocks (dq), each recomputing the scores and dO·Vᵀ, seven matmuls per tile pair. This kernel
+does five, as FlashAttention-3 and cuDNN do: each program owns a key block, and its dq share
+(dS·K) is added to a float32 dq accumulator with atomics.
+
+Each program owns 64·CONSUMERS keys of one (batch, kv head):
+- the producer partition (one warp) TMA-loads the program's K and V once (one 64-row tile per
+  consumer), then for every query head of the kv head's group and every 64-row query tile
+  that sees the keys, Q and dO into a ring of STAGES buffers (`q_ready`, `do_ready`;
+  `qdo_empty` takes one arrive per consumer);
+- consumer C (one warpgroup) owns keys [n0 + 64·C, + 64) and keeps their dK, dV in registers.
+  Per query tile it computes, key-major so that Pᵀ and dSᵀ are the register operands of the
+  dV and dK products (no transpose of computed tiles):
+      Sᵀ = K·Qᵀ, Pᵀ = exp2(Sᵀ·scale·log2 e − lse), dV += Pᵀ·dO,
+      dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − delta)·scale, dK += dSᵀ·Q;
+  it writes its dSᵀ rows to shared memory. The consumers take turns (tile i: consumer
+  i mod CONSUMERS) computing the tile's dQ = dS·K over all the program's keys from there,
+  and add it to the accumulator (one atomic add per element and key block);
+- `ds_ready` (one arrive per consumer) says a tile's dSᵀ is whole; `ds_free` says its reader
+  is done with the buffer (one dS buffer per consumer, buffer i mod CONSUMERS).
+
+Query tiles are walked from the last down, as `flash_backward.py`'s dk/dv programs do: under a
+causal mask the programs running side by side then read the same Q and dO tiles from L2.
+
+The forward's base-2 log-sum-exp and `flash_backward`'s delta are read directly (64 floats per
+tile). dq is the accumulator cast to the input dtype afterwards.
+
+`hopper_backward_reason` says when a call runs here: the forward kernel's specs (`flash_hopper`)
+less ALiBi and windows, which run `flash_backward.py`'s kernel. `ATTNOPT_HOPPER_BACKWARD=0`
+turns this kernel off.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+
+from attnopt.kernels.flash_hopper import PRODUCER_REGS, REGISTER_FILE, ROWS, _descriptor, \
+    _device_reason, _tma_load, _tma_store, tma_ready
+from attnopt.kernels.params import BIAS_NONE, AttentionParams, cdiv, interpreting
+from attnopt.kernels.tuning import launch_fixed
+
+# Triton 3.7+ renamed the warps' barrier (thread_barrier -> barrier)
+_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
+ENV = "ATTNOPT_HOPPER_BACKWARD"
+DQ_COLS = gl.constexpr(64)  # dQ columns per product (registers)
+DQ_ROWS = gl.constexpr(8)  # dQ rows per batch of atomics (registers)
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    stages: int       # Q/dO tiles in flight
+    consumers: int    # consumer warpgroups (64 keys each)
+
+    def registers(self) -> tuple[int, int]:
+        """(maxnreg for the kernel, registers per consumer worker), as the forward's."""
+        threads = 128 * (self.consumers + 1)
+        maxnreg = REGISTER_FILE // threads // 8 * 8
+        consumer = (REGISTER_FILE - 128 * PRODUCER_REGS) // (128 * self.consumers) // 8 * 8
+        return maxnreg, min(consumer, 240)
+
+
+CONFIGS = {128: BackwardConfig(stages=2, consumers=2),
+           64: BackwardConfig(stages=2, consumers=2)}
+
+
+# --------------------------------------------------------------------------- kernel
+
+@gluon.jit
+def _query_tile(it, n_m, m_hi, h_kv, group):
+    """Iteration `it`'s (query head, first row): heads of the group in turn, each walking its
+    query tiles from the last (m_hi − 1) down."""
+    return h_kv * group + it // n_m, (m_hi - 1 - it % n_m) * 64
+
+
+@gluon.jit
+def _producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar,
+              q_ready, do_ready, qdo_empty, b, h_kv, group, n0, m_hi, n_m,
+              STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + CONSUMERS * v_desc.block_type.nbytes)
+    _tma_load(k_desc, [b, h_kv, n0, 0], kv_bar, k_smem)
+    for c in gl.static_range(CONSUMERS):
+        _tma_load(v_desc, [b, h_kv, n0 + c * 64, 0], kv_bar, v_smem.index(c))
+    for it in range(group * n_m):
+        s = it % STAGES
+        h, m0 = _query_tile(it, n_m, m_hi, h_kv, group)
+        mbarrier.wait(qdo_empty.index(s), ((it // STAGES) & 1) ^ 1)
+        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+        _tma_load(q_desc, [b, h, m0, 0], q_ready.index(s), q_smem.index(s))
+        mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+        _tma_load(do_desc, [b, h, m0, 0], do_ready.index(s), do_smem.index(s))
+
+
+@gluon.jit
+def _red_add(ptrs, values):
+    """*ptrs += values, four float32 at a time (`red.global.add.v4.f32`: one instruction per 16
+    bytes where `gl.atomic_add` issues one per element; the result is not returned)."""
+    gl.inline_asm_elementwise(
+        "red.global.add.v4.f32 [$4], {$8, $9, $10, $11};\n\t"
+        "mov.b32 $0, 0;\n\tmov.b32 $1, 0;\n\tmov.b32 $2, 0;\n\tmov.b32 $3, 0;",
+        "=r,=r,=r,=r,l,l,l,l,r,r,r,r", [ptrs.to(gl.int64), values.to(gl.int32, bitcast=True)],
+        gl.int32, is_pure=False, pack=4)
+
+
+@gluon.jit
+def _tile_dq(j, dq_ptr, ds_smem, k_all, dq_smem, ds_ready, ds_free, b, h_kv, group, heads,
+             n_m, m_hi, C: gl.constexpr, HEAD_DIM: gl.constexpr, CONSUMERS: gl.constexpr):
+    """If consumer C reads tile j's dS (j mod CONSUMERS == C): dQ = dS·K over the program's
+    keys, added to the float32 accumulator (rows padded to a multiple of 64: no masks)."""
+    buf = j % CONSUMERS
+    if buf == C:
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DQ_COLS, 16])
+        chunk_layout: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])
+        chunk_rows = gl.arange(0, DQ_ROWS, layout=gl.SliceLayout(1, chunk_layout))
+        chunk_cols = gl.arange(0, DQ_COLS, layout=gl.SliceLayout(0, chunk_layout))
+        h, m0 = _query_tile(j, n_m, m_hi, h_kv, group)
+        tile_ptr = dq_ptr + ((b * heads + h).to(gl.int64) * m_hi * 64 + m0) * HEAD_DIM
+        mbarrier.wait(ds_ready.index(buf), (j // CONSUMERS) & 1)
+        ds = ds_smem.index(buf).permute((1, 0))
+        for part in gl.static_range(HEAD_DIM // DQ_COLS):
+            dq = warpgroup_mma(ds, k_all.slice(part * DQ_COLS, DQ_COLS, dim=1),
+                               gl.zeros([64, DQ_COLS], gl.float32, layout=dq_layout),
+                               use_acc=False, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=(dq, ))
+            # through shared memory, so that the atomics go a few rows at a time (a pointer per
+            # element of the whole part would not fit the registers)
+            dq_smem.store(dq)
+            _barrier()
+            for r in gl.static_range(0, 64, DQ_ROWS):
+                _red_add(tile_ptr + (r + chunk_rows[:, None]) * HEAD_DIM + part * DQ_COLS
+                         + chunk_cols[None, :], dq_smem.slice(r, DQ_ROWS).load(chunk_layout))
+            _barrier()
+        mbarrier.arrive(ds_free.index(buf), count=1)
+
+
+@gluon.jit
+def _consume(dk_desc, dv_desc, dq_ptr, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem,
+             ds_smem, dq_smem, kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free,
+             b, h_kv, group, heads, n0, m_hi, n_m, seq_q, offset, qk_scale, scale,
+             C: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+             CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):
+    """Consumer C: keys [n0 + 64·C, + 64), over every query tile of the program."""
+    dtype: gl.constexpr = dk_desc.dtype
+    # Sᵀ, dPᵀ: (64 keys, 64 queries); dK, dV, dQ: (64 rows, head dim)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, 64, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+
+    k_all = k_smem.reshape([CONSUMERS * 64, HEAD_DIM])
+    k_c = k_all.slice(C * 64, 64)
+    v_c = v_smem.index(C).reshape([64, HEAD_DIM])
+    keys = n0 + C * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+    tile_cols = gl.arange(0, 64, layout=gl.SliceLayout(0, s_layout))
+    no_scores = gl.zeros([64, 64], gl.float32, layout=s_layout)
+    dk = gl.zeros([64, HEAD_DIM], gl.float32, layout=o_layout)
+    dv = gl.zeros([64, HEAD_DIM], gl.float32, layout=o_layout)
+    mbarrier.wait(kv_bar, 0)
+
+    for it in range(group * n_m):
+        if it > 0:  # the last tile's dQ, one tile late: the consumers need not wait in step
+            _tile_dq(it - 1, dq_ptr, ds_smem, k_all, dq_smem, ds_ready, ds_free, b, h_kv,
+                     group, heads, n_m, m_hi, C, HEAD_DIM, CONSUMERS)
+        s = it % STAGES
+        phase = (it // STAGES) & 1
+        h, m0 = _query_tile(it, n_m, m_hi, h_kv, group)
+        row_base = (b * heads + h).to(gl.int64) * seq_q
+        rows = m0 + tile_cols
+        q_t = q_smem.index(s).reshape([64, HEAD_DIM])
+        do_t = do_smem.index(s).reshape([64, HEAD_DIM])
+
+        mbarrier.wait(q_ready.index(s), phase)
+        st = warpgroup_mma(k_c, q_t.permute((1, 0)), no_scores, use_acc=False, is_async=True)
+        lse = gl.load(lse_ptr + row_base + rows, mask=rows < seq_q, other=float("inf"))
+        st = warpgroup_mma_wait(0, deps=(st, ))
+        st = st * qk_scale
+        if CAUSAL:
+            if n0 + C * 64 + 63 > m0 + offset:  # keys past some row's diagonal
+                st = gl.where(keys[:, None] <= rows[None, :] + offset, st, float("-inf"))
+        pt = gl.exp2(st - lse[None, :])
+        mbarrier.wait(do_ready.index(s), phase)
+        dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), a_layout), do_t, dv, is_async=True)
+        dpt = warpgroup_mma(v_c, do_t.permute((1, 0)), no_scores, use_acc=False, is_async=True)
+        delta = gl.load(delta_ptr + row_base + rows, mask=rows < seq_q, other=0.0)
+        dpt, dv = warpgroup_mma_wait(0, deps=(dpt, dv))
+        dst = (pt * (dpt - delta[None, :]) * scale).to(dtype)
+
+        # dSᵀ goes through shared memory: the A operand of dK here, and of the tile's dQ = dS·K
+        # for consumer `it mod CONSUMERS`, which reads every consumer's rows (`_tile_dq`)
+        buf = it % CONSUMERS
+        if buf != C:  # the buffer's reader is done with its last use
+            mbarrier.wait(ds_free.index(buf), ((it // CONSUMERS) & 1) ^ 1)
+        ds_c = ds_smem.index(buf).slice(C * 64, 64)
+        ds_c.store(dst)
+        fence_async_shared()
+        mbarrier.arrive(ds_ready.index(buf), count=1)
+        dk = warpgroup_mma(ds_c, q_t, dk, is_async=True)
+        dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
+        mbarrier.arrive(qdo_empty.index(s), count=1)
+    if group * n_m > 0:
+        _tile_dq(group * n_m - 1, dq_ptr, ds_smem, k_all, dq_smem, ds_ready, ds_free, b, h_kv,
+                 group, heads, n_m, m_hi, C, HEAD_DIM, CONSUMERS)
+
+    # V_C is read by this consumer only: its buffer carries dV, then dK, to the TMA store
+    # (which clips keys past the end)
+    out = v_c
+    out.store(dv.to(dtype))
+    fence_async_shared()
+    _tma_store(dv_desc, [b, h_kv, n0 + C * 64, 0], v_smem.index(C))
+    tma.store_wait(0)
+    out.store(dk.to(dtype))
+    fence_async_shared()
+    _tma_store(dk_desc, [b, h_kv, n0 + C * 64, 0], v_smem.index(C))
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_ptr, lse_ptr,
+                            delta_ptr, heads, kv_heads, group, seq_q, offset, qk_scale, scale,
+                            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                            CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
+                            CONSUMER_REGS: gl.constexpr):
+    dtype: gl.constexpr = q_desc.dtype
+    n0 = gl.program_id(0) * (64 * CONSUMERS)
+    b = gl.program_id(1) // kv_heads
+    h_kv = gl.program_id(1) % kv_heads
+    m_lo = 0  # the first query tile that sees a key of the block
+    if CAUSAL:
+        m_lo = gl.maximum(n0 - offset, 0) // 64
+    m_hi = gl.cdiv(seq_q, 64)
+    n_m = gl.maximum(m_hi - m_lo, 0)
+
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape,
+                                        do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + v_desc.block_type.shape,
+                                       v_desc.layout)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([CONSUMERS * 64, 64], dtype)
+    ds_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, CONSUMERS * 64, 64], ds_layout)
+    dq_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    dq_smem = gl.allocate_shared_memory(gl.float32, [CONSUMERS, 64, DQ_COLS], dq_layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    qdo_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    ds_free = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(do_ready.index(i), count=1)
+        mbarrier.init(qdo_empty.index(i), count=CONSUMERS)
+    for i in gl.static_range(CONSUMERS):
+        mbarrier.init(ds_ready.index(i), count=CONSUMERS)
+        mbarrier.init(ds_free.index(i), count=1)
+
+    # one partition per consumer, C a compile-time constant in each (written out: see
+    # flash_hopper's kernel)
+    gl.warp_specialize([
+        (_consume, (dk_desc, dv_desc, dq_ptr, lse_ptr, delta_ptr, q_smem, do_smem, k_smem,
+                    v_smem, ds_smem, dq_smem.index(0), kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free,
+                    b, h_kv, group, heads, n0, m_hi, n_m, seq_q, offset, qk_scale, scale,
+                    0, HEAD_DIM, STAGES, CONSUMERS, CAUSAL)),
+        (_consume, (dk_desc, dv_desc, dq_ptr, lse_ptr, delta_ptr, q_smem, do_smem, k_smem,
+                    v_smem, ds_smem, dq_smem.index(1), kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free,
+                    b, h_kv, group, heads, n0, m_hi, n_m, seq_q, offset, qk_scale, scale,
+                    1, HEAD_DIM, STAGES, CONSUMERS, CAUSAL)),
+        (_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar,
+                     q_ready, do_ready, qdo_empty, b, h_kv, group, n0, m_hi, n_m, STAGES,
+                     CONSUMERS)),
+    ], [4, 1], [CONSUMER_REGS, 24])  # (PRODUCER_REGS)
+
+
+# --------------------------------------------------------------------------- selection
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+def spec_reason(params: AttentionParams, *tensors: Tensor) -> Optional[str]:
+    """Why a call's spec does not fit this kernel (None when it does), device aside."""
+    q = tensors[0]
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (fp16 and bf16 run here)"
+    if params.q_len < 1 or params.kv_len < 1:
+        return "an empty sequence"
+    if params.head_dim not in CONFIGS:
+        return f"head dim {params.head_dim} (runs {sorted(CONFIGS)})"
+    if params.bias_kind != BIAS_NONE or params.softcap is not None \
+            or params.kv_lengths is not None or params.layout is not None \
+            or params.slopes_BH is not None:
+        return "a bias, ALiBi slopes, soft-cap, key lengths or block layout"
+    if params.has_left:
+        return "a window"
+    if params.has_right and (params.window_right != 0 or params.offset < 0):
+        return "a causal band other than the diagonal at offset >= 0"
+    return None
+
+
+def hopper_backward_reason(params: AttentionParams, q: Tensor) -> Optional[str]:
+    """Why this call's backward does not run on the warp-specialized kernel, or None."""
+    if not enabled():
+        return f"{ENV}=0"
+    if q.device.type != "cuda" or interpreting():
+        return "runs on CUDA devices only (not the interpreter)"
+    return _device_reason(q.device) or spec_reason(params, q)
+
+
+# --------------------------------------------------------------------------- launcher
+
+def hopper_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor,
+                    delta: Tensor, params: AttentionParams,
+                    config: Optional[BackwardConfig] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) as `flash_backward.flash_backward` returns them, from the forward's base-2
+    lse_BHS and delta_BHS = rowsum(dO ∘ O) (both float32, contiguous);
+    `hopper_backward_reason` must be None."""
+    config = config or CONFIGS[params.head_dim]
+    q, k, v, grad_out = (t if tma_ready(t) else t.contiguous() for t in (q, k, v, grad_out))
+    dq_accum = torch.zeros((params.batch, params.heads, cdiv(params.q_len, ROWS) * ROWS,
+                            params.head_dim), device=q.device, dtype=torch.float32)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    maxnreg, consumer_regs = config.registers()
+    grid = (cdiv(params.kv_len, ROWS * config.consumers), params.batch * params.kv_heads)
+    args = (_descriptor(q, ROWS), _descriptor(k, ROWS * config.consumers), _descriptor(v, ROWS),
+            _descriptor(grad_out, ROWS), _descriptor(dk, ROWS), _descriptor(dv, ROWS),
+            dq_accum, lse, delta, params.heads, params.kv_heads, params.group, params.q_len,
+            params.offset, params.scale * LOG2E, params.scale)
+    launch_fixed(_hopper_backward_kernel, grid, args,
+                 dict(HEAD_DIM=params.head_dim, STAGES=config.stages,
+                      CONSUMERS=config.consumers, CAUSAL=params.has_right,
+                      CONSUMER_REGS=consumer_regs),
+                 num_warps=4, maxnreg=maxnreg)
+    return dq_accum[:, :, :params.q_len].to(q.dtype), dk, dv

@@ -1,0 +1,193 @@
+"""The warp-specialized Hopper backward (`attnopt/kernels/flash_hopper_backward.py`).
+
+On a Hopper GPU, dq, dk and dv are checked against the float64 reference for each supported
+spec: head dims 64 and 128, fp16 and bf16, no mask and both causal alignments (keys no query
+sees included), GQA, lengths that are not tile multiples, (B, S, H, D) views, a custom scale and
+a broadcast output gradient (stride 0, as `out.sum().backward()` gives). Elsewhere (CI) the
+tests check which calls route here and that the kernel compiles for sm_90 with the installed
+Triton within the shared memory an H100 has.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attnopt.kernels import BlockSparseLayout, flash_attention, flash_attention_reference
+
+hopper_backward = pytest.importorskip("attnopt.kernels.flash_hopper_backward",
+                                      reason="needs Gluon (Triton >= 3.5)")
+from test_kernels_hopper import GRAD_TOLERANCE, H100_SHARED_MEMORY, \
+    _fresh_process, _inputs, _on_gpu, _params, needs_hopper  # noqa: E402
+
+ACCEPTED = {
+    "plain_64": (dict(head_dim=64), {}),
+    "causal_128_fp16": (dict(head_dim=128, dtype=torch.float16), dict(causal=True)),
+    "causal_bottom_right": (dict(q_len=100, kv_len=300),
+                            dict(causal=True, causal_alignment="bottom_right")),
+    "gqa_uneven_lengths": (dict(heads=8, kv_heads=2, q_len=200, kv_len=333), {}),
+    "bshd_views": (dict(bshd=True), dict(causal=True)),
+}
+
+REJECTED = {
+    "float32": (dict(dtype=torch.float32), {}, "dtype"),
+    "head_dim_96": (dict(head_dim=96), {}, "head dim"),
+    "additive_bias": (dict(), dict(attn_bias=torch.randn(256, 256)), "bias"),
+    "alibi": (dict(), dict(alibi_slopes=torch.rand(4)), "ALiBi"),
+    "softcap": (dict(), dict(softcap=30.0), "soft-cap"),
+    "kv_lengths": (dict(), dict(kv_lengths=torch.tensor([100, 256], dtype=torch.int32)),
+                   "lengths"),
+    "causal_window": (dict(), dict(causal=True, window=(64, 0)), "window"),
+    "block_layout": (dict(), dict(block_mask=BlockSparseLayout(
+        torch.ones(1, 1, 2, 2, dtype=torch.bool), 128)), "layout"),
+    "no_keys": (dict(kv_len=0), {}, "empty"),
+    "rows_without_keys": (dict(q_len=300, kv_len=100),
+                          dict(causal=True, causal_alignment="bottom_right"), "offset"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED))
+def test_spec_accepted(name):
+    shape, options = ACCEPTED[name]
+    q, k, v = _inputs(1, device="cpu", **shape)
+    assert hopper_backward.spec_reason(_params(q, k, v, **options), q) is None
+
+
+@pytest.mark.parametrize("name", sorted(REJECTED))
+def test_spec_rejected(name):
+    shape, options, words = REJECTED[name]
+    q, k, v = _inputs(1, device="cpu", **shape)
+    reason = hopper_backward.spec_reason(_params(q, k, v, **options), q)
+    assert reason is not None and words in reason
+
+
+def test_off_cuda_and_switched_off(monkeypatch):
+    q, k, v = _inputs(2, device="cpu")
+    assert "CUDA" in hopper_backward.hopper_backward_reason(_params(q, k, v), q)
+    monkeypatch.setenv(hopper_backward.ENV, "0")
+    assert hopper_backward.ENV in hopper_backward.hopper_backward_reason(_params(q, k, v), q)
+
+
+_COMPILE_SCRIPT = """
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from attnopt.kernels import flash_hopper_backward as hb
+
+def descriptor(rows, head_dim):
+    block = [1, 1, rows, head_dim]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
+    return f"tensordesc<bf16[1, 1, {rows}, {head_dim}],{layout!r}>"
+
+results = {}
+for head_dim, config in sorted(hb.CONFIGS.items()):
+    for causal in (False, True):
+        tile, keys = descriptor(64, head_dim), descriptor(64 * config.consumers, head_dim)
+        signature = {"q_desc": tile, "k_desc": keys, "v_desc": tile, "do_desc": tile,
+                     "dk_desc": tile, "dv_desc": tile, "dq_ptr": "*fp32", "lse_ptr": "*fp32",
+                     "delta_ptr": "*fp32", "heads": "i32", "kv_heads": "i32", "group": "i32",
+                     "seq_q": "i32", "offset": "i32", "qk_scale": "fp32", "scale": "fp32"}
+        maxnreg, consumer_regs = config.registers()
+        constants = dict(HEAD_DIM=head_dim, STAGES=config.stages, CONSUMERS=config.consumers,
+                         CAUSAL=causal, CONSUMER_REGS=consumer_regs)
+        compiled = triton.compile(
+            GluonASTSource(hb._hopper_backward_kernel, signature, constants),
+            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
+        results[f"{head_dim}-{causal}"] = [len(compiled.asm["cubin"]), compiled.metadata.shared]
+print("RESULTS", json.dumps(results))
+"""
+
+
+def test_compiles_for_sm90():
+    """The kernel builds with the installed Triton for sm_90 (each head dim's config, plain and
+    causal) within an H100's shared memory; the GPU tests run it under the GPU machine's
+    Triton. In a fresh process, as the forward's test (interpreter mode)."""
+    done = _fresh_process(_COMPILE_SCRIPT, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    results = json.loads(lines[0][len("RESULTS "):])
+    assert len(results) == 2 * len(hopper_backward.CONFIGS)
+    for name, (cubin_bytes, shared) in results.items():
+        assert cubin_bytes > 0, name
+        assert 0 < shared <= H100_SHARED_MEMORY, f"{name}: {shared} bytes of shared memory"
+
+
+# --------------------------------------------------------------------------- numerics (GPU)
+
+GPU_CASES = {
+    "plain_64_bf16": (dict(head_dim=64), {}),
+    "plain_128_fp16": (dict(head_dim=128, dtype=torch.float16), {}),
+    "causal_64_fp16": (dict(head_dim=64, dtype=torch.float16), dict(causal=True)),
+    "causal_128_bf16": (dict(head_dim=128), dict(causal=True)),
+    "causal_bottom_right_128": (dict(head_dim=128, q_len=100, kv_len=300),
+                                dict(causal=True, causal_alignment="bottom_right")),
+    # keys 200..299 are seen by no query: their program has no query tile
+    "causal_top_left_longer_keys": (dict(q_len=200, kv_len=300), dict(causal=True)),
+    "gqa_uneven_lengths_128": (dict(head_dim=128, heads=8, kv_heads=2, q_len=200, kv_len=333),
+                               {}),
+    "gqa_causal_64": (dict(heads=8, kv_heads=2, q_len=300, kv_len=300), dict(causal=True)),
+    "bshd_causal_uneven_64": (dict(bshd=True, q_len=333, kv_len=333), dict(causal=True)),
+    "scale": (dict(head_dim=128, q_len=130, kv_len=129), dict(scale=0.3)),
+    "long_causal_128": (dict(head_dim=128, q_len=1100, kv_len=1100), dict(causal=True)),
+}
+
+
+@pytest.fixture
+def routed(monkeypatch):
+    """The params of the backward calls that run on the Hopper kernel."""
+    calls = []
+    original = hopper_backward.hopper_backward
+
+    def counted(*args, **kwargs):
+        calls.append(args[6])
+        return original(*args, **kwargs)
+    monkeypatch.setattr(hopper_backward, "hopper_backward", counted)
+    return calls
+
+
+def _check_gradients(name, q, k, v, grad, options):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    flash_attention_reference(q64, k64, v64, **options).backward(grad.double())
+    for got, want, label in ((q.grad, q64.grad, "dq"), (k.grad, k64.grad, "dk"),
+                             (v.grad, v64.grad, "dv")):
+        assert got.shape == want.shape and torch.isfinite(got).all(), f"{name} {label}"
+        error = (got.double() - want).abs().max().item() / want.abs().max().item()
+        assert error <= GRAD_TOLERANCE[q.dtype], f"{name} {label}: relative error {error:.2e}"
+
+
+@needs_hopper
+@pytest.mark.parametrize("name", sorted(GPU_CASES))
+def test_gradients_match_reference(name, routed):
+    shape, options = _on_gpu(GPU_CASES[name])
+    q, k, v = (t.detach().requires_grad_() for t in _inputs(sum(map(ord, name)), **shape))
+    grad = torch.randn_like(q)
+    for t in (q, k, v):  # poisoned: every gradient entry must be written
+        t.grad = None
+    flash_attention(q, k, v, **options).backward(grad)
+    assert len(routed) == 1
+    _check_gradients(name, q, k, v, grad, options)
+
+
+@needs_hopper
+def test_broadcast_output_gradient(routed):
+    """`out.sum().backward()` hands the backward a stride-0 gradient, which TMA cannot read:
+    it is copied first."""
+    q, k, v = (t.detach().requires_grad_() for t in _inputs(11, head_dim=128, q_len=200,
+                                                             kv_len=200))
+    flash_attention(q, k, v, causal=True).sum().backward()
+    assert len(routed) == 1
+    _check_gradients("sum", q, k, v, torch.ones_like(q), dict(causal=True))
+
+
+@needs_hopper
+def test_unsupported_specs_run_the_triton_backward(routed):
+    q, k, v = (t.detach().requires_grad_() for t in _inputs(12))
+    slopes = torch.rand(4, device="cuda")
+    grad = torch.randn_like(q)
+    flash_attention(q, k, v, causal=True, alibi_slopes=slopes).backward(grad)
+    assert routed == []
+    _check_gradients("alibi", q, k, v, grad, dict(causal=True, alibi_slopes=slopes))
