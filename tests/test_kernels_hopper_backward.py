@@ -83,13 +83,14 @@ def descriptor(rows, head_dim):
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
     return f"tensordesc<bf16[1, 1, {rows}, {head_dim}],{layout!r}>"
 
+stats = f"tensordesc<fp32[1, 64],{gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32)!r}>"
 results = {}
 for head_dim, config in sorted(hb.CONFIGS.items()):
     for causal in (False, True):
         tile, keys = descriptor(64, head_dim), descriptor(64 * config.consumers, head_dim)
         signature = {"q_desc": tile, "k_desc": keys, "v_desc": tile, "do_desc": tile,
-                     "dk_desc": tile, "dv_desc": tile, "dq_ptr": "*fp32", "lse_ptr": "*fp32",
-                     "delta_ptr": "*fp32", "heads": "i32", "kv_heads": "i32", "group": "i32",
+                     "dk_desc": tile, "dv_desc": tile, "lse_desc": stats, "delta_desc": stats,
+                     "dq_ptr": "*fp32", "heads": "i32", "kv_heads": "i32", "group": "i32",
                      "seq_q": "i32", "offset": "i32", "qk_scale": "fp32", "scale": "fp32"}
         maxnreg, consumer_regs = config.registers()
         constants = dict(HEAD_DIM=head_dim, STAGES=config.stages, CONSUMERS=config.consumers,

@@ -576,6 +576,9 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    params: AttentionParams) -> tuple[Tensor, Tensor, Tensor]:
     """(dq_BHSD, dk_BHkvSD, dv_BHkvSD) with q's, k's and v's shapes and dtype, from the forward's
     out_BHSD and base-2 lse_BHS (float32, contiguous, +inf on rows that saw no key)."""
+    if flash_hopper_backward is not None \
+            and flash_hopper_backward.hopper_backward_reason(params, q) is None:
+        return flash_hopper_backward.hopper_backward(grad_out, q, k, v, out, lse, params)
     q, k, v, out, grad_out = (last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
     lse = lse.contiguous()
     device = q.device
@@ -590,10 +593,6 @@ def flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     launch_fixed(_delta_kernel, (cdiv(params.q_len, delta_block), batch * heads), (
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, params.q_len),
         dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=head_dim_padded, BLOCK_M=delta_block))
-
-    if flash_hopper_backward is not None \
-            and flash_hopper_backward.hopper_backward_reason(params, q) is None:
-        return flash_hopper_backward.hopper_backward(grad_out, q, k, v, lse, delta, params)
 
     extra = tensor_args(params, device)
     q_counts = q_indices = extra["counts"]  # placeholders without a layout

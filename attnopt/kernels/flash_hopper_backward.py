@@ -39,11 +39,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnopt.kernels.flash_hopper import PRODUCER_REGS, REGISTER_FILE, ROWS, _descriptor, \
     _device_reason, _tma_load, _tma_store, tma_ready
@@ -76,7 +79,31 @@ CONFIGS = {128: BackwardConfig(stages=2, consumers=2),
            64: BackwardConfig(stages=2, consumers=2)}
 
 
-# --------------------------------------------------------------------------- kernel
+# --------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _prepare_kernel(out_ptr, do_ptr, lse_ptr, lse_pad_ptr, delta_ptr, dq_ptr,
+                    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+                    heads, seq_q, padded_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """For BLOCK_M rows of one (batch, head), padded to whole tiles: delta = rowsum(dO ∘ O)
+    (0 past the end), the log-sum-exp (+inf past the end), and dQ's accumulator zeroed."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // heads
+    h = bh % heads
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    inside = rows < seq_q
+    o = tl.load(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_om
+                + cols[None, :], mask=inside[:, None], other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom
+                 + cols[None, :], mask=inside[:, None], other=0.0)
+    tl.store(delta_ptr + bh * padded_q + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1))
+    tl.store(lse_pad_ptr + bh * padded_q + rows,
+             tl.load(lse_ptr + bh * seq_q + rows, mask=inside, other=float("inf")))
+    tl.store(dq_ptr + (bh * padded_q + rows)[:, None] * HEAD_DIM + cols[None, :],
+             tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32))
+
 
 @gluon.jit
 def _query_tile(it, n_m, m_hi, h_kv, group):
@@ -86,9 +113,9 @@ def _query_tile(it, n_m, m_hi, h_kv, group):
 
 
 @gluon.jit
-def _producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar,
-              q_ready, do_ready, qdo_empty, b, h_kv, group, n0, m_hi, n_m,
-              STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+def _producer(q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem, k_smem,
+              v_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready, qdo_empty, b, h_kv,
+              group, heads, n0, m_hi, n_m, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + CONSUMERS * v_desc.block_type.nbytes)
     _tma_load(k_desc, [b, h_kv, n0, 0], kv_bar, k_smem)
     for c in gl.static_range(CONSUMERS):
@@ -97,10 +124,13 @@ def _producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, 
         s = it % STAGES
         h, m0 = _query_tile(it, n_m, m_hi, h_kv, group)
         mbarrier.wait(qdo_empty.index(s), ((it // STAGES) & 1) ^ 1)
-        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes)
+        mbarrier.expect(q_ready.index(s), q_desc.block_type.nbytes + lse_desc.block_type.nbytes)
         _tma_load(q_desc, [b, h, m0, 0], q_ready.index(s), q_smem.index(s))
-        mbarrier.expect(do_ready.index(s), do_desc.block_type.nbytes)
+        _tma_load(lse_desc, [b * heads + h, m0], q_ready.index(s), lse_smem.index(s))
+        mbarrier.expect(do_ready.index(s),
+                        do_desc.block_type.nbytes + delta_desc.block_type.nbytes)
         _tma_load(do_desc, [b, h, m0, 0], do_ready.index(s), do_smem.index(s))
+        _tma_load(delta_desc, [b * heads + h, m0], do_ready.index(s), delta_smem.index(s))
 
 
 @gluon.jit
@@ -147,9 +177,9 @@ def _tile_dq(j, dq_ptr, ds_smem, k_all, dq_smem, ds_ready, ds_free, b, h_kv, gro
 
 
 @gluon.jit
-def _consume(dk_desc, dv_desc, dq_ptr, lse_ptr, delta_ptr, q_smem, do_smem, k_smem, v_smem,
+def _consume(dk_desc, dv_desc, dq_ptr, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
              ds_smem, dq_smem, kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free,
-             b, h_kv, group, heads, n0, m_hi, n_m, seq_q, offset, qk_scale, scale,
+             b, h_kv, group, heads, n0, m_hi, n_m, offset, qk_scale, scale,
              C: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
              CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):
     """Consumer C: keys [n0 + 64·C, + 64), over every query tile of the program."""
@@ -178,14 +208,13 @@ def _consume(dk_desc, dv_desc, dq_ptr, lse_ptr, delta_ptr, q_smem, do_smem, k_sm
         s = it % STAGES
         phase = (it // STAGES) & 1
         h, m0 = _query_tile(it, n_m, m_hi, h_kv, group)
-        row_base = (b * heads + h).to(gl.int64) * seq_q
         rows = m0 + tile_cols
         q_t = q_smem.index(s).reshape([64, HEAD_DIM])
         do_t = do_smem.index(s).reshape([64, HEAD_DIM])
 
         mbarrier.wait(q_ready.index(s), phase)
         st = warpgroup_mma(k_c, q_t.permute((1, 0)), no_scores, use_acc=False, is_async=True)
-        lse = gl.load(lse_ptr + row_base + rows, mask=rows < seq_q, other=float("inf"))
+        lse = lse_smem.index(s).reshape([64]).load(gl.SliceLayout(0, s_layout))
         st = warpgroup_mma_wait(0, deps=(st, ))
         st = st * qk_scale
         if CAUSAL:
@@ -195,7 +224,7 @@ def _consume(dk_desc, dv_desc, dq_ptr, lse_ptr, delta_ptr, q_smem, do_smem, k_sm
         mbarrier.wait(do_ready.index(s), phase)
         dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), a_layout), do_t, dv, is_async=True)
         dpt = warpgroup_mma(v_c, do_t.permute((1, 0)), no_scores, use_acc=False, is_async=True)
-        delta = gl.load(delta_ptr + row_base + rows, mask=rows < seq_q, other=0.0)
+        delta = delta_smem.index(s).reshape([64]).load(gl.SliceLayout(0, s_layout))
         dpt, dv = warpgroup_mma_wait(0, deps=(dpt, dv))
         dst = (pt * (dpt - delta[None, :]) * scale).to(dtype)
 
@@ -229,8 +258,9 @@ def _consume(dk_desc, dv_desc, dq_ptr, lse_ptr, delta_ptr, q_smem, do_smem, k_sm
 
 
 @gluon.jit
-def _hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, dq_ptr, lse_ptr,
-                            delta_ptr, heads, kv_heads, group, seq_q, offset, qk_scale, scale,
+def _hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc,
+                            delta_desc, dq_ptr, heads, kv_heads, group, seq_q, offset, qk_scale,
+                            scale,
                             HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                             CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
                             CONSUMER_REGS: gl.constexpr):
@@ -252,7 +282,12 @@ def _hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, d
                                        v_desc.layout)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([CONSUMERS * 64, 64], dtype)
     ds_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, CONSUMERS * 64, 64], ds_layout)
-    dq_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + lse_desc.block_type.shape,
+                                         lse_desc.layout)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES] + delta_desc.block_type.shape,
+                                           delta_desc.layout)
+    # (16-byte units swizzled by row: the accumulator layout's stores conflict at most 2-way)
+    dq_layout: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 8, order=[1, 0])
     dq_smem = gl.allocate_shared_memory(gl.float32, [CONSUMERS, 64, DQ_COLS], dq_layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -272,17 +307,17 @@ def _hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, d
     # one partition per consumer, C a compile-time constant in each (written out: see
     # flash_hopper's kernel)
     gl.warp_specialize([
-        (_consume, (dk_desc, dv_desc, dq_ptr, lse_ptr, delta_ptr, q_smem, do_smem, k_smem,
-                    v_smem, ds_smem, dq_smem.index(0), kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free,
-                    b, h_kv, group, heads, n0, m_hi, n_m, seq_q, offset, qk_scale, scale,
+        (_consume, (dk_desc, dv_desc, dq_ptr, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                    delta_smem, ds_smem, dq_smem.index(0), kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free,
+                    b, h_kv, group, heads, n0, m_hi, n_m, offset, qk_scale, scale,
                     0, HEAD_DIM, STAGES, CONSUMERS, CAUSAL)),
-        (_consume, (dk_desc, dv_desc, dq_ptr, lse_ptr, delta_ptr, q_smem, do_smem, k_smem,
-                    v_smem, ds_smem, dq_smem.index(1), kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free,
-                    b, h_kv, group, heads, n0, m_hi, n_m, seq_q, offset, qk_scale, scale,
+        (_consume, (dk_desc, dv_desc, dq_ptr, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                    delta_smem, ds_smem, dq_smem.index(1), kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free,
+                    b, h_kv, group, heads, n0, m_hi, n_m, offset, qk_scale, scale,
                     1, HEAD_DIM, STAGES, CONSUMERS, CAUSAL)),
-        (_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar,
-                     q_ready, do_ready, qdo_empty, b, h_kv, group, n0, m_hi, n_m, STAGES,
-                     CONSUMERS)),
+        (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem,
+                     k_smem, v_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready, qdo_empty,
+                     b, h_kv, group, heads, n0, m_hi, n_m, STAGES, CONSUMERS)),
     ], [4, 1], [CONSUMER_REGS, 24])  # (PRODUCER_REGS)
 
 
@@ -323,24 +358,43 @@ def hopper_backward_reason(params: AttentionParams, q: Tensor) -> Optional[str]:
 
 # --------------------------------------------------------------------------- launcher
 
-def hopper_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor,
-                    delta: Tensor, params: AttentionParams,
+def _stats_descriptor(t: Tensor) -> TensorDescriptor:
+    """One query tile's row statistics, (1, 64) float32 of a (B·H, padded S) tensor."""
+    return TensorDescriptor(t, t.shape, t.stride(), [1, ROWS],
+                            gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32))
+
+
+def hopper_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                    params: AttentionParams,
                     config: Optional[BackwardConfig] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) as `flash_backward.flash_backward` returns them, from the forward's base-2
-    lse_BHS and delta_BHS = rowsum(dO ∘ O) (both float32, contiguous);
-    `hopper_backward_reason` must be None."""
+    """(dq, dk, dv) as `flash_backward.flash_backward` returns them, from the forward's out_BHSD
+    and base-2 lse_BHS; `hopper_backward_reason` must be None."""
     config = config or CONFIGS[params.head_dim]
-    q, k, v, grad_out = (t if tma_ready(t) else t.contiguous() for t in (q, k, v, grad_out))
-    dq_accum = torch.zeros((params.batch, params.heads, cdiv(params.q_len, ROWS) * ROWS,
-                            params.head_dim), device=q.device, dtype=torch.float32)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    q, k, v, out, grad_out = (t if tma_ready(t) else t.contiguous()
+                              for t in (q, k, v, out, grad_out))
+    rows = params.batch * params.heads
+    padded = cdiv(params.q_len, ROWS) * ROWS
+    device = q.device
+    # rows padded to whole tiles: lse +inf and delta 0 there (no contribution), and dQ's
+    # atomics need no masks
+    lse_pad = torch.empty((rows, padded), device=device, dtype=torch.float32)
+    delta = torch.empty((rows, padded), device=device, dtype=torch.float32)
+    dq_accum = torch.empty((params.batch, params.heads, padded, params.head_dim), device=device,
+                           dtype=torch.float32)
+    launch_fixed(_prepare_kernel, (padded // ROWS, rows), (
+        out, grad_out, lse.contiguous(), lse_pad, delta, dq_accum, *out.stride()[:3],
+        *grad_out.stride()[:3], params.heads, params.q_len, padded),
+        dict(HEAD_DIM=params.head_dim, BLOCK_M=ROWS))
+
+    dk = torch.empty(k.shape, device=device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=device, dtype=v.dtype)
     maxnreg, consumer_regs = config.registers()
     grid = (cdiv(params.kv_len, ROWS * config.consumers), params.batch * params.kv_heads)
     args = (_descriptor(q, ROWS), _descriptor(k, ROWS * config.consumers), _descriptor(v, ROWS),
             _descriptor(grad_out, ROWS), _descriptor(dk, ROWS), _descriptor(dv, ROWS),
-            dq_accum, lse, delta, params.heads, params.kv_heads, params.group, params.q_len,
-            params.offset, params.scale * LOG2E, params.scale)
+            _stats_descriptor(lse_pad), _stats_descriptor(delta), dq_accum, params.heads,
+            params.kv_heads, params.group, params.q_len, params.offset,
+            params.scale * LOG2E, params.scale)
     launch_fixed(_hopper_backward_kernel, grid, args,
                  dict(HEAD_DIM=params.head_dim, STAGES=config.stages,
                       CONSUMERS=config.consumers, CAUSAL=params.has_right,
