@@ -58,7 +58,8 @@ _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 ENV = "ATTNOPT_HOPPER_BACKWARD"
 DQ_COLS = gl.constexpr(64)  # dQ columns per product (registers)
-DQ_ROWS = gl.constexpr(8)  # dQ rows per batch of atomics (registers)
+DQ_STAGES = gl.constexpr(2)  # dQ parts staged for the writer partition
+WRITER_WARPS = gl.constexpr(2)  # the writer partition's warps
 LOG2E = 1.4426950408889634
 
 
@@ -145,40 +146,56 @@ def _red_add(ptrs, values):
 
 
 @gluon.jit
-def _tile_dq(j, dq_ptr, ds_smem, k_all, dq_smem, ds_ready, ds_free, b, h_kv, group, heads,
-             n_m, m_hi, C: gl.constexpr, HEAD_DIM: gl.constexpr, CONSUMERS: gl.constexpr):
+def _tile_dq(j, ds_smem, k_all, dq_smem, ds_ready, ds_free, dq_full, dq_empty,
+             C: gl.constexpr, HEAD_DIM: gl.constexpr, CONSUMERS: gl.constexpr):
     """If consumer C reads tile j's dS (j mod CONSUMERS == C): dQ = dS·K over the program's
-    keys, added to the float32 accumulator (rows padded to a multiple of 64: no masks)."""
+    keys, DQ_COLS columns at a time into the staging ring the writer partition adds from."""
     buf = j % CONSUMERS
     if buf == C:
         dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, DQ_COLS, 16])
-        chunk_layout: gl.constexpr = gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0])
-        chunk_rows = gl.arange(0, DQ_ROWS, layout=gl.SliceLayout(1, chunk_layout))
-        chunk_cols = gl.arange(0, DQ_COLS, layout=gl.SliceLayout(0, chunk_layout))
-        h, m0 = _query_tile(j, n_m, m_hi, h_kv, group)
-        tile_ptr = dq_ptr + ((b * heads + h).to(gl.int64) * m_hi * 64 + m0) * HEAD_DIM
         mbarrier.wait(ds_ready.index(buf), (j // CONSUMERS) & 1)
         ds = ds_smem.index(buf).permute((1, 0))
         for part in gl.static_range(HEAD_DIM // DQ_COLS):
+            n = j * (HEAD_DIM // DQ_COLS) + part
+            mbarrier.wait(dq_empty.index(n % DQ_STAGES), ((n // DQ_STAGES) & 1) ^ 1)
             dq = warpgroup_mma(ds, k_all.slice(part * DQ_COLS, DQ_COLS, dim=1),
                                gl.zeros([64, DQ_COLS], gl.float32, layout=dq_layout),
                                use_acc=False, is_async=True)
             dq = warpgroup_mma_wait(0, deps=(dq, ))
-            # through shared memory, so that the atomics go a few rows at a time (a pointer per
-            # element of the whole part would not fit the registers)
-            dq_smem.store(dq)
-            _barrier()
-            for r in gl.static_range(0, 64, DQ_ROWS):
-                _red_add(tile_ptr + (r + chunk_rows[:, None]) * HEAD_DIM + part * DQ_COLS
-                         + chunk_cols[None, :], dq_smem.slice(r, DQ_ROWS).load(chunk_layout))
-            _barrier()
+            dq_smem.index(n % DQ_STAGES).store(dq)
+            mbarrier.arrive(dq_full.index(n % DQ_STAGES), count=1)
         mbarrier.arrive(ds_free.index(buf), count=1)
 
 
 @gluon.jit
+def _write_dq(dq_ptr, dq_smem, dq_full, dq_empty, b, h_kv, group, heads, n_m, m_hi,
+              HEAD_DIM: gl.constexpr, WARPS: gl.constexpr):
+    """The writer partition: each staged dQ part, in order, added to the float32 accumulator
+    (rows padded to a multiple of 64: no masks) a few rows at a time."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // DQ_COLS, DQ_COLS // 4],
+                                            [WARPS, 1], [1, 0])
+    rows_per_step: gl.constexpr = 8  # (the staging layout's swizzle period)
+    chunk_rows = gl.arange(0, rows_per_step, layout=gl.SliceLayout(1, layout))
+    chunk_cols = gl.arange(0, DQ_COLS, layout=gl.SliceLayout(0, layout))
+    offsets = chunk_rows[:, None] * HEAD_DIM + chunk_cols[None, :]
+    for j in range(group * n_m):
+        h, m0 = _query_tile(j, n_m, m_hi, h_kv, group)
+        tile_ptr = dq_ptr + ((b * heads + h).to(gl.int64) * m_hi * 64 + m0) * HEAD_DIM
+        for part in gl.static_range(HEAD_DIM // DQ_COLS):
+            n = j * (HEAD_DIM // DQ_COLS) + part
+            mbarrier.wait(dq_full.index(n % DQ_STAGES), (n // DQ_STAGES) & 1)
+            staged = dq_smem.index(n % DQ_STAGES)
+            for r in gl.static_range(0, 64, rows_per_step):
+                _red_add(tile_ptr + r * HEAD_DIM + part * DQ_COLS + offsets,
+                         staged.slice(r, rows_per_step).load(layout))
+            mbarrier.arrive(dq_empty.index(n % DQ_STAGES), count=1)
+
+
+@gluon.jit
 def _consume(dk_desc, dv_desc, dq_ptr, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
-             ds_smem, dq_smem, kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free,
+             ds_smem, dq_smem, kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free, dq_full,
+             dq_empty,
              b, h_kv, group, heads, n0, m_hi, n_m, offset, qk_scale, scale,
              C: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
              CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):
@@ -203,8 +220,8 @@ def _consume(dk_desc, dv_desc, dq_ptr, q_smem, do_smem, k_smem, v_smem, lse_smem
 
     for it in range(group * n_m):
         if it > 0:  # the last tile's dQ, one tile late: the consumers need not wait in step
-            _tile_dq(it - 1, dq_ptr, ds_smem, k_all, dq_smem, ds_ready, ds_free, b, h_kv,
-                     group, heads, n_m, m_hi, C, HEAD_DIM, CONSUMERS)
+            _tile_dq(it - 1, ds_smem, k_all, dq_smem, ds_ready, ds_free, dq_full, dq_empty, C,
+                     HEAD_DIM, CONSUMERS)
         s = it % STAGES
         phase = (it // STAGES) & 1
         h, m0 = _query_tile(it, n_m, m_hi, h_kv, group)
@@ -241,8 +258,8 @@ def _consume(dk_desc, dv_desc, dq_ptr, q_smem, do_smem, k_smem, v_smem, lse_smem
         dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
         mbarrier.arrive(qdo_empty.index(s), count=1)
     if group * n_m > 0:
-        _tile_dq(group * n_m - 1, dq_ptr, ds_smem, k_all, dq_smem, ds_ready, ds_free, b, h_kv,
-                 group, heads, n_m, m_hi, C, HEAD_DIM, CONSUMERS)
+        _tile_dq(group * n_m - 1, ds_smem, k_all, dq_smem, ds_ready, ds_free, dq_full, dq_empty,
+                 C, HEAD_DIM, CONSUMERS)
 
     # V_C is read by this consumer only: its buffer carries dV, then dK, to the TMA store
     # (which clips keys past the end)
@@ -288,7 +305,9 @@ def _hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, l
                                            delta_desc.layout)
     # (16-byte units swizzled by row: the accumulator layout's stores conflict at most 2-way)
     dq_layout: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 8, order=[1, 0])
-    dq_smem = gl.allocate_shared_memory(gl.float32, [CONSUMERS, 64, DQ_COLS], dq_layout)
+    dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_STAGES, 64, DQ_COLS], dq_layout)
+    dq_full = gl.allocate_shared_memory(gl.int64, [DQ_STAGES, 1], mbarrier.MBarrierLayout())
+    dq_empty = gl.allocate_shared_memory(gl.int64, [DQ_STAGES, 1], mbarrier.MBarrierLayout())
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -300,6 +319,9 @@ def _hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, l
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(do_ready.index(i), count=1)
         mbarrier.init(qdo_empty.index(i), count=CONSUMERS)
+    for i in gl.static_range(DQ_STAGES):
+        mbarrier.init(dq_full.index(i), count=1)
+        mbarrier.init(dq_empty.index(i), count=1)
     for i in gl.static_range(CONSUMERS):
         mbarrier.init(ds_ready.index(i), count=CONSUMERS)
         mbarrier.init(ds_free.index(i), count=1)
@@ -308,17 +330,19 @@ def _hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, l
     # flash_hopper's kernel)
     gl.warp_specialize([
         (_consume, (dk_desc, dv_desc, dq_ptr, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                    delta_smem, ds_smem, dq_smem.index(0), kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free,
+                    delta_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free, dq_full, dq_empty,
                     b, h_kv, group, heads, n0, m_hi, n_m, offset, qk_scale, scale,
                     0, HEAD_DIM, STAGES, CONSUMERS, CAUSAL)),
         (_consume, (dk_desc, dv_desc, dq_ptr, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                    delta_smem, ds_smem, dq_smem.index(1), kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free,
+                    delta_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free, dq_full, dq_empty,
                     b, h_kv, group, heads, n0, m_hi, n_m, offset, qk_scale, scale,
                     1, HEAD_DIM, STAGES, CONSUMERS, CAUSAL)),
         (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem,
                      k_smem, v_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready, qdo_empty,
                      b, h_kv, group, heads, n0, m_hi, n_m, STAGES, CONSUMERS)),
-    ], [4, 1], [CONSUMER_REGS, 24])  # (PRODUCER_REGS)
+        (_write_dq, (dq_ptr, dq_smem, dq_full, dq_empty, b, h_kv, group, heads, n_m, m_hi,
+                     HEAD_DIM, WRITER_WARPS)),
+    ], [4, 1, WRITER_WARPS], [CONSUMER_REGS, 24, 24])  # (PRODUCER_REGS)
 
 
 # --------------------------------------------------------------------------- selection
