@@ -7,8 +7,9 @@ causal). Shapes follow the issue: bf16, hidden 2048 (heads = 2048 / head dim), 1
 KV cache, GQA 32/8 heads, head dim 128); forward and forward+backward.
 
 "attnopt" is `flash_attention`: on a Hopper GPU its plain and causal calls at head dim 64/128
-run the warp-specialized Gluon kernel (`kernels/flash_hopper.py`) from its `MIN_LENGTH`, and
-"attnopt-triton" is the same call with that kernel off (`flash.py`'s Triton kernel).
+run the warp-specialized Gluon kernels (`kernels/flash_hopper.py`, and for the backward
+`kernels/flash_hopper_backward.py`) from their `MIN_LENGTH`, and "attnopt-triton" is the same
+call with those kernels off (`flash.py`'s and `flash_backward.py`'s Triton kernels).
 
 Correctness first: every implementation's output against a float32 reference on fresh random
 inputs (max abs error printed in the table). Times are medians of `triton.testing.do_bench`;
@@ -44,6 +45,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnopt.kernels import flash_attention, tuning
 from attnopt.kernels.flash import flash_hopper
+from attnopt.kernels.flash_backward import flash_hopper_backward
 
 HIDDEN = 2048
 TOTAL_TOKENS = 16384
@@ -127,19 +129,22 @@ def implementations(causal: bool, q_len: int, kv_len: int, enable_gqa: bool,
 
 
 def without_hopper_kernel(fn):
-    """`fn` with the Hopper kernel switched off during each call (`ATTNOPT_HOPPER_FORWARD=0`,
-    set and restored by hand: mock.patch.dict rewrites the whole environment, which cost more
-    host time than a 1K call's GPU time)."""
+    """`fn` with the Hopper kernels switched off during each call (`ATTNOPT_HOPPER_FORWARD=0`,
+    `ATTNOPT_HOPPER_BACKWARD=0`, set and restored by hand: mock.patch.dict rewrites the whole
+    environment, which cost more host time than a 1K call's GPU time)."""
+    names = [flash_hopper.ENV] + ([flash_hopper_backward.ENV] if flash_hopper_backward else [])
+
     def call(*args, **kwargs):
-        previous = os.environ.get(flash_hopper.ENV)
-        os.environ[flash_hopper.ENV] = "0"
+        previous = {name: os.environ.get(name) for name in names}
+        os.environ.update(dict.fromkeys(names, "0"))
         try:
             return fn(*args, **kwargs)
         finally:
-            if previous is None:
-                del os.environ[flash_hopper.ENV]
-            else:
-                os.environ[flash_hopper.ENV] = previous
+            for name, value in previous.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
     return call
 
 

@@ -78,6 +78,10 @@ class BackwardConfig:
 
 CONFIGS = {128: BackwardConfig(stages=2, consumers=2),
            64: BackwardConfig(stages=2, consumers=2)}
+#: the shortest query and key lengths that run here, per head dim: below them flash_backward.py's
+#: kernel was as fast or faster on the H100 (docs/BENCHMARKS.md, "The warp-specialized Hopper
+#: backward")
+MIN_LENGTH = {128: 1024, 64: 256}
 
 
 # --------------------------------------------------------------------------- kernels
@@ -377,7 +381,16 @@ def hopper_backward_reason(params: AttentionParams, q: Tensor) -> Optional[str]:
         return f"{ENV}=0"
     if q.device.type != "cuda" or interpreting():
         return "runs on CUDA devices only (not the interpreter)"
-    return _device_reason(q.device) or spec_reason(params, q)
+    return _device_reason(q.device) or spec_reason(params, q) or length_reason(params)
+
+
+def length_reason(params: AttentionParams) -> Optional[str]:
+    """Why a call this kernel can run is still left to flash_backward.py's (None when not)."""
+    shortest = MIN_LENGTH[params.head_dim]
+    if min(params.q_len, params.kv_len) < shortest:
+        return (f"sequences shorter than {shortest} at head dim {params.head_dim} stay on "
+                f"flash_backward.py's kernel (as fast or faster)")
+    return None
 
 
 # --------------------------------------------------------------------------- launcher
