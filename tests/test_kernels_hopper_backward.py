@@ -63,6 +63,15 @@ def test_spec_rejected(name):
     assert reason is not None and words in reason
 
 
+def test_short_sequences_stay_on_the_triton_backward():
+    for head_dim, shortest in hopper_backward.MIN_LENGTH.items():
+        q, k, v = _inputs(3, head_dim=head_dim, q_len=shortest, kv_len=shortest, device="cpu")
+        assert hopper_backward.length_reason(_params(q, k, v)) is None
+        q, k, v = _inputs(3, head_dim=head_dim, q_len=shortest, kv_len=shortest // 2,
+                          device="cpu")
+        assert "shorter" in hopper_backward.length_reason(_params(q, k, v))
+
+
 def test_off_cuda_and_switched_off(monkeypatch):
     q, k, v = _inputs(2, device="cpu")
     assert "CUDA" in hopper_backward.hopper_backward_reason(_params(q, k, v), q)
@@ -150,6 +159,14 @@ def routed(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def spy(routed, monkeypatch):
+    """`routed`, with the small test shapes running on the Hopper kernel too."""
+    monkeypatch.setattr(hopper_backward, "MIN_LENGTH",
+                        dict.fromkeys(hopper_backward.MIN_LENGTH, 1))
+    return routed
+
+
 def _check_gradients(name, q, k, v, grad, options):
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     flash_attention_reference(q64, k64, v64, **options).backward(grad.double())
@@ -162,33 +179,47 @@ def _check_gradients(name, q, k, v, grad, options):
 
 @needs_hopper
 @pytest.mark.parametrize("name", sorted(GPU_CASES))
-def test_gradients_match_reference(name, routed):
+def test_gradients_match_reference(name, spy):
     shape, options = _on_gpu(GPU_CASES[name])
     q, k, v = (t.detach().requires_grad_() for t in _inputs(sum(map(ord, name)), **shape))
     grad = torch.randn_like(q)
     for t in (q, k, v):  # poisoned: every gradient entry must be written
         t.grad = None
     flash_attention(q, k, v, **options).backward(grad)
-    assert len(routed) == 1
+    assert len(spy) == 1
     _check_gradients(name, q, k, v, grad, options)
 
 
 @needs_hopper
-def test_broadcast_output_gradient(routed):
+def test_broadcast_output_gradient(spy):
     """`out.sum().backward()` hands the backward a stride-0 gradient, which TMA cannot read:
     it is copied first."""
     q, k, v = (t.detach().requires_grad_() for t in _inputs(11, head_dim=128, q_len=200,
                                                              kv_len=200))
     flash_attention(q, k, v, causal=True).sum().backward()
-    assert len(routed) == 1
+    assert len(spy) == 1
     _check_gradients("sum", q, k, v, torch.ones_like(q), dict(causal=True))
 
 
 @needs_hopper
-def test_unsupported_specs_run_the_triton_backward(routed):
+def test_unsupported_specs_run_the_triton_backward(spy):
     q, k, v = (t.detach().requires_grad_() for t in _inputs(12))
     slopes = torch.rand(4, device="cuda")
     grad = torch.randn_like(q)
     flash_attention(q, k, v, causal=True, alibi_slopes=slopes).backward(grad)
-    assert routed == []
+    assert spy == []
     _check_gradients("alibi", q, k, v, grad, dict(causal=True, alibi_slopes=slopes))
+
+
+@needs_hopper
+@pytest.mark.parametrize("head_dim", sorted(hopper_backward.MIN_LENGTH))
+def test_long_calls_route_by_default(head_dim, routed):
+    """At MIN_LENGTH with the shipped configs (no test override), the backward runs here."""
+    length = hopper_backward.MIN_LENGTH[head_dim]
+    q, k, v = (t.detach().requires_grad_() for t in _inputs(head_dim, heads=2, kv_heads=2,
+                                                             q_len=length, kv_len=length,
+                                                             head_dim=head_dim))
+    grad = torch.randn_like(q)
+    flash_attention(q, k, v, causal=True).backward(grad)
+    assert len(routed) == 1
+    _check_gradients("default", q, k, v, grad, dict(causal=True))

@@ -1,35 +1,41 @@
 """The exact backward on Hopper GPUs (sm_90): dq, dk, dv in one warp-specialized Gluon kernel.
 
-`flash_backward.py`'s Triton kernel runs two kinds of program: key blocks (dk, dv) and query
-blocks (dq), each recomputing the scores and dO·Vᵀ, seven matmuls per tile pair. This kernel
-does five, as FlashAttention-3 and cuDNN do: each program owns a key block, and its dq share
-(dS·K) is added to a float32 dq accumulator with atomics.
+`flash_backward.py`'s Triton kernel runs two kinds of program, key blocks (dk, dv) and query
+blocks (dq), which both recompute the scores and dO·Vᵀ: seven matmuls per pair of tiles. This
+kernel does five, as FlashAttention-3 and cuDNN do: each program owns a key block, and adds its
+share of dq (dS·K) to a float32 accumulator with atomics.
 
-Each program owns 64·CONSUMERS keys of one (batch, kv head):
-- the producer partition (one warp) TMA-loads the program's K and V once (one 64-row tile per
-  consumer), then for every query head of the kv head's group and every 64-row query tile
-  that sees the keys, Q and dO into a ring of STAGES buffers (`q_ready`, `do_ready`;
-  `qdo_empty` takes one arrive per consumer);
-- consumer C (one warpgroup) owns keys [n0 + 64·C, + 64) and keeps their dK, dV in registers.
-  Per query tile it computes, key-major so that Pᵀ and dSᵀ are the register operands of the
-  dV and dK products (no transpose of computed tiles):
+Before it, `_prepare_kernel` computes delta = rowsum(dO ∘ O), copies the forward's base-2
+log-sum-exp, and zeroes the accumulator, all padded to whole 64-row tiles (lse +inf and delta 0
+on the padding rows, which then contribute nothing, and the atomics need no masks).
+
+Each program owns 64·CONSUMERS keys of one (batch, kv head), in four partitions:
+- the producer (one warp) TMA-loads the program's K and V once, then, for every query head of
+  the kv head's group and every 64-row query tile that sees the keys, Q with its lse and dO
+  with its delta into a ring of STAGES buffers (`q_ready`, `do_ready`; `qdo_empty` takes one
+  arrive per consumer);
+- consumer C (one warpgroup) owns keys [n0 + 64·C, + 64) and keeps their dK and dV in
+  registers. Per query tile it computes, key-major so that Pᵀ and dSᵀ are the left operands of
+  the dV and dK products (computed tiles are never transposed):
       Sᵀ = K·Qᵀ, Pᵀ = exp2(Sᵀ·scale·log2 e − lse), dV += Pᵀ·dO,
       dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − delta)·scale, dK += dSᵀ·Q;
-  it writes its dSᵀ rows to shared memory. The consumers take turns (tile i: consumer
-  i mod CONSUMERS) computing the tile's dQ = dS·K over all the program's keys from there,
-  and add it to the accumulator (one atomic add per element and key block);
-- `ds_ready` (one arrive per consumer) says a tile's dSᵀ is whole; `ds_free` says its reader
-  is done with the buffer (one dS buffer per consumer, buffer i mod CONSUMERS).
+  dSᵀ goes through shared memory (dK reads it from there). The consumers take turns computing
+  a tile's dQ = dS·K over all the program's keys (tile i: consumer i mod CONSUMERS, one tile
+  later, so that the consumers need not move in step); `ds_ready` (one arrive per consumer)
+  says a tile's dSᵀ is whole, `ds_free` that its reader is done with the buffer;
+- the reading consumer stages dQ, DQ_COLS columns at a time, in a ring of DQ_STAGES float32
+  buffers (`dq_full`, `dq_empty`), and the writer partition (WRITER_WARPS warps) adds them to
+  the accumulator with `red.global.add.v4.f32`, so that the consumers go back to their
+  matmuls while the atomics drain;
+- dq is the accumulator cast to the input dtype afterwards.
 
 Query tiles are walked from the last down, as `flash_backward.py`'s dk/dv programs do: under a
 causal mask the programs running side by side then read the same Q and dO tiles from L2.
 
-The forward's base-2 log-sum-exp and `flash_backward`'s delta are read directly (64 floats per
-tile). dq is the accumulator cast to the input dtype afterwards.
-
-`hopper_backward_reason` says when a call runs here: the forward kernel's specs (`flash_hopper`)
-less ALiBi and windows, which run `flash_backward.py`'s kernel. `ATTNOPT_HOPPER_BACKWARD=0`
-turns this kernel off.
+`hopper_backward_reason` says when a call runs here: fp16/bf16, head dim 64 or 128, no mask or
+a causal one at offset >= 0, GQA, any lengths from `MIN_LENGTH`, (B, H, S, D) or (B, S, H, D)
+views. ALiBi, windows, biases, soft-caps, key lengths and block layouts run
+`flash_backward.py`'s kernel. `ATTNOPT_HOPPER_BACKWARD=0` turns this kernel off.
 """
 
 from __future__ import annotations
