@@ -64,12 +64,14 @@ def test_spec_rejected(name):
 
 
 def test_short_sequences_stay_on_the_triton_backward():
-    for head_dim, shortest in hopper_backward.MIN_LENGTH.items():
+    for (head_dim, causal), shortest in hopper_backward.MIN_LENGTH.items():
         q, k, v = _inputs(3, head_dim=head_dim, q_len=shortest, kv_len=shortest, device="cpu")
-        assert hopper_backward.length_reason(_params(q, k, v)) is None
+        assert hopper_backward.length_reason(_params(q, k, v, causal=causal)) is None
         q, k, v = _inputs(3, head_dim=head_dim, q_len=shortest, kv_len=shortest // 2,
                           device="cpu")
-        assert "shorter" in hopper_backward.length_reason(_params(q, k, v))
+        reason = hopper_backward.length_reason(_params(q, k, v, causal=causal,
+                                                       causal_alignment="bottom_right"))
+        assert "shorter" in reason
 
 
 def test_off_cuda_and_switched_off(monkeypatch):
@@ -212,14 +214,14 @@ def test_unsupported_specs_run_the_triton_backward(spy):
 
 
 @needs_hopper
-@pytest.mark.parametrize("head_dim", sorted(hopper_backward.MIN_LENGTH))
-def test_long_calls_route_by_default(head_dim, routed):
+@pytest.mark.parametrize("head_dim, causal", sorted(hopper_backward.MIN_LENGTH))
+def test_long_calls_route_by_default(head_dim, causal, routed):
     """At MIN_LENGTH with the shipped configs (no test override), the backward runs here."""
-    length = hopper_backward.MIN_LENGTH[head_dim]
+    length = hopper_backward.MIN_LENGTH[head_dim, causal]
     q, k, v = (t.detach().requires_grad_() for t in _inputs(head_dim, heads=2, kv_heads=2,
                                                              q_len=length, kv_len=length,
                                                              head_dim=head_dim))
     grad = torch.randn_like(q)
-    flash_attention(q, k, v, causal=True).backward(grad)
+    flash_attention(q, k, v, causal=causal).backward(grad)
     assert len(routed) == 1
-    _check_gradients("default", q, k, v, grad, dict(causal=True))
+    _check_gradients("default", q, k, v, grad, dict(causal=causal))

@@ -84,10 +84,10 @@ class BackwardConfig:
 
 CONFIGS = {128: BackwardConfig(stages=2, consumers=2),
            64: BackwardConfig(stages=2, consumers=2)}
-#: the shortest query and key lengths that run here, per head dim: below them flash_backward.py's
-#: kernel was as fast or faster on the H100 (docs/BENCHMARKS.md, "The warp-specialized Hopper
-#: backward")
-MIN_LENGTH = {128: 1024, 64: 256}
+#: the shortest query and key lengths that run here, per (head dim, causal): below them the
+#: autotuned flash_backward.py kernel was as fast or faster on the H100 (docs/BENCHMARKS.md,
+#: "The warp-specialized Hopper backward")
+MIN_LENGTH = {(128, False): 1024, (64, False): 1024, (128, True): 2048, (64, True): 2048}
 
 
 # --------------------------------------------------------------------------- kernels
@@ -392,10 +392,11 @@ def hopper_backward_reason(params: AttentionParams, q: Tensor) -> Optional[str]:
 
 def length_reason(params: AttentionParams) -> Optional[str]:
     """Why a call this kernel can run is still left to flash_backward.py's (None when not)."""
-    shortest = MIN_LENGTH[params.head_dim]
+    shortest = MIN_LENGTH[params.head_dim, params.has_right]
     if min(params.q_len, params.kv_len) < shortest:
-        return (f"sequences shorter than {shortest} at head dim {params.head_dim} stay on "
-                f"flash_backward.py's kernel (as fast or faster)")
+        return (f"sequences shorter than {shortest} at head dim {params.head_dim}"
+                f"{', causal' if params.has_right else ''} stay on flash_backward.py's kernel "
+                f"(as fast or faster)")
     return None
 
 
