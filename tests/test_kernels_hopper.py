@@ -231,23 +231,33 @@ def _on_gpu(case):
                    for key, value in options.items()}
 
 
+def count_calls(monkeypatch, module, name: str, params_at: int) -> list:
+    """The params of each call of `module.name` (positional argument `params_at`) from now on."""
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[params_at])
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def no_min_length(monkeypatch, module) -> None:
+    """`module.MIN_LENGTH` at 1 for every key: the small test shapes route there too."""
+    monkeypatch.setattr(module, "MIN_LENGTH", dict.fromkeys(module.MIN_LENGTH, 1))
+
+
 @pytest.fixture
 def routed(monkeypatch):
     """The params of the calls that run on the Hopper kernel."""
-    calls = []
-    original = flash_hopper.hopper_forward
-
-    def counted(*args, **kwargs):
-        calls.append(args[3])
-        return original(*args, **kwargs)
-    monkeypatch.setattr(flash_hopper, "hopper_forward", counted)
-    return calls
+    return count_calls(monkeypatch, flash_hopper, "hopper_forward", 3)
 
 
 @pytest.fixture
 def spy(routed, monkeypatch):
     """`routed`, with the small test shapes running on the Hopper kernel too."""
-    monkeypatch.setattr(flash_hopper, "MIN_LENGTH", dict.fromkeys(flash_hopper.MIN_LENGTH, 1))
+    no_min_length(monkeypatch, flash_hopper)
     return routed
 
 

@@ -2,8 +2,9 @@
 
 On a Hopper GPU, dq, dk and dv are checked against the float64 reference for each supported
 spec: head dims 64 and 128, fp16 and bf16, no mask and both causal alignments (keys no query
-sees included), GQA, lengths that are not tile multiples, (B, S, H, D) views, a custom scale and
-a broadcast output gradient (stride 0, as `out.sum().backward()` gives). Elsewhere (CI) the
+sees included), GQA, lengths that are not tile multiples, (B, S, H, D) views, a custom scale,
+ALiBi slopes per head and per batch row, causal windows narrower and wider than a key block,
+and a broadcast output gradient (stride 0, as `out.sum().backward()` gives). Elsewhere (CI) the
 tests check which calls route here and that the kernel compiles for sm_90 with the installed
 Triton within the shared memory an H100 has.
 """
@@ -20,7 +21,8 @@ from attnopt.kernels import BlockSparseLayout, flash_attention, flash_attention_
 hopper_backward = pytest.importorskip("attnopt.kernels.flash_hopper_backward",
                                       reason="needs Gluon (Triton >= 3.5)")
 from test_kernels_hopper import GRAD_TOLERANCE, H100_SHARED_MEMORY, \
-    _fresh_process, _inputs, _on_gpu, _params, needs_hopper  # noqa: E402
+    _fresh_process, _inputs, _on_gpu, _params, count_calls, needs_hopper, \
+    no_min_length  # noqa: E402
 
 ACCEPTED = {
     "plain_64": (dict(head_dim=64), {}),
@@ -29,17 +31,22 @@ ACCEPTED = {
                             dict(causal=True, causal_alignment="bottom_right")),
     "gqa_uneven_lengths": (dict(heads=8, kv_heads=2, q_len=200, kv_len=333), {}),
     "bshd_views": (dict(bshd=True), dict(causal=True)),
+    "alibi_causal": (dict(head_dim=128), dict(causal=True, alibi_slopes=torch.rand(4))),
+    "alibi_plain": (dict(), dict(alibi_slopes=torch.rand(2, 4))),
+    "causal_window": (dict(head_dim=128), dict(causal=True, window=(64, 0))),
+    "band_ending_at_the_diagonal": (dict(), dict(window=(64, 0))),
 }
 
 REJECTED = {
     "float32": (dict(dtype=torch.float32), {}, "dtype"),
     "head_dim_96": (dict(head_dim=96), {}, "head dim"),
     "additive_bias": (dict(), dict(attn_bias=torch.randn(256, 256)), "bias"),
-    "alibi": (dict(), dict(alibi_slopes=torch.rand(4)), "ALiBi"),
     "softcap": (dict(), dict(softcap=30.0), "soft-cap"),
     "kv_lengths": (dict(), dict(kv_lengths=torch.tensor([100, 256], dtype=torch.int32)),
                    "lengths"),
-    "causal_window": (dict(), dict(causal=True, window=(64, 0)), "window"),
+    "window_past_the_diagonal": (dict(), dict(window=(64, 10)), "band"),
+    "window_rows_past_the_keys": (dict(q_len=300, kv_len=100), dict(causal=True, window=(50, 0)),
+                                  "window"),
     "block_layout": (dict(), dict(block_mask=BlockSparseLayout(
         torch.ones(1, 1, 2, 2, dtype=torch.bool), 128)), "layout"),
     "no_keys": (dict(kv_len=0), {}, "empty"),
@@ -66,12 +73,26 @@ def test_spec_rejected(name):
 def test_short_sequences_stay_on_the_triton_backward():
     for (head_dim, causal), shortest in hopper_backward.MIN_LENGTH.items():
         q, k, v = _inputs(3, head_dim=head_dim, q_len=shortest, kv_len=shortest, device="cpu")
-        assert hopper_backward.length_reason(_params(q, k, v, causal=causal)) is None
+        assert hopper_backward.speed_reason(_params(q, k, v, causal=causal)) is None
         q, k, v = _inputs(3, head_dim=head_dim, q_len=shortest, kv_len=shortest // 2,
                           device="cpu")
-        reason = hopper_backward.length_reason(_params(q, k, v, causal=causal,
+        reason = hopper_backward.speed_reason(_params(q, k, v, causal=causal,
                                                        causal_alignment="bottom_right"))
         assert "shorter" in reason
+    q, k, v = _inputs(3, head_dim=128, q_len=4096, kv_len=4096, device="cpu")
+    assert hopper_backward.speed_reason(_params(q, k, v, causal=True, window=(2047, 0))) is None
+    reason = hopper_backward.speed_reason(_params(q, k, v, causal=True, window=(1023, 0)))
+    assert "band" in reason
+
+
+def test_causal_alibi_stays_on_the_triton_backward(monkeypatch):
+    q, k, v = _inputs(3, head_dim=128, q_len=4096, kv_len=4096, device="cpu")
+    slopes = torch.rand(4)
+    assert hopper_backward.speed_reason(_params(q, k, v, alibi_slopes=slopes)) is None
+    causal = _params(q, k, v, causal=True, alibi_slopes=slopes)
+    assert "ALiBi" in hopper_backward.speed_reason(causal)
+    monkeypatch.setattr(hopper_backward, "CAUSAL_ALIBI", True)
+    assert hopper_backward.speed_reason(causal) is None
 
 
 def test_off_cuda_and_switched_off(monkeypatch):
@@ -101,11 +122,14 @@ for head_dim, config in sorted(hb.CONFIGS.items()):
         tile, keys = descriptor(64, head_dim), descriptor(64 * config.consumers, head_dim)
         signature = {"q_desc": tile, "k_desc": keys, "v_desc": tile, "do_desc": tile,
                      "dk_desc": tile, "dv_desc": tile, "lse_desc": stats, "delta_desc": stats,
-                     "dq_ptr": "*fp32", "heads": "i32", "kv_heads": "i32", "group": "i32",
-                     "seq_q": "i32", "offset": "i32", "qk_scale": "fp32", "scale": "fp32"}
+                     "dq_ptr": "*fp32", "slopes_ptr": "*fp32", "stride_sb": "i32",
+                     "stride_sh": "i32", "heads": "i32", "kv_heads": "i32", "group": "i32",
+                     "seq_q": "i32", "offset": "i32", "window_left": "i32", "qk_scale": "fp32",
+                     "scale": "fp32"}
         maxnreg, consumer_regs = config.registers()
         constants = dict(HEAD_DIM=head_dim, STAGES=config.stages, CONSUMERS=config.consumers,
-                         CAUSAL=causal, CONSUMER_REGS=consumer_regs)
+                         CAUSAL=causal, HAS_WINDOW=causal, HAS_ALIBI=causal,
+                         CONSUMER_REGS=consumer_regs)
         compiled = triton.compile(
             GluonASTSource(hb._hopper_backward_kernel, signature, constants),
             target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
@@ -116,7 +140,7 @@ print("RESULTS", json.dumps(results))
 
 def test_compiles_for_sm90():
     """The kernel builds with the installed Triton for sm_90 (each head dim's config, plain and
-    causal) within an H100's shared memory; the GPU tests run it under the GPU machine's
+    causal with a window and ALiBi) within an H100's shared memory; the GPU tests run it under the GPU machine's
     Triton. In a fresh process, as the forward's test (interpreter mode)."""
     done = _fresh_process(_COMPILE_SCRIPT, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
@@ -145,27 +169,33 @@ GPU_CASES = {
     "bshd_causal_uneven_64": (dict(bshd=True, q_len=333, kv_len=333), dict(causal=True)),
     "scale": (dict(head_dim=128, q_len=130, kv_len=129), dict(scale=0.3)),
     "long_causal_128": (dict(head_dim=128, q_len=1100, kv_len=1100), dict(causal=True)),
+    "alibi_causal_bottom_right_per_batch": (
+        dict(head_dim=128, heads=8, kv_heads=2, q_len=200, kv_len=333),
+        dict(causal=True, causal_alignment="bottom_right", alibi_slopes=torch.rand(2, 8))),
+    "alibi_plain_64_fp16": (dict(head_dim=64, dtype=torch.float16, q_len=150, kv_len=270),
+                            dict(alibi_slopes=torch.rand(4))),
+    "window_causal_128": (dict(head_dim=128, q_len=333, kv_len=333),
+                          dict(causal=True, window=(70, 0))),
+    # a band wider than a key block, on several query tiles per program
+    "window_long_64": (dict(q_len=1100, kv_len=1100), dict(causal=True, window=(300, 0))),
+    "window_bottom_right_alibi_gqa_64": (
+        dict(heads=8, kv_heads=2, q_len=200, kv_len=400),
+        dict(causal=True, causal_alignment="bottom_right", window=(100, 0),
+             alibi_slopes=torch.rand(8))),
 }
 
 
 @pytest.fixture
 def routed(monkeypatch):
     """The params of the backward calls that run on the Hopper kernel."""
-    calls = []
-    original = hopper_backward.hopper_backward
-
-    def counted(*args, **kwargs):
-        calls.append(args[6])
-        return original(*args, **kwargs)
-    monkeypatch.setattr(hopper_backward, "hopper_backward", counted)
-    return calls
+    return count_calls(monkeypatch, hopper_backward, "hopper_backward", 6)
 
 
 @pytest.fixture
 def spy(routed, monkeypatch):
-    """`routed`, with the small test shapes running on the Hopper kernel too."""
-    monkeypatch.setattr(hopper_backward, "MIN_LENGTH",
-                        dict.fromkeys(hopper_backward.MIN_LENGTH, 1))
+    """`routed`, with the small test shapes and causal ALiBi running on the Hopper kernel too."""
+    no_min_length(monkeypatch, hopper_backward)
+    monkeypatch.setattr(hopper_backward, "CAUSAL_ALIBI", True)
     return routed
 
 
@@ -206,11 +236,11 @@ def test_broadcast_output_gradient(spy):
 @needs_hopper
 def test_unsupported_specs_run_the_triton_backward(spy):
     q, k, v = (t.detach().requires_grad_() for t in _inputs(12))
-    slopes = torch.rand(4, device="cuda")
+    bias = torch.randn(256, 256, device="cuda", dtype=q.dtype)
     grad = torch.randn_like(q)
-    flash_attention(q, k, v, causal=True, alibi_slopes=slopes).backward(grad)
+    flash_attention(q, k, v, attn_bias=bias).backward(grad)
     assert spy == []
-    _check_gradients("alibi", q, k, v, grad, dict(causal=True, alibi_slopes=slopes))
+    _check_gradients("bias", q, k, v, grad, dict(attn_bias=bias))
 
 
 @needs_hopper

@@ -32,10 +32,16 @@ Each program owns 64·CONSUMERS keys of one (batch, kv head), in four partitions
 Query tiles are walked from the last down, as `flash_backward.py`'s dk/dv programs do: under a
 causal mask the programs running side by side then read the same Q and dO tiles from L2.
 
-`hopper_backward_reason` says when a call runs here: fp16/bf16, head dim 64 or 128, no mask or
-a causal one at offset >= 0, GQA, any lengths from `MIN_LENGTH`, (B, H, S, D) or (B, S, H, D)
-views. ALiBi, windows, biases, soft-caps, key lengths and block layouts run
-`flash_backward.py`'s kernel. `ATTNOPT_HOPPER_BACKWARD=0` turns this kernel off.
+ALiBi slopes add −slope·|row + offset − key| to each score; a causal window narrows the query
+tiles a key block sees to [n0 − offset, n0 + keys − 1 − offset + window_left] and masks the
+tiles its edges cut.
+
+`hopper_backward_reason` says when a call runs here: the forward kernel's specs (fp16/bf16,
+head dim 64 or 128, no mask or a causal one at offset >= 0, GQA, ALiBi slopes, causal windows,
+(B, H, S, D) or (B, S, H, D) views, any lengths) from `MIN_LENGTH`, except ALiBi under a causal
+mask (`CAUSAL_ALIBI`: measured slower than the Triton backward). Biases, soft-caps, key
+lengths and block layouts run `flash_backward.py`'s kernel. `ATTNOPT_HOPPER_BACKWARD=0` turns
+this kernel off.
 """
 
 from __future__ import annotations
@@ -88,6 +94,9 @@ CONFIGS = {128: BackwardConfig(stages=2, consumers=2),
 #: autotuned flash_backward.py kernel was as fast or faster on the H100 (docs/BENCHMARKS.md,
 #: "The warp-specialized Hopper backward")
 MIN_LENGTH = {(128, False): 1024, (64, False): 1024, (128, True): 2048, (64, True): 2048}
+#: whether ALiBi under a causal mask runs here: off, the autotuned flash_backward.py kernel was
+#: faster (this kernel computes each score's distance; the Triton one is tuned for ALiBi)
+CAUSAL_ALIBI = False
 
 
 # --------------------------------------------------------------------------- kernels
@@ -179,7 +188,7 @@ def _tile_dq(j, ds_smem, k_all, dq_smem, ds_ready, ds_free, dq_full, dq_empty,
 
 
 @gluon.jit
-def _write_dq(dq_ptr, dq_smem, dq_full, dq_empty, b, h_kv, group, heads, n_m, m_hi,
+def _write_dq(dq_ptr, dq_smem, dq_full, dq_empty, b, h_kv, group, heads, n_m, m_hi, q_tiles,
               HEAD_DIM: gl.constexpr, WARPS: gl.constexpr):
     """The writer partition: each staged dQ part, in order, added to the float32 accumulator
     (rows padded to a multiple of 64: no masks) a few rows at a time."""
@@ -191,7 +200,7 @@ def _write_dq(dq_ptr, dq_smem, dq_full, dq_empty, b, h_kv, group, heads, n_m, m_
     offsets = chunk_rows[:, None] * HEAD_DIM + chunk_cols[None, :]
     for j in range(group * n_m):
         h, m0 = _query_tile(j, n_m, m_hi, h_kv, group)
-        tile_ptr = dq_ptr + ((b * heads + h).to(gl.int64) * m_hi * 64 + m0) * HEAD_DIM
+        tile_ptr = dq_ptr + ((b * heads + h).to(gl.int64) * q_tiles * 64 + m0) * HEAD_DIM
         for part in gl.static_range(HEAD_DIM // DQ_COLS):
             n = j * (HEAD_DIM // DQ_COLS) + part
             mbarrier.wait(dq_full.index(n % DQ_STAGES), (n // DQ_STAGES) & 1)
@@ -206,9 +215,10 @@ def _write_dq(dq_ptr, dq_smem, dq_full, dq_empty, b, h_kv, group, heads, n_m, m_
 def _consume(dk_desc, dv_desc, dq_ptr, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
              ds_smem, dq_smem, kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free, dq_full,
              dq_empty,
-             b, h_kv, group, heads, n0, m_hi, n_m, offset, qk_scale, scale,
-             C: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-             CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr):
+             slopes_ptr, stride_sb, stride_sh, b, h_kv, group, heads, n0, m_hi, n_m, offset,
+             window_left, qk_scale, scale, C: gl.constexpr, HEAD_DIM: gl.constexpr,
+             STAGES: gl.constexpr, CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
+             HAS_WINDOW: gl.constexpr, HAS_ALIBI: gl.constexpr):
     """Consumer C: keys [n0 + 64·C, + 64), over every query tile of the program."""
     dtype: gl.constexpr = dk_desc.dtype
     # Sᵀ, dPᵀ: (64 keys, 64 queries); dK, dV, dQ: (64 rows, head dim)
@@ -244,9 +254,20 @@ def _consume(dk_desc, dv_desc, dq_ptr, q_smem, do_smem, k_smem, v_smem, lse_smem
         lse = lse_smem.index(s).reshape([64]).load(gl.SliceLayout(0, s_layout))
         st = warpgroup_mma_wait(0, deps=(st, ))
         st = st * qk_scale
+        if HAS_ALIBI:  # -slope·|row + offset − key|, base 2
+            slope2 = gl.load(slopes_ptr + b * stride_sb + h * stride_sh) * 1.4426950408889634
+            distance = gl.abs(rows[None, :] + offset - keys[:, None]).to(gl.float32)
+            st = st - distance * slope2
         if CAUSAL:
-            if n0 + C * 64 + 63 > m0 + offset:  # keys past some row's diagonal
-                st = gl.where(keys[:, None] <= rows[None, :] + offset, st, float("-inf"))
+            first = n0 + C * 64
+            masked = first + 63 > m0 + offset  # keys past some row's diagonal
+            if HAS_WINDOW:  # or before some row's window
+                masked = masked | (first < m0 + 63 + offset - window_left)
+            if masked:
+                visible = keys[:, None] <= rows[None, :] + offset
+                if HAS_WINDOW:
+                    visible = visible & (keys[:, None] >= rows[None, :] + offset - window_left)
+                st = gl.where(visible, st, float("-inf"))
         pt = gl.exp2(st - lse[None, :])
         mbarrier.wait(do_ready.index(s), phase)
         dv = warpgroup_mma(gl.convert_layout(pt.to(dtype), a_layout), do_t, dv, is_async=True)
@@ -286,19 +307,24 @@ def _consume(dk_desc, dv_desc, dq_ptr, q_smem, do_smem, k_smem, v_smem, lse_smem
 
 @gluon.jit
 def _hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc,
-                            delta_desc, dq_ptr, heads, kv_heads, group, seq_q, offset, qk_scale,
-                            scale,
+                            delta_desc, dq_ptr, slopes_ptr, stride_sb, stride_sh, heads,
+                            kv_heads, group, seq_q, offset, window_left, qk_scale, scale,
                             HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                             CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr,
+                            HAS_WINDOW: gl.constexpr, HAS_ALIBI: gl.constexpr,
                             CONSUMER_REGS: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     n0 = gl.program_id(0) * (64 * CONSUMERS)
     b = gl.program_id(1) // kv_heads
     h_kv = gl.program_id(1) % kv_heads
-    m_lo = 0  # the first query tile that sees a key of the block
-    if CAUSAL:
+    q_tiles = gl.cdiv(seq_q, 64)
+    m_lo = 0  # the query tiles [m_lo, m_hi) see keys of the block
+    m_hi = q_tiles
+    if CAUSAL:  # query i sees key j from i = j - offset on ...
         m_lo = gl.maximum(n0 - offset, 0) // 64
-    m_hi = gl.cdiv(seq_q, 64)
+        if HAS_WINDOW:  # ... to i = j - offset + window_left
+            last_row = n0 + 64 * CONSUMERS - 1 - offset + window_left
+            m_hi = gl.minimum(m_hi, gl.maximum(last_row, -1) // 64 + 1)
     n_m = gl.maximum(m_hi - m_lo, 0)
 
     q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
@@ -341,17 +367,19 @@ def _hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, l
     gl.warp_specialize([
         (_consume, (dk_desc, dv_desc, dq_ptr, q_smem, do_smem, k_smem, v_smem, lse_smem,
                     delta_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free, dq_full, dq_empty,
-                    b, h_kv, group, heads, n0, m_hi, n_m, offset, qk_scale, scale,
-                    0, HEAD_DIM, STAGES, CONSUMERS, CAUSAL)),
+                    slopes_ptr, stride_sb, stride_sh, b, h_kv, group, heads, n0, m_hi, n_m,
+                    offset, window_left, qk_scale, scale, 0, HEAD_DIM, STAGES, CONSUMERS,
+                    CAUSAL, HAS_WINDOW, HAS_ALIBI)),
         (_consume, (dk_desc, dv_desc, dq_ptr, q_smem, do_smem, k_smem, v_smem, lse_smem,
                     delta_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free, dq_full, dq_empty,
-                    b, h_kv, group, heads, n0, m_hi, n_m, offset, qk_scale, scale,
-                    1, HEAD_DIM, STAGES, CONSUMERS, CAUSAL)),
+                    slopes_ptr, stride_sb, stride_sh, b, h_kv, group, heads, n0, m_hi, n_m,
+                    offset, window_left, qk_scale, scale, 1, HEAD_DIM, STAGES, CONSUMERS,
+                    CAUSAL, HAS_WINDOW, HAS_ALIBI)),
         (_producer, (q_desc, do_desc, k_desc, v_desc, lse_desc, delta_desc, q_smem, do_smem,
                      k_smem, v_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready, qdo_empty,
                      b, h_kv, group, heads, n0, m_hi, n_m, STAGES, CONSUMERS)),
         (_write_dq, (dq_ptr, dq_smem, dq_full, dq_empty, b, h_kv, group, heads, n_m, m_hi,
-                     HEAD_DIM, WRITER_WARPS)),
+                     q_tiles, HEAD_DIM, WRITER_WARPS)),
     ], [4, 1, WRITER_WARPS], [CONSUMER_REGS, 24, 24])  # (PRODUCER_REGS)
 
 
@@ -371,13 +399,13 @@ def spec_reason(params: AttentionParams, *tensors: Tensor) -> Optional[str]:
     if params.head_dim not in CONFIGS:
         return f"head dim {params.head_dim} (runs {sorted(CONFIGS)})"
     if params.bias_kind != BIAS_NONE or params.softcap is not None \
-            or params.kv_lengths is not None or params.layout is not None \
-            or params.slopes_BH is not None:
-        return "a bias, ALiBi slopes, soft-cap, key lengths or block layout"
-    if params.has_left:
-        return "a window"
+            or params.kv_lengths is not None or params.layout is not None:
+        return "a bias, soft-cap, key lengths or block layout"
     if params.has_right and (params.window_right != 0 or params.offset < 0):
         return "a causal band other than the diagonal at offset >= 0"
+    if params.has_left and not (params.has_right and params.q_len + params.offset
+                                <= params.kv_len):
+        return "a window without the causal edge, or with rows past the last key"
     return None
 
 
@@ -387,16 +415,21 @@ def hopper_backward_reason(params: AttentionParams, q: Tensor) -> Optional[str]:
         return f"{ENV}=0"
     if q.device.type != "cuda" or interpreting():
         return "runs on CUDA devices only (not the interpreter)"
-    return _device_reason(q.device) or spec_reason(params, q) or length_reason(params)
+    return _device_reason(q.device) or spec_reason(params, q) or speed_reason(params)
 
 
-def length_reason(params: AttentionParams) -> Optional[str]:
-    """Why a call this kernel can run is still left to flash_backward.py's (None when not)."""
+def speed_reason(params: AttentionParams) -> Optional[str]:
+    """Why a call this kernel can run is still left to flash_backward.py's, measured as fast or
+    faster there (or not measured here); None when it is not."""
+    if params.slopes_BH is not None and params.has_right and not CAUSAL_ALIBI:
+        return ("ALiBi under a causal mask stays on flash_backward.py's kernel "
+                "(0.89-0.91x its speed here)")
     shortest = MIN_LENGTH[params.head_dim, params.has_right]
-    if min(params.q_len, params.kv_len) < shortest:
-        return (f"sequences shorter than {shortest} at head dim {params.head_dim}"
-                f"{', causal' if params.has_right else ''} stay on flash_backward.py's kernel "
-                f"(as fast or faster)")
+    keys = min(params.kv_len, params.window_left + 1) if params.has_left else params.kv_len
+    if min(params.q_len, keys) < shortest:
+        return (f"sequences or window bands shorter than {shortest} at head dim "
+                f"{params.head_dim}{', causal' if params.has_right else ''} stay on "
+                f"flash_backward.py's kernel (as fast or faster, or not measured)")
     return None
 
 
@@ -434,14 +467,17 @@ def hopper_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     dv = torch.empty(v.shape, device=device, dtype=v.dtype)
     maxnreg, consumer_regs = config.registers()
     grid = (cdiv(params.kv_len, ROWS * config.consumers), params.batch * params.kv_heads)
+    slopes = params.slopes_BH
     args = (_descriptor(q, ROWS), _descriptor(k, ROWS * config.consumers), _descriptor(v, ROWS),
             _descriptor(grad_out, ROWS), _descriptor(dk, ROWS), _descriptor(dv, ROWS),
-            _stats_descriptor(lse_pad), _stats_descriptor(delta), dq_accum, params.heads,
-            params.kv_heads, params.group, params.q_len, params.offset,
+            _stats_descriptor(lse_pad), _stats_descriptor(delta), dq_accum,
+            delta if slopes is None else slopes, *params.slopes_strides(), params.heads,
+            params.kv_heads, params.group, params.q_len, params.offset, params.window_left,
             params.scale * LOG2E, params.scale)
     launch_fixed(_hopper_backward_kernel, grid, args,
                  dict(HEAD_DIM=params.head_dim, STAGES=config.stages,
                       CONSUMERS=config.consumers, CAUSAL=params.has_right,
+                      HAS_WINDOW=params.has_left, HAS_ALIBI=slopes is not None,
                       CONSUMER_REGS=consumer_regs),
                  num_warps=4, maxnreg=maxnreg)
     return dq_accum[:, :, :params.q_len].to(q.dtype), dk, dv
