@@ -152,6 +152,16 @@ def test_compiles_for_sm90():
         assert 0 < shared <= H100_SHARED_MEMORY, f"{name}: {shared} bytes of shared memory"
 
 
+def test_register_split_fits_the_register_file():
+    """The consumers' setmaxnreg budget plus the producer/writer warpgroup's fits the register
+    file (a consumer asking for more than is freed would wait forever)."""
+    from attnopt.kernels.flash_hopper import PRODUCER_REGS, REGISTER_FILE
+    for config in hopper_backward.CONFIGS.values():
+        maxnreg, consumer = config.registers()
+        assert maxnreg * 128 * (config.consumers + 1) <= REGISTER_FILE
+        assert consumer * 128 * config.consumers + 128 * PRODUCER_REGS <= REGISTER_FILE
+
+
 # --------------------------------------------------------------------------- numerics (GPU)
 
 GPU_CASES = {

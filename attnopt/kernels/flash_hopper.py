@@ -66,12 +66,17 @@ class HopperConfig:
     consumers: int    # consumer warpgroups (64 query rows each)
 
     def registers(self) -> tuple[int, int]:
-        """(maxnreg for the kernel, registers per consumer worker): the producer warpgroup
-        keeps PRODUCER_REGS and the consumers share the rest of the register file."""
-        threads = 128 * (self.consumers + 1)
-        maxnreg = REGISTER_FILE // threads // 8 * 8
-        consumer = (REGISTER_FILE - 128 * PRODUCER_REGS) // (128 * self.consumers) // 8 * 8
-        return maxnreg, min(consumer, 240)
+        return register_split(self.consumers)
+
+
+def register_split(consumers: int) -> tuple[int, int]:
+    """(maxnreg for the kernel, registers per consumer worker) for `consumers` consumer
+    warpgroups and one more warpgroup of producer warps: that one keeps PRODUCER_REGS and the
+    consumers share the rest of the register file."""
+    threads = 128 * (consumers + 1)
+    maxnreg = REGISTER_FILE // threads // 8 * 8
+    consumer = (REGISTER_FILE - 128 * PRODUCER_REGS) // (128 * consumers) // 8 * 8
+    return maxnreg, min(consumer, 240)
 
 
 #: per head dim, the config that did best across lengths in a sweep on the H100

@@ -60,13 +60,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from attnopt.kernels.flash_hopper import PRODUCER_REGS, REGISTER_FILE, ROWS, _descriptor, \
-    _device_reason, _tma_load, _tma_store, tma_ready
+from attnopt.kernels.flash_hopper import ROWS, _descriptor, _device_reason, _tma_load, \
+    _tma_store, register_split, tma_ready
 from attnopt.kernels.params import BIAS_NONE, AttentionParams, cdiv, interpreting
 from attnopt.kernels.tuning import launch_fixed
-
-# Triton 3.7+ renamed the warps' barrier (thread_barrier -> barrier)
-_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 ENV = "ATTNOPT_HOPPER_BACKWARD"
 DQ_COLS = gl.constexpr(64)  # dQ columns per product (registers)
@@ -81,11 +78,9 @@ class BackwardConfig:
     consumers: int    # consumer warpgroups (64 keys each)
 
     def registers(self) -> tuple[int, int]:
-        """(maxnreg for the kernel, registers per consumer worker), as the forward's."""
-        threads = 128 * (self.consumers + 1)
-        maxnreg = REGISTER_FILE // threads // 8 * 8
-        consumer = (REGISTER_FILE - 128 * PRODUCER_REGS) // (128 * self.consumers) // 8 * 8
-        return maxnreg, min(consumer, 240)
+        """(maxnreg, registers per consumer): the producer and writer warps share the last
+        warpgroup and its PRODUCER_REGS."""
+        return register_split(self.consumers)
 
 
 CONFIGS = {128: BackwardConfig(stages=2, consumers=2),
