@@ -6,7 +6,8 @@ sees included), GQA, lengths that are not tile multiples, (B, S, H, D) views, a 
 ALiBi slopes per head and per batch row, causal windows narrower and wider than a key block,
 and a broadcast output gradient (stride 0, as `out.sum().backward()` gives). Elsewhere (CI) the
 tests check which calls route here and that the kernel compiles for sm_90 with the installed
-Triton within the shared memory an H100 has.
+Triton within the shared memory an H100 has; the specs it takes are the forward kernel's
+(`test_kernels_hopper.py` checks them).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import pytest
 import torch
 
-from attnopt.kernels import BlockSparseLayout, flash_attention, flash_attention_reference
+from attnopt.kernels import flash_attention, flash_attention_reference
 
 hopper_backward = pytest.importorskip("attnopt.kernels.flash_hopper_backward",
                                       reason="needs Gluon (Triton >= 3.5)")
@@ -24,50 +25,12 @@ from test_kernels_hopper import GRAD_TOLERANCE, H100_SHARED_MEMORY, \
     _fresh_process, _inputs, _on_gpu, _params, count_calls, needs_hopper, \
     no_min_length  # noqa: E402
 
-ACCEPTED = {
-    "plain_64": (dict(head_dim=64), {}),
-    "causal_128_fp16": (dict(head_dim=128, dtype=torch.float16), dict(causal=True)),
-    "causal_bottom_right": (dict(q_len=100, kv_len=300),
-                            dict(causal=True, causal_alignment="bottom_right")),
-    "gqa_uneven_lengths": (dict(heads=8, kv_heads=2, q_len=200, kv_len=333), {}),
-    "bshd_views": (dict(bshd=True), dict(causal=True)),
-    "alibi_causal": (dict(head_dim=128), dict(causal=True, alibi_slopes=torch.rand(4))),
-    "alibi_plain": (dict(), dict(alibi_slopes=torch.rand(2, 4))),
-    "causal_window": (dict(head_dim=128), dict(causal=True, window=(64, 0))),
-    "band_ending_at_the_diagonal": (dict(), dict(window=(64, 0))),
-}
-
-REJECTED = {
-    "float32": (dict(dtype=torch.float32), {}, "dtype"),
-    "head_dim_96": (dict(head_dim=96), {}, "head dim"),
-    "additive_bias": (dict(), dict(attn_bias=torch.randn(256, 256)), "bias"),
-    "softcap": (dict(), dict(softcap=30.0), "soft-cap"),
-    "kv_lengths": (dict(), dict(kv_lengths=torch.tensor([100, 256], dtype=torch.int32)),
-                   "lengths"),
-    "window_past_the_diagonal": (dict(), dict(window=(64, 10)), "band"),
-    "window_rows_past_the_keys": (dict(q_len=300, kv_len=100), dict(causal=True, window=(50, 0)),
-                                  "window"),
-    "block_layout": (dict(), dict(block_mask=BlockSparseLayout(
-        torch.ones(1, 1, 2, 2, dtype=torch.bool), 128)), "layout"),
-    "no_keys": (dict(kv_len=0), {}, "empty"),
-    "rows_without_keys": (dict(q_len=300, kv_len=100),
-                          dict(causal=True, causal_alignment="bottom_right"), "offset"),
-}
-
-
-@pytest.mark.parametrize("name", sorted(ACCEPTED))
-def test_spec_accepted(name):
-    shape, options = ACCEPTED[name]
-    q, k, v = _inputs(1, device="cpu", **shape)
-    assert hopper_backward.spec_reason(_params(q, k, v, **options), q) is None
-
-
-@pytest.mark.parametrize("name", sorted(REJECTED))
-def test_spec_rejected(name):
-    shape, options, words = REJECTED[name]
-    q, k, v = _inputs(1, device="cpu", **shape)
-    reason = hopper_backward.spec_reason(_params(q, k, v, **options), q)
-    assert reason is not None and words in reason
+def test_scope_is_the_forward_kernels():
+    """The backward takes the calls the forward kernel computes (`flash_hopper.scope_reason`,
+    whose accepted and refused specs `test_kernels_hopper.py` checks), at the same head dims."""
+    from attnopt.kernels import flash_hopper
+    assert hopper_backward.scope_reason is flash_hopper.scope_reason
+    assert set(hopper_backward.CONFIGS) == set(flash_hopper.CONFIGS)
 
 
 def test_short_sequences_stay_on_the_triton_backward():

@@ -347,8 +347,20 @@ def _device_reason(device: torch.device) -> Optional[str]:
 
 def spec_reason(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> Optional[str]:
     """Why a call's spec and tensors do not fit this kernel (None when they do), device aside."""
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype} (fp16 and bf16 run here)"
+    reason = scope_reason(params, q.dtype)
+    if reason is not None:
+        return reason
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not tma_ready(t):
+            return f"{name}'s strides or address are not 16-byte aligned for TMA"
+    return None
+
+
+def scope_reason(params: AttentionParams, dtype: torch.dtype) -> Optional[str]:
+    """Why a call's spec is outside what the Hopper kernels compute (None when inside): the
+    forward's and the backward's (`flash_hopper_backward`) scope."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} (fp16 and bf16 run here)"
     if params.q_len < 1 or params.kv_len < 1:
         return "an empty sequence"  # (the consumers wait for a first key tile)
     if params.head_dim not in CONFIGS:
@@ -361,9 +373,6 @@ def spec_reason(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> Opt
     if params.has_left and not (params.has_right and params.q_len + params.offset
                                 <= params.kv_len):
         return "a window without the causal edge, or with rows past the last key"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not tma_ready(t):
-            return f"{name}'s strides or address are not 16-byte aligned for TMA"
     return None
 
 

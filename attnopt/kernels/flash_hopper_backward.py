@@ -61,8 +61,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnopt.kernels.flash_hopper import ROWS, _descriptor, _device_reason, _tma_load, \
-    _tma_store, register_split, tma_ready
-from attnopt.kernels.params import BIAS_NONE, AttentionParams, cdiv, interpreting
+    _tma_store, register_split, scope_reason, tma_ready
+from attnopt.kernels.params import AttentionParams, cdiv, interpreting
 from attnopt.kernels.tuning import launch_fixed
 
 ENV = "ATTNOPT_HOPPER_BACKWARD"
@@ -384,33 +384,13 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
 
 
-def spec_reason(params: AttentionParams, *tensors: Tensor) -> Optional[str]:
-    """Why a call's spec does not fit this kernel (None when it does), device aside."""
-    q = tensors[0]
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype} (fp16 and bf16 run here)"
-    if params.q_len < 1 or params.kv_len < 1:
-        return "an empty sequence"
-    if params.head_dim not in CONFIGS:
-        return f"head dim {params.head_dim} (runs {sorted(CONFIGS)})"
-    if params.bias_kind != BIAS_NONE or params.softcap is not None \
-            or params.kv_lengths is not None or params.layout is not None:
-        return "a bias, soft-cap, key lengths or block layout"
-    if params.has_right and (params.window_right != 0 or params.offset < 0):
-        return "a causal band other than the diagonal at offset >= 0"
-    if params.has_left and not (params.has_right and params.q_len + params.offset
-                                <= params.kv_len):
-        return "a window without the causal edge, or with rows past the last key"
-    return None
-
-
 def hopper_backward_reason(params: AttentionParams, q: Tensor) -> Optional[str]:
     """Why this call's backward does not run on the warp-specialized kernel, or None."""
     if not enabled():
         return f"{ENV}=0"
     if q.device.type != "cuda" or interpreting():
         return "runs on CUDA devices only (not the interpreter)"
-    return _device_reason(q.device) or spec_reason(params, q) or speed_reason(params)
+    return _device_reason(q.device) or scope_reason(params, q.dtype) or speed_reason(params)
 
 
 def speed_reason(params: AttentionParams) -> Optional[str]:
