@@ -78,7 +78,8 @@ def descriptor(rows, head_dim):
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
     return f"tensordesc<bf16[1, 1, {rows}, {head_dim}],{layout!r}>"
 
-stats = f"tensordesc<fp32[1, 64],{gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32)!r}>"
+stats_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32)
+stats = f"tensordesc<fp32[1, 64],{stats_layout!r}>"
 results = {}
 for head_dim, config in sorted(hb.CONFIGS.items()):
     for causal in (False, True):
@@ -103,8 +104,8 @@ print("RESULTS", json.dumps(results))
 
 def test_compiles_for_sm90():
     """The kernel builds with the installed Triton for sm_90 (each head dim's config, plain and
-    causal with a window and ALiBi) within an H100's shared memory; the GPU tests run it under the GPU machine's
-    Triton. In a fresh process, as the forward's test (interpreter mode)."""
+    causal with a window and ALiBi) within an H100's shared memory; the GPU tests run it under
+    the GPU machine's Triton. In a fresh process, as the forward's test (interpreter mode)."""
     done = _fresh_process(_COMPILE_SCRIPT, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]

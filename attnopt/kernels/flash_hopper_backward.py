@@ -361,12 +361,14 @@ def _hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, l
     # flash_hopper's kernel)
     gl.warp_specialize([
         (_consume, (dk_desc, dv_desc, dq_ptr, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                    delta_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free, dq_full, dq_empty,
+                    delta_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, qdo_empty,
+                    ds_ready, ds_free, dq_full, dq_empty,
                     slopes_ptr, stride_sb, stride_sh, b, h_kv, group, heads, n0, m_hi, n_m,
                     offset, window_left, qk_scale, scale, 0, HEAD_DIM, STAGES, CONSUMERS,
                     CAUSAL, HAS_WINDOW, HAS_ALIBI)),
         (_consume, (dk_desc, dv_desc, dq_ptr, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                    delta_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, qdo_empty, ds_ready, ds_free, dq_full, dq_empty,
+                    delta_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, qdo_empty,
+                    ds_ready, ds_free, dq_full, dq_empty,
                     slopes_ptr, stride_sb, stride_sh, b, h_kv, group, heads, n0, m_hi, n_m,
                     offset, window_left, qk_scale, scale, 1, HEAD_DIM, STAGES, CONSUMERS,
                     CAUSAL, HAS_WINDOW, HAS_ALIBI)),
