@@ -132,37 +132,42 @@ def test_off_cuda_and_switched_off(monkeypatch):
     assert flash_hopper.ENV in flash_hopper.hopper_reason(q, k, v, _params(q, k, v))
 
 
-_COMPILE_SCRIPT = """
-import json, sys
+_SM90_PRELUDE = """
+import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
-from attnopt.kernels import flash_hopper
 
 def descriptor(rows, head_dim):
     block = [1, 1, rows, head_dim]
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
     return f"tensordesc<bf16[1, 1, {rows}, {head_dim}],{layout!r}>"
 
+def compile_sm90(kernel, signature, constants, maxnreg):
+    compiled = triton.compile(GluonASTSource(kernel, signature, constants),
+                              target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4, maxnreg=maxnreg))
+    return [len(compiled.asm["cubin"]), compiled.metadata.shared]
+
 results = {}
+"""
+
+_COMPILE_SCRIPT = """
+from attnopt.kernels import flash_hopper
 for head_dim, config in sorted(flash_hopper.CONFIGS.items()):
     for causal in (False, True):
         signature = {"q_desc": descriptor(64, head_dim), "k_desc": descriptor(config.block_n, head_dim),
                      "v_desc": descriptor(config.block_n, head_dim), "o_desc": descriptor(64, head_dim),
                      "lse_ptr": "*fp32", "slopes_ptr": "*fp32", "heads": "i32", "group": "i32",
                      "seq_q": "i32", "seq_k": "i32", "offset": "i32", "window_left": "i32",
-                     "qk_scale": "fp32",
-                     "stride_sb": "i32", "stride_sh": "i32"}
+                     "qk_scale": "fp32", "stride_sb": "i32", "stride_sh": "i32"}
         maxnreg, consumer_regs = config.registers()
         constants = dict(BLOCK_N=config.block_n, HEAD_DIM=head_dim, STAGES=config.stages,
                          OVERLAP=config.overlap, CONSUMERS=config.consumers, CAUSAL=causal,
                          HAS_WINDOW=causal, HAS_ALIBI=causal, CONSUMER_REGS=consumer_regs)
-        compiled = triton.compile(
-            GluonASTSource(flash_hopper._hopper_forward_kernel, signature, constants),
-            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
-        results[f"{head_dim}-{causal}"] = [len(compiled.asm["cubin"]), compiled.metadata.shared]
-print("RESULTS", json.dumps(results))
+        results[f"{head_dim}-{causal}"] = compile_sm90(flash_hopper._hopper_forward_kernel,
+                                                       signature, constants, maxnreg)
 """
 
 
@@ -173,28 +178,42 @@ def _fresh_process(script: str, timeout: int) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def test_compiles_for_sm90():
-    """The kernel builds with the installed Triton for sm_90 (each head dim's config, plain and
-    causal with a window and ALiBi), within an H100's shared memory; the GPU tests run it under
-    the GPU machine's Triton. Compiled in a fresh process: the tests' interpreter mode would hand
-    Gluon interpreted helpers."""
-    done = _fresh_process(_COMPILE_SCRIPT, timeout=600)
+def check_compiles_for_sm90(script: str, configs: dict) -> None:
+    """`script` (after `_SM90_PRELUDE`, filling `results` with `compile_sm90`'s answers) builds
+    each config plain and causal for sm_90 with the installed Triton, within an H100's shared
+    memory. In a fresh process: the tests' interpreter mode would hand Gluon interpreted
+    helpers."""
+    done = _fresh_process(_SM90_PRELUDE + script + 'print("RESULTS", json.dumps(results))\n',
+                          timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     results = json.loads(lines[0][len("RESULTS "):])
-    assert len(results) == 2 * len(flash_hopper.CONFIGS)
+    assert len(results) == 2 * len(configs)
     for name, (cubin_bytes, shared) in results.items():
         assert cubin_bytes > 0, name
         assert 0 < shared <= H100_SHARED_MEMORY, f"{name}: {shared} bytes of shared memory"
 
 
-def test_register_split_fits_the_register_file():
-    for config in flash_hopper.CONFIGS.values():
+def check_register_split(configs: dict) -> None:
+    """Each config's consumers' setmaxnreg budget plus the producer warpgroup's fits the
+    register file (a consumer asking for more than is freed would wait forever)."""
+    for config in configs.values():
         maxnreg, consumer = config.registers()
         threads = 128 * (config.consumers + 1)
         assert maxnreg * threads <= flash_hopper.REGISTER_FILE
         assert consumer * 128 * config.consumers + 128 * flash_hopper.PRODUCER_REGS \
             <= flash_hopper.REGISTER_FILE
+
+
+def test_compiles_for_sm90():
+    """The kernel builds for sm_90 (each head dim's config, plain and causal with a window and
+    ALiBi) within an H100's shared memory; the GPU tests run it under the GPU machine's
+    Triton."""
+    check_compiles_for_sm90(_COMPILE_SCRIPT, flash_hopper.CONFIGS)
+
+
+def test_register_split_fits_the_register_file():
+    check_register_split(flash_hopper.CONFIGS)
 
 
 # --------------------------------------------------------------------------- numerics (GPU)

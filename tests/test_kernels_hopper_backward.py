@@ -12,8 +12,6 @@ Triton within the shared memory an H100 has; the specs it takes are the forward 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -21,8 +19,8 @@ from attnopt.kernels import flash_attention, flash_attention_reference
 
 hopper_backward = pytest.importorskip("attnopt.kernels.flash_hopper_backward",
                                       reason="needs Gluon (Triton >= 3.5)")
-from test_kernels_hopper import GRAD_TOLERANCE, H100_SHARED_MEMORY, \
-    _fresh_process, _inputs, _on_gpu, _params, count_calls, needs_hopper, \
+from test_kernels_hopper import GRAD_TOLERANCE, _inputs, _on_gpu, _params, \
+    check_compiles_for_sm90, check_register_split, count_calls, needs_hopper, \
     no_min_length  # noqa: E402
 
 def test_scope_is_the_forward_kernels():
@@ -66,21 +64,9 @@ def test_off_cuda_and_switched_off(monkeypatch):
 
 
 _COMPILE_SCRIPT = """
-import json
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon._runtime import GluonASTSource
 from attnopt.kernels import flash_hopper_backward as hb
-
-def descriptor(rows, head_dim):
-    block = [1, 1, rows, head_dim]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
-    return f"tensordesc<bf16[1, 1, {rows}, {head_dim}],{layout!r}>"
-
 stats_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32)
 stats = f"tensordesc<fp32[1, 64],{stats_layout!r}>"
-results = {}
 for head_dim, config in sorted(hb.CONFIGS.items()):
     for causal in (False, True):
         tile, keys = descriptor(64, head_dim), descriptor(64 * config.consumers, head_dim)
@@ -94,36 +80,21 @@ for head_dim, config in sorted(hb.CONFIGS.items()):
         constants = dict(HEAD_DIM=head_dim, STAGES=config.stages, CONSUMERS=config.consumers,
                          CAUSAL=causal, HAS_WINDOW=causal, HAS_ALIBI=causal,
                          CONSUMER_REGS=consumer_regs)
-        compiled = triton.compile(
-            GluonASTSource(hb._hopper_backward_kernel, signature, constants),
-            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=maxnreg))
-        results[f"{head_dim}-{causal}"] = [len(compiled.asm["cubin"]), compiled.metadata.shared]
-print("RESULTS", json.dumps(results))
+        results[f"{head_dim}-{causal}"] = compile_sm90(hb._hopper_backward_kernel, signature,
+                                                       constants, maxnreg)
 """
 
 
 def test_compiles_for_sm90():
-    """The kernel builds with the installed Triton for sm_90 (each head dim's config, plain and
-    causal with a window and ALiBi) within an H100's shared memory; the GPU tests run it under
-    the GPU machine's Triton. In a fresh process, as the forward's test (interpreter mode)."""
-    done = _fresh_process(_COMPILE_SCRIPT, timeout=600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert done.returncode == 0 and lines, done.stderr[-3000:]
-    results = json.loads(lines[0][len("RESULTS "):])
-    assert len(results) == 2 * len(hopper_backward.CONFIGS)
-    for name, (cubin_bytes, shared) in results.items():
-        assert cubin_bytes > 0, name
-        assert 0 < shared <= H100_SHARED_MEMORY, f"{name}: {shared} bytes of shared memory"
+    """The kernel builds for sm_90 (each head dim's config, plain and causal with a window and
+    ALiBi) within an H100's shared memory; the GPU tests run it under the GPU machine's
+    Triton."""
+    check_compiles_for_sm90(_COMPILE_SCRIPT, hopper_backward.CONFIGS)
 
 
 def test_register_split_fits_the_register_file():
-    """The consumers' setmaxnreg budget plus the producer/writer warpgroup's fits the register
-    file (a consumer asking for more than is freed would wait forever)."""
-    from attnopt.kernels.flash_hopper import PRODUCER_REGS, REGISTER_FILE
-    for config in hopper_backward.CONFIGS.values():
-        maxnreg, consumer = config.registers()
-        assert maxnreg * 128 * (config.consumers + 1) <= REGISTER_FILE
-        assert consumer * 128 * config.consumers + 128 * PRODUCER_REGS <= REGISTER_FILE
+    """The producer and writer warps share the last warpgroup's PRODUCER_REGS."""
+    check_register_split(hopper_backward.CONFIGS)
 
 
 # --------------------------------------------------------------------------- numerics (GPU)
