@@ -19,6 +19,7 @@ from attnopt.kernels import flash_attention, flash_attention_reference
 
 hopper_backward = pytest.importorskip("attnopt.kernels.flash_hopper_backward",
                                       reason="needs Gluon (Triton >= 3.5)")
+from test_kernels_hopper import GPU_CASES as FORWARD_CASES  # noqa: E402
 from test_kernels_hopper import GRAD_TOLERANCE, _inputs, _on_gpu, _params, \
     check_compiles_for_sm90, check_register_split, count_calls, needs_hopper, \
     no_min_length  # noqa: E402
@@ -99,35 +100,13 @@ def test_register_split_fits_the_register_file():
 
 # --------------------------------------------------------------------------- numerics (GPU)
 
-GPU_CASES = {
-    "plain_64_bf16": (dict(head_dim=64), {}),
-    "plain_128_fp16": (dict(head_dim=128, dtype=torch.float16), {}),
-    "causal_64_fp16": (dict(head_dim=64, dtype=torch.float16), dict(causal=True)),
-    "causal_128_bf16": (dict(head_dim=128), dict(causal=True)),
-    "causal_bottom_right_128": (dict(head_dim=128, q_len=100, kv_len=300),
-                                dict(causal=True, causal_alignment="bottom_right")),
-    # keys 200..299 are seen by no query: their program has no query tile
-    "causal_top_left_longer_keys": (dict(q_len=200, kv_len=300), dict(causal=True)),
-    "gqa_uneven_lengths_128": (dict(head_dim=128, heads=8, kv_heads=2, q_len=200, kv_len=333),
-                               {}),
-    "gqa_causal_64": (dict(heads=8, kv_heads=2, q_len=300, kv_len=300), dict(causal=True)),
-    "bshd_causal_uneven_64": (dict(bshd=True, q_len=333, kv_len=333), dict(causal=True)),
-    "scale": (dict(head_dim=128, q_len=130, kv_len=129), dict(scale=0.3)),
-    "long_causal_128": (dict(head_dim=128, q_len=1100, kv_len=1100), dict(causal=True)),
-    "alibi_causal_bottom_right_per_batch": (
-        dict(head_dim=128, heads=8, kv_heads=2, q_len=200, kv_len=333),
-        dict(causal=True, causal_alignment="bottom_right", alibi_slopes=torch.rand(2, 8))),
-    "alibi_plain_64_fp16": (dict(head_dim=64, dtype=torch.float16, q_len=150, kv_len=270),
-                            dict(alibi_slopes=torch.rand(4))),
-    "window_causal_128": (dict(head_dim=128, q_len=333, kv_len=333),
-                          dict(causal=True, window=(70, 0))),
-    # a band wider than a key block, on several query tiles per program
-    "window_long_64": (dict(q_len=1100, kv_len=1100), dict(causal=True, window=(300, 0))),
-    "window_bottom_right_alibi_gqa_64": (
-        dict(heads=8, kv_heads=2, q_len=200, kv_len=400),
-        dict(causal=True, causal_alignment="bottom_right", window=(100, 0),
-             alibi_slopes=torch.rand(8))),
-}
+#: the forward's cases, and a few that walk more query tiles per key block
+GPU_CASES = dict(
+    FORWARD_CASES,
+    gqa_causal_64=(dict(heads=8, kv_heads=2, q_len=300, kv_len=300), dict(causal=True)),
+    long_causal_128=(dict(head_dim=128, q_len=1100, kv_len=1100), dict(causal=True)),
+    # a band wider than a key block
+    window_long_64=(dict(q_len=1100, kv_len=1100), dict(causal=True, window=(300, 0))))
 
 
 @pytest.fixture
