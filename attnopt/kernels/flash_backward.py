@@ -22,6 +22,11 @@ and dq += ds k · scale. Rows that saw no key have lse = +inf, hence p = 0 and z
 Tiles cut by a mask boundary run with MASKED (mask evaluation, bounds checks); tiles inside the
 band take the unmasked path, as in the forward. No gradient flows to the bias.
 
+On Hopper GPUs, `flash_backward` first asks `flash_hopper_backward.hopper_backward_reason`:
+the calls it takes (plain, causal, windows, ALiBi without a causal mask, from its `MIN_LENGTH`)
+run that warp-specialized kernel, which does five matmuls per tile pair and adds dq with
+atomics.
+
 Shape letters: B batch, H query heads, Hkv key/value heads, S sequence, D head dim.
 """
 
