@@ -131,21 +131,27 @@ def implementations(causal: bool, q_len: int, kv_len: int, enable_gqa: bool,
 def without_hopper_kernel(fn):
     """`fn` with the Hopper kernels switched off during each call (`ATTNOPT_HOPPER_FORWARD=0`,
     `ATTNOPT_HOPPER_BACKWARD=0`, set and restored by hand: mock.patch.dict rewrites the whole
-    environment, which cost more host time than a 1K call's GPU time)."""
+    environment, which cost more host time than a 1K call's GPU time). The backward of its
+    output runs after the call returns: a timing step built on it (forward + backward) must run
+    under the returned function's `around` too (`around(step)`)."""
     names = [flash_hopper.ENV] + ([flash_hopper_backward.ENV] if flash_hopper_backward else [])
 
-    def call(*args, **kwargs):
-        previous = {name: os.environ.get(name) for name in names}
-        os.environ.update(dict.fromkeys(names, "0"))
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            for name, value in previous.items():
-                if value is None:
-                    del os.environ[name]
-                else:
-                    os.environ[name] = value
-    return call
+    def around(inner):
+        def call(*args, **kwargs):
+            previous = {name: os.environ.get(name) for name in names}
+            os.environ.update(dict.fromkeys(names, "0"))
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                for name, value in previous.items():
+                    if value is None:
+                        del os.environ[name]
+                    else:
+                        os.environ[name] = value
+        return call
+    switched = around(fn)
+    switched.around = around
+    return switched
 
 
 def reference(q, k, v, causal):
@@ -186,8 +192,7 @@ def measure(shape, causal, backward, rows, int8=False, dtype=torch.bfloat16):
                 def step(fn=fn):
                     with torch.no_grad():
                         fn(q, k, v)
-            if name == "attnopt-triton":  # (the backward runs after fn returns: off for it too)
-                step = without_hopper_kernel(step)
+            step = getattr(fn, "around", lambda inner: inner)(step)  # (kernel switches)
             error = (out[:1].float() - expected).abs().max().item() if expected is not None \
                 else float("nan")
             ms = median_ms(step)
