@@ -397,11 +397,17 @@ def length_reason(params: AttentionParams) -> Optional[str]:
     """Why a call this kernel can run is still left to flash.py's (None when it is not). A
     window counts as its band's keys: bands narrower than MIN_LENGTH were not measured here."""
     shortest = MIN_LENGTH[params.head_dim]
-    keys = min(params.kv_len, params.window_left + 1) if params.has_left else params.kv_len
-    if min(params.q_len, keys) < shortest:
+    if measured_length(params) < shortest:
         return (f"sequences or window bands shorter than {shortest} at head dim "
                 f"{params.head_dim} stay on flash.py's kernel (as fast, or not measured)")
     return None
+
+
+def measured_length(params: AttentionParams) -> int:
+    """The length both Hopper kernels' MIN_LENGTH is compared with: the shorter of the query
+    length and the keys a row sees (a window's band, else every key)."""
+    keys = min(params.kv_len, params.window_left + 1) if params.has_left else params.kv_len
+    return min(params.q_len, keys)
 
 
 # --------------------------------------------------------------------------- launcher

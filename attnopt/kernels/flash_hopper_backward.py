@@ -61,7 +61,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnopt.kernels.flash_hopper import ROWS, _descriptor, _device_reason, _tma_load, \
-    _tma_store, register_split, scope_reason, tma_ready
+    _tma_store, measured_length, register_split, scope_reason, tma_ready
 from attnopt.kernels.params import AttentionParams, cdiv, interpreting
 from attnopt.kernels.tuning import launch_fixed
 
@@ -402,8 +402,7 @@ def speed_reason(params: AttentionParams) -> Optional[str]:
         return ("ALiBi under a causal mask stays on flash_backward.py's kernel "
                 "(0.89-0.91x its speed here)")
     shortest = MIN_LENGTH[params.head_dim, params.has_right]
-    keys = min(params.kv_len, params.window_left + 1) if params.has_left else params.kv_len
-    if min(params.q_len, keys) < shortest:
+    if measured_length(params) < shortest:
         return (f"sequences or window bands shorter than {shortest} at head dim "
                 f"{params.head_dim}{', causal' if params.has_right else ''} stay on "
                 f"flash_backward.py's kernel (as fast or faster, or not measured)")
