@@ -411,10 +411,12 @@ def speed_reason(params: AttentionParams) -> Optional[str]:
 
 # --------------------------------------------------------------------------- launcher
 
+_STATS_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32)
+
+
 def _stats_descriptor(t: Tensor) -> TensorDescriptor:
     """One query tile's row statistics, (1, 64) float32 of a (B·H, padded S) tensor."""
-    return TensorDescriptor(t, t.shape, t.stride(), [1, ROWS],
-                            gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32))
+    return TensorDescriptor(t, t.shape, t.stride(), [1, ROWS], _STATS_LAYOUT)
 
 
 def hopper_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
