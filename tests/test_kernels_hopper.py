@@ -114,12 +114,12 @@ def test_misaligned_tensor_rejected():
 
 
 def test_short_sequences_stay_on_the_triton_kernel():
-    for head_dim, shortest in flash_hopper.MIN_LENGTH.items():
+    for (head_dim, causal), shortest in flash_hopper.MIN_LENGTH.items():
         q, k, v = _inputs(3, head_dim=head_dim, q_len=shortest, kv_len=shortest, device="cpu")
-        assert flash_hopper.length_reason(_params(q, k, v)) is None
+        assert flash_hopper.length_reason(_params(q, k, v, causal=causal)) is None
         q, k, v = _inputs(3, head_dim=head_dim, q_len=shortest // 2, kv_len=shortest,
                           device="cpu")
-        assert "shorter" in flash_hopper.length_reason(_params(q, k, v))
+        assert "shorter" in flash_hopper.length_reason(_params(q, k, v, causal=causal))
     q, k, v = _inputs(3, head_dim=128, q_len=4096, kv_len=4096, device="cpu")
     assert flash_hopper.length_reason(_params(q, k, v, causal=True, window=(1023, 0))) is None
     assert "band" in flash_hopper.length_reason(_params(q, k, v, causal=True, window=(255, 0)))
@@ -161,10 +161,12 @@ for head_dim, config in sorted(flash_hopper.CONFIGS.items()):
                      "v_desc": descriptor(config.block_n, head_dim), "o_desc": descriptor(64, head_dim),
                      "lse_ptr": "*fp32", "slopes_ptr": "*fp32", "heads": "i32", "group": "i32",
                      "seq_q": "i32", "seq_k": "i32", "offset": "i32", "window_left": "i32",
-                     "qk_scale": "fp32", "stride_sb": "i32", "stride_sh": "i32"}
+                     "qk_scale": "fp32", "stride_sb": "i32", "stride_sh": "i32",
+                     "n_units": "i32", "units_per_head": "i32", "n_m": "i32"}
         maxnreg, consumer_regs = config.registers()
         constants = dict(BLOCK_N=config.block_n, HEAD_DIM=head_dim, STAGES=config.stages,
-                         OVERLAP=config.overlap, CONSUMERS=config.consumers, CAUSAL=causal,
+                         OVERLAP=config.overlap, CONSUMERS=config.consumers,
+                         Q_BUFFERS=config.q_buffers, CAUSAL=causal,
                          HAS_WINDOW=causal, HAS_ALIBI=causal, CONSUMER_REGS=consumer_regs)
         results[f"{head_dim}-{causal}"] = compile_sm90(flash_hopper._hopper_forward_kernel,
                                                        signature, constants, maxnreg)
@@ -313,6 +315,29 @@ def test_forward_matches_reference(name, spy):
 
 
 @needs_hopper
+@pytest.mark.parametrize("programs", [1, 3])
+@pytest.mark.parametrize("name", ["causal_128_bf16", "causal_bottom_right_128",
+                                  "bshd_causal_uneven_64", "gqa_uneven_lengths_128",
+                                  "causal_top_left_longer_keys",
+                                  "window_bottom_right_alibi_gqa_64"])
+def test_few_programs_take_every_tile(name, programs):
+    """With fewer persistent programs than work units, each walks many query tiles: the Q and
+    K/V rings wrap across tiles, and the pairs of query blocks (an odd count among them) all
+    get computed, with consumers whose rows end a key tile early, start late (a window) or
+    lie past the end passing tiles they do not read. Output and log-sum-exp are bit-equal to
+    one program per SM's."""
+    shape, options = _on_gpu(GPU_CASES[name])
+    q, k, v = _inputs(sum(map(ord, name)) + 2, **shape)
+    params = _params(q, k, v, **options)
+    out, lse = flash_hopper.hopper_forward(q, k, v, params)
+    few_out, few_lse = flash_hopper.hopper_forward(q, k, v, params, programs=programs)
+    assert torch.equal(few_out, out) and torch.equal(few_lse, lse)
+    reference = flash_attention_reference(q.double(), k.double(), v.double(), **options)
+    error = (out.double() - reference).abs().max().item()
+    assert error <= TOLERANCE[q.dtype], f"{name}: max error {error:.2e}"
+
+
+@needs_hopper
 @pytest.mark.parametrize("name", ["causal_128_bf16", "gqa_uneven_lengths_128",
                                   "bshd_causal_uneven_64", "plain_128_fp16",
                                   "alibi_causal_bottom_right_per_batch", "alibi_plain_64_fp16",
@@ -344,16 +369,16 @@ def test_unsupported_specs_run_the_triton_kernel(spy):
 
 
 @needs_hopper
-@pytest.mark.parametrize("head_dim", sorted(flash_hopper.MIN_LENGTH))
-def test_long_calls_route_by_default(head_dim, routed):
+@pytest.mark.parametrize("head_dim, causal", sorted(flash_hopper.MIN_LENGTH))
+def test_long_calls_route_by_default(head_dim, causal, routed):
     """At MIN_LENGTH with the shipped configs (no test override), `flash_attention` runs here."""
-    length = flash_hopper.MIN_LENGTH[head_dim]
+    length = flash_hopper.MIN_LENGTH[head_dim, causal]
     generator = torch.Generator().manual_seed(head_dim)
     q, k, v = (torch.randn(1, 2, length, head_dim, generator=generator).to("cuda", torch.bfloat16)
                for _ in range(3))
-    out = flash_attention(q, k, v, causal=True)
+    out = flash_attention(q, k, v, causal=causal)
     assert len(routed) == 1
-    reference = flash_attention_reference(q.double(), k.double(), v.double(), causal=True)
+    reference = flash_attention_reference(q.double(), k.double(), v.double(), causal=causal)
     assert (out.double() - reference).abs().max().item() <= TOLERANCE[q.dtype]
 
 
