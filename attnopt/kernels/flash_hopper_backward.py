@@ -32,14 +32,17 @@ Each program owns 64·CONSUMERS keys of one (batch, kv head), in four partitions
 Query tiles are walked from the last down, as `flash_backward.py`'s dk/dv programs do: under a
 causal mask the programs running side by side then read the same Q and dO tiles from L2.
 
-ALiBi slopes add −slope·|row + offset − key| to each score; a causal window narrows the query
-tiles a key block sees to [n0 − offset, n0 + keys − 1 − offset + window_left] and masks the
-tiles its edges cut.
+ALiBi slopes add −slope·|row + offset − key| to each score. Under a causal mask, where every
+visible key has key <= row + offset, that is slope·(key − m0 − offset) − slope·(row − m0) for
+the tile's first row m0: a vector over the keys, and one over the rows that joins the
+log-sum-exp, as the forward computes it (`flash_hopper._softmax_tile`). A causal window
+narrows the query tiles a key block sees to [n0 − offset, n0 + keys − 1 − offset +
+window_left] and masks the tiles its edges cut.
 
 `hopper_backward_reason` says when a call runs here: the forward kernel's specs (fp16/bf16,
 head dim 64 or 128, no mask or a causal one at offset >= 0, GQA, ALiBi slopes, causal windows,
 (B, H, S, D) or (B, S, H, D) views, any lengths) from `MIN_LENGTH`, except ALiBi under a causal
-mask (`CAUSAL_ALIBI`: measured slower than the Triton backward). Biases, soft-caps, key
+mask (`CAUSAL_ALIBI`: measured no faster than the Triton backward). Biases, soft-caps, key
 lengths and block layouts run `flash_backward.py`'s kernel. `ATTNOPT_HOPPER_BACKWARD=0` turns
 this kernel off.
 """
@@ -89,8 +92,9 @@ CONFIGS = {128: BackwardConfig(stages=2, consumers=2),
 #: autotuned flash_backward.py kernel was as fast or faster on the H100 (docs/BENCHMARKS.md,
 #: "The warp-specialized Hopper backward")
 MIN_LENGTH = {(128, False): 1024, (64, False): 1024, (128, True): 2048, (64, True): 2048}
-#: whether ALiBi under a causal mask runs here: off, the autotuned flash_backward.py kernel was
-#: faster (this kernel computes each score's distance; the Triton one is tuned for ALiBi)
+#: whether ALiBi under a causal mask runs here: off, this kernel was 0.97x (2K) and 1.00x (4K)
+#: the speed of the autotuned flash_backward.py kernel (docs/BENCHMARKS.md, "The
+#: warp-specialized Hopper backward")
 CAUSAL_ALIBI = False
 
 
@@ -248,11 +252,16 @@ def _consume(dk_desc, dv_desc, dq_ptr, q_smem, do_smem, k_smem, v_smem, lse_smem
         st = warpgroup_mma(k_c, q_t.permute((1, 0)), no_scores, use_acc=False, is_async=True)
         lse = lse_smem.index(s).reshape([64]).load(gl.SliceLayout(0, s_layout))
         st = warpgroup_mma_wait(0, deps=(st, ))
-        st = st * qk_scale
         if HAS_ALIBI:  # -slope·|row + offset − key|, base 2
             slope2 = gl.load(slopes_ptr + b * stride_sb + h * stride_sh) * 1.4426950408889634
-            distance = gl.abs(rows[None, :] + offset - keys[:, None]).to(gl.float32)
-            st = st - distance * slope2
+            if CAUSAL:  # visible keys have key <= row + offset: a term per key, one per row
+                st = st * qk_scale + ((keys - m0 - offset).to(gl.float32) * slope2)[:, None]
+                lse = lse + tile_cols.to(gl.float32) * slope2
+            else:
+                distance = gl.abs(rows[None, :] + offset - keys[:, None]).to(gl.float32)
+                st = st * qk_scale - distance * slope2
+        else:
+            st = st * qk_scale
         if CAUSAL:
             first = n0 + C * 64
             masked = first + 63 > m0 + offset  # keys past some row's diagonal
@@ -400,7 +409,7 @@ def speed_reason(params: AttentionParams) -> Optional[str]:
     faster there (or not measured here); None when it is not."""
     if params.slopes_BH is not None and params.has_right and not CAUSAL_ALIBI:
         return ("ALiBi under a causal mask stays on flash_backward.py's kernel "
-                "(0.89-0.91x its speed here)")
+                "(0.97-1.00x its speed here)")
     shortest = MIN_LENGTH[params.head_dim, params.has_right]
     if measured_length(params) < shortest:
         return (f"sequences or window bands shorter than {shortest} at head dim "
