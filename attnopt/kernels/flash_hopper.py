@@ -85,8 +85,9 @@ def register_split(consumers: int) -> tuple[int, int]:
     return maxnreg, min(consumer, 240)
 
 
-#: per head dim, the config that did best across lengths in a sweep on the H100
-#: (docs/BENCHMARKS.md, "The warp-specialized Hopper forward")
+#: per head dim, the config that did best across lengths in sweeps on the H100
+#: (docs/BENCHMARKS.md, "The warp-specialized Hopper forward" and "The persistent Hopper
+#: forward")
 CONFIGS = {128: HopperConfig(block_n=128, stages=3, overlap=True, consumers=2, q_buffers=1),
            64: HopperConfig(block_n=128, stages=3, overlap=False, consumers=3, q_buffers=2)}
 #: the shortest query and key lengths that run here, per (head dim, causal): below them
