@@ -3,7 +3,8 @@
 On a Hopper GPU, each supported spec is checked against the float64 reference: the output, the
 log-sum-exp, and the gradients, since the backward reads this forward's log-sum-exp. The specs
 are head dims 64 and 128, fp16 and bf16, no mask and both causal alignments, GQA, lengths that
-are not tile multiples, (B, S, H, D) views, ALiBi slopes and causal windows. Elsewhere (CI)
+are not tile multiples, (B, S, H, D) views, ALiBi slopes and causal windows, and few persistent
+programs walking many query tiles each. Elsewhere (CI)
 the tests check which calls route to the kernel (`spec_reason`), and that it compiles for
 sm_90 with the installed Triton within the shared memory an H100 has.
 """
