@@ -8,7 +8,7 @@ autotuned on a first call). bf16, hidden 2048 (heads = 2048 / head dim), 16K tok
 times are the best of two `triton.testing.do_bench` medians. This is what chose `MIN_LENGTH`
 and `CAUSAL_ALIBI` (docs/BENCHMARKS.md, "The warp-specialized Hopper backward").
 
-    PYTHONPATH=. python benchmarks/bench_hopper_backward.py [--dims 128 64]
+    PYTHONPATH=.:benchmarks python benchmarks/bench_hopper_backward.py [--dims 128 64]
         [--seqs 512 1024 2048 4096] [--extras]
 
 `--extras` adds ALiBi (causal and not) and causal sliding-window rows.
@@ -26,9 +26,8 @@ import triton
 from attnopt.kernels import flash_backward, flash_hopper_backward
 from attnopt.kernels.flash import flash_forward
 from attnopt.kernels.params import AttentionParams
+from bench_attention import HIDDEN, TOTAL_TOKENS
 
-HIDDEN = 2048
-TOTAL_TOKENS = 16384
 #: (head dim, n, causal, window, ALiBi) rows of `--extras`
 EXTRAS = [(128, 2048, True, None, True), (128, 4096, True, None, True),
           (64, 2048, False, None, True), (128, 4096, True, (2047, 0), False),
@@ -40,16 +39,23 @@ def best_median_ms(fn) -> float:
                for _ in range(2))
 
 
-def measure(head_dim: int, n: int, causal: bool, window, alibi: bool) -> None:
+def problem(head_dim: int, n: int, causal: bool, window=None, alibi: bool = False):
+    """(q, k, v, params): fresh bf16 inputs of bench_attention's shapes (heads = HIDDEN / head
+    dim, TOTAL_TOKENS per batch), ALiBi slopes per head if asked."""
     heads, batch = HIDDEN // head_dim, max(TOTAL_TOKENS // n, 1)
     q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
-    grad = torch.randn_like(q)
     slopes = torch.rand(heads, device="cuda") if alibi else None
     params = AttentionParams.build(q, k, v, causal=causal, scale=None, attn_bias=None,
                                    kv_lengths=None, window=window, block_mask=None,
                                    softcap=None, alibi_slopes=slopes,
                                    causal_alignment="top_left")
+    return q, k, v, params
+
+
+def measure(head_dim: int, n: int, causal: bool, window, alibi: bool) -> None:
+    q, k, v, params = problem(head_dim, n, causal, window, alibi)
+    grad = torch.randn_like(q)
     reason = flash_hopper_backward.hopper_backward_reason(params, q)
     if reason is not None:
         print(f"| {head_dim} | {n} | skipped: {reason} |")

@@ -9,7 +9,7 @@ times are the best of two `triton.testing.do_bench` medians. This is what chose 
 `MIN_LENGTH` (docs/BENCHMARKS.md, "The persistent Hopper forward"); `bench_attention.py` has
 the full table against every anchor.
 
-    PYTHONPATH=. python benchmarks/bench_hopper_forward.py [--dims 128 64]
+    PYTHONPATH=.:benchmarks python benchmarks/bench_hopper_forward.py [--dims 128 64]
         [--seqs 512 1024 2048 4096]
 """
 
@@ -26,25 +26,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnopt.kernels import flash_hopper
 from attnopt.kernels.flash import flash_forward
-from attnopt.kernels.params import AttentionParams
-
-HIDDEN = 2048
-TOTAL_TOKENS = 16384
-
-
-def best_median_ms(fn) -> float:
-    return min(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-               for _ in range(2))
+from bench_hopper_backward import best_median_ms, problem
 
 
 def measure(head_dim: int, n: int, causal: bool) -> None:
-    heads, batch = HIDDEN // head_dim, max(TOTAL_TOKENS // n, 1)
-    q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=torch.bfloat16)
-               for _ in range(3))
-    params = AttentionParams.build(q, k, v, causal=causal, scale=None, attn_bias=None,
-                                   kv_lengths=None, window=None, block_mask=None,
-                                   softcap=None, alibi_slopes=None,
-                                   causal_alignment="top_left")
+    q, k, v, params = problem(head_dim, n, causal)
+    batch, heads = q.shape[:2]
     reason = flash_hopper.hopper_reason(q, k, v, params)
     if reason is not None:
         print(f"| {head_dim} | {n} | skipped: {reason} |")

@@ -513,21 +513,21 @@ def hopper_reason(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> O
 
 
 def length_reason(params: AttentionParams) -> Optional[str]:
-    """Why a call this kernel can run is still left to flash.py's (None when it is not). A
-    window counts as its band's keys: bands narrower than MIN_LENGTH were not measured here."""
-    shortest = MIN_LENGTH[params.head_dim, params.has_right]
-    if measured_length(params) < shortest:
+    """Why a call this kernel can run is still left to flash.py's (None when it is not)."""
+    return shorter_than(MIN_LENGTH, params, "flash.py's kernel")
+
+
+def shorter_than(min_length: dict, params: AttentionParams, fallback: str) -> Optional[str]:
+    """Why a call stays on `fallback` for being shorter than `min_length[head dim, causal]`
+    (None when it is not): both Hopper kernels' length rule. The length is the shorter of the
+    query length and the keys a row sees: a window counts as its band."""
+    shortest = min_length[params.head_dim, params.has_right]
+    keys = min(params.kv_len, params.window_left + 1) if params.has_left else params.kv_len
+    if min(params.q_len, keys) < shortest:
         return (f"sequences or window bands shorter than {shortest} at head dim "
                 f"{params.head_dim}{' under a causal mask' if params.has_right else ''} stay "
-                f"on flash.py's kernel (as fast, or not measured)")
+                f"on {fallback} (as fast or faster there, or not measured)")
     return None
-
-
-def measured_length(params: AttentionParams) -> int:
-    """The length both Hopper kernels' MIN_LENGTH is compared with: the shorter of the query
-    length and the keys a row sees (a window's band, else every key)."""
-    keys = min(params.kv_len, params.window_left + 1) if params.has_left else params.kv_len
-    return min(params.q_len, keys)
 
 
 # --------------------------------------------------------------------------- launcher

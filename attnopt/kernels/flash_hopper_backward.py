@@ -64,7 +64,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnopt.kernels.flash_hopper import ROWS, _descriptor, _device_reason, _tma_load, \
-    _tma_store, measured_length, register_split, scope_reason, tma_ready
+    _tma_store, register_split, scope_reason, shorter_than, tma_ready
 from attnopt.kernels.params import AttentionParams, cdiv, interpreting
 from attnopt.kernels.tuning import launch_fixed
 
@@ -410,12 +410,7 @@ def speed_reason(params: AttentionParams) -> Optional[str]:
     if params.slopes_BH is not None and params.has_right and not CAUSAL_ALIBI:
         return ("ALiBi under a causal mask stays on flash_backward.py's kernel "
                 "(0.97-1.00x its speed here)")
-    shortest = MIN_LENGTH[params.head_dim, params.has_right]
-    if measured_length(params) < shortest:
-        return (f"sequences or window bands shorter than {shortest} at head dim "
-                f"{params.head_dim}{', causal' if params.has_right else ''} stay on "
-                f"flash_backward.py's kernel (as fast or faster, or not measured)")
-    return None
+    return shorter_than(MIN_LENGTH, params, "flash_backward.py's kernel")
 
 
 # --------------------------------------------------------------------------- launcher
