@@ -4,9 +4,10 @@ On a Hopper GPU, each supported spec is checked against the float64 reference: t
 log-sum-exp, and the gradients, since the backward reads this forward's log-sum-exp. The specs
 are head dims 64 and 128, fp16 and bf16, no mask and both causal alignments, GQA, lengths that
 are not tile multiples, (B, S, H, D) views, ALiBi slopes and causal windows, and few persistent
-programs walking many query tiles each. Elsewhere (CI)
-the tests check which calls route to the kernel (`spec_reason`), and that it compiles for
-sm_90 with the installed Triton within the shared memory an H100 has.
+programs walking many query tiles each; every case with the config its length takes, and at a
+head dim with a short config (`SHORT_CONFIGS`) with the long one too. Elsewhere (CI) the tests
+check which calls route to the kernel (`spec_reason`) with which config, and that every
+shipped config compiles for sm_90 with the installed Triton within an H100's shared memory.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import torch
 from attnopt.kernels import BlockSparseLayout, flash_attention, flash_attention_reference
 from attnopt.kernels.params import AttentionParams
 
-flash_hopper = pytest.importorskip("attnopt.kernels.flash_hopper",
-                                   reason="needs Gluon (Triton >= 3.5)")
+# skipped without Gluon only: a kernel module that fails to import otherwise fails here
+pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper",
+                    reason="needs Gluon (Triton >= 3.5)")
+from attnopt.kernels import flash_hopper  # noqa: E402
 
 #: max |kernel - float64 reference|, per dtype (unit-normal inputs, outputs O(1))
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -156,7 +159,7 @@ results = {}
 
 _COMPILE_SCRIPT = """
 from attnopt.kernels import flash_hopper
-for head_dim, config in sorted(flash_hopper.CONFIGS.items()):
+for head_dim, config in flash_hopper.shipped_configs():
     for causal in (False, True):
         signature = {"q_desc": descriptor(64, head_dim), "k_desc": descriptor(config.block_n, head_dim),
                      "v_desc": descriptor(config.block_n, head_dim), "o_desc": descriptor(64, head_dim),
@@ -169,8 +172,8 @@ for head_dim, config in sorted(flash_hopper.CONFIGS.items()):
                          OVERLAP=config.overlap, CONSUMERS=config.consumers,
                          Q_BUFFERS=config.q_buffers, CAUSAL=causal,
                          HAS_WINDOW=causal, HAS_ALIBI=causal, CONSUMER_REGS=consumer_regs)
-        results[f"{head_dim}-{causal}"] = compile_sm90(flash_hopper._hopper_forward_kernel,
-                                                       signature, constants, maxnreg)
+        results[f"{head_dim}-{config}-{causal}"] = compile_sm90(
+            flash_hopper._hopper_forward_kernel, signature, constants, maxnreg)
 """
 
 
@@ -181,7 +184,7 @@ def _fresh_process(script: str, timeout: int) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def check_compiles_for_sm90(script: str, configs: dict) -> None:
+def check_compiles_for_sm90(script: str, configs: list) -> None:
     """`script` (after `_SM90_PRELUDE`, filling `results` with `compile_sm90`'s answers) builds
     each config plain and causal for sm_90 with the installed Triton, within an H100's shared
     memory. In a fresh process: the tests' interpreter mode would hand Gluon interpreted
@@ -197,10 +200,10 @@ def check_compiles_for_sm90(script: str, configs: dict) -> None:
         assert 0 < shared <= H100_SHARED_MEMORY, f"{name}: {shared} bytes of shared memory"
 
 
-def check_register_split(configs: dict) -> None:
+def check_register_split(configs: list) -> None:
     """Each config's consumers' setmaxnreg budget plus the producer warpgroup's fits the
     register file (a consumer asking for more than is freed would wait forever)."""
-    for config in configs.values():
+    for config in configs:
         maxnreg, consumer = config.registers()
         threads = 128 * (config.consumers + 1)
         assert maxnreg * threads <= flash_hopper.REGISTER_FILE
@@ -209,14 +212,18 @@ def check_register_split(configs: dict) -> None:
 
 
 def test_compiles_for_sm90():
-    """The kernel builds for sm_90 (each head dim's config, plain and causal with a window and
+    """The kernel builds for sm_90 (each shipped config, plain and causal with a window and
     ALiBi) within an H100's shared memory; the GPU tests run it under the GPU machine's
     Triton."""
-    check_compiles_for_sm90(_COMPILE_SCRIPT, flash_hopper.CONFIGS)
+    check_compiles_for_sm90(_COMPILE_SCRIPT, _shipped())
 
 
 def test_register_split_fits_the_register_file():
-    check_register_split(flash_hopper.CONFIGS)
+    check_register_split(_shipped())
+
+
+def _shipped() -> list:
+    return [config for _, config in flash_hopper.shipped_configs()]
 
 
 # --------------------------------------------------------------------------- numerics (GPU)
@@ -283,10 +290,40 @@ def spy(routed, monkeypatch):
     return routed
 
 
+def _head_dim(name: str) -> int:
+    return GPU_CASES[name][0].get("head_dim", 64)
+
+
+#: each case with the config its length takes, and the head dims with a short config again
+#: with their long config ("long": SHORT_CONFIGS emptied)
+CONFIG_CASES = [(name, "by_length") for name in sorted(GPU_CASES)] + [
+    (name, "long") for name in sorted(GPU_CASES) if _head_dim(name) in flash_hopper.SHORT_CONFIGS]
+
+
+def _take_configs(choice: str, monkeypatch) -> None:
+    if choice == "long":
+        monkeypatch.setattr(flash_hopper, "SHORT_CONFIGS", {})
+
+
+def test_short_configs_take_short_calls():
+    """Below a short config's length (a window's band counting), calls take it; from there on,
+    their head dim's config."""
+    for head_dim, (length, short) in flash_hopper.SHORT_CONFIGS.items():
+        q, k, v = _inputs(4, head_dim=head_dim, q_len=length - 1, kv_len=length, device="cpu")
+        assert flash_hopper.config_for(_params(q, k, v, causal=True)) == short
+        q, k, v = _inputs(4, head_dim=head_dim, q_len=length, kv_len=length, device="cpu")
+        assert flash_hopper.config_for(_params(q, k, v)) == flash_hopper.CONFIGS[head_dim]
+        assert flash_hopper.config_for(_params(q, k, v, causal=True, window=(length // 2, 0))) \
+            == short
+    assert flash_hopper.config_for(_params(*_inputs(4, head_dim=128, device="cpu"))) \
+        == flash_hopper.CONFIGS[128]
+
+
 @needs_hopper
-@pytest.mark.parametrize("name", sorted(GPU_CASES))
-def test_forward_matches_reference(name, spy):
+@pytest.mark.parametrize("name, configs", CONFIG_CASES)
+def test_forward_matches_reference(name, configs, spy, monkeypatch):
     from attnopt.kernels.flash import flash_forward
+    _take_configs(configs, monkeypatch)
     shape, options = _on_gpu(GPU_CASES[name])
     q, k, v = _inputs(sum(map(ord, name)), **shape)
     params = _params(q, k, v, **options)
@@ -317,16 +354,18 @@ def test_forward_matches_reference(name, spy):
 
 @needs_hopper
 @pytest.mark.parametrize("programs", [1, 3])
-@pytest.mark.parametrize("name", ["causal_128_bf16", "causal_bottom_right_128",
-                                  "bshd_causal_uneven_64", "gqa_uneven_lengths_128",
-                                  "causal_top_left_longer_keys",
-                                  "window_bottom_right_alibi_gqa_64"])
-def test_few_programs_take_every_tile(name, programs):
+@pytest.mark.parametrize("name, configs", [
+    case for case in CONFIG_CASES if case[0] in (
+        "causal_128_bf16", "causal_bottom_right_128", "bshd_causal_uneven_64",
+        "gqa_uneven_lengths_128", "causal_top_left_longer_keys",
+        "window_bottom_right_alibi_gqa_64")])
+def test_few_programs_take_every_tile(name, configs, programs, monkeypatch):
     """With fewer persistent programs than work units, each walks many query tiles: the Q and
     K/V rings wrap across tiles, and the pairs of query blocks (an odd count among them) all
     get computed, with consumers whose rows end a key tile early, start late (a window) or
     lie past the end passing tiles they do not read. Output and log-sum-exp are bit-equal to
     one program per SM's."""
+    _take_configs(configs, monkeypatch)
     shape, options = _on_gpu(GPU_CASES[name])
     q, k, v = _inputs(sum(map(ord, name)) + 2, **shape)
     params = _params(q, k, v, **options)

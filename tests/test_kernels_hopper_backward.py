@@ -17,8 +17,9 @@ import torch
 
 from attnopt.kernels import flash_attention, flash_attention_reference
 
-hopper_backward = pytest.importorskip("attnopt.kernels.flash_hopper_backward",
-                                      reason="needs Gluon (Triton >= 3.5)")
+pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper",
+                    reason="needs Gluon (Triton >= 3.5)")
+from attnopt.kernels import flash_hopper_backward as hopper_backward  # noqa: E402
 from test_kernels_hopper import GPU_CASES as FORWARD_CASES  # noqa: E402
 from test_kernels_hopper import GRAD_TOLERANCE, _inputs, _on_gpu, _params, \
     check_compiles_for_sm90, check_register_split, count_calls, needs_hopper, \
@@ -90,12 +91,12 @@ def test_compiles_for_sm90():
     """The kernel builds for sm_90 (each head dim's config, plain and causal with a window and
     ALiBi) within an H100's shared memory; the GPU tests run it under the GPU machine's
     Triton."""
-    check_compiles_for_sm90(_COMPILE_SCRIPT, hopper_backward.CONFIGS)
+    check_compiles_for_sm90(_COMPILE_SCRIPT, list(hopper_backward.CONFIGS.values()))
 
 
 def test_register_split_fits_the_register_file():
     """The producer and writer warps share the last warpgroup's PRODUCER_REGS."""
-    check_register_split(hopper_backward.CONFIGS)
+    check_register_split(list(hopper_backward.CONFIGS.values()))
 
 
 # --------------------------------------------------------------------------- numerics (GPU)

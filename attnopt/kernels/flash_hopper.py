@@ -90,9 +90,28 @@ def register_split(consumers: int) -> tuple[int, int]:
 #: forward")
 CONFIGS = {128: HopperConfig(block_n=128, stages=3, overlap=True, consumers=2, q_buffers=1),
            64: HopperConfig(block_n=128, stages=3, overlap=False, consumers=3, q_buffers=2)}
+#: per head dim, (length, config): calls shorter than length (`measured_length`) take config
+#: instead, which was faster there (docs/BENCHMARKS.md, "Four consumers at head dim 64")
+SHORT_CONFIGS = {64: (8192, HopperConfig(block_n=64, stages=6, overlap=False, consumers=4,
+                                         q_buffers=2))}
 #: the shortest query and key lengths that run here, per (head dim, causal): below them
-#: flash.py's kernel was as fast or faster (docs/BENCHMARKS.md, "The persistent Hopper forward")
-MIN_LENGTH = {(128, False): 512, (128, True): 512, (64, False): 1024, (64, True): 2048}
+#: flash.py's kernel was as fast or faster (docs/BENCHMARKS.md, "The persistent Hopper forward"
+#: and "Four consumers at head dim 64"), or they were not measured
+MIN_LENGTH = {(128, False): 512, (128, True): 512, (64, False): 512, (64, True): 256}
+
+
+def shipped_configs() -> list[tuple[int, HopperConfig]]:
+    """Every (head dim, config) the kernel runs with by default."""
+    return sorted(CONFIGS.items()) + [(head_dim, config) for head_dim, (_, config)
+                                      in sorted(SHORT_CONFIGS.items())]
+
+
+def config_for(params: AttentionParams) -> HopperConfig:
+    """The config a call runs with: its head dim's, or the short one below its length."""
+    short = SHORT_CONFIGS.get(params.head_dim)
+    if short is not None and measured_length(params) < short[0]:
+        return short[1]
+    return CONFIGS[params.head_dim]
 
 
 # --------------------------------------------------------------------------- kernel
@@ -426,7 +445,7 @@ def _hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, slopes_ptr, 
                          seq_k, offset, window_left, BLOCK_N, STAGES, CONSUMERS, Q_BUFFERS,
                          CAUSAL, HAS_WINDOW)),
         ], [4, 1], [CONSUMER_REGS, 24])
-    else:
+    elif CONSUMERS == 3:
         gl.warp_specialize([
             (_consume, (o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_ready, q_empty,
                         k_ready, v_ready, kv_empty, n_units, units_per_head, n_m, heads, seq_q,
@@ -448,6 +467,33 @@ def _hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, slopes_ptr, 
                          seq_k, offset, window_left, BLOCK_N, STAGES, CONSUMERS, Q_BUFFERS,
                          CAUSAL, HAS_WINDOW)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
+    else:
+        gl.warp_specialize([
+            (_consume, (o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_ready, q_empty,
+                        k_ready, v_ready, kv_empty, n_units, units_per_head, n_m, heads, seq_q,
+                        seq_k, offset, window_left, qk_scale, stride_sb, stride_sh, 0, BLOCK_N,
+                        HEAD_DIM, STAGES, OVERLAP, CONSUMERS, Q_BUFFERS, CAUSAL, HAS_WINDOW,
+                        HAS_ALIBI)),
+            (_consume, (o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_ready, q_empty,
+                        k_ready, v_ready, kv_empty, n_units, units_per_head, n_m, heads, seq_q,
+                        seq_k, offset, window_left, qk_scale, stride_sb, stride_sh, 1, BLOCK_N,
+                        HEAD_DIM, STAGES, OVERLAP, CONSUMERS, Q_BUFFERS, CAUSAL, HAS_WINDOW,
+                        HAS_ALIBI)),
+            (_consume, (o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_ready, q_empty,
+                        k_ready, v_ready, kv_empty, n_units, units_per_head, n_m, heads, seq_q,
+                        seq_k, offset, window_left, qk_scale, stride_sb, stride_sh, 2, BLOCK_N,
+                        HEAD_DIM, STAGES, OVERLAP, CONSUMERS, Q_BUFFERS, CAUSAL, HAS_WINDOW,
+                        HAS_ALIBI)),
+            (_consume, (o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_ready, q_empty,
+                        k_ready, v_ready, kv_empty, n_units, units_per_head, n_m, heads, seq_q,
+                        seq_k, offset, window_left, qk_scale, stride_sb, stride_sh, 3, BLOCK_N,
+                        HEAD_DIM, STAGES, OVERLAP, CONSUMERS, Q_BUFFERS, CAUSAL, HAS_WINDOW,
+                        HAS_ALIBI)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
+                         k_ready, v_ready, kv_empty, n_units, units_per_head, n_m, heads, group,
+                         seq_k, offset, window_left, BLOCK_N, STAGES, CONSUMERS, Q_BUFFERS,
+                         CAUSAL, HAS_WINDOW)),
+        ], [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, 24])
 
 
 # --------------------------------------------------------------------------- selection
@@ -519,15 +565,20 @@ def length_reason(params: AttentionParams) -> Optional[str]:
 
 def shorter_than(min_length: dict, params: AttentionParams, fallback: str) -> Optional[str]:
     """Why a call stays on `fallback` for being shorter than `min_length[head dim, causal]`
-    (None when it is not): both Hopper kernels' length rule. The length is the shorter of the
-    query length and the keys a row sees: a window counts as its band."""
+    (None when it is not): both Hopper kernels' length rule, on `measured_length`."""
     shortest = min_length[params.head_dim, params.has_right]
-    keys = min(params.kv_len, params.window_left + 1) if params.has_left else params.kv_len
-    if min(params.q_len, keys) < shortest:
+    if measured_length(params) < shortest:
         return (f"sequences or window bands shorter than {shortest} at head dim "
                 f"{params.head_dim}{' under a causal mask' if params.has_right else ''} stay "
                 f"on {fallback} (as fast or faster there, or not measured)")
     return None
+
+
+def measured_length(params: AttentionParams) -> int:
+    """The length the Hopper kernels' length rules compare: the shorter of the query length
+    and the keys a row sees (a window counts as its band)."""
+    keys = min(params.kv_len, params.window_left + 1) if params.has_left else params.kv_len
+    return min(params.q_len, keys)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -554,7 +605,7 @@ def hopper_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,
                    programs: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """(out_BHSD, lse_BHS) as `flash.flash_forward` returns them; `hopper_reason` must be None.
     `programs`: how many persistent programs share the work (default: one per SM)."""
-    config = config or CONFIGS[params.head_dim]
+    config = config or config_for(params)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty((params.batch, params.heads, params.q_len), device=q.device,
                       dtype=torch.float32)
