@@ -27,7 +27,9 @@ so that under a causal mask every unit has the same work (`_query_tile`). In eac
 head dim 64 or 128, no bias tensor, key lengths, layout or soft-cap, and a causal offset >= 0
 (every row sees a key). GQA, ALiBi slopes and causal sliding windows are supported (a window
 starts each query tile at its first visible key tile). Shorter sequences than `MIN_LENGTH`
-stay on `flash.py`'s kernel, which was as fast there. Lengths may be
+stay on `flash.py`'s kernel, which was as fast there. Each head dim has a config measured
+best across lengths (`CONFIGS`); head dim 64 takes another below 8K (`SHORT_CONFIGS`: four
+consumers over 64-key tiles), picked by `config_for`. Lengths may be
 anything: 4-D TMA descriptors over the (B, H, S, D) strides zero-fill the tails, keys past
 the end are masked, and the store clips rows past the end. Everything else runs `flash.py`'s
 kernel.
