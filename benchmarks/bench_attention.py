@@ -25,8 +25,12 @@ under a key get, `kernels/tuning.py`) against the same kernels reading them at r
 forward+backward, the three alternated over three rounds (median of the rounds' medians). The
 first call autotunes on the compiled-in lengths, as in use.
 
+`--kernel-time`: each fwd and fwd+bwd row also reports every implementation's GPU time alone
+(`kernel_ms`: the profiler's device time of its kernels per call), since at 1K a training
+step spends as long in the host's launch path as on the GPU (docs/BENCHMARKS.md).
+
     PYTHONPATH=. python benchmarks/bench_attention.py [--parts fwd bwd decode int8 lengths]
-        [--dims 64 128] [--seqs 1024 4096 16384] [--json PATH]
+        [--dims 64 128] [--seqs 1024 4096 16384] [--kernel-time] [--json PATH]
 """
 
 from __future__ import annotations
@@ -66,6 +70,23 @@ def graph_median_ms(fn) -> float:
     with torch.cuda.graph(graph):
         fn()
     return median_ms(graph.replay)
+
+
+def kernel_ms(fn, steps: int = 20) -> float:
+    """GPU time alone: the device time of every kernel and copy `fn` runs, from the profiler,
+    per call (mean over `steps` calls; host gaps between them do not count). Unlike a CUDA
+    graph it needs no capture, which a backward seeded from the legacy stream refuses."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(getattr(event, "self_device_time_total", None)
+                   or getattr(event, "self_cuda_time_total", 0)
+                   for event in prof.key_averages())
+    return total_us / steps / 1e3
 
 
 def flops(batch, heads, q_len, kv_len, head_dim, causal) -> float:
@@ -165,7 +186,8 @@ def reference(q, k, v, causal):
     return torch.softmax(scores, -1) @ v
 
 
-def measure(shape, causal, backward, rows, int8=False, dtype=torch.bfloat16):
+def measure(shape, causal, backward, rows, int8=False, dtype=torch.bfloat16,
+            kernel_time=False):
     batch, heads, kv_heads, q_len, kv_len, head_dim = shape
     torch.manual_seed(q_len + kv_len + head_dim)
     q = torch.randn(batch, heads, q_len, head_dim, device="cuda", dtype=dtype)
@@ -199,6 +221,8 @@ def measure(shape, causal, backward, rows, int8=False, dtype=torch.bfloat16):
             results[name] = {"ms": ms, "tflops": work / ms / 1e9, "max_abs_err": error}
             if q_len == 1 and name != "flex":  # decode: launch cost vs GPU time
                 results[name]["graph_ms"] = graph_median_ms(step)
+            if kernel_time:
+                results[name]["kernel_ms"] = kernel_ms(step)
         except Exception as exc:  # an anchor that does not run this shape is reported, not fatal
             if name == "attnopt":
                 raise
@@ -261,6 +285,9 @@ def _print_row(row):
             graph = ""
             if "graph_ms" in r and "graph_ms" in mine:
                 graph = f", graph {r['graph_ms']:.3f} ms ×{r['graph_ms'] / mine['graph_ms']:.2f}"
+            if "kernel_ms" in r and "kernel_ms" in mine:
+                graph += (f", kernels {r['kernel_ms']:.3f} ms "
+                          f"×{r['kernel_ms'] / mine['kernel_ms']:.2f}")
             cells.append(f"{name} {r['ms']:.3f} ms {r['tflops']:.0f} TF/s "
                          f"(×{ratio:.2f}, err {r['max_abs_err']:.1e}{graph})")
     kind = row.get("kind") or ("fwd+bwd" if row["backward"] else "fwd")
@@ -278,6 +305,9 @@ def main() -> None:
     parser.add_argument("--decode-kv", type=int, nargs="+", default=[32768, 65536, 131072])
     parser.add_argument("--int8-dtypes", nargs="+", default=["bfloat16"])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--kernel-time", action="store_true",
+                        help="also report each call's GPU kernel time from the profiler (no "
+                             "host gaps), for fwd and fwd+bwd rows")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton "
           f"{triton.__version__}; {time.strftime('%Y-%m-%d')}; ratio = anchor ms / attnopt ms "
@@ -290,7 +320,8 @@ def main() -> None:
                     for causal in (False, True):
                         shape = (TOTAL_TOKENS // n, HIDDEN // head_dim, HIDDEN // head_dim, n, n,
                                  head_dim)
-                        measure(shape, causal, part == "bwd", rows)
+                        measure(shape, causal, part == "bwd", rows,
+                                kernel_time=args.kernel_time)
         elif part == "int8":  # int8 Q·Kᵀ against the exact kernel and the anchors
             for dtype in (getattr(torch, name) for name in args.int8_dtypes):
                 for head_dim in args.dims:
