@@ -129,6 +129,11 @@ def test_short_sequences_stay_on_the_triton_kernel():
     assert "band" in flash_hopper.length_reason(_params(q, k, v, causal=True, window=(255, 0)))
 
 
+def test_configs_name_a_consumer_count_the_kernel_has():
+    with pytest.raises(ValueError, match="consumers=5"):
+        flash_hopper.HopperConfig(block_n=64, stages=2, overlap=False, consumers=5, q_buffers=1)
+
+
 def test_off_cuda_and_switched_off(monkeypatch):
     q, k, v = _inputs(2, device="cpu")
     assert "CUDA" in flash_hopper.hopper_reason(q, k, v, _params(q, k, v))

@@ -58,6 +58,7 @@ ENV = "ATTNOPT_HOPPER_FORWARD"
 LOG2E = 1.4426950408889634
 ROWS = 64  # query rows per consumer warpgroup: one wgmma M
 PRODUCER_REGS = 24  # the fewest registers a warpgroup can be given
+CONSUMER_COUNTS = (2, 3, 4)  # the kernel's warp_specialize branches
 REGISTER_FILE = 65536  # 32-bit registers per SM
 
 # The TMA copies were renamed in Triton 3.7 (async_copy_* -> async_load / async_store).
@@ -72,6 +73,11 @@ class HopperConfig:
     overlap: bool     # tile j's Q·Kᵀ issued with tile j−1's P·V
     consumers: int    # consumer warpgroups (64 query rows each)
     q_buffers: int    # query tiles in flight: 2 loads the next tile's Q during this one
+
+    def __post_init__(self):
+        if self.consumers not in CONSUMER_COUNTS:
+            raise ValueError(f"consumers={self.consumers}: the kernel has partitions for "
+                             f"{', '.join(map(str, CONSUMER_COUNTS))} consumer warpgroups")
 
     def registers(self) -> tuple[int, int]:
         return register_split(self.consumers)
@@ -469,7 +475,7 @@ def _hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, lse_ptr, slopes_ptr, 
                          seq_k, offset, window_left, BLOCK_N, STAGES, CONSUMERS, Q_BUFFERS,
                          CAUSAL, HAS_WINDOW)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
-    else:
+    else:  # four (HopperConfig takes CONSUMER_COUNTS only)
         gl.warp_specialize([
             (_consume, (o_desc, lse_ptr, slopes_ptr, q_smem, k_smem, v_smem, q_ready, q_empty,
                         k_ready, v_ready, kv_empty, n_units, units_per_head, n_m, heads, seq_q,
