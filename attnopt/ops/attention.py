@@ -54,9 +54,12 @@ Which backend runs a call on CUDA (`ATTNOPT_KERNELS`):
   as a dense mask (the kernel reads the band alone: 2.6–22× SDPA with the mask at 1K–16K);
   and every call with `alibi_slopes`, which SDPA can only run with the bias materialized —
   and SDPA everywhere else (a band as long as the call is plain causal attention).
-  Measured on an H100 (docs/BENCHMARKS.md): for plain, causal and masked attention SDPA's
-  default backend (cuDNN) is 0–25% faster than the generated kernel in GPU time and its
-  launch is ~0.1 ms cheaper, which dominates short sequences and decode steps.
+  Measured on an H100 (docs/BENCHMARKS.md): for plain and causal attention the kernels'
+  forward now matches or beats SDPA's default backend (cuDNN) in GPU time at most shapes
+  (0.91–1.16×), and forward + backward comes within 0.89–1.05×. But a forward call costs
+  ~0.1 ms more host time, and a training step 0.4–0.9 ms more. That dominates short
+  sequences, decode steps, and the batch-1 models measured end to end, so "auto" keeps these
+  calls on SDPA until a model-level measurement says otherwise.
 - "always": the Triton kernel wherever it can run (comparisons, and features SDPA lacks).
 - "never" (or "0"): SDPA everywhere.
 """
