@@ -14,7 +14,10 @@ of the op registered as a `torch.library.custom_op` with the same implementation
 autograd (how the op was registered before). Grad off, and grad on (q requires grad: forward
 alone, and forward + backward). Minimum over 20 alternated runs of `--calls` calls.
 
-    python benchmarks/bench_host_overhead.py [--calls 500] [--op]
+`--step`: a training step's Python on the kernel path (head dim 64, 1K causal, launches
+no-ops), against the two launchers called directly and the forward alone.
+
+    python benchmarks/bench_host_overhead.py [--calls 500] [--op] [--step]
 """
 
 from __future__ import annotations
@@ -140,16 +143,69 @@ def measure_op(calls: int) -> dict:
     return results
 
 
+def measure_step(calls: int) -> dict:
+    """A training step's Python on the kernel path (launches are no-ops): the whole
+    `flash_attention(...).backward(...)`, the two launchers called directly, and the forward
+    alone. On the CPU, autograd runs the backward on the calling thread; on a GPU it hands it
+    to its device thread, which costs more again (docs/DESIGN-NOTES.md)."""
+    from attnopt.kernels.flash import flash_forward
+    from attnopt.kernels.flash_backward import flash_backward
+    from attnopt.kernels.params import AttentionParams
+    interpreter.InterpretedFunction.__getitem__ = _no_launch
+    torch.manual_seed(0)
+    q, k, v, grad = (torch.randn(1, 2, 1024, 64, dtype=torch.float16) for _ in range(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    params = AttentionParams.build(q, k, v, causal=True, scale=None, attn_bias=None,
+                                   kv_lengths=None, window=None, block_mask=None,
+                                   softcap=None, alibi_slopes=None,
+                                   causal_alignment="top_left")
+    out, lse = flash_forward(q, k, v, params)
+
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        flash_attention(*leaves, causal=True).backward(grad)
+
+    def forward():
+        with torch.no_grad():
+            flash_attention(q, k, v, causal=True)
+    cases = {"training step: flash_attention(...).backward(...)": step,
+             "launchers called directly: flash_forward + flash_backward":
+                 lambda: (flash_forward(q, k, v, params),
+                          flash_backward(grad, q, k, v, out, lse, params)),
+             "forward alone (no grad)": forward}
+    runs = {name: [] for name in cases}
+    for fn in cases.values():
+        for _ in range(100):
+            fn()
+    for _ in range(RUNS):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            runs[name].append((time.perf_counter() - start) / calls * 1e6)
+    results = {name: min(values) for name, values in runs.items()}
+    for name, value in results.items():
+        print(f"{name}: {value:.1f} µs per call (median of runs "
+              f"{statistics.median(runs[name]):.1f})", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--op", action="store_true")
+    parser.add_argument("--step", action="store_true",
+                        help="a training step's Python (head dim 64, 1K causal, fp16)")
     args = parser.parse_args()
     print(f"python {platform.python_version()} · torch {torch.__version__} · triton "
           f"{triton.__version__} · {platform.processor() or platform.machine()}")
     if args.op:
         importlib.import_module("attnopt")  # (registers torch.ops.attnopt)
         measure_op(args.calls)
+        return
+    if args.step:
+        measure_step(args.calls)
         return
     measure(args.calls)
 
