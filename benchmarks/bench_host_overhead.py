@@ -124,23 +124,7 @@ def measure_op(calls: int) -> dict:
         "grad on, forward + backward: custom_op twin": (True, backward(twin)),
         "grad on, forward + backward: torch.ops.attnopt.attention": (True, backward(op)),
     }
-    runs = {name: [] for name in cases}
-    for name, (grad, fn) in cases.items():
-        with torch.set_grad_enabled(grad):
-            for _ in range(200):
-                fn()
-    for _ in range(RUNS):
-        for name, (grad, fn) in cases.items():
-            with torch.set_grad_enabled(grad):
-                start = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                runs[name].append((time.perf_counter() - start) / calls * 1e6)
-    results = {name: min(values) for name, values in runs.items()}
-    for name, value in results.items():
-        print(f"{name}: {value:.1f} µs per call (median of runs "
-              f"{statistics.median(runs[name]):.1f})", flush=True)
-    return results
+    return alternated_minimums(cases, calls, warmup=200)
 
 
 def measure_step(calls: int) -> dict:
@@ -169,21 +153,30 @@ def measure_step(calls: int) -> dict:
     def forward():
         with torch.no_grad():
             flash_attention(q, k, v, causal=True)
-    cases = {"training step: flash_attention(...).backward(...)": step,
+    cases = {"training step: flash_attention(...).backward(...)": (True, step),
              "launchers called directly: flash_forward + flash_backward":
-                 lambda: (flash_forward(q, k, v, params),
-                          flash_backward(grad, q, k, v, out, lse, params)),
-             "forward alone (no grad)": forward}
+                 (True, lambda: (flash_forward(q, k, v, params),
+                                 flash_backward(grad, q, k, v, out, lse, params))),
+             "forward alone (no grad)": (True, forward)}
+    return alternated_minimums(cases, calls, warmup=100)
+
+
+def alternated_minimums(cases: dict, calls: int, warmup: int) -> dict:
+    """name -> µs per call: each case (grad mode, fn) warmed up `warmup` calls, then RUNS
+    rounds of `calls` calls alternating between the cases; the minimum per case, printed with
+    the median of its runs."""
     runs = {name: [] for name in cases}
-    for fn in cases.values():
-        for _ in range(100):
-            fn()
-    for _ in range(RUNS):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            for _ in range(calls):
+    for name, (grad, fn) in cases.items():
+        with torch.set_grad_enabled(grad):
+            for _ in range(warmup):
                 fn()
-            runs[name].append((time.perf_counter() - start) / calls * 1e6)
+    for _ in range(RUNS):
+        for name, (grad, fn) in cases.items():
+            with torch.set_grad_enabled(grad):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                runs[name].append((time.perf_counter() - start) / calls * 1e6)
     results = {name: min(values) for name, values in runs.items()}
     for name, value in results.items():
         print(f"{name}: {value:.1f} µs per call (median of runs "

@@ -67,8 +67,7 @@ def test_off_cuda_and_switched_off(monkeypatch):
 
 _COMPILE_SCRIPT = """
 from attnopt.kernels import flash_hopper_backward as hb
-stats_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32)
-stats = f"tensordesc<fp32[1, 64],{stats_layout!r}>"
+stats = f"tensordesc<fp32[1, 64],{hb._STATS_LAYOUT!r}>"
 for head_dim, config in sorted(hb.CONFIGS.items()):
     for causal in (False, True):
         tile, keys = descriptor(64, head_dim), descriptor(64 * config.consumers, head_dim)
