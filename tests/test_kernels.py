@@ -309,6 +309,43 @@ def test_direct_launch_keeps_a_kernel_per_device_and_argument_properties(monkeyp
     assert not direct.launch(grid, (x, 64), {"scale": 0.5})  # loaded on device 0 only
 
 
+def test_direct_launch_finds_repeat_values_without_working_out_properties(monkeypatch):
+    """`_DirectLaunch.find`: values seen before are looked up by value (`_ValueKey`, types
+    included: 64 and 64.0 are equal keys otherwise), new ones through `_properties` and
+    remembered; a tensor's place holding something else falls back to `_properties`."""
+    from attnopt.kernels import tuning
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *values: None
+
+    worked_out = []
+    properties = tuning._properties
+    monkeypatch.setattr(tuning, "_properties",
+                        lambda values, runtime: worked_out.append(1) or properties(values,
+                                                                                   runtime))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    direct = tuning._DirectLaunch(names=["x", "n", "scale", "BLOCK"], positional=2,
+                                  runtime=[0, 1, 2], fixed={"BLOCK": 32}, meta={"BLOCK": 32})
+    x, y = torch.empty(64), torch.empty(64)
+    direct.keep(Compiled(), (x, 64), {"scale": 0.5})
+    worked_out.clear()
+    assert direct.launch((1, ), (x, 64), {"scale": 0.5}) and len(worked_out) == 1
+    assert direct.launch((1, ), (y, 64), {"scale": 0.5}) and len(worked_out) == 1  # by value
+    assert direct.launch((1, ), (x, 80), {"scale": 0.25}) and len(worked_out) == 2  # new values
+    assert direct.launch((1, ), (x, 80), {"scale": 0.25}) and len(worked_out) == 2
+    assert not direct.launch((1, ), (x, 65), {"scale": 0.5})  # 16 no longer divides n
+    assert not direct.launch((1, ), (x.half(), 64), {"scale": 0.5})  # another dtype
+    assert not direct.launch((1, ), (x, 64.0), {"scale": 0.5})  # a float where an int was
+    assert not direct.launch((1, ), (x, True), {"scale": 0.5})
+    assert not direct.launch((1, ), (None, 64), {"scale": 0.5})  # a tensor's place: None
+    assert not direct.launch((1, ), (object(), 64), {"scale": 0.5})
+    monkeypatch.setattr(tuning._DirectLaunch, "REMEMBERED", 2)
+    for n in (96, 112, 128):
+        assert direct.launch((1, ), (x, n), {"scale": 0.5})
+    assert len(direct.by_value) <= 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (4.8 GB bias)")
 def test_per_head_bias_with_offsets_past_2_31():
     """A (1, 9, 16K, 16K) bias: head 8 starts 2**31 elements in, where 32-bit offsets wrap

@@ -129,6 +129,28 @@ def test_short_sequences_stay_on_the_triton_kernel():
     assert "band" in flash_hopper.length_reason(_params(q, k, v, causal=True, window=(255, 0)))
 
 
+def test_repeat_descriptors_match_triton_s_constructor(monkeypatch):
+    """`flash_hopper.descriptor` builds the descriptors after the first of a (dtype, block,
+    layout) without Triton's checks: every field Triton's launcher reads is what the
+    constructor gives; an empty tensor still goes through the constructor (and its refusal)."""
+    import dataclasses
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    monkeypatch.setattr(flash_hopper, "_CHECKED", set())
+    first, second = (torch.randn(2, 4, 128, 64).to(torch.float16) for _ in range(2))
+    flash_hopper._descriptor(first, 64)
+    made = flash_hopper._descriptor(second, 64)
+    block = [1, 1, 64, 64]
+    checked = TensorDescriptor(second, second.shape, second.stride(), block,
+                               flash_hopper._shared_layout(second.dtype, tuple(block)))
+    for field in dataclasses.fields(TensorDescriptor):
+        if field.name == "base":
+            assert made.base is checked.base
+        else:
+            assert getattr(made, field.name) == getattr(checked, field.name), field.name
+    with pytest.raises(AssertionError, match="positive"):
+        flash_hopper._descriptor(torch.empty(0, 4, 128, 64, dtype=torch.float16), 64)
+
+
 def test_configs_name_a_consumer_count_the_kernel_has():
     with pytest.raises(ValueError, match="consumers=5"):
         flash_hopper.HopperConfig(block_n=64, stages=2, overlap=False, consumers=5, q_buffers=1)

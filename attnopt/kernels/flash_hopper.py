@@ -603,9 +603,33 @@ def _processors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+#: (dtype, block, layout) of the descriptors Triton's constructor has checked (`descriptor`)
+_CHECKED: set = set()
+
+
+def descriptor(t: Tensor, block: tuple, layout) -> TensorDescriptor:
+    """`TensorDescriptor(t, t.shape, t.stride(), list(block), layout)` for a `tma_ready` t.
+
+    Triton's constructor checks, in Python on every call, the block shape, the dtype against
+    the layout, and t's alignment and strides (about 3 µs of host time a descriptor; a training
+    step builds twelve). The first descriptor of each (dtype, block, layout) goes through it;
+    later ones skip it, their tensor being `tma_ready` (every caller's inputs are, and the
+    tensors made here are contiguous) and not empty."""
+    key = (t.dtype, block, layout)
+    if key in _CHECKED and t.numel():
+        made = TensorDescriptor.__new__(TensorDescriptor)
+        made.__dict__.update(base=t, shape=t.shape, strides=t.stride(), block_shape=list(block),
+                             layout=layout)
+        return made
+    made = TensorDescriptor(t, t.shape, t.stride(), list(block), layout)
+    _CHECKED.add(key)
+    return made
+
+
 def _descriptor(t: Tensor, rows: int) -> TensorDescriptor:
+    """A (B, H, S, D) tensor's descriptor, one (rows, D) tile of one (batch, head) a block."""
     block = (1, 1, rows, t.shape[-1])
-    return TensorDescriptor(t, t.shape, t.stride(), list(block), _shared_layout(t.dtype, block))
+    return descriptor(t, block, _shared_layout(t.dtype, block))
 
 
 def hopper_forward(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams,

@@ -64,7 +64,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnopt.kernels.flash_hopper import ROWS, _descriptor, _device_reason, _tma_load, \
-    _tma_store, register_split, scope_reason, shorter_than, tma_ready
+    _tma_store, descriptor, register_split, scope_reason, shorter_than, tma_ready
 from attnopt.kernels.params import AttentionParams, cdiv, interpreting
 from attnopt.kernels.tuning import launch_fixed
 
@@ -420,7 +420,7 @@ _STATS_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32)
 
 def _stats_descriptor(t: Tensor) -> TensorDescriptor:
     """One query tile's row statistics, (1, 64) float32 of a (B·H, padded S) tensor."""
-    return TensorDescriptor(t, t.shape, t.stride(), [1, ROWS], _STATS_LAYOUT)
+    return descriptor(t, (1, ROWS), _STATS_LAYOUT)
 
 
 def hopper_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,

@@ -22,6 +22,12 @@ later call with the same ones launches that kernel straight away. A call with ne
 properties goes through Triton (which compiles or finds its kernel) and is kept in turn.
 `ATTNOPT_DIRECT_LAUNCH=0` turns this off; the Triton interpreter never uses it.
 
+Working out those properties is itself a loop over every argument (about 30 µs of a backward
+launch's host time on the H100's host), so a repeat call is first looked up by value
+(`_ValueKey`): its scalars as they are, its tensors' dtypes and alignment, its descriptors'
+blocks and layouts — the same values mean the same properties. Only new values pay for the
+full properties, and are remembered in turn (a bounded number per kernel).
+
 Sequence lengths are compiled into a kernel the way torch.compile treats shapes: static first,
 dynamic once they change (`specialize`). The first lengths a kernel sees under a key become
 constants (loop bounds and block counts fold; the backward at head dim 128 and 1K ran 3-7%
@@ -34,6 +40,7 @@ never specialize: `AttentionParams.static_lengths`.)
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Optional
 
@@ -117,12 +124,19 @@ class _DirectLaunch:
     `names`: the kernel's parameters in order; the first `positional` come as positional
     arguments, the rest by keyword or from `fixed` (the config's and launch options' values,
     and defaults). `runtime`: the indices of parameters that are not constexprs, whose
-    properties (`_properties`) select a compiled kernel."""
+    properties (`_properties`) select a compiled kernel; `by_value` finds it for values seen
+    before (`_ValueKey`)."""
+
+    #: values remembered per kernel and config before the table starts over (a decode loop
+    #: with a growing cache brings new lengths on every step)
+    REMEMBERED = 512
 
     def __init__(self, names, positional, runtime, fixed, meta):
         self.names, self.positional, self.runtime = names, positional, runtime
         self.fixed, self.meta = fixed, meta
-        self.compiled: dict = {}
+        self.compiled: dict = {}   # (device, properties) -> compiled kernel
+        self.by_value: dict = {}   # (device, _ValueKey(values)) -> compiled kernel
+        self.value_key: Optional[_ValueKey] = None
 
     @classmethod
     def create(cls, fn, positional: int, kwargs: dict, options: dict):
@@ -150,10 +164,26 @@ class _DirectLaunch:
         device) and the arguments' properties."""
         return torch.cuda.current_device(), _properties(values, self.runtime)
 
+    def find(self, values):
+        """The kept kernel for these arguments, or None."""
+        device = torch.cuda.current_device()
+        by_value = None
+        if self.value_key is not None:
+            by_value = device, self.value_key(values)
+            compiled = self.by_value.get(by_value) if by_value[1] is not None else None
+            if compiled is not None:
+                return compiled
+        compiled = self.compiled.get((device, _properties(values, self.runtime)))
+        if compiled is not None and by_value is not None and by_value[1] is not None:
+            if len(self.by_value) >= self.REMEMBERED:
+                self.by_value.clear()
+            self.by_value[by_value] = compiled
+        return compiled
+
     def launch(self, grid, args, kwargs) -> bool:
         """Launch with a kept kernel; False when none fits these arguments."""
         values = self.values(args, kwargs)
-        compiled = self.compiled.get(self.key(values))
+        compiled = self.find(values)
         if compiled is None:
             return False
         grid = grid(self.meta) if callable(grid) else grid
@@ -164,9 +194,60 @@ class _DirectLaunch:
     def keep(self, compiled, args, kwargs) -> None:
         if compiled is None or not hasattr(compiled, "__getitem__"):
             return
-        key = self.key(self.values(args, kwargs))
+        values = self.values(args, kwargs)
+        key = self.key(values)
         if key[1] is not None:
             self.compiled[key] = compiled
+            if self.value_key is None:
+                self.value_key = _ValueKey.of(values, self.runtime)
+
+
+class _ValueKey:
+    """A repeat call's key by value (module docstring): scalars (ints, floats, bools, None) as
+    they are with their types (1, 1.0 and True are equal keys otherwise), tensors as (dtype,
+    16-byte aligned), TMA descriptors as (dtype, block, layout). The positions of each kind
+    are the kernel's first call's; a call with a tensor or descriptor elsewhere gets None, and
+    `_properties` decides."""
+
+    def __init__(self, scalars, tensors, descriptors):
+        self.scalars = _getter(scalars)
+        self.tensors = _getter(tensors)
+        self.descriptors = _getter(descriptors)
+
+    @classmethod
+    def of(cls, values, runtime) -> Optional["_ValueKey"]:
+        scalars, tensors, descriptors = [], [], []
+        for index in runtime:
+            value = values[index]
+            if value is None or type(value) in (int, float, bool):
+                scalars.append(index)
+            elif hasattr(value, "data_ptr"):
+                tensors.append(index)
+            elif hasattr(value, "block_shape") and hasattr(value, "base"):
+                descriptors.append(index)
+            else:
+                return None
+        return cls(scalars, tensors, descriptors)
+
+    def __call__(self, values) -> Optional[tuple]:
+        try:
+            scalars = self.scalars(values)
+            return (scalars, tuple(map(type, scalars)),
+                    tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in self.tensors(values)]),
+                    tuple([(d.base.dtype, tuple(d.block_shape), d.layout)
+                           for d in self.descriptors(values)]))
+        except AttributeError:  # a position of another kind than on the first call
+            return None
+
+
+def _getter(indices: list):
+    """values -> the tuple of values[i] for i in indices."""
+    if len(indices) >= 2:
+        return operator.itemgetter(*indices)
+    if indices:
+        index = indices[0]
+        return lambda values: (values[index], )
+    return lambda values: ()
 
 
 _I32 = (-2 ** 31, 2 ** 31 - 1)
