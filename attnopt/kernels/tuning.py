@@ -131,9 +131,9 @@ class _DirectLaunch:
     #: with a growing cache brings new lengths on every step)
     REMEMBERED = 512
 
-    def __init__(self, names, positional, runtime, fixed, meta):
+    def __init__(self, names, positional, runtime, fixed, meta, name: str = ""):
         self.names, self.positional, self.runtime = names, positional, runtime
-        self.fixed, self.meta = fixed, meta
+        self.fixed, self.meta, self.name = fixed, meta, name
         self.compiled: dict = {}   # (device, properties) -> compiled kernel
         self.by_value: dict = {}   # (device, _ValueKey(values)) -> compiled kernel
         self.value_key: Optional[_ValueKey] = None
@@ -151,7 +151,7 @@ class _DirectLaunch:
         fixed.update(options)
         runtime = [i for i, p in enumerate(fn.params) if not p.is_constexpr]
         meta = {name: value for name, value in {**fixed, **kwargs}.items() if name.isupper()}
-        return cls(names, positional, runtime, fixed, meta)
+        return cls(names, positional, runtime, fixed, meta, getattr(fn, "__name__", ""))
 
     def values(self, args, kwargs) -> list:
         values = list(args)
