@@ -324,7 +324,8 @@ def _head_dim(name: str) -> int:
 #: each case with the config its length takes, and the head dims with a short config again
 #: with their long config ("long": SHORT_CONFIGS emptied)
 CONFIG_CASES = [(name, "by_length") for name in sorted(GPU_CASES)] + [
-    (name, "long") for name in sorted(GPU_CASES) if _head_dim(name) in flash_hopper.SHORT_CONFIGS]
+    (name, "long") for name in sorted(GPU_CASES)
+    if _head_dim(name) in {head_dim for head_dim, _ in flash_hopper.SHORT_CONFIGS}]
 
 
 def _take_configs(choice: str, monkeypatch) -> None:
@@ -335,15 +336,20 @@ def _take_configs(choice: str, monkeypatch) -> None:
 def test_short_configs_take_short_calls():
     """Below a short config's length (a window's band counting), calls take it; from there on,
     their head dim's config."""
-    for head_dim, (length, short) in flash_hopper.SHORT_CONFIGS.items():
+    for (head_dim, causal), (length, short) in flash_hopper.SHORT_CONFIGS.items():
         q, k, v = _inputs(4, head_dim=head_dim, q_len=length - 1, kv_len=length, device="cpu")
-        assert flash_hopper.config_for(_params(q, k, v, causal=True)) == short
+        assert flash_hopper.config_for(_params(q, k, v, causal=causal)) == short
         q, k, v = _inputs(4, head_dim=head_dim, q_len=length, kv_len=length, device="cpu")
-        assert flash_hopper.config_for(_params(q, k, v)) == flash_hopper.CONFIGS[head_dim]
-        assert flash_hopper.config_for(_params(q, k, v, causal=True, window=(length // 2, 0))) \
-            == short
-    assert flash_hopper.config_for(_params(*_inputs(4, head_dim=128, device="cpu"))) \
-        == flash_hopper.CONFIGS[128]
+        assert flash_hopper.config_for(_params(q, k, v, causal=causal)) \
+            == flash_hopper.CONFIGS[head_dim]
+        if causal:
+            window = (length // 2, 0)
+            assert flash_hopper.config_for(_params(q, k, v, causal=True, window=window)) == short
+    # head dim 128 at 1K: the short config under a causal mask only
+    q, k, v = _inputs(4, head_dim=128, q_len=1024, kv_len=1024, device="cpu")
+    assert flash_hopper.config_for(_params(q, k, v)) == flash_hopper.CONFIGS[128]
+    assert flash_hopper.config_for(_params(q, k, v, causal=True)) \
+        == flash_hopper.SHORT_CONFIGS[128, True][1]
 
 
 @needs_hopper

@@ -28,8 +28,9 @@ head dim 64 or 128, no bias tensor, key lengths, layout or soft-cap, and a causa
 (every row sees a key). GQA, ALiBi slopes and causal sliding windows are supported (a window
 starts each query tile at its first visible key tile). Shorter sequences than `MIN_LENGTH`
 stay on `flash.py`'s kernel, which was as fast there. Each head dim has a config measured
-best across lengths (`CONFIGS`); head dim 64 takes another below 8K (`SHORT_CONFIGS`: four
-consumers over 64-key tiles), picked by `config_for`. Lengths may be
+best across lengths (`CONFIGS`); shorter calls take another (`SHORT_CONFIGS`: at head dim 64
+below 8K, four consumers over 64-key tiles; at 128 below 1K, or 1.5K causal, 64-key tiles in
+five stages), picked by `config_for`. Lengths may be
 anything: 4-D TMA descriptors over the (B, H, S, D) strides zero-fill the tails, keys past
 the end are masked, and the store clips rows past the end. Everything else runs `flash.py`'s
 kernel.
@@ -98,10 +99,13 @@ def register_split(consumers: int) -> tuple[int, int]:
 #: forward")
 CONFIGS = {128: HopperConfig(block_n=128, stages=3, overlap=True, consumers=2, q_buffers=1),
            64: HopperConfig(block_n=128, stages=3, overlap=False, consumers=3, q_buffers=2)}
-#: per head dim, (length, config): calls shorter than length (`measured_length`) take config
-#: instead, which was faster there (docs/BENCHMARKS.md, "Four consumers at head dim 64")
-SHORT_CONFIGS = {64: (8192, HopperConfig(block_n=64, stages=6, overlap=False, consumers=4,
-                                         q_buffers=2))}
+_FOUR_CONSUMERS = HopperConfig(block_n=64, stages=6, overlap=False, consumers=4, q_buffers=2)
+_SMALL_TILES = HopperConfig(block_n=64, stages=5, overlap=True, consumers=2, q_buffers=2)
+#: per (head dim, causal), (length, config): calls shorter than length (`measured_length`)
+#: take config instead, which was faster there (docs/BENCHMARKS.md, "Four consumers at head
+#: dim 64" and "Head dim 128 under 2K: 64-key tiles")
+SHORT_CONFIGS = {(64, False): (8192, _FOUR_CONSUMERS), (64, True): (8192, _FOUR_CONSUMERS),
+                 (128, False): (1024, _SMALL_TILES), (128, True): (1536, _SMALL_TILES)}
 #: the shortest query and key lengths that run here, per (head dim, causal): below them
 #: flash.py's kernel was as fast or faster (docs/BENCHMARKS.md, "The persistent Hopper forward"
 #: and "Four consumers at head dim 64"), or they were not measured
@@ -109,14 +113,17 @@ MIN_LENGTH = {(128, False): 512, (128, True): 512, (64, False): 512, (64, True):
 
 
 def shipped_configs() -> list[tuple[int, HopperConfig]]:
-    """Every (head dim, config) the kernel runs with by default."""
-    return sorted(CONFIGS.items()) + [(head_dim, config) for head_dim, (_, config)
-                                      in sorted(SHORT_CONFIGS.items())]
+    """Every (head dim, config) the kernel runs with by default, once each."""
+    shipped = sorted(CONFIGS.items())
+    for (head_dim, _), (_, config) in sorted(SHORT_CONFIGS.items()):
+        if (head_dim, config) not in shipped:
+            shipped.append((head_dim, config))
+    return shipped
 
 
 def config_for(params: AttentionParams) -> HopperConfig:
     """The config a call runs with: its head dim's, or the short one below its length."""
-    short = SHORT_CONFIGS.get(params.head_dim)
+    short = SHORT_CONFIGS.get((params.head_dim, params.has_right))
     if short is not None and measured_length(params) < short[0]:
         return short[1]
     return CONFIGS[params.head_dim]
