@@ -103,7 +103,7 @@ _FOUR_CONSUMERS = HopperConfig(block_n=64, stages=6, overlap=False, consumers=4,
 _SMALL_TILES = HopperConfig(block_n=64, stages=5, overlap=True, consumers=2, q_buffers=2)
 #: per (head dim, causal), (length, config): calls shorter than length (`measured_length`)
 #: take config instead, which was faster there (docs/BENCHMARKS.md, "Four consumers at head
-#: dim 64" and "Head dim 128 under 2K: 64-key tiles")
+#: dim 64" and "Head dim 128 at short lengths: 64-key tiles")
 SHORT_CONFIGS = {(64, False): (8192, _FOUR_CONSUMERS), (64, True): (8192, _FOUR_CONSUMERS),
                  (128, False): (1024, _SMALL_TILES), (128, True): (1536, _SMALL_TILES)}
 #: the shortest query and key lengths that run here, per (head dim, causal): below them
