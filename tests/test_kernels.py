@@ -329,6 +329,10 @@ def test_direct_launch_finds_repeat_values_without_working_out_properties(monkey
                                   runtime=[0, 1, 2], fixed={"BLOCK": 32}, meta={"BLOCK": 32})
     x, y = torch.empty(64), torch.empty(64)
     direct.keep(Compiled(), (x, 64), {"scale": 0.5})
+    direct.keep(Compiled(), (x, x), {"scale": 0.5})  # (a tensor where n was: kept, by
+    assert direct.launch((1, ), (x, x), {"scale": 0.5})  # properties, never by value)
+    assert not any(isinstance(part, torch.Tensor) for key in direct.by_value
+                   for part in key[1][0])
     worked_out.clear()
     assert direct.launch((1, ), (x, 64), {"scale": 0.5}) and len(worked_out) == 1
     assert direct.launch((1, ), (y, 64), {"scale": 0.5}) and len(worked_out) == 1  # by value

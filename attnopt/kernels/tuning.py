@@ -206,8 +206,9 @@ class _ValueKey:
     """A repeat call's key by value (module docstring): scalars (ints, floats, bools, None) as
     they are with their types (1, 1.0 and True are equal keys otherwise), tensors as (dtype,
     16-byte aligned), TMA descriptors as (dtype, block, layout). The positions of each kind
-    are the kernel's first call's; a call with a tensor or descriptor elsewhere gets None, and
-    `_properties` decides."""
+    are the kernel's first call's; a call with anything else at a scalar's position, or no
+    tensor or descriptor at theirs, gets None (and `_properties` decides): a key never holds
+    a tensor."""
 
     def __init__(self, scalars, tensors, descriptors):
         self.scalars = _getter(scalars)
@@ -219,7 +220,7 @@ class _ValueKey:
         scalars, tensors, descriptors = [], [], []
         for index in runtime:
             value = values[index]
-            if value is None or type(value) in (int, float, bool):
+            if type(value) in _SCALAR_TYPES:
                 scalars.append(index)
             elif hasattr(value, "data_ptr"):
                 tensors.append(index)
@@ -232,12 +233,18 @@ class _ValueKey:
     def __call__(self, values) -> Optional[tuple]:
         try:
             scalars = self.scalars(values)
-            return (scalars, tuple(map(type, scalars)),
+            types = tuple(map(type, scalars))
+            if not _SCALAR_TYPES.issuperset(types):
+                return None
+            return (scalars, types,
                     tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in self.tensors(values)]),
                     tuple([(d.base.dtype, tuple(d.block_shape), d.layout)
                            for d in self.descriptors(values)]))
         except AttributeError:  # a position of another kind than on the first call
             return None
+
+
+_SCALAR_TYPES = frozenset((int, float, bool, type(None)))
 
 
 def _getter(indices: list):
