@@ -14,8 +14,8 @@ went through Triton's constructor. This measures, on a CUDA device:
   issued, so that they queue and the round times host work alone.
 
 Batch 1, 2 heads, 1K, bf16: head dim 64 causal (Hopper forward, Triton backward) and head
-dim 128 without a mask (Hopper forward and backward). µs per call: minimum and median over
-rounds.
+dim 128 without a mask (Hopper forward and backward); and a decode call, one query over 32K
+keys (the split-KV kernel and its reduction). µs per call: minimum and median over rounds.
 
     python benchmarks/bench_launch.py [--rounds 10] [--calls 50]
 """
@@ -23,6 +23,7 @@ rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -99,6 +100,94 @@ def launched_values(fn) -> dict:
     return seen
 
 
+def lookups(title: str, fn) -> None:
+    """Each kernel fn launches: its kept kernel found by value and by properties."""
+    print(f"\n{title}: finding the kept kernel, µs (tight loop)")
+    for name, (direct, values) in launched_values(fn).items():
+        by_value = tight_us(lambda: direct.find(values))
+        by_properties = tight_us(lambda: direct.compiled.get(direct.key(values)))
+        print(f"  {name:40s} by value {by_value:5.1f}  by properties {by_properties:5.1f}"
+              f"  ({len(direct.runtime)} run-time arguments)")
+
+
+def anchor(label: str, fn, threads: bool, args) -> None:
+    torch.autograd.set_multithreading_enabled(threads)
+    runs = [queued_us(fn, args.calls) for _ in range(args.rounds)]
+    torch.autograd.set_multithreading_enabled(True)
+    print(f"  {label:36s} {min(runs):6.1f} / {statistics.median(runs):6.1f}")
+
+
+def alternated(label: str, fn, threads: bool, args) -> None:
+    """fn's host time now and with `EarlierWays`, round by round."""
+    torch.autograd.set_multithreading_enabled(threads)
+    runs = {"now": [], "earlier": []}
+    for round_ in range(args.rounds):
+        for way in ("now", "earlier") if round_ % 2 == 0 else ("earlier", "now"):
+            with EarlierWays() if way == "earlier" else contextlib.nullcontext():
+                runs[way].append(queued_us(fn, args.calls))
+    torch.autograd.set_multithreading_enabled(True)
+    now, earlier = runs["now"], runs["earlier"]
+    print(f"  {label:36s} now {min(now):6.1f} / {statistics.median(now):6.1f}   "
+          f"earlier {min(earlier):6.1f} / {statistics.median(earlier):6.1f}")
+
+
+def training(head_dim: int, causal: bool, args) -> None:
+    title = f"head dim {head_dim}, {'causal' if causal else 'no mask'}"
+    q, k, v, grad = (torch.randn(1, 2, 1024, head_dim, device="cuda", dtype=torch.bfloat16)
+                     for _ in range(4))
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    def step():
+        flash_attention(*leaves, causal=causal).backward(grad)
+
+    def forward():
+        with torch.no_grad():
+            flash_attention(q, k, v, causal=causal)
+
+    def cudnn_step():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            F.scaled_dot_product_attention(*leaves, is_causal=causal).backward(grad)
+    for _ in range(3):
+        step()
+        forward()
+    lookups(title, step)
+    block = (1, 1, 64, head_dim)
+    layout = flash_hopper._shared_layout(q.dtype, block)
+    ours = tight_us(lambda: [flash_hopper.descriptor(t, block, layout) for t in (q, k, v, q)])
+    triton_s = tight_us(lambda: [triton_descriptor(t, block, layout) for t in (q, k, v, q)])
+    print(f"  four descriptors: checked once {ours:5.1f}  Triton's constructor {triton_s:5.1f}")
+    print(f"{title}: whole calls, host µs per call (min / median of {args.rounds} rounds "
+          f"of {args.calls}, alternated)")
+    anchor("cuDNN training step", cudnn_step, True, args)
+    anchor("cuDNN training step, one autograd thread", cudnn_step, False, args)
+    alternated("forward, no grad", forward, True, args)
+    alternated("training step", step, True, args)
+    alternated("training step, one autograd thread", step, False, args)
+
+
+def decode(args) -> None:
+    """One query over 32K cached keys, 32 query heads over 8 kv heads of 128 (the split-KV
+    kernel and its reduction)."""
+    title = "decode, 1 query over 32K keys, 32/8 heads of 128"
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, 32768, 128, device="cuda", dtype=torch.bfloat16)
+            for _ in range(2))
+
+    def call():
+        with torch.no_grad():
+            flash_attention(q, k, v)  # (one query sees every key: no mask needed)
+
+    def cudnn():
+        with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    for _ in range(3):
+        call()
+    lookups(title, call)
+    print(f"{title}: host µs per call (min / median of {args.rounds} rounds of {args.calls})")
+    anchor("cuDNN through SDPA", cudnn, True, args)
+    alternated("decode call", call, True, args)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=10)
@@ -107,62 +196,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · triton "
           f"{triton.__version__}")
     for head_dim, causal in CASES:
-        title = f"head dim {head_dim}, {'causal' if causal else 'no mask'}"
-        q, k, v, grad = (torch.randn(1, 2, 1024, head_dim, device="cuda",
-                                     dtype=torch.bfloat16) for _ in range(4))
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-
-        def step():
-            flash_attention(*leaves, causal=causal).backward(grad)
-
-        def forward():
-            with torch.no_grad():
-                flash_attention(q, k, v, causal=causal)
-
-        def cudnn_step():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                F.scaled_dot_product_attention(*leaves, is_causal=causal).backward(grad)
-        for _ in range(3):
-            step()
-            forward()
-
-        print(f"\n{title}: finding the kept kernel, µs (tight loop)")
-        for name, (direct, values) in launched_values(step).items():
-            by_value = tight_us(lambda: direct.find(values))
-            by_properties = tight_us(lambda: direct.compiled.get(direct.key(values)))
-            print(f"  {name:40s} by value {by_value:5.1f}  by properties {by_properties:5.1f}"
-                  f"  ({len(direct.runtime)} run-time arguments)")
-        block = (1, 1, 64, head_dim)
-        layout = flash_hopper._shared_layout(q.dtype, block)
-        ours = tight_us(lambda: [flash_hopper.descriptor(t, block, layout) for t in (q, k, v, q)])
-        triton_s = tight_us(lambda: [triton_descriptor(t, block, layout) for t in (q, k, v, q)])
-        print(f"  four descriptors: checked once {ours:5.1f}  Triton's constructor {triton_s:5.1f}")
-
-        print(f"{title}: whole calls, host µs per call (min / median of {args.rounds} rounds "
-              f"of {args.calls}, alternated)")
-        cases = [("forward, no grad", forward, True), ("training step", step, True),
-                 ("training step, one autograd thread", step, False)]
-        for threads in (True, False):  # the anchor: cuDNN's step through SDPA
-            torch.autograd.set_multithreading_enabled(threads)
-            runs = [queued_us(cudnn_step, args.calls) for _ in range(args.rounds)]
-            torch.autograd.set_multithreading_enabled(True)
-            label = "cuDNN training step" + ("" if threads else ", one autograd thread")
-            print(f"  {label:36s} {min(runs):6.1f} / {statistics.median(runs):6.1f}")
-        for label, fn, threads in cases:
-            torch.autograd.set_multithreading_enabled(threads)
-            runs = {"now": [], "earlier": []}
-            for round_ in range(args.rounds):
-                order = ("now", "earlier") if round_ % 2 == 0 else ("earlier", "now")
-                for way in order:
-                    if way == "now":
-                        runs[way].append(queued_us(fn, args.calls))
-                    else:
-                        with EarlierWays():
-                            runs[way].append(queued_us(fn, args.calls))
-            torch.autograd.set_multithreading_enabled(True)
-            now, earlier = runs["now"], runs["earlier"]
-            print(f"  {label:36s} now {min(now):6.1f} / {statistics.median(now):6.1f}   "
-                  f"earlier {min(earlier):6.1f} / {statistics.median(earlier):6.1f}")
+        training(head_dim, causal, args)
+    decode(args)
 
 
 if __name__ == "__main__":
