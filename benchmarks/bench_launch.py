@@ -10,8 +10,9 @@ went through Triton's constructor. This measures, on a CUDA device:
 - a forward's four descriptors both ways;
 - whole calls (a forward without grad; a training step, with autograd's device thread and
   with `set_multithreading_enabled(False)`) with the earlier ways switched in, alternated in
-  one process round by round; cuDNN's training step through SDPA as the anchor. A sleeping kernel holds the GPU while a round's calls are
-  issued, so that they queue and the round times host work alone.
+  one process round by round; cuDNN's call through SDPA as the anchor. A sleeping kernel
+  holds the GPU while a round's calls are issued, so that they queue and the round times
+  host work alone.
 
 Batch 1, 2 heads, 1K, bf16: head dim 64 causal (Hopper forward, Triton backward) and head
 dim 128 without a mask (Hopper forward and backward); and a decode call, one query over 32K
@@ -38,6 +39,7 @@ CASES = [(64, True), (128, False)]  # (head dim, causal) at B1 H2 1K
 
 
 def tight_us(fn, calls: int = 2000, runs: int = 5) -> float:
+    """Host µs per call, the best of `runs` loops of `calls` calls."""
     fn()
     best = float("inf")
     for _ in range(runs):
