@@ -117,6 +117,23 @@ def test_misaligned_tensor_rejected():
     assert reason is not None and "aligned" in reason
 
 
+def test_tma_operands_are_copies_only_where_needed():
+    """`tma_operand`: a tensor TMA can address as it is, else a contiguous aligned copy, also
+    of a contiguous tensor 2 bytes past an aligned address (which `contiguous()` keeps)."""
+    aligned = torch.randn(2, 4, 64, 64).to(torch.float16)
+    assert flash_hopper.tma_operand(aligned) is aligned
+    bshd = aligned.transpose(1, 2)  # strides TMA takes: no copy
+    assert flash_hopper.tma_operand(bshd) is bshd
+    storage = torch.empty(aligned.numel() + 8, dtype=torch.float16)
+    shifted = storage[1:aligned.numel() + 1].view(aligned.shape)
+    shifted.copy_(aligned)
+    broadcast = aligned[:, :1].expand(2, 4, 64, 64)
+    for t in (shifted, broadcast):
+        copied = flash_hopper.tma_operand(t)
+        assert not flash_hopper.tma_ready(t) and flash_hopper.tma_ready(copied)
+        assert torch.equal(copied, t)
+
+
 def test_short_sequences_stay_on_the_triton_kernel():
     for (head_dim, causal), shortest in flash_hopper.MIN_LENGTH.items():
         q, k, v = _inputs(3, head_dim=head_dim, q_len=shortest, kv_len=shortest, device="cpu")

@@ -4,7 +4,8 @@ On a Hopper GPU, dq, dk and dv are checked against the float64 reference for eac
 spec: head dims 64 and 128, fp16 and bf16, no mask and both causal alignments (keys no query
 sees included), GQA, lengths that are not tile multiples, (B, S, H, D) views, a custom scale,
 ALiBi slopes per head and per batch row, causal windows narrower and wider than a key block,
-and a broadcast output gradient (stride 0, as `out.sum().backward()` gives). Elsewhere (CI) the
+a broadcast output gradient (stride 0, as `out.sum().backward()` gives), and a query at an
+address TMA cannot take. Elsewhere (CI) the
 tests check which calls route here and that the kernel compiles for sm_90 with the installed
 Triton within the shared memory an H100 has; the specs it takes are the forward kernel's
 (`test_kernels_hopper.py` checks them).
@@ -155,6 +156,22 @@ def test_broadcast_output_gradient(spy):
     flash_attention(q, k, v, causal=True).sum().backward()
     assert len(spy) == 1
     _check_gradients("sum", q, k, v, torch.ones_like(q), dict(causal=True))
+
+
+@needs_hopper
+def test_misaligned_query(spy):
+    """q 2 bytes past an aligned address, contiguous: the forward runs the Triton kernel (TMA
+    cannot address q), and this backward takes an aligned copy (`tma_operand`)."""
+    q, k, v = _inputs(13, head_dim=128, q_len=200, kv_len=200)
+    storage = torch.empty(q.numel() + 8, device="cuda", dtype=q.dtype)
+    shifted = storage[1:q.numel() + 1].view(q.shape)
+    shifted.copy_(q)
+    shifted.requires_grad_()
+    k, v = (t.detach().requires_grad_() for t in (k, v))
+    grad = torch.randn_like(q)
+    flash_attention(shifted, k, v, causal=True).backward(grad)
+    assert len(spy) == 1
+    _check_gradients("misaligned", shifted, k, v, grad, dict(causal=True))
 
 
 @needs_hopper

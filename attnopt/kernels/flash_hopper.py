@@ -564,6 +564,13 @@ def tma_ready(t: Tensor) -> bool:
         for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
 
 
+def tma_operand(t: Tensor) -> Tensor:
+    """t when a TMA descriptor can address it (`tma_ready`), else a copy one can: contiguous
+    and newly allocated (`t.contiguous()` would return a contiguous t at an address that is
+    not 16-byte aligned as it is)."""
+    return t if tma_ready(t) else t.clone(memory_format=torch.contiguous_format)
+
+
 def hopper_reason(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> Optional[str]:
     """Why this call does not run on the warp-specialized kernel, or None when it does."""
     if not enabled():

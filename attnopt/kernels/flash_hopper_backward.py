@@ -64,7 +64,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attnopt.kernels.flash_hopper import ROWS, _descriptor, _device_reason, _tma_load, \
-    _tma_store, descriptor, register_split, scope_reason, shorter_than, tma_ready
+    _tma_store, descriptor, register_split, scope_reason, shorter_than, tma_operand
 from attnopt.kernels.params import AttentionParams, cdiv, interpreting
 from attnopt.kernels.tuning import launch_fixed
 
@@ -429,8 +429,7 @@ def hopper_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     """(dq, dk, dv) as `flash_backward.flash_backward` returns them, from the forward's out_BHSD
     and base-2 lse_BHS; `hopper_backward_reason` must be None."""
     config = config or CONFIGS[params.head_dim]
-    q, k, v, out, grad_out = (t if tma_ready(t) else t.contiguous()
-                              for t in (q, k, v, out, grad_out))
+    q, k, v, out, grad_out = (tma_operand(t) for t in (q, k, v, out, grad_out))
     rows = params.batch * params.heads
     padded = cdiv(params.q_len, ROWS) * ROWS
     device = q.device
