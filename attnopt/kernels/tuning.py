@@ -166,18 +166,17 @@ class _DirectLaunch:
 
     def find(self, values):
         """The kept kernel for these arguments, or None."""
-        device = torch.cuda.current_device()
-        by_value = None
-        if self.value_key is not None:
-            by_value = device, self.value_key(values)
-            compiled = self.by_value.get(by_value) if by_value[1] is not None else None
+        value = self.value_key(values) if self.value_key is not None else None
+        if value is None:  # no key by value for these arguments
+            return self.compiled.get(self.key(values))
+        by_value = torch.cuda.current_device(), value
+        compiled = self.by_value.get(by_value)
+        if compiled is None:
+            compiled = self.compiled.get(self.key(values))
             if compiled is not None:
-                return compiled
-        compiled = self.compiled.get((device, _properties(values, self.runtime)))
-        if compiled is not None and by_value is not None and by_value[1] is not None:
-            if len(self.by_value) >= self.REMEMBERED:
-                self.by_value.clear()
-            self.by_value[by_value] = compiled
+                if len(self.by_value) >= self.REMEMBERED:
+                    self.by_value.clear()
+                self.by_value[by_value] = compiled
         return compiled
 
     def launch(self, grid, args, kwargs) -> bool:
